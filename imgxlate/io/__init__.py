@@ -1,0 +1,1 @@
+"""Bytes and storage: read -> decode -> encode -> write. Nothing in this package imports torch."""

@@ -1,0 +1,70 @@
+"""Model families, each a dataclass config plus an nn.Module, in one registry.
+
+    bicubic        zero parameters, any scale: the baseline and the test double
+    sr             the lesson's SrResnet / EDSR (presets: lesson, edsr-baseline, edsr, tiny)
+    style          the lesson's StyleResnet (fast style transfer)
+    unet           U-Net on a ResNet34 encoder
+    upsample_head  the lesson's non-U-Net baseline on the same encoder
+
+Every model maps (B, 3, H, W) RGB in [0, 1] to (B, C, scale*H, scale*W) and carries ``arch``,
+``task`` ('sr', 'style' or 'seg'), ``scale`` and ``config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from imgxlate.models.artifact import load, read_meta, save
+from imgxlate.models.bicubic import Bicubic, BicubicConfig
+from imgxlate.models.sr import PRESETS as SR_PRESETS
+from imgxlate.models.sr import SrConfig, SrResnet, grow
+from imgxlate.models.style import StyleConfig, StyleResnet
+from imgxlate.models.unet import Unet, UnetConfig, UpsampleHead
+
+REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {
+    "bicubic": (BicubicConfig, Bicubic),
+    "sr": (SrConfig, SrResnet),
+    "style": (StyleConfig, StyleResnet),
+    "unet": (UnetConfig, Unet),
+    "upsample_head": (UnetConfig, UpsampleHead),
+}
+
+PRESETS: dict[str, dict[str, object]] = {"sr": SR_PRESETS}
+
+
+def make_config(arch: str, config: object | dict | None = None, preset: str | None = None, **overrides):
+    """The config dataclass for ``arch``: from a preset, a dict (e.g. from JSON) or defaults, with
+    field overrides applied."""
+    if arch not in REGISTRY:
+        raise KeyError(f"unknown model {arch!r}; registered: {', '.join(REGISTRY)}")
+    cls = REGISTRY[arch][0]
+    if preset is not None:
+        presets = PRESETS.get(arch, {})
+        if preset not in presets:
+            raise KeyError(f"unknown {arch} preset {preset!r}; presets: {', '.join(presets) or 'none'}")
+        config = presets[preset]
+    if isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - fields
+        if unknown:
+            raise ValueError(f"{arch}: unknown config fields {sorted(unknown)}")
+        config = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    config = config if config is not None else cls()
+    return dataclasses.replace(config, **overrides)
+
+
+def build(arch: str, config: object | dict | None = None, *, preset: str | None = None,
+          load_pretrained: bool = True, **overrides) -> nn.Module:
+    """A fresh model of a registered family. ``load_pretrained=False`` skips fetching encoder
+    weights (used when an artifact's own weights are about to be loaded)."""
+    cfg = make_config(arch, config, preset, **overrides)
+    cls = REGISTRY[arch][1]
+    if arch in ("unet", "upsample_head"):
+        return cls(cfg, load_pretrained=load_pretrained)
+    return cls(cfg)
+
+
+__all__ = ["REGISTRY", "PRESETS", "build", "make_config", "load", "save", "read_meta", "grow",
+           "Bicubic", "SrResnet", "StyleResnet", "Unet", "UpsampleHead"]

@@ -1,0 +1,40 @@
+"""Where pretrained weights come from: torchvision's weights API, a file / URI, or nothing.
+
+A spec is ``'none'`` / ``'random'`` (no pretrained weights), ``'imagenet'`` (torchvision's cache,
+downloaded when the network allows) or a local path / fsspec URI of a ``state_dict`` saved with
+``torch.save`` (loaded with ``weights_only=True``: never arbitrary pickle).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgxlate.models.artifact import read_state_dict
+
+NO_WEIGHTS = ("none", "random", "", None)
+
+
+class PretrainedUnavailable(RuntimeError):
+    pass
+
+
+def _imagenet(weights_enum, what: str) -> dict:
+    try:
+        return weights_enum.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not reachable"
+        cache = torch.hub.get_dir() + "/checkpoints"
+        raise PretrainedUnavailable(
+            f"ImageNet weights for {what} are not in torchvision's cache ({cache}) and could not be "
+            f"downloaded ({type(e).__name__}: {e}). Alternatives: copy the file "
+            f"'{weights_enum.url.rsplit('/', 1)[-1]}' into that folder, pass a local path or s3:// URI "
+            f"of a state_dict, or use 'random' / 'none' for untrained weights."
+        ) from e
+
+
+def load_into(module: nn.Module, spec: str | None, weights_enum, what: str) -> None:
+    """Fill ``module`` from the spec (in place); 'none'/'random' leaves its random init."""
+    if spec in NO_WEIGHTS:
+        return
+    state = _imagenet(weights_enum, what) if spec == "imagenet" else read_state_dict(spec)
+    module.load_state_dict(state)

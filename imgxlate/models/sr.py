@@ -1,0 +1,84 @@
+"""The lesson's SrResnet, grown into EDSR (Lim et al. 2017, arXiv:1707.02921).
+
+    head conv 3->nf -> n ResBlocks (res_scale) -> conv -> [+ head, EDSR's long skip]
+    -> log2(scale) x [conv nf->4nf (ICNR), PixelShuffle(2)] -> [BatchNorm, the lesson's] -> conv nf->3
+
+Input and output are RGB in [0, 1]; the data mean is subtracted on the way in and added back on the
+way out (EDSR's MeanShift), so the network learns a zero-centred residual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from imgxlate.models.layers import PixelShuffleUp, ResBlock, conv, icnr_
+
+SCALES = (1, 2, 4, 8)
+
+
+@dataclass
+class SrConfig:
+    scale: int = 2
+    nf: int = 64
+    n_blocks: int = 8
+    res_scale: float = 0.1            # EDSR; the lesson uses 0.1 too
+    bn_before_last: bool = False      # the lesson's batch norm after the upsampler
+    long_skip: bool = True            # EDSR's global residual over the body
+    rgb_mean: tuple[float, float, float] = field(default=(0.4488, 0.4371, 0.4040))  # DIV2K, as EDSR
+
+
+PRESETS = {
+    "lesson": SrConfig(nf=64, n_blocks=8, bn_before_last=True, long_skip=False),
+    "edsr-baseline": SrConfig(nf=64, n_blocks=16),
+    "edsr": SrConfig(nf=256, n_blocks=32),
+    "tiny": SrConfig(nf=16, n_blocks=2),
+}
+
+
+class SrResnet(nn.Module):
+    arch = "sr"
+    task = "sr"
+
+    def __init__(self, config: SrConfig | None = None):
+        super().__init__()
+        c = self.config = config or SrConfig()
+        if c.scale not in SCALES:
+            raise ValueError(f"SR scale must be one of {SCALES}, got {c.scale}")
+        self.scale = c.scale
+        self.register_buffer("mean", torch.tensor(c.rgb_mean).view(1, 3, 1, 1), persistent=False)
+        self.head = conv(3, c.nf)
+        self.body = nn.Sequential(*[ResBlock(c.nf, c.res_scale) for _ in range(c.n_blocks)])
+        self.body_conv = conv(c.nf, c.nf)
+        self.upsample = nn.Sequential(*[PixelShuffleUp(c.nf) for _ in range(int(math.log2(c.scale)))])
+        self.bn = nn.BatchNorm2d(c.nf) if c.bn_before_last else nn.Identity()
+        self.tail = conv(c.nf, 3)
+
+    def forward(self, x):                      # (B, 3, H, W) in [0, 1]
+        h = self.head(x - self.mean)           # (B, nf, H, W)
+        r = self.body_conv(self.body(h))
+        if self.config.long_skip:
+            r = r + h
+        u = self.bn(self.upsample(r))          # (B, nf, sH, sW)
+        return self.tail(u) + self.mean        # (B, 3, sH, sW), ~[0, 1]
+
+
+def grow(model: SrResnet, scale: int) -> tuple[SrResnet, list[str]]:
+    """The lesson's progressive-resizing step: a model for a larger scale that keeps every matching
+    weight of ``model`` (loaded non-strictly) and ICNR-initialises the added upsampling convs.
+
+    Returns the new model and the names of its parameters that are new.
+    """
+    if scale <= model.scale:
+        raise ValueError(f"can only grow to a larger scale than x{model.scale}")
+    bigger = SrResnet(replace(model.config, scale=scale)).to(next(model.parameters()).device)
+    result = bigger.load_state_dict(model.state_dict(), strict=False)
+    new = list(result.missing_keys)
+    for name, module in bigger.upsample.named_children():
+        if f"upsample.{name}.0.weight" in new:
+            icnr_(module[0].weight, 2)
+            nn.init.zeros_(module[0].bias)
+    return bigger, [n for n, _ in bigger.named_parameters() if n in new]

@@ -1,0 +1,16 @@
+# Sourced by jobs/quickstart.sh and tests/run.sh: creates .venv (Python >= 3.10) and installs
+# imgxlate with its pinned dependencies. A second run reinstalls only when pyproject.toml changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+  echo "[imgxlate] creating .venv with ${PYTHON:-python3}"
+  "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=".venv/.imgxlate-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ] || ! .venv/bin/python -c "import imgxlate" 2>/dev/null; then
+  echo "[imgxlate] installing imgxlate and its pinned dependencies into .venv (first time: several minutes)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  rm -f .venv/.imgxlate-* && touch "$stamp"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"

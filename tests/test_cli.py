@@ -1,0 +1,61 @@
+"""The command line, run as users run it (in-process through main())."""
+
+import csv
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+from imgxlate import metrics
+from imgxlate.cli import build_parser, main
+from imgxlate.models import build, save
+
+
+@pytest.fixture
+def hr_folder(tmp_path):
+    d = tmp_path / "hr"
+    (d / "nested").mkdir(parents=True)
+    Image.fromarray(photo(49, 63, seed=1)).save(d / "64x48_rgb.png")
+    Image.fromarray(photo(40, 40, seed=2, channels=1)).save(d / "nested" / "40x40_gray.png")
+    return d
+
+
+def test_help_explains_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("eval", "models", "info", "sample-photos"):
+        assert name in out
+
+
+def test_eval_sr_bicubic_prints_protocol_and_writes_csv(hr_folder, tmp_path, capsys):
+    out_csv = tmp_path / "r.csv"
+    assert main(["eval", "sr", "--model", "bicubic", "--data", str(hr_folder), "--scale", "2",
+                 "--out", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "protocol: Y, shave=scale" in text and "mean (2 images)" in text
+    rows = list(csv.DictReader(out_csv.open()))
+    assert {r["image"] for r in rows} == {"64x48_rgb.png", "nested/40x40_gray.png"}
+    # The numbers are the protocol's, computed independently here.
+    hr = metrics.mod_crop(np.asarray(Image.open(hr_folder / "64x48_rgb.png")), 2)
+    expected = metrics.psnr(metrics.imresize(metrics.imresize(hr, 0.5), 2), hr, 2)
+    row = next(r for r in rows if r["image"] == "64x48_rgb.png")
+    assert float(row["psnr"]) == pytest.approx(expected) == pytest.approx(float(row["psnr_bicubic"]))
+
+
+def test_eval_sr_with_an_artifact(hr_folder, tmp_path, capsys):
+    save(build("sr", preset="tiny", scale=2), str(tmp_path / "tiny"))
+    assert main(["eval", "sr", "--model", str(tmp_path / "tiny"), "--data", str(hr_folder), "--scale", "2"]) == 0
+    assert "model=sr-x2-" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="x2 model"):
+        main(["eval", "sr", "--model", str(tmp_path / "tiny"), "--data", str(hr_folder), "--scale", "4"])
+
+
+def test_models_and_info(tmp_path, capsys):
+    assert main(["models"]) == 0
+    assert "edsr-baseline" in capsys.readouterr().out
+    save(build("style"), str(tmp_path / "s"))
+    assert main(["info", str(tmp_path / "s")]) == 0
+    assert '"task": "style"' in capsys.readouterr().out
+    assert build_parser().parse_args(["eval", "sr", "--model", "m", "--data", "d", "--scale", "4"]).scale == 4
