@@ -47,6 +47,70 @@ def cmd_eval_sr(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- translate
+def add_translate_arguments(p: argparse.ArgumentParser) -> None:
+    """The batch job's options (shared by `imgxlate translate` and jobs/translate.py)."""
+    from imgxlate.io import codec, listing
+
+    p.add_argument("src", help="s3://bucket/prefix, a local folder, or a manifest (.parquet/.csv/.txt of URIs)")
+    p.add_argument("dst", help="s3://bucket/prefix or a local folder; outputs mirror the source's keys")
+    p.add_argument("--model", required=True, help="artifact path/URI, or 'bicubic' (with --scale)")
+    p.add_argument("--scale", type=float, default=None, help="upscaling factor for 'bicubic'; checked for artifacts")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--extensions", default=",".join(e.lstrip(".") for e in listing.IMAGE_EXTS),
+                    help="comma-separated input extensions to take from a listing (default: %(default)s)")
+    io.add_argument("--limit", type=int, help="process at most this many inputs (in listing order)")
+    io.add_argument("--format", default="png", choices=list(codec.FORMATS), help="output format (default png)")
+    io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    io.add_argument("--suffix", default="", help="added to each output name before the extension, e.g. _x4")
+    io.add_argument("--cutout", action="store_true", help="segmentation: write the RGBA cut-out, not the mask")
+    io.add_argument("--max-pixels", type=int, default=codec.DEFAULT_MAX_PIXELS,
+                    help="inputs with more pixels get a too_large row (default %(default)s)")
+    io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store (else AWS_ENDPOINT_URL)")
+    rs = p.add_argument_group("resources")
+    rs.add_argument("--ray-address", help="Ray cluster to join (default: start Ray locally)")
+    rs.add_argument("--num-cpus", type=int, help="logical CPUs when Ray is started locally (default: all)")
+    rs.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
+    rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
+    rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
+    rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
+    rs.add_argument("--batch-size", type=int, default=8, help="images per model-actor call (default 8)")
+    rs.add_argument("--tile", type=int, default=512, help="tile side in input pixels for large images")
+    rs.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels")
+    rs.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on GPU")
+    run = p.add_argument_group("run")
+    run.add_argument("--dry-run", action="store_true", help="list and count inputs, estimate output size, stop")
+    run.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input failed")
+    run.add_argument("--run-id", help="name for this run's manifest folder (default: time + random)")
+
+
+def translate_config(args):
+    from imgxlate.infer.job import TranslateConfig
+
+    return TranslateConfig(
+        src=args.src, dst=args.dst, model=args.model, scale=args.scale, suffix=args.suffix, format=args.format,
+        quality=args.quality, extensions=tuple(e.strip() for e in args.extensions.split(",") if e.strip()),
+        limit=args.limit, max_pixels=args.max_pixels, tile=args.tile, overlap=args.overlap, amp=args.amp,
+        cutout=args.cutout, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, io_cpus=args.io_cpus,
+        ray_address=args.ray_address, num_cpus=args.num_cpus, s3_endpoint=args.s3_endpoint,
+        run_id=args.run_id, dry_run=args.dry_run, fail_on_error=args.fail_on_error)
+
+
+def cmd_translate(args) -> int:
+    from imgxlate.infer import job
+
+    try:
+        summary = job.run(translate_config(args))
+    except job.JobError as e:
+        print(f"imgxlate translate: error: {e}", file=sys.stderr)
+        return 2
+    if args.fail_on_error and summary.get("failed"):
+        print(f"imgxlate translate: {summary['failed']} inputs failed (see the manifest)", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------------ models / info
 def cmd_models(args) -> int:
     from imgxlate.models import PRESETS, REGISTRY
@@ -80,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgxlate", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tr = sub.add_parser(
+        "translate", help="run a model over an image collection (S3 or local) with Ray Data",
+        description="Stream every image under SRC through pools of model actors and write the outputs "
+                    "under DST with the same relative keys, plus a Parquet manifest with one row per input "
+                    "(failures included) and a summary.json under DST/_manifest/<run_id>/. Rerunning with "
+                    "the same DST skips inputs already done and retries the failed ones. Exit status: 0 "
+                    "when the job ran, 2 when it could not run, 1 with --fail-on-error when any input failed.")
+    add_translate_arguments(tr)
+    tr.set_defaults(func=cmd_translate)
 
     ev = sub.add_parser("eval", help="measure model quality under the standard protocols",
                         description="Measure model quality against ground truth.")

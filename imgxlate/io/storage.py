@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+import random
+import time
 import uuid
 
 import fsspec
+
+TMP_MARK = ".imgxlate-tmp-"
+TRANSIENT_MARKERS = ("SlowDown", "503", "ServiceUnavailable", "Service Unavailable", "RequestTimeout", "500 ",
+                     "InternalError", "Throttl", "reset by peer", "Connection reset", "timed out", "Broken pipe")
 
 
 def endpoint_from_env() -> str | None:
@@ -42,9 +48,31 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: throttling (503 SlowDown), server errors, connection resets and timeouts.
+    Missing objects and denied access are permanent."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(e).__name__} {e}"
+    return any(m in text for m in TRANSIENT_MARKERS)
+
+
+def retry(fn, *args, attempts: int = 6, base_delay: float = 0.2, max_delay: float = 5.0, **kwargs):
+    """fn(*args, **kwargs), retried with exponential backoff and jitter on transient errors."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if i == attempts - 1 or not is_transient(e):
+                raise
+            time.sleep(min(max_delay, base_delay * 2**i) * (0.5 + random.random()))
+
+
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem(uri, endpoint_url)
-    return fs.cat_file(path)
+    return retry(fs.cat_file, path)
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
@@ -59,7 +87,7 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     if is_local(uri):
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -68,4 +96,17 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fs.pipe_file(path, data)
+        retry(fs.pipe_file, path, data)
+
+
+def remove_stale_temporaries(uri: str) -> int:
+    """Delete temporary files that a killed local writer left under ``uri``; returns how many."""
+    if not is_local(uri) or not os.path.isdir(uri):
+        return 0
+    n = 0
+    for root, _, files in os.walk(uri):
+        for f in files:
+            if TMP_MARK in f:
+                os.remove(os.path.join(root, f))
+                n += 1
+    return n

@@ -1,0 +1,319 @@
+"""The batch job: plan (list, map keys, skip what is done) -> preflight -> Ray Data pipeline ->
+manifest parts as results stream in -> summary.json, written last.
+
+    imgxlate translate SRC DST --model MODEL [options]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import imgxlate
+from imgxlate.io import codec, listing, manifest, storage
+from imgxlate.io.listing import redact
+
+
+class JobError(RuntimeError):
+    """The job could not run (bad source, unusable destination, bad model): nothing was processed."""
+
+
+@dataclass
+class TranslateConfig:
+    src: str
+    dst: str
+    model: str
+    scale: float | None = None
+    suffix: str = ""
+    format: str = "png"
+    quality: int = 95
+    extensions: tuple[str, ...] = listing.IMAGE_EXTS
+    limit: int | None = None
+    max_pixels: int = codec.DEFAULT_MAX_PIXELS
+    max_output_pixels: int = 256_000_000
+    tile: int = 512
+    overlap: int = 32
+    amp: str = "bf16"
+    cutout: bool = False
+    actors: int | None = None            # default: one per GPU, else 1
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int | None = None # torch threads in each actor; default: cpus_per_actor
+    batch_size: int = 8                  # images per model-actor call
+    io_batch_size: int = 4               # images per read/decode and encode/write task
+    io_cpus: float = 0.25                # logical CPUs per read/decode and encode/write task
+    ray_address: str | None = None       # None: start Ray in this process
+    num_cpus: int | None = None          # logical CPUs when Ray is started here
+    s3_endpoint: str | None = None
+    run_id: str | None = None
+    dry_run: bool = False
+    fail_on_error: bool = False
+    progress_every_s: float = 5.0
+    manifest_every_rows: int = 1000
+    extra: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[imgxlate] {msg}", file=sys.stderr, flush=True)
+
+
+def model_info(cfg: TranslateConfig) -> dict:
+    from imgxlate.models import read_meta
+
+    if cfg.model == "bicubic":
+        scale = cfg.scale or 2
+        return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale}
+    try:
+        meta = read_meta(cfg.model)
+    except Exception as e:
+        raise JobError(f"model {redact(cfg.model)}: {e}") from e
+    if cfg.scale is not None and meta["task"] == "sr" and meta["scale"] != cfg.scale:
+        raise JobError(f"model {redact(cfg.model)} is x{meta['scale']}, but --scale {cfg.scale:g} was given")
+    return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": meta["task"],
+            "scale": meta["scale"]}
+
+
+def _bucket_problem(dst: str, e: BaseException) -> str:
+    where = redact(dst)
+    bucket = where.split("://", 1)[1].split("/", 1)[0] if "://" in where else None
+    if isinstance(e, FileNotFoundError) or "NoSuchBucket" in str(e):
+        return f"destination {where}: bucket '{bucket}' does not exist" if bucket else \
+            f"destination {where} cannot be created: {e}"
+    if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "403" in str(e):
+        return f"destination {where}: access denied" + (f" on bucket '{bucket}'" if bucket else "") + f" ({e})"
+    return f"destination {where} is not writable: {type(e).__name__}: {e}"
+
+
+def preflight_destination(dst: str, run_id: str) -> None:
+    """Write and delete a probe object, so a missing bucket or denied access stops the job first."""
+    probe = storage.join(manifest.manifest_root(dst), f".probe-{run_id}")
+    try:
+        storage.write_bytes(probe, b"imgxlate write probe")
+        fs, path = storage.filesystem(probe)
+        fs.rm(path)
+    except Exception as e:
+        raise JobError(_bucket_problem(dst, e)) from e
+
+
+def existing_outputs(dst: str) -> set[str]:
+    fs, path = storage.filesystem(dst)
+    fs.invalidate_cache()
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return set()
+    protocol = None if storage.is_local(dst) else dst.split("://", 1)[0]
+    return {p if protocol is None else f"{protocol}://{p}" for p in found}
+
+
+@dataclass
+class Plan:
+    todo: list[dict]            # go through the pipeline
+    final: list[dict]           # rows known without processing (skipped_done, unsafe keys)
+    total: int
+    source_bytes: int
+
+
+def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
+    try:
+        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit)
+    except listing.SourceError as e:
+        raise JobError(str(e)) from e
+    except Exception as e:
+        raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e).__name__}: {e}") from e
+    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix)
+    dst = cfg.dst.rstrip("/")
+    previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
+    attempts = Counter(r["source_uri"] for r in previous if r["status"] != "skipped_done")
+    done = {(r["source_uri"], r["output_uri"]) for r in previous
+            if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
+    present = existing_outputs(dst) if done else set()
+    if not storage.is_local(dst):
+        present = {p.split("://", 1)[1] for p in present}
+    todo, final = [], []
+    for it, key in zip(items, keys):
+        source = redact(it.source_uri)
+        row = {"source_uri": it.source_uri, "key": it.key, "run_id": run_id, "attempt": attempts[source] + 1,
+               "source_bytes": it.size if it.size >= 0 else None}
+        if isinstance(key, Exception):
+            final.append({**row, "source_uri": source, "status": "write_error", "error": str(key),
+                          "output_uri": None})
+            continue
+        out = storage.join(dst, key)
+        row["output_uri"] = out
+        out_path = out if storage.is_local(dst) else out.split("://", 1)[1]
+        if (source, out) in done and (os.path.abspath(out_path) if storage.is_local(dst) else out_path) in present:
+            final.append({**row, "source_uri": source, "status": "skipped_done", "attempt": attempts[source],
+                          "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]})
+        else:
+            todo.append(row)
+    return Plan(todo, final, len(items), sum(max(it.size, 0) for it in items))
+
+
+BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}
+
+
+def dry_run_report(cfg: TranslateConfig, meta: dict, p: Plan) -> dict:
+    sample = p.todo[:20]
+    pixels = []
+    for row in sample:
+        try:
+            w, h, _, _ = codec.probe(storage.read_bytes(row["source_uri"]))
+            pixels.append(w * h)
+        except Exception:
+            pass
+    mean_px = sum(pixels) / len(pixels) if pixels else 0
+    scale = meta["scale"]
+    est = len(p.todo) * mean_px * scale * scale * BYTES_PER_PIXEL_ESTIMATE[cfg.format]
+    report = {"inputs": p.total, "to_process": len(p.todo),
+              "already_done": sum(r["status"] == "skipped_done" for r in p.final),
+              "refused_keys": sum(r["status"] == "write_error" for r in p.final),
+              "source_bytes": p.source_bytes, "estimated_output_bytes": int(est),
+              "estimate_basis": f"{len(pixels)} sampled headers, mean {mean_px / 1e6:.2f} MP, x{scale:g}, "
+                                f"~{BYTES_PER_PIXEL_ESTIMATE[cfg.format]} bytes/px for {cfg.format}"}
+    _log(f"dry run: {report['inputs']} inputs under {redact(cfg.src)}; {report['to_process']} to process, "
+         f"{report['already_done']} already done, {report['refused_keys']} refused keys")
+    _log(f"dry run: source {p.source_bytes / 1e6:.1f} MB; estimated output {est / 1e6:.1f} MB "
+         f"({report['estimate_basis']})")
+    return report
+
+
+def start_ray(cfg: TranslateConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
+    if cfg.ray_address:
+        # Credentials are not shipped: workers use their own environment / instance role.
+        ray.init(address=cfg.ray_address, runtime_env={"env_vars": env} if env else None,
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=cfg.num_cpus, logging_level=logging.WARNING,
+                 include_dashboard=False)
+
+
+def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
+    actors = cfg.actors or (max(1, int(gpus / gpa)) if gpa else 1)
+    if not gpa and actors * cfg.cpus_per_actor > cpus - cfg.io_cpus:
+        raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
+                       f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
+    threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
+    return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads)
+
+
+class Progress:
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.t0 = self.last = time.time()
+        self.counts: Counter = Counter()
+
+    def update(self, statuses: list[str], force: bool = False) -> None:
+        self.counts.update(statuses)
+        now = time.time()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        n = sum(self.counts.values())
+        rate = n / max(now - self.t0, 1e-9)
+        eta = (self.total - n) / rate if rate > 0 else float("inf")
+        failed = n - self.counts["ok"]
+        eta_s = "--" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        _log(f"{n}/{self.total} images  {rate:.2f} img/s  ok {self.counts['ok']}  failed {failed}  ETA {eta_s}")
+
+
+def run(cfg: TranslateConfig) -> dict:
+    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+    if cfg.format not in codec.FORMATS:
+        raise JobError(f"unknown --format {cfg.format!r}: use {', '.join(codec.FORMATS)}")
+    if cfg.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
+    run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    meta = model_info(cfg)
+    t_start = time.time()
+    p = plan(cfg, meta, run_id)
+    if cfg.dry_run:
+        return {"dry_run": dry_run_report(cfg, meta, p), "run_id": run_id}
+    preflight_destination(cfg.dst, run_id)
+    removed = storage.remove_stale_temporaries(cfg.dst)
+    _log(f"run {run_id}: {p.total} inputs, {len(p.todo)} to process, "
+         f"{sum(r['status'] == 'skipped_done' for r in p.final)} already done"
+         + (f", removed {removed} stale temporary files" if removed else ""))
+
+    dst = cfg.dst.rstrip("/")
+    progress = Progress(p.total, cfg.progress_every_s)
+    parts, buffer, all_rows = 0, list(p.final), []
+    progress.update([r["status"] for r in p.final])
+
+    def flush():
+        nonlocal parts, buffer
+        if buffer:
+            manifest.write_part(dst, run_id, parts, buffer)
+            parts += 1
+            all_rows.extend(buffer)
+            buffer = []
+
+    last_flush = time.time()
+    if p.todo:
+        from imgxlate.infer import pipeline
+
+        start_ray(cfg)
+        rcfg = resolve_resources(cfg)
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ctx.execution_options.preserve_order = False
+        ds = pipeline.build(p.todo, rcfg, meta)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            rows = batch.to_pylist()
+            buffer.extend(rows)
+            progress.update([r["status"] for r in rows])
+            if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
+                flush()
+                last_flush = time.time()
+    flush()
+    progress.update([], force=True)
+
+    wall = time.time() - t_start
+    counts = Counter(r["status"] for r in all_rows)
+    processed = sum(v for k, v in counts.items() if k != "skipped_done")
+    summary = {
+        "run_id": run_id,
+        "imgxlate_version": imgxlate.__version__,
+        "src": redact(cfg.src),
+        "dst": redact(cfg.dst),
+        "model": redact(cfg.model),
+        "model_id": meta["model_id"],
+        "model_sha256": meta["sha256"],
+        "task": meta["task"],
+        "inputs": p.total,
+        "counts": dict(sorted(counts.items())),
+        "failed": sum(v for k, v in counts.items() if k not in manifest.DONE),
+        "source_bytes": sum(r.get("source_bytes") or 0 for r in all_rows if r["status"] != "skipped_done"),
+        "output_bytes": sum(r.get("output_bytes") or 0 for r in all_rows if r["status"] == "ok"),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(processed / wall, 3) if wall > 0 else None,
+        "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra",)},
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)
+    summary["config"]["model"] = redact(cfg.model)
+    manifest.write_summary(dst, run_id, summary)
+    _log(f"done in {wall:.1f}s: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
+    _log(f"outputs under {redact(cfg.dst)}; manifest and summary in {summary['manifest']}")
+    return summary

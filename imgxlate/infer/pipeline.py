@@ -1,0 +1,190 @@
+"""The Ray Data pipeline of the batch job:
+
+    items (source_uri, key, output_uri)
+      -> load:    read bytes + decode                  CPU tasks
+      -> predict: Predictor, loaded once per actor      actor pool (GPU when there is one)
+      -> save:    encode + write to the output key      CPU tasks
+      -> one manifest row per input
+
+Each stage takes and returns a pyarrow Table with FLIGHT's columns, so failures travel as rows:
+a row whose status is set is passed through untouched by later stages. Pixels travel as raw bytes
+with their shape and dtype beside them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from imgxlate.io import codec, manifest, storage
+from imgxlate.io.listing import redact
+
+FLIGHT = pa.schema(list(manifest.SCHEMA) + [
+    pa.field("pixels", pa.large_binary()),
+    pa.field("alpha", pa.large_binary()),
+    pa.field("px_shape", pa.list_(pa.int32())),
+    pa.field("px_dtype", pa.string()),
+    pa.field("icc", pa.large_binary()),
+])
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _table(rows: list[dict], schema: pa.Schema = FLIGHT) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _pack(row: dict, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
+    row["pixels"] = np.ascontiguousarray(pixels).tobytes()
+    row["alpha"] = None if alpha is None else np.ascontiguousarray(alpha).tobytes()
+    row["px_shape"] = list(pixels.shape)
+    row["px_dtype"] = pixels.dtype.str
+
+
+def _unpack(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    shape, dtype = tuple(row["px_shape"]), np.dtype(row["px_dtype"])
+    pixels = np.frombuffer(row["pixels"], dtype).reshape(shape)
+    alpha = None if row["alpha"] is None else np.frombuffer(row["alpha"], dtype).reshape(shape[:2])
+    return pixels, alpha
+
+
+def _fail(row: dict, status: str, error: BaseException | str) -> None:
+    row["status"] = status
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    row["error"] = redact(msg) if "://" in msg else msg
+    row["pixels"] = row["alpha"] = row["icc"] = None
+
+
+def load(batch: pa.Table, max_pixels: int) -> pa.Table:
+    """read + decode, on CPU tasks."""
+    rows = batch.to_pylist()
+    for row in rows:
+        row["started_at"] = _now()
+        if row.get("status"):
+            continue
+        t0 = time.perf_counter()
+        try:
+            data = storage.read_bytes(row["source_uri"])
+        except Exception as e:
+            _fail(row, "read_error", e)
+            continue
+        t1 = time.perf_counter()
+        row["t_read_s"], row["source_bytes"] = t1 - t0, len(data)
+        w, h, mode, _ = codec.probe(data)
+        row["source_width"], row["source_height"], row["source_mode"] = w, h, mode
+        try:
+            img = codec.decode(data, max_pixels)
+        except codec.DecodeError as e:
+            _fail(row, e.status, str(e))
+            continue
+        except Exception as e:  # a decoder bug must not take the batch down
+            _fail(row, "decode_error", e)
+            continue
+        row["t_decode_s"] = time.perf_counter() - t1
+        row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
+        row["icc"] = img.icc
+        _pack(row, img.pixels, img.alpha)
+    return _table(rows)
+
+
+class ModelStage:
+    """The actor: the model is loaded once, then every batch goes through it."""
+
+    def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
+                 max_output_pixels: int):
+        import ray
+        import torch
+
+        from imgxlate.infer.predictor import PredictOptions, Predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.predictor = Predictor(model, scale, options=PredictOptions(**options))
+        ctx = ray.get_runtime_context()
+        self.node_id, self.worker_id = ctx.get_node_id(), ctx.get_worker_id()
+        self.max_output_pixels = max_output_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = []
+        for i, row in enumerate(rows):
+            row["node_id"], row["worker_id"] = self.node_id, self.worker_id
+            if row.get("status"):
+                continue
+            px, alpha = _unpack(row)
+            s = self.predictor.scale
+            out_px = round(px.shape[0] * s) * round(px.shape[1] * s)
+            if out_px > self.max_output_pixels:
+                _fail(row, "too_large", f"output of {out_px / 1e6:.1f} MP exceeds the max-output-pixels "
+                                        f"limit of {self.max_output_pixels / 1e6:.1f} MP")
+                continue
+            todo.append((i, px, alpha))
+        t0 = time.perf_counter()
+        results = self.predictor.run([(px, alpha) for _, px, alpha in todo]) if todo else []
+        per_image = (time.perf_counter() - t0) / max(1, len(todo))
+        for (i, _, _), res in zip(todo, results):
+            row = rows[i]
+            row["t_model_s"] = per_image
+            if isinstance(res, Exception):
+                _fail(row, "model_error", res)
+                continue
+            row["output_height"], row["output_width"] = res.pixels.shape[:2]
+            _pack(row, res.pixels, res.alpha)
+        return _table(rows)
+
+
+def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str) -> pa.Table:
+    """encode + write, on CPU tasks. Returns manifest rows (no pixels)."""
+    rows = batch.to_pylist()
+    for row in rows:
+        row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
+        if not row.get("status"):
+            row["output_format"] = fmt
+            px, alpha = _unpack(row)
+            t0 = time.perf_counter()
+            try:
+                data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
+            except Exception as e:
+                _fail(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
+            else:
+                t1 = time.perf_counter()
+                row["t_encode_s"] = t1 - t0
+                try:
+                    storage.write_bytes(row["output_uri"], data)
+                except Exception as e:
+                    _fail(row, "write_error", e)
+                else:
+                    row["t_write_s"] = time.perf_counter() - t1
+                    row["status"], row["output_bytes"] = "ok", len(data)
+                    row["output_sha256"] = hashlib.sha256(data).hexdigest()
+        row["finished_at"] = _now()
+        row["source_uri"] = redact(row["source_uri"])
+    return _table(rows, manifest.SCHEMA)
+
+
+def build(items: list[dict], cfg, model_meta: dict):
+    """The lazy Ray Dataset for ``items`` (dicts with source_uri, key, output_uri, attempt, run_id)."""
+    import ray
+
+    n = len(items)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(n, 256)))
+    ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
+                        fn_kwargs={"max_pixels": cfg.max_pixels})
+    options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
+    ds = ds.map_batches(
+        ModelStage, batch_format="pyarrow", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+        fn_constructor_kwargs={"model": cfg.model, "scale": cfg.scale, "options": options,
+                               "threads": cfg.threads_per_actor, "max_output_pixels": cfg.max_output_pixels},
+        max_restarts=-1, max_task_retries=-1,     # a killed actor is replaced and its batch retried
+    )
+    return ds.map_batches(save, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
+                          fn_kwargs={"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
+                                     "model_sha256": model_meta["sha256"], "task": model_meta["task"]})

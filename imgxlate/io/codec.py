@@ -1,0 +1,185 @@
+"""decode(bytes) -> Decoded and encode(Decoded-like) -> bytes, with Pillow (and png16 for 16-bit
+colour PNGs). No torch here.
+
+Fidelity rules: EXIF orientation applied; L / LA / P / RGB / RGBA / CMYK / 16-bit handled; alpha
+kept as its own plane; 16-bit stays 16-bit; grayscale stays grayscale; the ICC profile is carried
+over when it describes the output's colour space (a CMYK profile is used to convert to sRGB instead).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from imgxlate.io import png16
+
+Image.MAX_IMAGE_PIXELS = None                    # imgxlate applies its own max_pixels guard
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class DecodeError(ValueError):
+    status = "decode_error"
+
+
+class TooLarge(DecodeError):
+    status = "too_large"
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray                 # HxW (gray) or HxWx3, uint8 or uint16
+    alpha: np.ndarray | None           # HxW, same dtype, or None
+    mode: str                          # what the source was: 'RGB', 'P', 'CMYK', 'I;16', 'RGB;16', ...
+    icc: bytes | None = None
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def gray(self) -> bool:
+        return self.pixels.ndim == 2
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.pixels.dtype == np.uint16 else 8
+
+
+def _icc_space(icc: bytes | None) -> str | None:
+    return icc[16:20].decode("ascii", "replace").strip() if icc and len(icc) >= 20 else None
+
+
+def _from_png16(data: bytes, mode: str) -> Decoded:
+    try:
+        a, icc = png16.decode(data)
+    except png16.PngError as e:
+        raise DecodeError(str(e)) from e
+    c = a.shape[2]
+    if c in (1, 2):
+        return Decoded(a[..., 0], a[..., 1] if c == 2 else None, mode, icc)
+    return Decoded(a[..., :3], a[..., 3] if c == 4 else None, mode, icc)
+
+
+def probe(data: bytes) -> tuple[int, int, str, str]:
+    """(width, height, mode, format) from the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.width, im.height, im.mode, im.format or "?"
+    except Exception:
+        return 0, 0, "", ""
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode one image file; raises DecodeError / TooLarge with a message fit for a manifest row."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise DecodeError(f"not a recognised image format ({len(data)} bytes)") from e
+    except Exception as e:
+        raise DecodeError(f"unreadable image header: {e}") from e
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        raise DecodeError(f"animated or multi-frame {im.format} ({frames} frames) is not supported")
+    if im.width * im.height > max_pixels:
+        raise TooLarge(f"{im.width}x{im.height} = {im.width * im.height / 1e6:.1f} MP exceeds the "
+                       f"max-pixels limit of {max_pixels / 1e6:.1f} MP")
+    head = png16.header(data)
+    if im.format == "PNG" and head and head[2] == 16 and head[3] in (2, 4, 6):
+        mode = {2: "RGB;16", 4: "LA;16", 6: "RGBA;16"}[head[3]]
+        return _from_png16(data, mode)  # Pillow would drop these to 8 bits
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+    except Exception as e:
+        raise DecodeError(f"truncated or corrupt {im.format} data: {e}") from e
+    source_mode, icc = im.mode, im.info.get("icc_profile")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass  # a malformed EXIF block only loses the orientation tag, not the image
+    return _to_arrays(im, source_mode, icc)
+
+
+def _to_arrays(im: Image.Image, source_mode: str, icc: bytes | None) -> Decoded:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im)
+        return Decoded(np.clip(a, 0, 65535).astype(np.uint16), None, source_mode,
+                       icc if _icc_space(icc) == "GRAY" else None)
+    if mode == "F":
+        raise DecodeError("32-bit float images are not supported")
+    if mode == "CMYK":
+        if icc and _icc_space(icc) == "CMYK":
+            try:
+                im = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                               ImageCms.createProfile("sRGB"), outputMode="RGB")
+                icc = None
+            except Exception:
+                im, icc = im.convert("RGB"), None
+        else:
+            im, icc = im.convert("RGB"), None
+        return Decoded(np.asarray(im), None, source_mode, None)
+    if mode in ("1", "L"):
+        return Decoded(np.asarray(im.convert("L")), None, source_mode, icc if _icc_space(icc) == "GRAY" else None)
+    if mode in ("LA", "La"):
+        a = np.asarray(im.convert("LA"))
+        return Decoded(a[..., 0].copy(), a[..., 1].copy(), source_mode, icc if _icc_space(icc) == "GRAY" else None)
+    has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info) or "A" in mode
+    if has_alpha:
+        a = np.asarray(im.convert("RGBA"))
+        return Decoded(a[..., :3].copy(), a[..., 3].copy(), source_mode, icc if _icc_space(icc) == "RGB" else None)
+    return Decoded(np.asarray(im.convert("RGB")), None, source_mode, icc if _icc_space(icc) == "RGB" else None)
+
+
+def _to_8bit(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == np.uint8 else ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png", quality: int = 95,
+           icc: bytes | None = None) -> bytes:
+    """Encode HxW / HxWx3 pixels (+ optional HxW alpha). 16-bit is kept for PNG; JPEG and WebP are
+    8-bit. JPEG cannot hold alpha: the image is composited over white (never black)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
+    if fmt == "png" and pixels.dtype == np.uint16 and not (pixels.ndim == 2 and alpha is None):
+        planes = [pixels[..., None] if pixels.ndim == 2 else pixels]
+        if alpha is not None:
+            planes.append(alpha.astype(np.uint16)[..., None])
+        return png16.encode(np.concatenate(planes, axis=2), icc)
+    if fmt == "png" and pixels.dtype == np.uint16:
+        im = Image.fromarray(pixels)                           # 16-bit gray: I;16
+    else:
+        p8, a8 = _to_8bit(pixels), None if alpha is None else _to_8bit(alpha)
+        if a8 is not None and fmt == "jpeg":
+            a = a8.astype(np.float32)[..., None] / 255
+            base = p8[..., None] if p8.ndim == 2 else p8
+            p8 = np.round(base * a + 255 * (1 - a)).astype(np.uint8)
+            p8 = p8[..., 0] if pixels.ndim == 2 else p8
+            a8 = None
+        if a8 is not None:
+            im = Image.fromarray(np.dstack([p8, a8]) if p8.ndim == 2 else np.dstack([p8, a8]),
+                                 "LA" if p8.ndim == 2 else "RGBA")
+        else:
+            im = Image.fromarray(p8, "L" if p8.ndim == 2 else "RGB")
+    if fmt == "webp" and im.mode == "LA":
+        im = im.convert("RGBA")
+    kwargs = {"icc_profile": icc} if icc else {}
+    if fmt in ("jpeg", "webp"):
+        kwargs["quality"] = quality
+    buf = io.BytesIO()
+    im.save(buf, FORMATS[fmt], **kwargs)
+    return buf.getvalue()

@@ -1,0 +1,103 @@
+"""The run manifest: one row per input (failures included) as Parquet under DST/_manifest/<run_id>/,
+and a summary.json written last. Earlier runs' manifests tell a rerun what is already done."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgxlate.io import storage
+
+MANIFEST_DIR = "_manifest"
+
+STATUSES = ("ok", "skipped_done", "read_error", "decode_error", "too_large", "model_error", "write_error")
+DONE = ("ok", "skipped_done")
+
+# Column names avoid `path`: Ray 2.58's read_parquet drops a column of that name.
+SCHEMA = pa.schema([
+    ("source_uri", pa.string()),         # input, credentials and query strings removed
+    ("key", pa.string()),                # input key relative to SRC
+    ("output_uri", pa.string()),         # where the output went (or would go)
+    ("status", pa.string()),             # one of STATUSES
+    ("error", pa.string()),              # why, when status is not ok / skipped_done
+    ("source_bytes", pa.int64()),
+    ("source_width", pa.int32()),
+    ("source_height", pa.int32()),
+    ("source_mode", pa.string()),        # PIL mode of the file ('RGB', 'P', 'CMYK', 'I;16', 'RGB;16', ...)
+    ("output_bytes", pa.int64()),
+    ("output_width", pa.int32()),
+    ("output_height", pa.int32()),
+    ("output_format", pa.string()),      # png / jpeg / webp
+    ("output_sha256", pa.string()),
+    ("model_id", pa.string()),
+    ("model_sha256", pa.string()),
+    ("task", pa.string()),               # sr / style / seg
+    ("t_read_s", pa.float64()),
+    ("t_decode_s", pa.float64()),
+    ("t_model_s", pa.float64()),
+    ("t_encode_s", pa.float64()),
+    ("t_write_s", pa.float64()),
+    ("node_id", pa.string()),
+    ("worker_id", pa.string()),
+    ("attempt", pa.int32()),             # 1 on the first run that tried this input, 2 on the next, ...
+    ("run_id", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+])
+
+
+def manifest_root(dst: str) -> str:
+    return storage.join(dst, MANIFEST_DIR)
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA)
+
+
+def write_part(dst: str, run_id: str, part: int, rows: list[dict]) -> str:
+    buf = io.BytesIO()
+    pq.write_table(to_table(rows), buf)
+    uri = storage.join(manifest_root(dst), run_id, f"part-{part:05d}.parquet")
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def write_summary(dst: str, run_id: str, summary: dict) -> str:
+    uri = storage.join(manifest_root(dst), run_id, "summary.json")
+    storage.write_bytes(uri, json.dumps(summary, indent=2, default=str).encode())
+    return uri
+
+
+def read_all(dst: str, columns: list[str] | None = None) -> pa.Table:
+    """Every manifest row of every earlier run under DST (empty table when none)."""
+    fs, root = storage.filesystem(manifest_root(dst))
+    try:
+        parts = sorted(fs.glob(posixpath.join(root, "*", "part-*.parquet")))
+    except FileNotFoundError:
+        parts = []
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(p)), columns=columns) for p in parts]
+    if not tables:
+        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_run(dst: str, run_id: str) -> pa.Table:
+    fs, root = storage.filesystem(storage.join(manifest_root(dst), run_id))
+    parts = sorted(fs.glob(posixpath.join(root, "part-*.parquet")))
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def runs(dst: str) -> list[str]:
+    """Run ids with a finished summary, oldest first."""
+    fs, root = storage.filesystem(manifest_root(dst))
+    try:
+        found = fs.glob(posixpath.join(root, "*", "summary.json"))
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(posixpath.dirname(p)) for p in found)
