@@ -59,3 +59,15 @@ def photo(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
     img += rng.normal(0, 0.02, img.shape)
     out = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
     return out[..., 0] if channels == 1 else out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the test session, started the way the job starts it."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -4,12 +4,13 @@ import csv
 
 import numpy as np
 import pytest
-from conftest import photo
 from PIL import Image
 
 from imgxlate import metrics
 from imgxlate.cli import build_parser, main
 from imgxlate.models import build, save
+
+from conftest import photo
 
 
 @pytest.fixture

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import photo
 
 from imgxlate import metrics
 from imgxlate.models import build
+
+from conftest import photo
 
 
 def keys(x):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -61,8 +62,14 @@ def _fail(row: dict, status: str, error: BaseException | str) -> None:
     row["pixels"] = row["alpha"] = row["icc"] = None
 
 
-def load(batch: pa.Table, max_pixels: int) -> pa.Table:
+def _apply(env: dict) -> None:
+    """Storage settings from the driver (the S3 endpoint), for workers started before they were set."""
+    os.environ.update({k: v for k, v in env.items() if v})
+
+
+def load(batch: pa.Table, max_pixels: int, env: dict) -> pa.Table:
     """read + decode, on CPU tasks."""
+    _apply(env)
     rows = batch.to_pylist()
     for row in rows:
         row["started_at"] = _now()
@@ -97,7 +104,8 @@ class ModelStage:
     """The actor: the model is loaded once, then every batch goes through it."""
 
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
-                 max_output_pixels: int):
+                 max_output_pixels: int, env: dict):
+        _apply(env)
         import ray
         import torch
 
@@ -139,8 +147,10 @@ class ModelStage:
         return _table(rows)
 
 
-def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str) -> pa.Table:
+def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
+         env: dict) -> pa.Table:
     """encode + write, on CPU tasks. Returns manifest rows (no pixels)."""
+    _apply(env)
     rows = batch.to_pylist()
     for row in rows:
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
@@ -173,18 +183,20 @@ def build(items: list[dict], cfg, model_meta: dict):
     import ray
 
     n = len(items)
+    env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(n, 256)))
     ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
-                        fn_kwargs={"max_pixels": cfg.max_pixels})
+                        fn_kwargs={"max_pixels": cfg.max_pixels, "env": env})
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
     ds = ds.map_batches(
         ModelStage, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"model": cfg.model, "scale": cfg.scale, "options": options,
-                               "threads": cfg.threads_per_actor, "max_output_pixels": cfg.max_output_pixels},
+                               "threads": cfg.threads_per_actor, "max_output_pixels": cfg.max_output_pixels,
+                               "env": env},
         max_restarts=-1, max_task_retries=-1,     # a killed actor is replaced and its batch retried
     )
     return ds.map_batches(save, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
                           fn_kwargs={"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
-                                     "model_sha256": model_meta["sha256"], "task": model_meta["task"]})
+                                     "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env})

@@ -1,0 +1,70 @@
+"""Generated input files for pipeline tests, named by what they are."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageCms
+
+from imgxlate.io import png16
+
+from conftest import photo
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def good_files() -> dict[str, bytes]:
+    """Valid inputs in every mode the job must handle, with the property each one tests."""
+    rgb = Image.fromarray(photo(48, 64, seed=1))
+    rgba = np.dstack([photo(40, 40, seed=2), np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (40, 1))])
+    la = np.dstack([photo(32, 24, seed=3, channels=1), np.full((32, 24), 128, np.uint8)])
+    pal = Image.fromarray(photo(30, 30, seed=4)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 0
+    rot = Image.fromarray(photo(20, 36, seed=5))                 # stored 36 wide x 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # orientation: rotate 90 CW to display
+    big_exif = Image.Exif()
+    big_exif[0x010E] = "x" * 60000                              # ImageDescription: ~60 KB EXIF block
+    g16 = (photo(24, 20, seed=6, channels=1).astype(np.uint16) * 257 + 7)
+    c16 = photo(22, 18, seed=7).astype(np.uint16) * 257 + 3
+    return {
+        "64x48_rgb.jpg": _save(rgb, "JPEG", quality=92),
+        "64x48_rgb_icc.png": _save(rgb, "PNG", icc_profile=srgb_icc()),
+        "40x40_rgba.png": _save(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "24x32_gray_alpha.png": _save(Image.fromarray(la, "LA"), "PNG"),
+        "30x30_palette_transparent.png": _save(pal, "PNG", transparency=0),
+        "36x20_exif_rotated.jpg": _save(rot, "JPEG", exif=exif),
+        "64x48_huge_exif.jpg": _save(rgb, "JPEG", exif=big_exif),
+        "64x48_cmyk.jpg": _save(rgb.convert("CMYK"), "JPEG"),
+        "20x24_gray16.png": _save(Image.fromarray(g16), "PNG"),
+        "18x22_rgb16.png": png16.encode(c16),
+        "gray.png": _save(Image.fromarray(photo(26, 26, seed=8, channels=1)), "PNG"),
+    }
+
+
+def bad_files() -> dict[str, tuple[bytes, str]]:
+    """Inputs that must each get a failure row: name -> (bytes, expected status)."""
+    jpg = _save(Image.fromarray(photo(64, 64, seed=9)), "JPEG")
+    png = _save(Image.fromarray(photo(64, 64, seed=10)), "PNG")
+    frames = [Image.fromarray(photo(16, 16, seed=s)) for s in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    huge = _save(Image.new("1", (10000, 10000)), "PNG")        # 100 MP, a few KB on disk
+    return {
+        "zero_bytes.jpg": (b"", "decode_error"),
+        "truncated.jpg": (jpg[: len(jpg) // 2], "decode_error"),
+        "truncated.png": (png[: len(png) // 2], "decode_error"),
+        "random_bytes.jpg": (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+                             "decode_error"),
+        "animated.gif": (buf.getvalue(), "decode_error"),
+        "100mp.png": (huge, "too_large"),
+    }
