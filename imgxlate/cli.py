@@ -111,6 +111,112 @@ def cmd_translate(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- train
+def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("data", help="training images: folder, s3:// prefix or manifest" +
+                   (" (images with <name>_mask.gif|png masks)" if task == "seg" else ""))
+    p.add_argument("--val", help="validation images (default: 10%% of the training images)" if task != "seg"
+                   else argparse.SUPPRESS)
+    p.add_argument("--name", default=f"{task}-run", help="run name: the same name and storage resume the run")
+    p.add_argument("--storage", default="runs", help="checkpoint storage: local folder or s3://bucket/prefix")
+    p.add_argument("--out", help="model artifact URI (default: <storage>/<name>/model)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start Ray locally)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per stage when --stages is not given")
+    p.add_argument("--batch-size", type=int, default=16, help="per worker; the LR scales with the global batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak LR for a global batch of --reference-batch")
+    p.add_argument("--reference-batch", type=int, default=16)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=float, default=0.25, help="one-cycle warmup fraction")
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="GPU autocast")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps per epoch (0: all)")
+    p.add_argument("--limit", type=int, help="use at most this many training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
+    p.add_argument("--model-config", default="{}", help="JSON of model config overrides, e.g. '{\"nf\": 32}'")
+    p.add_argument("--vgg-weights", default="imagenet", help="imagenet, a path/URI, or random (tests)")
+    if task == "sr":
+        p.add_argument("--scale", type=int, default=2)
+        p.add_argument("--stages", help="progressive plan scale:epochs[:new], e.g. 2:3,4:1:new,4:3")
+        p.add_argument("--hr-crop", type=int, default=96, help="HR crop side")
+        p.add_argument("--samples-per-image", type=int, default=8, help="random crops per image per epoch")
+        p.add_argument("--loss", default="l1", choices=["l1", "mse", "perceptual"])
+        p.add_argument("--degradations", default="none",
+                       help="restoration degradations: none, restore, denoise, deblock, colourise")
+    elif task == "seg":
+        p.add_argument("--stages", help="progressive plan size:epochs[:frozen], e.g. 128:2:frozen,128:2,256:2")
+        p.add_argument("--val-fraction", type=float, default=0.2, help="groups (car ids) held out")
+        p.add_argument("--encoder-weights", default="imagenet", help="none, imagenet, or a path/URI")
+    else:
+        p.add_argument("--style-image", required=True, help="the style painting (path or URI)")
+        p.add_argument("--content-size", type=int, default=256)
+        p.add_argument("--content-weight", type=float, default=1e4)
+        p.add_argument("--samples-per-image", type=int, default=4)
+        p.add_argument("--norm", default="instance", choices=["batch", "instance"])
+
+
+def train_config(args, task: str):
+    from imgxlate.train.loop import LoopConfig
+    from imgxlate.train.run import parse_stages
+    from imgxlate.train.tasks import RunConfig
+
+    model = json.loads(args.model_config)
+    extra: dict = {}
+    if task == "sr":
+        model.setdefault("scale", args.scale)
+        extra = {"hr_crop": args.hr_crop, "samples_per_image": args.samples_per_image, "loss": args.loss,
+                 "degradations": args.degradations}
+    elif task == "seg":
+        model.setdefault("encoder_weights", args.encoder_weights)
+        extra = {"val_fraction": args.val_fraction}
+    else:
+        model.setdefault("norm", args.norm)
+        extra = {"style_image": args.style_image, "content_size": args.content_size,
+                 "content_weight": args.content_weight, "samples_per_image": args.samples_per_image}
+    loop = LoopConfig(epochs=args.epochs, lr=args.lr, reference_batch=args.reference_batch,
+                      weight_decay=args.weight_decay, warmup_pct=args.warmup, clip_grad=args.clip_grad,
+                      amp=args.amp, ema=args.ema, checkpoint_every=args.checkpoint_every,
+                      max_steps_per_epoch=args.steps_per_epoch)
+    return RunConfig(task=task, data=args.data, val=getattr(args, "val", None), name=args.name,
+                     storage=args.storage, out=args.out, preset=args.preset, model=model,
+                     stages=parse_stages(task, getattr(args, "stages", None)), loop=loop,
+                     batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
+                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, seed=args.seed,
+                     limit=args.limit, vgg_weights=args.vgg_weights, **extra)
+
+
+def cmd_train(args) -> int:
+    from imgxlate.train.run import train
+
+    train(train_config(args, args.task), ray_address=args.ray_address)
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    import torch
+
+    from imgxlate import plots
+    from imgxlate.io import storage
+    from imgxlate.train import tasks
+    from imgxlate.train.lr_find import lr_find
+
+    cfg = train_config(args, args.task)
+    stage = tasks.default_stages(cfg)[0]
+    model, _ = tasks.build_model(cfg, stage, None)
+    td = tasks.TaskData(cfg, stage, "cpu")
+    loader = torch.utils.data.DataLoader(td.train, batch_size=cfg.batch_size, shuffle=True)
+    lrs, losses, suggestion = lr_find(model, td.objective, loader, args.start_lr, args.end_lr, args.steps)
+    storage.write_bytes(args.plot, plots.lr_find_plot(lrs, losses, suggestion))
+    print(f"suggested lr: {suggestion:.3e} (for a batch of {cfg.batch_size}); plot: {args.plot}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ models / info
 def cmd_models(args) -> int:
     from imgxlate.models import PRESETS, REGISTRY
@@ -154,6 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the job ran, 2 when it could not run, 1 with --fail-on-error when any input failed.")
     add_translate_arguments(tr)
     tr.set_defaults(func=cmd_translate)
+
+    trn = sub.add_parser("train", help="train a model on Ray Train (sr, style or seg)",
+                         description="Train with Ray Train's TorchTrainer on N workers (DDP: gloo on CPUs, NCCL "
+                                     "on GPUs), checkpointing to --storage every epoch; the same --name and "
+                                     "--storage resume. Ends with a model artifact that `translate` uses.")
+    trn_sub = trn.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task, text in (("sr", "super-resolution / restoration (EDSR-style)"), ("style", "fast style transfer"),
+                       ("seg", "U-Net segmentation")):
+        tp = trn_sub.add_parser(task, help=text)
+        add_train_arguments(tp, task)
+        tp.set_defaults(func=cmd_train)
+
+    lf = sub.add_parser("lr-find", help="LR finder: loss-vs-LR plot and a suggested rate",
+                        description="Train briefly with an exponentially growing LR (one process, no Ray), "
+                                    "write the loss-vs-LR plot and print a suggested LR.")
+    lf_sub = lf.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task in ("sr", "style", "seg"):
+        tp = lf_sub.add_parser(task)
+        add_train_arguments(tp, task)
+        tp.add_argument("--plot", default="lr_find.png", help="where to write the plot (path or URI)")
+        tp.add_argument("--start-lr", type=float, default=1e-6)
+        tp.add_argument("--end-lr", type=float, default=1.0)
+        tp.add_argument("--steps", type=int, default=60)
+        tp.set_defaults(func=cmd_lr_find)
 
     ev = sub.add_parser("eval", help="measure model quality under the standard protocols",
                         description="Measure model quality against ground truth.")

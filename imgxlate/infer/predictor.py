@@ -59,7 +59,7 @@ class PredictOptions:
     tile: int = 512                    # input pixels per tile side; larger images are tiled
     overlap: int = 32                  # input pixels shared by neighbouring tiles
     amp: str = "bf16"                  # autocast on GPU: 'bf16', 'fp16' or 'off'
-    batch_pixels: int = 4 * 512 * 512  # small images of one size are batched up to this many pixels
+    batch_pixels: int = 512 * 512      # small images of one size are batched up to this many pixels
     cutout: bool = False               # segmentation: write the RGBA cut-out instead of the mask
 
 
@@ -160,19 +160,30 @@ class Predictor:
                             results[i] = _as_error()
         return results
 
+    def _quantize(self, y: torch.Tensor, like: np.ndarray) -> np.ndarray:
+        """(B, C', H, W) model output -> (B, H, W[, C]) final arrays, computed in torch."""
+        if self.task == "seg":
+            y = (y[:, 0] > 0).to(torch.uint8) * 255 if y.shape[1] == 1 else y.argmax(1).to(torch.uint8)
+            return y.cpu().numpy()
+        peak = 65535.0 if like.dtype == np.uint16 else 255.0
+        if like.ndim == 2:
+            y = y.mean(1, keepdim=True)
+        q = y.clamp(0, 1).mul(peak).round().permute(0, 2, 3, 1)
+        q = q.to(torch.int32).cpu().numpy().astype(like.dtype) if peak > 255 else q.to(torch.uint8).cpu().numpy()
+        return q[..., 0] if like.ndim == 2 else q
+
     @torch.inference_mode()
     def _run_chunk(self, images, chunk: list[int], results: list) -> None:
-        if len(chunk) == 1:
-            px, alpha = images[chunk[0]]
-            out = self._infer(self._forward, to_tensor(px), self.scale, px)
-            results[chunk[0]] = self._complete(px, alpha, out)
+        px0 = images[chunk[0]][0]
+        if len(chunk) == 1 and max(px0.shape[:2]) > self.options.tile:
+            out = self._infer(self._forward, to_tensor(px0), self.scale, px0)
+            results[chunk[0]] = self._complete(px0, images[chunk[0]][1], out)
             return
         x = torch.cat([to_tensor(images[i][0]) for i in chunk])                   # (B, 3, h, w)
-        y = self._forward(x).permute(0, 2, 3, 1).cpu().numpy()                    # (B, sh, sw, C')
-        finalize = self._finalizer(images[chunk[0]][0])
+        y = self._quantize(self._forward(x), px0)                                  # (B, sh, sw[, 3])
         for k, i in enumerate(chunk):
             px, alpha = images[i]
-            results[i] = self._complete(px, alpha, finalize(y[k]))
+            results[i] = self._complete(px, alpha, y[k])
 
 
 def _as_error() -> Exception:

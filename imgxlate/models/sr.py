@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from imgxlate.models.bicubic import Bicubic, BicubicConfig
 from imgxlate.models.layers import PixelShuffleUp, ResBlock, conv, icnr_
 
 SCALES = (1, 2, 4, 8)
@@ -29,13 +30,16 @@ class SrConfig:
     bn_before_last: bool = False      # the lesson's batch norm after the upsampler
     long_skip: bool = True            # EDSR's global residual over the body
     rgb_mean: tuple[float, float, float] = field(default=(0.4488, 0.4371, 0.4040))  # DIV2K, as EDSR
+    # 'bicubic': add the bicubic upscale of the input to the output, so the network learns only the
+    # residual (as VDSR, Kim et al. 2016); it starts at the bicubic baseline and trains faster.
+    global_residual: str = "none"
 
 
 PRESETS = {
     "lesson": SrConfig(nf=64, n_blocks=8, bn_before_last=True, long_skip=False),
     "edsr-baseline": SrConfig(nf=64, n_blocks=16),
     "edsr": SrConfig(nf=256, n_blocks=32),
-    "tiny": SrConfig(nf=16, n_blocks=2),
+    "tiny": SrConfig(nf=16, n_blocks=2, global_residual="bicubic"),
 }
 
 
@@ -56,6 +60,10 @@ class SrResnet(nn.Module):
         self.upsample = nn.Sequential(*[PixelShuffleUp(c.nf) for _ in range(int(math.log2(c.scale)))])
         self.bn = nn.BatchNorm2d(c.nf) if c.bn_before_last else nn.Identity()
         self.tail = conv(c.nf, 3)
+        if c.global_residual not in ("none", "bicubic"):
+            raise ValueError(f"global_residual must be 'none' or 'bicubic', got {c.global_residual!r}")
+        self.skip = Bicubic(BicubicConfig(scale=c.scale, matlab_uint8=False)) if c.global_residual == "bicubic" \
+            else None
 
     def forward(self, x):                      # (B, 3, H, W) in [0, 1]
         h = self.head(x - self.mean)           # (B, nf, H, W)
@@ -63,7 +71,8 @@ class SrResnet(nn.Module):
         if self.config.long_skip:
             r = r + h
         u = self.bn(self.upsample(r))          # (B, nf, sH, sW)
-        return self.tail(u) + self.mean        # (B, 3, sH, sW), ~[0, 1]
+        y = self.tail(u)                       # (B, 3, sH, sW)
+        return y + (self.skip(x) if self.skip is not None else self.mean)     # ~[0, 1]
 
 
 def grow(model: SrResnet, scale: int) -> tuple[SrResnet, list[str]]:

@@ -1,0 +1,54 @@
+"""An objective owns the loss: ``loss, logs = objective(model, batch)``. Small losses combined per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgxlate import losses
+
+
+class SrObjective(nn.Module):
+    """Pixel (l1 / mse) or perceptual (the lesson's FeatureLoss) loss between SR output and HR."""
+
+    def __init__(self, loss: str = "l1", vgg_weights: str = "imagenet"):
+        super().__init__()
+        self.kind = loss
+        self.feature_loss = losses.FeatureLoss(vgg_weights=vgg_weights) if loss == "perceptual" else None
+
+    def forward(self, model, batch):
+        lr, hr = batch
+        sr = model(lr)
+        if self.feature_loss is not None:
+            terms = self.feature_loss(sr, hr, sum_layers=False)
+            loss = sum(terms)
+            return loss, {"loss": loss.item(), **{n: t.item() for n, t in zip(self.feature_loss.names, terms)}}
+        loss = losses.l1(sr, hr) if self.kind == "l1" else losses.mse(sr, hr)
+        return loss, {"loss": loss.item()}
+
+
+class StyleObjective(nn.Module):
+    """Content + per-layer Gram losses against one fixed style image."""
+
+    def __init__(self, style_image: torch.Tensor, vgg_weights: str = "imagenet", content_weight: float = 1e4,
+                 style_weights: tuple[float, ...] = (0.025, 0.275, 5.0, 0.2)):
+        super().__init__()
+        self.loss = losses.StyleLoss(style_image, content_weight=content_weight, style_weights=style_weights,
+                                     vgg_weights=vgg_weights)
+
+    def forward(self, model, batch):
+        (content,) = batch
+        out = model(content)
+        terms = self.loss(out, content, sum_layers=False)
+        loss = sum(terms)
+        return loss, {"loss": loss.item(), **{n: t.item() for n, t in zip(self.loss.names, terms)}}
+
+
+class SegObjective(nn.Module):
+    """BCE with logits + soft Dice."""
+
+    def forward(self, model, batch):
+        img, mask = batch
+        logits = model(img)
+        loss = losses.bce_dice(logits, mask)
+        return loss, {"loss": loss.item()}

@@ -1,0 +1,177 @@
+"""Ray Train glue: the only training module that imports Ray. Lines marked `# ray:` are what Ray adds.
+
+Each worker runs :func:`train_loop_per_worker`: it builds the stage's model and data, shards the data
+with a DistributedSampler, wraps the model in DDP (gloo on CPUs, NCCL on GPUs), trains with the
+plain-PyTorch :class:`~imgxlate.train.loop.Trainer` and reports a checkpoint (model, optimiser,
+scheduler, scaler, EMA, RNG state, stage) every epoch and every N steps. A rerun with the same name
+and storage resumes from the latest checkpoint; a killed worker is recovered up to max_failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import tempfile
+
+import ray.train  # ray:
+import ray.train.torch  # ray:
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from imgxlate.io import storage
+from imgxlate.train import tasks
+from imgxlate.train.loop import LoopConfig, Trainer
+
+CKPT = "state.pt"
+
+
+def _to_config(d: dict) -> tasks.RunConfig:
+    d = dict(d)
+    d["loop"] = LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["loop"].items()})
+    return tasks.RunConfig(**d)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = _to_config(config)
+    ctx = ray.train.get_context()                                        # ray:
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()             # ray:
+    device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"  # ray:
+    torch.manual_seed(cfg.seed)
+    stages = tasks.default_stages(cfg)
+
+    start_stage, state, model, new = 0, None, None, []
+    ckpt = ray.train.get_checkpoint()                                    # ray: latest checkpoint, if any
+    if ckpt:
+        with ckpt.as_directory() as d:   # our own checkpoint (optimiser and RNG state): trusted, full load
+            saved = torch.load(os.path.join(d, CKPT), map_location="cpu", weights_only=False)
+        start_stage, state, new = saved["stage"], saved["trainer"], saved.get("new_params", [])
+        model_cfg = saved["model_config"]
+        from imgxlate.models import build
+
+        model = build(saved["arch"], model_cfg, load_pretrained=False)
+        model.load_state_dict(state["model"])
+        if saved["stage_done"]:
+            start_stage, state, new = start_stage + 1, None, []
+
+    for si in range(start_stage, len(stages)):
+        stage = stages[si]
+        resuming = state is not None
+        if not resuming:
+            model, new = tasks.build_model(cfg, stage, model)
+        groups = tasks.trainable_groups(model, stage, new)
+        td = tasks.TaskData(cfg, stage, device)
+        sampler = DistributedSampler(td.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
+                            cfg.batch_size * world, num_workers=0)
+        ddp_model = ray.train.torch.prepare_model(model, move_to_device=device,  # ray: DDP + device
+                                                  parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
+                                                                            stage.get("train") == "new"})
+        loop_cfg = tasks.stage_loop(cfg, stage)
+
+        def set_epoch(e, sampler=sampler, dataset=td.train):
+            sampler.set_epoch(e)
+            dataset.set_epoch(e)
+
+        def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new):
+            done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
+            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step}
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
+                                "arch": model.arch, "model_config": dataclasses.asdict(model.config),
+                                "stage_spec": stage, "new_params": new}, os.path.join(d, CKPT))
+                    checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
+                ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
+            if rank == 0 and not metrics.get("partial_epoch"):
+                _append_metrics(cfg, metrics)
+
+        trainer = Trainer(ddp_model, td.objective, loader, loop_cfg, groups=groups,
+                          global_batch=cfg.batch_size * world, device=device,
+                          evaluate=td.evaluate if rank == 0 else None, on_checkpoint=on_checkpoint,
+                          set_epoch=set_epoch)
+        if resuming:
+            trainer.load_state_dict(state)
+        trainer.fit()
+        state = None
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+
+
+def _append_metrics(cfg: tasks.RunConfig, metrics: dict) -> None:
+    """Rewrite <storage>/<name>/imgxlate/metrics.jsonl with one more epoch (object stores cannot append)."""
+    uri = storage.join(run_dir(cfg), "imgxlate", "metrics.jsonl")
+    try:
+        old = storage.read_bytes(uri).decode()
+    except FileNotFoundError:
+        old = ""
+    storage.write_bytes(uri, (old + json.dumps(metrics, default=str) + "\n").encode())
+
+
+def run_dir(cfg: tasks.RunConfig) -> str:
+    return storage.join(cfg.storage, cfg.name)
+
+
+def _storage(cfg: tasks.RunConfig):
+    """(storage_path, storage_filesystem) for Ray Train: local folder, or S3 with an endpoint option."""
+    if storage.is_local(cfg.storage):
+        return os.path.abspath(cfg.storage), None
+    import pyarrow.fs
+
+    endpoint = storage.endpoint_from_env()
+    if cfg.storage.startswith("s3://") and endpoint:
+        scheme, host = endpoint.split("://", 1)
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return cfg.storage[len("s3://"):], fs
+    return cfg.storage, None
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except Exception:
+        return None
+
+
+def fit(cfg: tasks.RunConfig):
+    """Train on Ray Train; returns the ray.train.Result. Same name + storage resumes."""
+    path, fs = _storage(cfg)
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
+    trainer = ray.train.torch.TorchTrainer(                                  # ray:
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env} if env else None),
+    )
+    return trainer.fit()
+
+
+def export_artifact(cfg: tasks.RunConfig, result) -> str:
+    """Write the run's final model as an artifact with metrics and provenance; returns its URI."""
+    from imgxlate.models import build, save
+
+    with result.checkpoint.as_directory() as d:
+        saved = torch.load(os.path.join(d, CKPT), map_location="cpu", weights_only=False)
+    model = build(saved["arch"], saved["model_config"], load_pretrained=False)
+    weights = saved["trainer"]["ema"] or saved["trainer"]["model"]
+    model.load_state_dict(weights)
+    history = saved["trainer"]["history"]
+    out = cfg.out or storage.join(run_dir(cfg), "model")
+    provenance = {"data": cfg.data, "val": cfg.val, "run": run_dir(cfg), "git_revision": git_revision(),
+                  "stages": tasks.default_stages(cfg), "config": dataclasses.asdict(cfg),
+                  "workers": cfg.workers, "global_batch": cfg.batch_size * cfg.workers,
+                  "steps": saved["trainer"]["step"], "weights": "ema" if saved["trainer"]["ema"] else "model"}
+    save(model, out, provenance=provenance, metrics=_scalars(history[-1]) if history else {})
+    return out
