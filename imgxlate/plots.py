@@ -47,5 +47,5 @@ def training_curves(history: list[dict], title: str = "") -> bytes:
     for ax in axes[0]:
         ax.set_xlabel("epoch (all stages)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.03)
     return _png(fig)

@@ -62,8 +62,12 @@ class SrResnet(nn.Module):
         self.tail = conv(c.nf, 3)
         if c.global_residual not in ("none", "bicubic"):
             raise ValueError(f"global_residual must be 'none' or 'bicubic', got {c.global_residual!r}")
-        self.skip = Bicubic(BicubicConfig(scale=c.scale, matlab_uint8=False)) if c.global_residual == "bicubic" \
-            else None
+        self.skip = None
+        if c.global_residual == "bicubic":
+            self.skip = Bicubic(BicubicConfig(scale=c.scale, matlab_uint8=False))
+            with torch.no_grad():              # start close to the bicubic baseline, not at random colours
+                self.tail.weight.mul_(0.01)
+                self.tail.bias.zero_()
 
     def forward(self, x):                      # (B, 3, H, W) in [0, 1]
         h = self.head(x - self.mean)           # (B, nf, H, W)

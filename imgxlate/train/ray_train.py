@@ -53,7 +53,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         model = build(saved["arch"], model_cfg, load_pretrained=False)
         model.load_state_dict(state["model"])
-        if saved["stage_done"]:
+        # A stage is done when its epochs (as configured now: a rerun may extend them) are done.
+        if state["epoch"] >= tasks.stage_loop(cfg, stages[start_stage]).epochs and not state.get("epoch_step"):
             start_stage, state, new = start_stage + 1, None, []
 
     for si in range(start_stage, len(stages)):

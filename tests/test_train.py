@@ -1,0 +1,177 @@
+"""Training on Ray Train with 2 workers (gloo on CPU), on scikit-image's photos and generated masks."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo
+from imgxlate.cli import main
+from imgxlate.io import storage
+from imgxlate.models import load
+from imgxlate.samples import write_sample_photos
+from imgxlate.train import ray_train
+from imgxlate.train.loop import LoopConfig
+from imgxlate.train.run import parse_stages, train
+from imgxlate.train.tasks import RunConfig
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    paths = write_sample_photos(str(root / "all"), max_side=256)
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    for p in paths:
+        dst = root / ("val" if "coffee" in p else "train") / os.path.basename(p)
+        os.replace(p, dst)
+    return root
+
+
+def sr_config(photos, tmp_path, **kw):
+    base = dict(task="sr", data=str(photos / "train"), val=str(photos / "val"), name="sr",
+                storage=str(tmp_path / "runs") if tmp_path else None,
+                preset="tiny", loop=LoopConfig(epochs=3, lr=1e-3), batch_size=8, workers=2, hr_crop=64,
+                samples_per_image=12)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def history(cfg):
+    text = storage.read_bytes(storage.join(ray_train.run_dir(cfg), "imgxlate", "metrics.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_tiny_sr_run_beats_bicubic_and_writes_a_usable_artifact(photos, tmp_path, ray_local):
+    cfg = sr_config(photos, tmp_path, loop=LoopConfig(epochs=4, lr=1e-3))
+    out = train(cfg)
+    h = out["history"]
+    assert len(h) == 4 and h[-1]["val_psnr"] > h[-1]["val_psnr_bicubic"] + 0.01
+    assert h[-1]["val_psnr"] > h[0]["val_psnr"]
+    model = load(out["artifact"])
+    assert model.scale == 2 and model.meta["provenance"]["workers"] == 2
+    assert model.meta["provenance"]["global_batch"] == 16 and model.meta["metrics"]["val_psnr"] > 0
+    assert os.path.getsize(out["curves"]) > 5000
+    # The batch job takes the artifact as it is.
+    assert main(["translate", str(photos / "val"), str(tmp_path / "up"), "--model", out["artifact"]]) == 0
+    w, h = Image.open(photos / "val" / "coffee.png").size
+    assert Image.open(tmp_path / "up" / "coffee.png").size == (2 * w, 2 * h)
+
+
+def test_progressive_x2_to_x4(photos, tmp_path, ray_local):
+    stages = parse_stages("sr", "2:1,4:1:new,4:1")
+    assert stages[1] == {"scale": 4, "epochs": 1, "train": "new"}
+    out = train(sr_config(photos, tmp_path, stages=stages, samples_per_image=4))
+    h = out["history"]
+    assert [r["stage"] for r in h] == [0, 1, 2] and load(out["artifact"]).scale == 4
+    assert h[1]["val_psnr_bicubic"] < h[0]["val_psnr_bicubic"]      # x4 is harder than x2
+
+
+def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local):
+    cfg = sr_config(photos, tmp_path, loop=LoopConfig(epochs=1, lr=1e-3), samples_per_image=4, name="resume")
+    first = ray_train.fit(cfg)
+    steps = first.metrics["step"]
+    cfg.loop = LoopConfig(epochs=2, lr=1e-3)
+    second = ray_train.fit(cfg)
+    assert second.metrics["epoch"] == 2 and second.metrics["step"] == 2 * steps   # the step counter continued
+    assert [r["epoch"] for r in history(cfg)] == [1, 2]                           # epoch 1 was not redone
+
+
+def _worker_pids():
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if b"RayTrainWorker" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_worker_is_recovered(photos, tmp_path, ray_local):
+    cfg = sr_config(photos, tmp_path, loop=LoopConfig(epochs=6, lr=1e-3), samples_per_image=6, name="kill")
+    result, killed = {}, []
+    t = threading.Thread(target=lambda: result.setdefault("r", ray_train.fit(cfg)))
+    t.start()
+    run = tmp_path / "runs" / "kill"
+    deadline = time.time() + 300
+    while t.is_alive() and time.time() < deadline and not killed:
+        if any(run.glob("checkpoint_*")) and _worker_pids():
+            killed.append(_worker_pids()[-1])
+            os.kill(killed[0], signal.SIGKILL)
+        time.sleep(0.1)
+    t.join(600)
+    assert killed, "no worker was killed"
+    r = result["r"]
+    assert r.error is None and r.metrics["epoch"] == 6
+    assert [h["epoch"] for h in history(cfg)][-1] == 6
+
+
+def test_checkpoints_land_in_the_s3_test_server(photos, bucket, s3_server, ray_local):
+    import boto3
+
+    cfg = sr_config(photos, None, storage=f"s3://{bucket}/runs", name="s3run", samples_per_image=2,
+                    loop=LoopConfig(epochs=1, lr=1e-3))
+    out = train(cfg)
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("state.pt") for k in keys)
+    assert "runs/s3run/model/config.json" in keys and "runs/s3run/imgxlate/curves.png" in keys
+    assert load(out["artifact"]).scale == 2
+
+
+def make_seg_data(root, n_cars=6, angles=2, size=64):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for car in range(n_cars):
+        for a in range(angles):
+            yy, xx = np.mgrid[0:size, 0:size]
+            cy, cx = rng.uniform(20, 44, 2)
+            ry, rx = rng.uniform(8, 16, 2)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            img = photo(size, size, seed=car * 10 + a) // 3
+            img[mask] = np.clip(img[mask].astype(int) + 150, 0, 255)
+            Image.fromarray(img).save(root / f"car{car:02d}_{a:02d}.jpg")
+            Image.fromarray(mask.astype(np.uint8)).convert("P").save(root / f"car{car:02d}_{a:02d}_mask.gif")
+
+
+def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
+    make_seg_data(tmp_path / "seg")
+    cfg = RunConfig(task="seg", data=str(tmp_path / "seg"), name="seg", storage=str(tmp_path / "runs"),
+                    model={"encoder_weights": "none"}, stages=parse_stages("seg", "64:3:frozen,64:3"),
+                    loop=LoopConfig(epochs=3, lr=2e-3), batch_size=4, workers=2, val_fraction=0.34)
+    out = train(cfg)
+    h = out["history"]
+    assert h[-1]["val_dice"] > h[0]["val_dice"] and h[-1]["val_dice"] > 0.6
+    assert cfg.stages[1]["bn_freeze"] and cfg.stages[1]["lr_ratios"] == [0.1, 1.0]
+
+
+def test_tiny_style_run_style_loss_falls(photos, tmp_path, ray_local):
+    style = tmp_path / "style.png"
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = (255, 40, 0)
+    stripes[::8, :] = (0, 60, 255)
+    Image.fromarray(stripes).save(style)
+    cfg = RunConfig(task="style", data=str(photos / "train"), val=str(photos / "val"), name="style",
+                    storage=str(tmp_path / "runs"), model={"norm": "instance"}, style_image=str(style),
+                    vgg_weights="random", content_size=64, samples_per_image=4, batch_size=4, workers=2,
+                    loop=LoopConfig(epochs=3, lr=2e-3))
+    h = train(cfg)["history"]
+    style_terms = [k for k in h[0] if k.startswith("val_style_")]
+    assert len(style_terms) == 4
+    assert sum(h[-1][k] for k in style_terms) < sum(h[0][k] for k in style_terms)
+
+
+def test_lr_finder_writes_a_plot_and_a_finite_suggestion(photos, tmp_path, capsys):
+    plot = tmp_path / "lr.png"
+    assert main(["lr-find", "sr", str(photos / "train"), "--preset", "tiny", "--hr-crop", "48", "--batch-size", "4",
+                 "--steps", "30", "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    lr = float(text.split("suggested lr:")[1].split()[0])
+    assert np.isfinite(lr) and 1e-6 <= lr <= 1.0
+    assert Image.open(plot).size[0] > 300
