@@ -75,7 +75,8 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
     rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
     rs.add_argument("--batch-size", type=int, default=8, help="images per model-actor call (default 8)")
-    rs.add_argument("--tile", type=int, default=512, help="tile side in input pixels for large images")
+    rs.add_argument("--tile", type=int, default=None,
+                    help="tile side in input pixels for large images (default: 256 on CPU, 1024 on GPU)")
     rs.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels")
     rs.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on GPU")
     run = p.add_argument_group("run")

@@ -129,7 +129,7 @@ from imgxlate.infer.predictor import Predictor, PredictOptions
 from imgxlate.io import codec
 data = open(sys.argv[1], "rb").read()
 d = codec.decode(data, max_pixels=10**9)
-out = Predictor(sys.argv[2], options=PredictOptions(tile=int(sys.argv[4]))).run([(d.pixels, None)])[0]
+out = Predictor(sys.argv[2], options=PredictOptions(tile=int(sys.argv[4]) or None)).run([(d.pixels, None)])[0]
 enc = codec.encode(out.pixels, None, "png")
 print("RESULT", out.pixels.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -139,11 +139,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
-    ap.add_argument("--n-small", type=int, default=200)
+    ap.add_argument("--n-small", type=int, default=400)
     ap.add_argument("--n-large", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for all three (the job's actor uses 1 CPU)")
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tile", type=int, default=None, help="default: the job's (256 on CPU)")
+    ap.add_argument("--batch", type=int, default=8, help="images per model-actor call")
     ap.add_argument("--nf", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--naive-mem-limit-gb", type=float, default=16)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     big = os.path.join(out, "6000x4000.jpg")
     with Image.open(photos[0]) as im:
         im.convert("RGB").resize((6000, 4000), Image.Resampling.BILINEAR).save(big, "JPEG", quality=90)
-    r = subprocess.run([sys.executable, "-c", PEAK, big, model_uri, str(args.threads), str(args.tile)],
+    r = subprocess.run([sys.executable, "-c", PEAK, big, model_uri, str(args.threads), str(args.tile or 0)],
                        capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), "")
     results["tiled_6000x4000_peak_rss_mb"] = int(line.split()[-1]) // 1024 if line else f"failed: {r.stderr[-300:]}"

@@ -38,7 +38,7 @@ class TranslateConfig:
     limit: int | None = None
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
     max_output_pixels: int = 256_000_000
-    tile: int = 512
+    tile: int | None = None              # None: 256 on CPU, 1024 on GPU
     overlap: int = 32
     amp: str = "bf16"
     cutout: bool = False

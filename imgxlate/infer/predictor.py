@@ -56,11 +56,17 @@ def predict_array(model: nn.Module, img: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PredictOptions:
-    tile: int = 512                    # input pixels per tile side; larger images are tiled
+    tile: int | None = None            # input pixels per tile side; larger images are tiled (None: auto)
     overlap: int = 32                  # input pixels shared by neighbouring tiles
     amp: str = "bf16"                  # autocast on GPU: 'bf16', 'fp16' or 'off'
-    batch_pixels: int = 512 * 512      # small images of one size are batched up to this many pixels
+    batch_pixels: int | None = None    # small images of one size are batched up to this many pixels
     cutout: bool = False               # segmentation: write the RGBA cut-out instead of the mask
+
+
+# Measured on 2 CPU cores: a conv net runs 1.5-2x faster per pixel on 256 px tiles than on whole
+# multi-megapixel images (the activations stay in cache), and batching small images does not help.
+# A GPU wants large tiles and batches.
+AUTO = {"cpu": {"tile": 256, "batch_pixels": 256 * 256}, "cuda": {"tile": 1024, "batch_pixels": 4 * 1024 * 1024}}
 
 
 @dataclass
@@ -78,7 +84,10 @@ class Predictor:
         self.model = resolve_model(model, scale, self.device) if isinstance(model, str) else model
         self.model.to(self.device).eval()
         self.task, self.scale = self.model.task, self.model.scale
-        self.options = options or PredictOptions()
+        o = options or PredictOptions()
+        auto = AUTO["cuda" if self.device.startswith("cuda") else "cpu"]
+        self.options = PredictOptions(**{**o.__dict__, "tile": o.tile or auto["tile"],
+                                         "batch_pixels": o.batch_pixels or auto["batch_pixels"]})
         self.alpha_resize = build("bicubic", scale=self.scale, matlab_uint8=False).to(self.device)
 
     def _autocast(self):
