@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo
 from imgxlate.cli import main
 from imgxlate.io import storage
 from imgxlate.models import load
@@ -19,6 +18,8 @@ from imgxlate.train import ray_train
 from imgxlate.train.loop import LoopConfig
 from imgxlate.train.run import parse_stages, train
 from imgxlate.train.tasks import RunConfig
+
+from conftest import photo
 
 
 @pytest.fixture(scope="module")
