@@ -103,14 +103,18 @@ def preflight_destination(dst: str, run_id: str) -> None:
 
 
 def existing_outputs(dst: str) -> set[str]:
+    """Every object under DST, as filesystem paths (see :func:`fs_path`), from one listing."""
     fs, path = storage.filesystem(dst)
     fs.invalidate_cache()
     try:
-        found = fs.find(path)
+        return {fs_path(p if storage.is_local(dst) else f"{dst.split('://', 1)[0]}://{p}") for p in fs.find(path)}
     except FileNotFoundError:
         return set()
-    protocol = None if storage.is_local(dst) else dst.split("://", 1)[0]
-    return {p if protocol is None else f"{protocol}://{p}" for p in found}
+
+
+def fs_path(uri: str) -> str:
+    """Comparable form of a URI: an absolute local path, or bucket/key."""
+    return os.path.abspath(uri) if storage.is_local(uri) else uri.split("://", 1)[1]
 
 
 @dataclass
@@ -135,8 +139,6 @@ def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
     done = {(r["source_uri"], r["output_uri"]) for r in previous
             if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
     present = existing_outputs(dst) if done else set()
-    if not storage.is_local(dst):
-        present = {p.split("://", 1)[1] for p in present}
     todo, final = [], []
     for it, key in zip(items, keys):
         source = redact(it.source_uri)
@@ -148,8 +150,7 @@ def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
             continue
         out = storage.join(dst, key)
         row["output_uri"] = out
-        out_path = out if storage.is_local(dst) else out.split("://", 1)[1]
-        if (source, out) in done and (os.path.abspath(out_path) if storage.is_local(dst) else out_path) in present:
+        if (source, out) in done and fs_path(out) in present:
             final.append({**row, "source_uri": source, "status": "skipped_done", "attempt": attempts[source],
                           "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]})
         else:

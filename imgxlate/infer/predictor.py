@@ -119,7 +119,8 @@ class Predictor:
     @torch.inference_mode()
     def _infer(self, forward, x: torch.Tensor, scale: float, like: np.ndarray, finalize=None) -> np.ndarray:
         o = self.options
-        return run_tiled(forward, x, scale, o.tile, o.overlap, finalize or self._finalizer(like))
+        return run_tiled(forward, x, scale, o.tile, o.overlap, finalize or self._finalizer(like),
+                         max_batch=max(1, o.batch_pixels // (o.tile * o.tile)))
 
     def _alpha(self, alpha: np.ndarray | None) -> np.ndarray | None:
         """Alpha is resized on its own (bicubic) and put back, so transparency survives."""

@@ -9,21 +9,23 @@ size; only the finished (quantised) output is kept whole.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 
-def starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Tile start positions covering [0, n) with tiles of ``tile`` that overlap by ``overlap``."""
+def layout(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile size, start positions) covering [0, n): as few tiles of at most ``tile`` as overlap
+    allows, shrunk to share the length evenly so that no tile is mostly overlap."""
     if n <= tile:
-        return [0]
-    step = tile - overlap
-    if step <= 0:
+        return n, [0]
+    if overlap >= tile:
         raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
-    s = list(range(0, n - tile, step))
-    return s + [n - tile]
+    k = math.ceil((n - overlap) / (tile - overlap))
+    size = math.ceil((n + (k - 1) * overlap) / k)
+    return size, [round(i * (n - size) / (k - 1)) for i in range(k)]
 
 
 def ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
@@ -47,8 +49,8 @@ def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     (rows, W', C') band of the blended output to its final dtype (e.g. quantised uint8).
     """
     _, _, h, w = x.shape
-    ys, xs = starts(h, tile, overlap), starts(w, tile, overlap)
-    th, tw = min(tile, h), min(tile, w)
+    th, ys = layout(h, tile, overlap)
+    tw, xs = layout(w, tile, overlap)
     s = scale
     oth, otw, ow, oov = round(th * s), round(tw * s), round(w * s), round(overlap * s)
     wx = [ramp(otw, oov, x0 == 0, x0 + tw >= w) for x0 in xs]

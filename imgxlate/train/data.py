@@ -111,29 +111,37 @@ CARVANA_MASK = r"(?P<stem>.+)_mask\.(gif|png)$"
 CARVANA_GROUP = r"^(?P<group>[^_/]+)_"
 
 
+SIBLING_FOLDERS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
+
+
 def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK) -> list[tuple[str, str]]:
-    """(image, mask) pairs matched by file name: a mask is ``<stem>_mask.gif|png`` beside ``<stem>.*``
-    (Carvana's ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), or has the image's name in a
-    sibling ``masks/`` folder when images sit in ``images/``."""
+    """(image, mask) pairs matched by file name: a mask is ``<stem>_mask.gif|png`` (Carvana's
+    ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image or in a sibling folder
+    (``images/`` + ``masks/``), or has the image's own name in a sibling ``label/`` / ``labels/`` /
+    ``masks/`` folder (ISBI)."""
     rx = re.compile(mask_pattern)
+    by_stem = {posixpath.splitext(u)[0]: u for u in uris}
     masks, images = {}, []
     for u in uris:
         m = rx.search(posixpath.basename(u))
         if m:
             masks[posixpath.join(posixpath.dirname(u), m.group("stem"))] = u
-        else:
+        elif not any(f"/{mask_dir}/" in u for _, mask_dir in SIBLING_FOLDERS):
             images.append(u)
     pairs = []
     for u in images:
         stem = posixpath.splitext(u)[0]
-        mask = masks.get(stem)
-        if mask is None and "/images/" in u:
-            alt = posixpath.splitext(u.replace("/images/", "/masks/"))[0]
-            mask = next((m for m in uris if posixpath.splitext(m)[0] == alt), None)
+        candidates = [masks.get(stem)]
+        for img_dir, mask_dir in SIBLING_FOLDERS:
+            if f"/{img_dir}/" in u:
+                alt = stem.replace(f"/{img_dir}/", f"/{mask_dir}/")
+                candidates += [masks.get(alt), by_stem.get(alt)]
+        mask = next((c for c in candidates if c), None)
         if mask is not None:
             pairs.append((u, mask))
     if not pairs:
-        raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif or images/ + masks/)")
+        raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
+                         "or image/ + label/)")
     return pairs
 
 

@@ -40,6 +40,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()             # ray:
     device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"  # ray:
     torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))   # one thread per CPU the worker holds
     stages = tasks.default_stages(cfg)
 
     start_stage, state, model, new = 0, None, None, []

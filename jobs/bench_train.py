@@ -1,0 +1,143 @@
+"""Training benchmarks (scripts, not timed tests). Every number printed names its machine and protocol.
+
+  throughput   samples/s of 1 worker x T threads against T workers x 1 thread, same global batch
+  sr-quality   train SR x2 on a time budget, then Set5 / Set14 PSNR/SSIM (Y, standard protocol) next to
+               bicubic and the published SRCNN / VDSR / EDSR-baseline rows
+  seg          U-Net against the lesson's upsample head on the same data, split and budget: Dice
+
+    python jobs/bench_train.py throughput --data ../shared/data/sr_train
+    python jobs/bench_train.py sr-quality --data ../shared/data/sr_train --eval ../shared/data/sr_eval --minutes 60
+    python jobs/bench_train.py seg --data ../shared/data/seg/carvana512 --minutes 20
+
+Models start from random weights (no pretrained weights are downloaded here) unless --encoder-weights
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+PUBLISHED_X2 = {"Set5": {"bicubic": 33.66, "SRCNN": 36.66, "VDSR": 37.53, "EDSR-baseline": 37.99},
+                "Set14": {"bicubic": 30.24, "SRCNN": 32.42, "VDSR": 33.03, "EDSR-baseline": 33.57}}
+
+
+def _train(cfg):
+    from imgxlate.train.run import train
+
+    t0 = time.time()
+    out = train(cfg)
+    return out, time.time() - t0
+
+
+def throughput(args) -> dict:
+    """Same global batch and data; rate measured from the epoch times the loop reports."""
+    import ray
+
+    from imgxlate.train.loop import LoopConfig
+    from imgxlate.train.tasks import RunConfig
+
+    results = {}
+    for workers, threads in ((1, args.threads), (args.threads, 1)):
+        cfg = RunConfig(task="sr", data=args.data, name=f"tp-{workers}x{threads}-{int(time.time())}",
+                        storage=os.path.join(args.out, "runs"), model={"nf": 32, "n_blocks": 8, "scale": 2,
+                                                                        "global_residual": "bicubic"},
+                        loop=LoopConfig(epochs=2, lr=1e-3, max_steps_per_epoch=args.steps),
+                        batch_size=args.global_batch // workers, workers=workers, cpus_per_worker=threads,
+                        hr_crop=64, samples_per_image=64, limit=args.limit)
+        out, _ = _train(cfg)
+        e = out["history"][-1]                       # the second epoch: warm
+        results[f"{workers}x{threads}"] = args.global_batch * min(args.steps, 10**9) / e["epoch_time_s"]
+        ray.shutdown()
+    results["ratio_2workers_vs_1"] = results[f"{args.threads}x1"] / results[f"1x{args.threads}"]
+    return results
+
+
+def sr_quality(args) -> dict:
+    from imgxlate.evaluate import eval_sr
+    from imgxlate.models import load
+    from imgxlate.train.loop import LoopConfig
+    from imgxlate.train.tasks import RunConfig
+
+    model = json.loads(args.model_config)
+    budget_s = args.minutes * 60
+    # Calibrate: a short run gives samples/s, which sets the number of steps that fit the budget.
+    probe = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"), name=f"probe-{int(time.time())}",
+                      storage=os.path.join(args.out, "runs"), model=model,
+                      loop=LoopConfig(epochs=1, lr=args.lr, max_steps_per_epoch=20), batch_size=args.batch,
+                      workers=args.workers, hr_crop=args.hr_crop, samples_per_image=64)
+    out, wall = _train(probe)
+    rate = 20 * args.batch * args.workers / out["history"][0]["epoch_time_s"]
+    overhead = wall - out["history"][0]["epoch_time_s"]
+    steps = int(max(100, (budget_s - 2 * overhead) * rate / (args.batch * args.workers)))
+    epochs = max(1, steps // 500)
+    cfg = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"), name=f"sr-quality-{int(time.time())}",
+                    storage=os.path.join(args.out, "runs"), model=model,
+                    loop=LoopConfig(epochs=epochs, lr=args.lr, max_steps_per_epoch=steps // epochs, ema=0.999),
+                    batch_size=args.batch, workers=args.workers, hr_crop=args.hr_crop,
+                    samples_per_image=max(1, (steps // epochs) * args.batch * args.workers // 290 + 1))
+    print(f"[bench] {rate:.1f} samples/s -> {epochs} epochs x {steps // epochs} steps in {args.minutes} min",
+          flush=True)
+    out, wall = _train(cfg)
+    m = load(out["artifact"])
+    table = {"train_wall_min": round(wall / 60, 1), "steps": steps, "model": out["artifact"],
+             "protocol": "Y, shave=scale, MATLAB bicubic LR"}
+    for ds in ("Set5", "Set14"):
+        rows = eval_sr(m, os.path.join(args.eval, ds), 2)
+        table[ds] = {"model_psnr": round(sum(r.psnr for r in rows) / len(rows), 2),
+                     "model_ssim": round(sum(r.ssim for r in rows) / len(rows), 4),
+                     "bicubic_psnr": round(sum(r.psnr_bicubic for r in rows) / len(rows), 2),
+                     "published": PUBLISHED_X2[ds]}
+    table["beats_srcnn_on_set5"] = table["Set5"]["model_psnr"] > PUBLISHED_X2["Set5"]["SRCNN"]
+    return table
+
+
+def seg(args) -> dict:
+    from imgxlate.train.loop import LoopConfig
+    from imgxlate.train.run import parse_stages
+    from imgxlate.train.tasks import RunConfig
+
+    results = {}
+    for arch in ("unet", "upsample_head"):
+        cfg = RunConfig(task="seg", data=args.data, arch=arch, name=f"seg-{arch}-{int(time.time())}",
+                        storage=os.path.join(args.out, "runs"), model={"encoder_weights": args.encoder_weights},
+                        stages=parse_stages("seg", args.stages), loop=LoopConfig(epochs=1, lr=args.lr),
+                        batch_size=args.batch, workers=args.workers, limit=args.limit)
+        out, wall = _train(cfg)
+        results[arch] = {"val_dice": round(out["history"][-1]["val_dice"], 4), "wall_min": round(wall / 60, 1)}
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["throughput", "sr-quality", "seg"])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--eval", help="folder with Set5/ and Set14/ (sr-quality)")
+    ap.add_argument("--out", default="out/bench_train")
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=16, help="per worker")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hr-crop", type=int, default=64)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--model-config", default='{"nf": 32, "n_blocks": 8, "scale": 2, "global_residual": "bicubic"}')
+    ap.add_argument("--stages", default="128:2:frozen,128:2,256:2")
+    ap.add_argument("--encoder-weights", default="none")
+    args = ap.parse_args(argv)
+    result = {"throughput": throughput, "sr-quality": sr_quality, "seg": seg}[args.what](args)
+    result["machine"] = f"{os.cpu_count()} CPUs, no GPU" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "GPU"
+    print(json.dumps(result, indent=2, default=str))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.what}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Training data without Ray: pairing, grouped splits, seeded samples, degradations."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import photo
+from imgxlate import metrics
+from imgxlate.train import data
+from imgxlate.train.degrade import Degradation, DegradationSampler, apply
+
+
+def test_pairing_rules_and_grouped_split(tmp_path):
+    for folder, img_name, mask_name in (("carvana/images", "car1_01.jpg", None), ("carvana/images", "car1_02.jpg", None),
+                                        ("carvana/images", "car2_01.jpg", None), ("isbi/image", "0.png", None)):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(8, 8)).save(tmp_path / folder / img_name)
+    (tmp_path / "carvana/masks").mkdir()
+    for n in ("car1_01", "car1_02", "car2_01"):
+        Image.new("P", (8, 8)).save(tmp_path / "carvana/masks" / f"{n}_mask.gif")
+    (tmp_path / "isbi/label").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "isbi/label/0.png")
+    (tmp_path / "beside").mkdir()
+    Image.fromarray(photo(8, 8)).save(tmp_path / "beside/x_1.jpg")
+    Image.new("L", (8, 8)).save(tmp_path / "beside/x_1_mask.png")
+    pairs = data.pair_segmentation(data.list_images(str(tmp_path)))
+    names = {(p[0].split("/")[-1], p[1].split("/")[-1]) for p in pairs}
+    assert names == {("car1_01.jpg", "car1_01_mask.gif"), ("car1_02.jpg", "car1_02_mask.gif"),
+                     ("car2_01.jpg", "car2_01_mask.gif"), ("0.png", "0.png"), ("x_1.jpg", "x_1_mask.png")}
+    cars = [p for p in pairs if "carvana" in p[0]]
+    train, val = data.grouped_split(cars, 0.5)
+    assert {p[0].split("/")[-1][:4] for p in train}.isdisjoint({p[0].split("/")[-1][:4] for p in val})
+
+
+def test_sr_samples_are_seeded_and_lr_is_matlab_bicubic_of_hr(tmp_path):
+    Image.fromarray(photo(64, 80, seed=1)).save(tmp_path / "a.png")
+    ds = data.SrDataset([str(tmp_path / "a.png")], scale=2, hr_crop=32, samples_per_image=4, seed=3)
+    lr, hr = ds[1]
+    assert lr.shape == (3, 16, 16) and hr.shape == (3, 32, 32)
+    hr8 = (hr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal((lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                                  metrics.imresize(hr8, 0.5))
+    again = ds[1]
+    assert torch.equal(again[0], lr)                      # same (seed, epoch, index): same sample
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][1], hr)                  # a new epoch draws a new crop
+
+
+def test_degradations_are_deterministic_functions_of_their_parameters():
+    img = photo(32, 32, seed=2)
+    d = Degradation(blur_sigma=1.0, noise_sigma=5.0, noise_seed=7, jpeg_quality=30)
+    assert np.array_equal(apply(img, d), apply(img, d))
+    assert not np.array_equal(apply(img, d), img)
+    gray = apply(img, Degradation(grayscale=True))
+    assert np.array_equal(gray[..., 0], gray[..., 1])
+    s = DegradationSampler(p_noise=1.0, p_jpeg=1.0)
+    a, b = s.sample(np.random.default_rng(5)), s.sample(np.random.default_rng(5))
+    assert a == b and a.noise_sigma > 0 and a.jpeg_quality is not None
+    ds_img = apply(img, a)
+    assert ds_img.shape == img.shape and ds_img.dtype == np.uint8
