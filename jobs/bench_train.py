@@ -65,8 +65,8 @@ def sr_quality(args) -> dict:
     model = json.loads(args.model_config)
     budget_s = args.minutes * 60
     # Calibrate: a short run gives samples/s, which sets the number of steps that fit the budget.
-    probe = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"), name=f"probe-{int(time.time())}",
-                      storage=os.path.join(args.out, "runs"), model=model,
+    probe = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"),
+                      name=f"probe-{int(time.time())}", storage=os.path.join(args.out, "runs"), model=model,
                       loop=LoopConfig(epochs=1, lr=args.lr, max_steps_per_epoch=20), batch_size=args.batch,
                       workers=args.workers, hr_crop=args.hr_crop, samples_per_image=64)
     out, wall = _train(probe)
@@ -74,8 +74,8 @@ def sr_quality(args) -> dict:
     overhead = wall - out["history"][0]["epoch_time_s"]
     steps = int(max(100, (budget_s - 2 * overhead) * rate / (args.batch * args.workers)))
     epochs = max(1, steps // 500)
-    cfg = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"), name=f"sr-quality-{int(time.time())}",
-                    storage=os.path.join(args.out, "runs"), model=model,
+    cfg = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"),
+                    name=f"sr-quality-{int(time.time())}", storage=os.path.join(args.out, "runs"), model=model,
                     loop=LoopConfig(epochs=epochs, lr=args.lr, max_steps_per_epoch=steps // epochs, ema=0.999),
                     batch_size=args.batch, workers=args.workers, hr_crop=args.hr_crop,
                     samples_per_image=max(1, (steps // epochs) * args.batch * args.workers // 290 + 1))

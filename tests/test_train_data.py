@@ -4,15 +4,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import photo
 from imgxlate import metrics
 from imgxlate.train import data
 from imgxlate.train.degrade import Degradation, DegradationSampler, apply
 
+from conftest import photo
+
 
 def test_pairing_rules_and_grouped_split(tmp_path):
-    for folder, img_name, mask_name in (("carvana/images", "car1_01.jpg", None), ("carvana/images", "car1_02.jpg", None),
-                                        ("carvana/images", "car2_01.jpg", None), ("isbi/image", "0.png", None)):
+    for folder, img_name in (("carvana/images", "car1_01.jpg"), ("carvana/images", "car1_02.jpg"),
+                             ("carvana/images", "car2_01.jpg"), ("isbi/image", "0.png")):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo(8, 8)).save(tmp_path / folder / img_name)
     (tmp_path / "carvana/masks").mkdir()
