@@ -220,19 +220,26 @@ class Progress:
         self.total, self.every_s = total, every_s
         self.t0 = self.last = time.time()
         self.counts: Counter = Counter()
+        self.printed = -1
 
     def update(self, statuses: list[str], force: bool = False) -> None:
         self.counts.update(statuses)
         now = time.time()
         if not force and now - self.last < self.every_s:
             return
-        self.last = now
         n = sum(self.counts.values())
-        rate = n / max(now - self.t0, 1e-9)
-        eta = (self.total - n) / rate if rate > 0 else float("inf")
-        failed = n - self.counts["ok"]
-        eta_s = "--" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        _log(f"{n}/{self.total} images  {rate:.2f} img/s  ok {self.counts['ok']}  failed {failed}  ETA {eta_s}")
+        if n == self.printed:
+            return
+        self.last, self.printed = now, n
+        skipped = self.counts["skipped_done"]
+        processed = n - skipped
+        rate = processed / max(now - self.t0, 1e-9)
+        left = self.total - n
+        eta = left / rate if rate > 0 else None
+        eta_s = "0m00s" if left == 0 else "--" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        failed = processed - self.counts["ok"]
+        _log(f"{n}/{self.total} images  {rate:.2f} img/s  ok {self.counts['ok']}  skipped (done before) {skipped}"
+             f"  failed {failed}  ETA {eta_s}")
 
 
 def run(cfg: TranslateConfig) -> dict:

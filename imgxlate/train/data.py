@@ -76,7 +76,7 @@ class SrDataset(_Epoch):
         c = min(self.hr_crop, h - h % self.scale, w - w % self.scale)
         y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
         k = int(rng.integers(8))
-        hr = np.ascontiguousarray(dihedral(torch.from_numpy(img[y:y + c, x:x + c]).permute(2, 0, 1), k)
+        hr = np.ascontiguousarray(dihedral(torch.from_numpy(img[y:y + c, x:x + c].copy()).permute(2, 0, 1), k)
                                   .permute(1, 2, 0).numpy())
         lr = metrics.imresize(hr, 1 / self.scale) if self.scale > 1 else hr
         if self.degradations is not None and self.degradations.active:

@@ -145,6 +145,7 @@ def git_revision() -> str | None:
 
 def fit(cfg: tasks.RunConfig):
     """Train on Ray Train; returns the ray.train.Result. Same name + storage resumes."""
+    cfg = tasks.absolute_paths(cfg)
     path, fs = _storage(cfg)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
     trainer = ray.train.torch.TorchTrainer(                                  # ray:

@@ -55,6 +55,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def train(cfg: tasks.RunConfig, ray_address: str | None = None) -> dict:
+    cfg = tasks.absolute_paths(cfg)
     start_ray(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
          f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")

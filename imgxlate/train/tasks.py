@@ -54,6 +54,17 @@ class RunConfig:
     out: str | None = None                      # artifact URI (default: <storage>/<name>/model)
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
+    import os
+
+    from imgxlate.io import storage
+
+    fixed = {f: os.path.abspath(v) for f in ("data", "val", "style_image", "storage", "out")
+             if (v := getattr(cfg, f)) and storage.is_local(v)}
+    return dataclasses.replace(cfg, **fixed)
+
+
 def default_stages(cfg: RunConfig) -> list[dict]:
     if cfg.stages:
         return cfg.stages
