@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,7 @@ def training_curves(history: list[dict], title: str = "") -> bytes:
         ax.set_title(k)
     for ax in axes[0]:
         ax.set_xlabel("epoch (all stages)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, y=1.03)
     return _png(fig)

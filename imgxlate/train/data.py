@@ -56,52 +56,55 @@ class _Epoch(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
 
-class SrDataset(_Epoch):
+class _Crops(_Epoch):
+    """``samples_per_image`` random square crops of each (cached) image per epoch."""
+
+    def __init__(self, uris: list[str], samples_per_image: int, seed: int):
+        self.images = [read_rgb(u) for u in uris]
+        self.samples_per_image, self.seed = samples_per_image, seed
+
+    def __len__(self):
+        return len(self.images) * self.samples_per_image
+
+    def random_crop(self, index: int, size: int, multiple: int = 1) -> tuple[np.random.Generator, np.ndarray]:
+        rng = self.rng(index)
+        img = self.images[index % len(self.images)]
+        h, w = img.shape[:2]
+        c = min(size, h - h % multiple, w - w % multiple)
+        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        return rng, img[y:y + c, x:x + c]
+
+
+class SrDataset(_Crops):
     """(LR, HR) pairs: a random HR crop, LR by MATLAB bicubic (as the benchmarks make it), one of the
     8 symmetries on both, and an optional degradation of the LR only."""
 
     def __init__(self, uris: list[str], scale: int, hr_crop: int, samples_per_image: int = 1,
                  degradations: DegradationSampler | None = None, seed: int = 0):
-        self.images = [read_rgb(u) for u in uris]
-        self.scale, self.hr_crop = scale, hr_crop - hr_crop % scale
-        self.samples_per_image, self.degradations, self.seed = samples_per_image, degradations, seed
-
-    def __len__(self):
-        return len(self.images) * self.samples_per_image
+        super().__init__(uris, samples_per_image, seed)
+        self.scale, self.hr_crop, self.degradations = scale, hr_crop - hr_crop % scale, degradations
 
     def __getitem__(self, index):
-        rng = self.rng(index)
-        img = self.images[index % len(self.images)]
-        h, w = img.shape[:2]
-        c = min(self.hr_crop, h - h % self.scale, w - w % self.scale)
-        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        rng, crop = self.random_crop(index, self.hr_crop, self.scale)
         k = int(rng.integers(8))
-        hr = np.ascontiguousarray(dihedral(torch.from_numpy(img[y:y + c, x:x + c].copy()).permute(2, 0, 1), k)
-                                  .permute(1, 2, 0).numpy())
+        hr = np.ascontiguousarray(dihedral(torch.from_numpy(crop.copy()).permute(2, 0, 1), k).permute(1, 2, 0).numpy())
         lr = metrics.imresize(hr, 1 / self.scale) if self.scale > 1 else hr
         if self.degradations is not None and self.degradations.active:
             lr = apply(lr, self.degradations.sample(rng))
         return to_chw(lr), to_chw(hr)
 
 
-class CropDataset(_Epoch):
-    """Random square crops with a random symmetry (style-transfer content images)."""
+class CropDataset(_Crops):
+    """Random square crops with a random left-right flip (style-transfer content images)."""
 
     def __init__(self, uris: list[str], size: int, samples_per_image: int = 1, seed: int = 0):
-        self.images = [read_rgb(u) for u in uris]
-        self.size, self.samples_per_image, self.seed = size, samples_per_image, seed
-
-    def __len__(self):
-        return len(self.images) * self.samples_per_image
+        super().__init__(uris, samples_per_image, seed)
+        self.size = size
 
     def __getitem__(self, index):
-        rng = self.rng(index)
-        img = self.images[index % len(self.images)]
-        h, w = img.shape[:2]
-        c = min(self.size, h, w)
-        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        t = to_chw(img[y:y + c, x:x + c])
-        if c != self.size:
+        rng, crop = self.random_crop(index, self.size)
+        t = to_chw(crop)
+        if t.shape[-1] != self.size:
             t = torch.nn.functional.interpolate(t[None], size=(self.size, self.size), mode="bilinear",
                                                 antialias=True, align_corners=False)[0]
         return (dihedral(t, int(rng.integers(2)) * 4),)   # left-right flip only: photos stay upright
