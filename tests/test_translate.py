@@ -249,3 +249,11 @@ def test_fail_on_error_exit_status(tmp_path, ray_local):
     args = ["translate", str(src), str(tmp_path / "dst"), "--model", "bicubic"]
     assert main(args) == 0
     assert main(args + ["--fail-on-error"]) == 1   # the bad input is retried, fails again
+
+
+def test_redaction_of_urls_in_messages():
+    from imgxlate.io.listing import redact, redact_text
+
+    msg = "ClientError: GET https://user:pw@host:9000/b/k.jpg?X-Amz-Signature=abc&X-Amz-Credential=AKIA failed"
+    assert redact_text(msg) == "ClientError: GET https://host:9000/b/k.jpg failed"
+    assert redact("s3://bucket/key?versionId=1") == "s3://bucket/key" and redact("/tmp/a b.png") == "/tmp/a b.png"

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from imgxlate.io import codec, manifest, storage
-from imgxlate.io.listing import redact
+from imgxlate.io.listing import redact, redact_text
 
 FLIGHT = pa.schema(list(manifest.SCHEMA) + [
     pa.field("pixels", pa.large_binary()),
@@ -58,7 +58,7 @@ def _unpack(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
 def _fail(row: dict, status: str, error: BaseException | str) -> None:
     row["status"] = status
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    row["error"] = redact(msg) if "://" in msg else msg
+    row["error"] = redact_text(msg)
     row["pixels"] = row["alpha"] = row["icc"] = None
 
 

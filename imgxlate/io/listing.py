@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -36,6 +37,14 @@ def redact(uri: str) -> str:
     if p.port:
         netloc += f":{p.port}"
     return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+_URL_SECRETS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)(?:[^\s/@'\"]+@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside a message (an exception text, say) with its credentials removed."""
+    return _URL_SECRETS.sub(r"\1\2", text)
 
 
 def _full_uri(uri: str, protocol: str | None, path: str) -> str:
