@@ -39,7 +39,7 @@ def vgg16_bn_features(weights: str = "imagenet") -> nn.Sequential:
     if weights in pretrained.NO_WEIGHTS:
         return features
     if weights == "imagenet":
-        state = pretrained._imagenet(VGG16_BN_Weights.IMAGENET1K_V1, "vgg16_bn")
+        state = pretrained.imagenet_state_dict(VGG16_BN_Weights.IMAGENET1K_V1, "vgg16_bn")
     else:
         state = pretrained.read_state_dict(weights)
     if any(k.startswith("features.") for k in state):

@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import imgxlate
 from imgxlate.io import codec, listing, manifest, storage
@@ -57,7 +57,6 @@ class TranslateConfig:
     fail_on_error: bool = False
     progress_every_s: float = 5.0
     manifest_every_rows: int = 1000
-    extra: dict = field(default_factory=dict)
 
 
 def _log(msg: str) -> None:
@@ -316,7 +315,7 @@ def run(cfg: TranslateConfig) -> dict:
         "wall_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if wall > 0 else None,
         "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra",)},
+        "config": dataclasses.asdict(cfg),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)

@@ -159,15 +159,15 @@ class Predictor:
                 chunk = idx[j:j + per_batch]
                 try:
                     self._run_chunk(images, chunk, results)
-                except Exception:
+                except Exception as e:
                     if len(chunk) == 1:
-                        results[chunk[0]] = _as_error()
+                        results[chunk[0]] = e
                         continue
                     for i in chunk:            # isolate the failing image
                         try:
                             self._run_chunk(images, [i], results)
-                        except Exception:
-                            results[i] = _as_error()
+                        except Exception as e1:
+                            results[i] = e1
         return results
 
     def _quantize(self, y: torch.Tensor, like: np.ndarray) -> np.ndarray:
@@ -194,10 +194,3 @@ class Predictor:
         for k, i in enumerate(chunk):
             px, alpha = images[i]
             results[i] = self._complete(px, alpha, y[k])
-
-
-def _as_error() -> Exception:
-    import sys
-
-    e = sys.exc_info()[1]
-    return e if isinstance(e, Exception) else RuntimeError("unknown model error")

@@ -19,7 +19,7 @@ class PretrainedUnavailable(RuntimeError):
     pass
 
 
-def _imagenet(weights_enum, what: str) -> dict:
+def imagenet_state_dict(weights_enum, what: str) -> dict:
     try:
         return weights_enum.get_state_dict(progress=False, check_hash=False)
     except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not reachable"
@@ -36,5 +36,5 @@ def load_into(module: nn.Module, spec: str | None, weights_enum, what: str) -> N
     """Fill ``module`` from the spec (in place); 'none'/'random' leaves its random init."""
     if spec in NO_WEIGHTS:
         return
-    state = _imagenet(weights_enum, what) if spec == "imagenet" else read_state_dict(spec)
+    state = imagenet_state_dict(weights_enum, what) if spec == "imagenet" else read_state_dict(spec)
     module.load_state_dict(state)

@@ -47,8 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_stage, state, model, new = 0, None, None, []
     ckpt = ray.train.get_checkpoint()                                    # ray: latest checkpoint, if any
     if ckpt:
-        with ckpt.as_directory() as d:   # our own checkpoint (optimiser and RNG state): trusted, full load
-            saved = torch.load(os.path.join(d, CKPT), map_location="cpu", weights_only=False)
+        saved = read_checkpoint(ckpt)
         start_stage, state, new = saved["stage"], saved["trainer"], saved.get("new_params", [])
         model_cfg = saved["model_config"]
         from imgxlate.models import build
@@ -100,6 +99,13 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load_state_dict(state)
         trainer.fit()
         state = None
+
+
+def read_checkpoint(checkpoint) -> dict:
+    """A run's own checkpoint (optimiser and RNG state included): written by this run, so trusted and
+    loaded in full. Model artifacts, the distribution format, load with weights_only."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CKPT), map_location="cpu", weights_only=False)
 
 
 def _scalars(metrics: dict) -> dict:
@@ -166,8 +172,7 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     """Write the run's final model as an artifact with metrics and provenance; returns its URI."""
     from imgxlate.models import build, save
 
-    with result.checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, CKPT), map_location="cpu", weights_only=False)
+    saved = read_checkpoint(result.checkpoint)
     model = build(saved["arch"], saved["model_config"], load_pretrained=False)
     weights = saved["trainer"]["ema"] or saved["trainer"]["model"]
     model.load_state_dict(weights)
