@@ -17,33 +17,177 @@ Models are given as the path or URI (s3://...) of a model artifact folder, or as
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _save_eval(out: str, name: str, rows: list[dict], summary: dict) -> None:
+    """Per-image rows as CSV and Parquet plus a summary.json, under the ``out`` folder (path or URI)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgxlate.io import storage
+
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_bytes(storage.join(out, f"{name}.csv"), text.getvalue().encode())
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes(storage.join(out, f"{name}.parquet"), buf.getvalue())
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+
+
+def _flat(row) -> dict:
+    return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("crop", "pictures", "terms")}
+
+
 def cmd_eval_sr(args) -> int:
-    from imgxlate import metrics
-    from imgxlate.evaluate import eval_sr
+    from imgxlate import metrics, plots
+    from imgxlate.evaluate import eval_sr, mean_of
     from imgxlate.infer.predictor import resolve_model
+    from imgxlate.io import storage
 
     model = resolve_model(args.model, args.scale)
-    rows = eval_sr(model, args.data, args.scale, y_channel=not args.rgb)
+    rows = eval_sr(model, args.data, args.scale, y_channel=not args.rgb, ensemble=args.ensemble,
+                   crop=args.crop if args.sheet else 0)
     if not rows:
         print(f"no images under {args.data}", file=sys.stderr)
         return 2
     protocol = metrics.PROTOCOL_RGB if args.rgb else metrics.PROTOCOL_Y
-    name = getattr(model, "meta", {}).get("model_id", args.model)
+    name = getattr(model, "meta", {}).get("model_id", args.model) + ("+ensemble" if args.ensemble else "")
     print(f"x{args.scale}  model={name}  protocol: {protocol}")
     print(f"{'image':<28}{'size':>11}{'PSNR':>9}{'SSIM':>8}{'bic PSNR':>10}{'bic SSIM':>10}")
     for r in rows:
         print(f"{r.image:<28}{r.width:>5}x{r.height:<5}{r.psnr:>9.2f}{r.ssim:>8.4f}"
               f"{r.psnr_bicubic:>10.2f}{r.ssim_bicubic:>10.4f}")
-    mean = {f: sum(getattr(r, f) for r in rows) / len(rows) for f in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")}
+    mean = mean_of(rows, ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic"))
     print(f"{'mean (' + str(len(rows)) + ' images)':<39}{mean['psnr']:>9.2f}{mean['ssim']:>8.4f}"
           f"{mean['psnr_bicubic']:>10.2f}{mean['ssim_bicubic']:>10.4f}")
     if args.out:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[*dataclasses.asdict(rows[0]), "scale", "protocol", "model"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**dataclasses.asdict(r), "scale": args.scale, "protocol": protocol, "model": name})
-        print(f"per-image results: {args.out}")
+        common = {"scale": args.scale, "protocol": protocol, "model": name, "ensemble": args.ensemble}
+        _save_eval(args.out, f"sr_x{args.scale}", [{**_flat(r), **common} for r in rows],
+                   {**common, "data": args.data, "images": len(rows), "mean": mean})
+        print(f"per-image results: {storage.join(args.out, f'sr_x{args.scale}.csv')} (and .parquet, summary.json)")
+        if args.sheet:
+            sheet = storage.join(args.out, f"sheet_x{args.scale}.png")
+            storage.write_bytes(sheet, plots.sr_sheet(rows[:args.sheet], args.scale, protocol, name))
+            print(f"before/after sheet: {sheet}")
+    return 0
+
+
+def cmd_eval_seg(args) -> int:
+    from imgxlate import plots
+    from imgxlate.evaluate import eval_seg, mean_of, seg_pairs, training_seg_settings
+    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.io import storage
+
+    model = resolve_model(args.model)
+    if model.task != "seg":
+        print(f"{args.model} is a {model.task} model, not a segmentation model", file=sys.stderr)
+        return 2
+    trained = training_seg_settings(model)
+    size = args.size if args.size is not None else trained["size"]
+    pairs = seg_pairs(args.data, args.split, trained["val_fraction"], trained["seed"])
+    rows = eval_seg(model, pairs, size=size or None, root=args.data)
+    if not rows:
+        print(f"no image/mask pairs under {args.data} (split {args.split})", file=sys.stderr)
+        return 2
+    name = model.meta["model_id"]
+    mean = mean_of(rows, ("dice", "iou", "accuracy"))
+    print(f"model={name}  split={args.split}  input size={size or 'native'}  "
+          f"prediction: logit > 0, scored at the mask's resolution")
+    worst = sorted(rows, key=lambda r: r.dice)[:args.worst]
+    print(f"{'image':<36}{'Dice':>8}{'IoU':>8}{'acc':>8}{'fg':>7}   (worst {len(worst)})")
+    for r in worst:
+        print(f"{r.image:<36}{r.dice:>8.4f}{r.iou:>8.4f}{r.accuracy:>8.4f}{r.foreground:>7.3f}")
+    print(f"{'mean (' + str(len(rows)) + ' images)':<36}"
+          f"{mean['dice']:>8.4f}{mean['iou']:>8.4f}{mean['accuracy']:>8.4f}")
+    if args.out:
+        common = {"model": name, "split": args.split, "size": size or 0}
+        _save_eval(args.out, "seg", [{**_flat(r), **common} for r in rows],
+                   {**common, "data": args.data, "images": len(rows), "mean": mean,
+                    "worst": [r.image for r in worst]})
+        shown = rows if args.overlays == "all" else worst
+        for r in shown:
+            stem = r.image.rsplit(".", 1)[0].replace("/", "__")
+            storage.write_bytes(storage.join(args.out, "overlays", f"{stem}.png"), plots.seg_panel(r))
+        if worst:
+            storage.write_bytes(storage.join(args.out, "worst.png"),
+                                plots.seg_sheet(worst, f"{name}: the {len(worst)} lowest-Dice images"))
+        print(f"results in {args.out}: seg.csv/.parquet, summary.json, worst.png, {len(shown)} overlays/*.png")
+    return 0
+
+
+def cmd_eval_style(args) -> int:
+    from imgxlate import plots
+    from imgxlate.evaluate import eval_style
+    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.io import storage
+    from imgxlate.train.data import list_images as list_uris
+    from imgxlate.train.data import read_rgb
+
+    if args.style and len(args.model) > 1:
+        print("--style overrides the style image of one model only; give one --model with it", file=sys.stderr)
+        return 2
+    images = list_uris(args.data)
+    if not images:
+        print(f"no images under {args.data}", file=sys.stderr)
+        return 2
+    summary = {}
+    for spec in args.model:
+        model = resolve_model(spec)
+        cfg = model.meta.get("provenance", {}).get("config", {})
+        style_uri = args.style or cfg.get("style_image")
+        if not style_uri:
+            print(f"{spec} does not record its style image: pass --style", file=sys.stderr)
+            return 2
+        style = read_rgb(style_uri)
+        size = args.size or cfg.get("content_size", 256)
+        rows = eval_style(model, images, style, size=size, vgg_weights=args.vgg_weights,
+                          content_weight=cfg.get("content_weight", 1e4), root=args.data.rstrip("/"))
+        name = model.meta["model_id"]
+        terms = list(rows[0].terms)
+        print(f"model={name}  style={style_uri}  size={size}  vgg={args.vgg_weights} (lower is better)")
+        print(f"{'image':<28}{'loss':>10}" + "".join(f"{t:>12}" for t in terms))
+        for r in rows:
+            print(f"{r.image:<28}{r.loss:>10.4g}" + "".join(f"{r.terms[t]:>12.4g}" for t in terms))
+        mean = {t: sum(r.terms[t] for r in rows) / len(rows) for t in ["loss", *terms] if t != "loss"}
+        mean["loss"] = sum(r.loss for r in rows) / len(rows)
+        print(f"{'mean':<28}{mean['loss']:>10.4g}" + "".join(f"{mean[t]:>12.4g}" for t in terms))
+        summary[name] = {"style": style_uri, "size": size, "images": len(rows), "mean": mean}
+        if args.out:
+            out = storage.join(args.out, name)
+            common = {"model": name, "style": style_uri, "size": size, "vgg_weights": args.vgg_weights}
+            _save_eval(out, "style", [{"image": r.image, "loss": r.loss, **r.terms, **common} for r in rows],
+                       summary[name])
+            storage.write_bytes(storage.join(args.out, f"grid-{name}.png"),
+                                plots.style_grid(rows, style, f"{name}: content | stylised ({size} px)"))
+            print(f"results in {out}; grid {storage.join(args.out, f'grid-{name}.png')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from imgxlate import plots, report
+    from imgxlate.io import storage
+
+    try:
+        what = report.kind(args.run)
+    except FileNotFoundError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if what == "training":
+        text, history = report.training(args.run)
+        out = args.out or storage.join(args.run, "imgxlate")
+        if history:
+            storage.write_bytes(storage.join(out, "curves.png"),
+                                plots.training_curves(history, f"run {args.run.rstrip('/').split('/')[-1]}"))
+    else:
+        text = report.batch(args.run, slowest=args.slowest)
+        out = args.out
+    print(text)
+    if out:
+        storage.write_bytes(storage.join(out, "report.md"), text.encode())
+        print(f"[imgxlate] report written to {storage.join(out, 'report.md')}", file=sys.stderr)
     return 0
 
 
@@ -68,7 +212,7 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                     help="inputs with more pixels get a too_large row (default %(default)s)")
     io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store (else AWS_ENDPOINT_URL)")
     rs = p.add_argument_group("resources")
-    rs.add_argument("--ray-address", help="Ray cluster to join (default: start Ray locally)")
+    rs.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start Ray locally)")
     rs.add_argument("--num-cpus", type=int, help="logical CPUs when Ray is started locally (default: all)")
     rs.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
     rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
@@ -124,7 +268,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start Ray locally)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start Ray locally)")
+    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="how workers are placed on nodes (STRICT_SPREAD: one per node)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     p.add_argument("--epochs", type=int, default=5, help="epochs per stage when --stages is not given")
     p.add_argument("--batch-size", type=int, default=16, help="per worker; the LR scales with the global batch")
@@ -188,7 +334,8 @@ def train_config(args, task: str):
                      storage=args.storage, out=args.out, preset=args.preset, model=model,
                      stages=parse_stages(task, getattr(args, "stages", None)), loop=loop,
                      batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
-                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, seed=args.seed,
+                     cpus_per_worker=args.cpus_per_worker, placement=args.placement,
+                     max_failures=args.max_failures, seed=args.seed,
                      limit=args.limit, vgg_weights=args.vgg_weights, **extra)
 
 
@@ -299,8 +446,52 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--data", required=True, help="folder of HR images (searched recursively)")
     sr.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 4, ...)")
     sr.add_argument("--rgb", action="store_true", help="RGB PSNR/SSIM instead of the Y channel")
-    sr.add_argument("--out", help="write per-image results to this CSV file")
+    sr.add_argument("--ensemble", action="store_true",
+                    help="EDSR's 8-way geometric self-ensemble (flips and rotations, averaged; 8x the compute)")
+    sr.add_argument("--out", help="folder (path or URI) for per-image CSV/Parquet, summary.json and the sheet PNG")
+    sr.add_argument("--sheet", type=int, default=6, help="images on the before/after sheet (0: none)")
+    sr.add_argument("--crop", type=int, default=160, help="sheet crop side in HR pixels (the most detailed region)")
     sr.set_defaults(func=cmd_eval_sr)
+
+    sg = ev_sub.add_parser(
+        "seg", help="Dice / IoU / accuracy of a segmentation model, overlays, worst images",
+        description="Per-image Dice, IoU and pixel accuracy of a segmentation model against the masks under "
+                    "DATA (paired as training pairs them), scored at each mask's own resolution. Writes overlay "
+                    "PNGs (the mask over the photo with transparency) and lists the worst images.")
+    sg.add_argument("--model", required=True, help="seg artifact path/URI")
+    sg.add_argument("--data", required=True, help="images and masks (e.g. images/ + masks/, Carvana names)")
+    sg.add_argument("--split", choices=["all", "val", "train"], default="all",
+                    help="'val': only the groups (cars) the training run held out (its seed and fraction)")
+    sg.add_argument("--size", type=int, help="model input size (default: the last training stage's; 0: native)")
+    sg.add_argument("--worst", type=int, default=8, help="list and draw the N lowest-Dice images")
+    sg.add_argument("--overlays", choices=["worst", "all"], default="worst", help="which images get an overlay PNG")
+    sg.add_argument("--out", help="folder (path or URI) for seg.csv/.parquet, summary.json and the PNGs")
+    sg.set_defaults(func=cmd_eval_seg)
+
+    st = ev_sub.add_parser(
+        "style", help="content and per-layer style losses of style models, content | stylised grids",
+        description="Content loss and per-layer Gram (style) losses, as the training objective weighs them, "
+                    "of each style model on held-out content images (centre squares), plus a grid PNG per "
+                    "model: the style image, then content | stylised per image.")
+    st.add_argument("--model", required=True, action="append", help="style artifact path/URI (repeatable)")
+    st.add_argument("--data", required=True, help="held-out content images")
+    st.add_argument("--style", help="style image (default: the one the model was trained with)")
+    st.add_argument("--size", type=int, help="content square side (default: the training content size)")
+    st.add_argument("--vgg-weights", default="imagenet",
+                    help="loss network: 'imagenet' (torchvision), a vgg16_bn state_dict path/URI, or 'random'")
+    st.add_argument("--out", help="folder (path or URI) for per-model CSV/Parquet/summary and the grid PNGs")
+    st.set_defaults(func=cmd_eval_style)
+
+    rp = sub.add_parser(
+        "report", help="Markdown report of a training run folder or a batch job's DST",
+        description="RUN is a training run folder (<storage>/<name>, with imgxlate/metrics.jsonl): writes "
+                    "curves.png and report.md into RUN/imgxlate/. Or RUN is a batch job's DST: summarises its "
+                    "manifest (counts by status, throughput, time per stage, slowest inputs, sample errors). "
+                    "The Markdown is printed; --out also writes it (and the curves) to a folder.")
+    rp.add_argument("run", help="training run folder or batch DST (path or URI)")
+    rp.add_argument("--out", help="folder for report.md (training default: RUN/imgxlate)")
+    rp.add_argument("--slowest", type=int, default=10, help="batch: list the N slowest inputs")
+    rp.set_defaults(func=cmd_report)
 
     m = sub.add_parser("models", help="list model families, configs and presets")
     m.set_defaults(func=cmd_models)

@@ -3,11 +3,21 @@
   throughput   samples/s of 1 worker x T threads against T workers x 1 thread, same global batch
   sr-quality   train SR x2 on a time budget, then Set5 / Set14 PSNR/SSIM (Y, standard protocol) next to
                bicubic and the published SRCNN / VDSR / EDSR-baseline rows
-  seg          U-Net against the lesson's upsample head on the same data, split and budget: Dice
+  scaling      the linear LR-scaling rule: validation PSNR of 2 workers (global batch 2B, LR x2, half the
+               steps) against 1 worker (batch B) on the same number of samples, with a second 1-worker seed
+               to show the run-to-run noise
+  seg          U-Net against the lesson's upsample head on the same data, split and stage plan (the same
+               samples for both; wall time printed): Dice on the held-out cars
 
     python jobs/bench_train.py throughput --data ../shared/data/sr_train
     python jobs/bench_train.py sr-quality --data ../shared/data/sr_train --eval ../shared/data/sr_eval --minutes 60
-    python jobs/bench_train.py seg --data ../shared/data/seg/carvana512 --minutes 20
+    python jobs/bench_train.py scaling --data ../shared/data/sr_train --eval ../shared/data/sr_eval --samples 40000
+    python jobs/bench_train.py seg --data ../shared/data/seg/carvana512 --stages 128:12,256:3 --batch 8
+
+On a cluster, submit the same command as a Ray job (see jobs/README.md):
+
+    ray job submit --working-dir . -- python jobs/bench_train.py throughput --data s3://bucket/sr_train \
+        --ray-address auto
 
 Models start from random weights (no pretrained weights are downloaded here) unless --encoder-weights
 says otherwise.
@@ -25,11 +35,14 @@ PUBLISHED_X2 = {"Set5": {"bicubic": 33.66, "SRCNN": 36.66, "VDSR": 37.53, "EDSR-
                 "Set14": {"bicubic": 30.24, "SRCNN": 32.42, "VDSR": 33.03, "EDSR-baseline": 33.57}}
 
 
+RAY_ADDRESS = None      # --ray-address: an existing cluster ('auto' inside `ray job submit`)
+
+
 def _train(cfg):
     from imgxlate.train.run import train
 
     t0 = time.time()
-    out = train(cfg)
+    out = train(cfg, ray_address=RAY_ADDRESS)
     return out, time.time() - t0
 
 
@@ -95,6 +108,42 @@ def sr_quality(args) -> dict:
     return table
 
 
+def scaling(args) -> dict:
+    """Same samples seen; the 2-worker arm takes half the steps at twice the global batch, and the loop scales
+    the LR by global_batch / reference_batch (warmup: the one-cycle's first 25%)."""
+    from imgxlate.train.loop import LoopConfig, scaled_lr
+    from imgxlate.train.tasks import RunConfig
+
+    model = json.loads(args.model_config)
+    epochs = 4
+    spi = max(1, round(args.samples / epochs / 290))          # 290 = T91 + BSD200
+    results = {"samples": spi * 290 * epochs, "per_worker_batch": args.batch, "protocol": "Set5, Y, shave=scale"}
+    for label, workers, threads, seed in (("1w_seed0", 1, 2, 0), ("1w_seed1", 1, 2, 1), ("2w_seed0", 2, 1, 0)):
+        loop = LoopConfig(epochs=epochs, lr=args.lr)
+        cfg = RunConfig(task="sr", data=args.data, val=os.path.join(args.eval, "Set5"),
+                        name=f"scaling-{label}-{int(time.time())}", storage=os.path.join(args.out, "runs"),
+                        model=model, loop=loop, batch_size=args.batch, workers=workers, cpus_per_worker=threads,
+                        hr_crop=args.hr_crop, samples_per_image=spi, seed=seed)
+        out, wall = _train(cfg)
+        last = out["history"][-1]
+        results[label] = {"workers": workers, "global_batch": args.batch * workers,
+                          "lr": scaled_lr(loop, args.batch * workers), "steps": last.get("global_step"),
+                          "val_psnr": round(last["val_psnr"], 3), "wall_min": round(wall / 60, 1)}
+        print(json.dumps({label: results[label]}), flush=True)
+        _shutdown()
+    noise = abs(results["1w_seed0"]["val_psnr"] - results["1w_seed1"]["val_psnr"])
+    diff = results["2w_seed0"]["val_psnr"] - results["1w_seed0"]["val_psnr"]
+    results.update({"seed_spread_db": round(noise, 3), "diff_2w_minus_1w_db": round(diff, 3),
+                    "within_noise": abs(diff) <= max(2 * noise, 0.05)})
+    return results
+
+
+def _shutdown() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def seg(args) -> dict:
     from imgxlate.train.loop import LoopConfig
     from imgxlate.train.run import parse_stages
@@ -107,13 +156,17 @@ def seg(args) -> dict:
                         stages=parse_stages("seg", args.stages), loop=LoopConfig(epochs=1, lr=args.lr),
                         batch_size=args.batch, workers=args.workers, limit=args.limit)
         out, wall = _train(cfg)
-        results[arch] = {"val_dice": round(out["history"][-1]["val_dice"], 4), "wall_min": round(wall / 60, 1)}
+        last = out["history"][-1]
+        results[arch] = {"val_dice": round(last["val_dice"], 4), "val_iou": round(last["val_iou"], 4),
+                         "wall_min": round(wall / 60, 1), "model": out["artifact"]}
+    results.update({"stages": args.stages, "per_worker_batch": args.batch, "workers": args.workers,
+                    "split": "grouped by car id, 20% of cars held out", "encoder_weights": args.encoder_weights})
     return results
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["throughput", "sr-quality", "seg"])
+    ap.add_argument("what", choices=["throughput", "sr-quality", "scaling", "seg"])
     ap.add_argument("--data", required=True)
     ap.add_argument("--eval", help="folder with Set5/ and Set14/ (sr-quality)")
     ap.add_argument("--out", default="out/bench_train")
@@ -126,11 +179,16 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hr-crop", type=int, default=64)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--samples", type=int, default=40000, help="scaling: training samples per arm")
     ap.add_argument("--model-config", default='{"nf": 32, "n_blocks": 8, "scale": 2, "global_residual": "bicubic"}')
     ap.add_argument("--stages", default="128:2:frozen,128:2,256:2")
     ap.add_argument("--encoder-weights", default="none")
+    ap.add_argument("--ray-address", help="join this Ray cluster ('auto' inside `ray job submit`) instead of "
+                                          "starting a local one")
     args = ap.parse_args(argv)
-    result = {"throughput": throughput, "sr-quality": sr_quality, "seg": seg}[args.what](args)
+    global RAY_ADDRESS
+    RAY_ADDRESS = args.ray_address
+    result = {"throughput": throughput, "sr-quality": sr_quality, "scaling": scaling, "seg": seg}[args.what](args)
     result["machine"] = f"{os.cpu_count()} CPUs, no GPU" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "GPU"
     print(json.dumps(result, indent=2, default=str))
     os.makedirs(args.out, exist_ok=True)

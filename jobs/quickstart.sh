@@ -13,6 +13,6 @@ imgxlate sample-photos "$OUT/photos" --max-side 512
 imgxlate train sr "$OUT/photos" --preset tiny --scale 2 --name demo-sr --storage "$OUT/runs" --workers 2 \
   --epochs 3 --batch-size 8 --hr-crop 64 --samples-per-image 8 --lr 1e-3
 imgxlate translate "$OUT/photos" "$OUT/upscaled" --model "$OUT/runs/demo-sr/model"
-imgxlate eval sr --model "$OUT/runs/demo-sr/model" --data "$OUT/photos" --scale 2 --out "$OUT/eval_x2.csv"
+imgxlate eval sr --model "$OUT/runs/demo-sr/model" --data "$OUT/photos" --scale 2 --out "$OUT/eval_x2"
 echo "[imgxlate] done: model $OUT/runs/demo-sr/model, training curves $OUT/runs/demo-sr/imgxlate/curves.png,"
-echo "[imgxlate]       upscaled photos $OUT/upscaled, manifest $OUT/upscaled/_manifest, evaluation $OUT/eval_x2.csv"
+echo "[imgxlate]       upscaled photos $OUT/upscaled, manifest $OUT/upscaled/_manifest, evaluation $OUT/eval_x2 (CSV + before/after sheet)"

@@ -1,15 +1,21 @@
-"""Train a style model on Ray Train (see `imgxlate train style --help`).
+r"""Train a style model on Ray Train (see `imgxlate train style --help`).
 
 Locally (starts Ray in this process, 2 workers with gloo):
 
-    python jobs/train_style.py DATA --name my-style --storage runs --workers 2
+    python jobs/train_style.py photos/ --style-image starry.jpg --vgg-weights imagenet --name starry --storage runs
 
-On a Ray cluster (checkpoints in object storage; resubmitting the same name resumes):
+On a Ray cluster (checkpoints in object storage; submitting the same command again follows or resumes the
+run instead of duplicating it; credentials come from the nodes' environment or instance role):
 
-    ray job submit --working-dir . \
-        --runtime-env-json '{"pip": ["-e ."], "excludes": [".git", ".venv", "out", "runs"]}' \
-        -- python jobs/train_style.py s3://data/train --name my-style \
-        --storage s3://runs --workers 8 --gpu --ray-address auto
+    python jobs/submit.py --address http://HEAD:8265 -- \
+        python jobs/train_style.py s3://data/coco --style-image s3://data/styles/starry.jpg \
+        --name starry --storage s3://runs --workers 8 --gpu
+
+or with Ray's own CLI (no idempotent submission id):
+
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/train_style.py s3://data/coco --style-image s3://data/styles/starry.jpg \
+        --name starry --storage s3://runs --workers 8 --gpu
 """
 
 import sys

@@ -31,9 +31,9 @@ def test_help_explains_every_subcommand(capsys):
 
 
 def test_eval_sr_bicubic_prints_protocol_and_writes_csv(hr_folder, tmp_path, capsys):
-    out_csv = tmp_path / "r.csv"
     assert main(["eval", "sr", "--model", "bicubic", "--data", str(hr_folder), "--scale", "2",
-                 "--out", str(out_csv)]) == 0
+                 "--out", str(tmp_path / "r")]) == 0
+    out_csv = tmp_path / "r" / "sr_x2.csv"
     text = capsys.readouterr().out
     assert "protocol: Y, shave=scale" in text and "mean (2 images)" in text
     rows = list(csv.DictReader(out_csv.open()))

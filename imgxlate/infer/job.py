@@ -191,9 +191,12 @@ def start_ray(cfg: TranslateConfig) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
-    if cfg.ray_address:
-        # Credentials are not shipped: workers use their own environment / instance role.
-        ray.init(address=cfg.ray_address, runtime_env={"env_vars": env} if env else None,
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")     # set inside `ray job submit`
+    if address:
+        # Credentials are not shipped: workers use their own environment / instance role. Inside a Ray
+        # job the submission's runtime_env already carries these settings (and may not be merged with).
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, runtime_env={"env_vars": env} if env and not in_job else None,
                  logging_level=logging.WARNING)
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, logging_level=logging.WARNING,

@@ -190,8 +190,10 @@ def build(items: list[dict], cfg, model_meta: dict):
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
     ds = ds.map_batches(
         ModelStage, batch_format="pyarrow", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+        scheduling_strategy="SPREAD",             # model actors over as many nodes as there are
+
         fn_constructor_kwargs={"model": cfg.model, "scale": cfg.scale, "options": options,
                                "threads": cfg.threads_per_actor, "max_output_pixels": cfg.max_output_pixels,
                                "env": env},

@@ -57,6 +57,9 @@ def train_loop_per_worker(config: dict) -> None:
         # A stage is done when its epochs (as configured now: a rerun may extend them) are done.
         if state["epoch"] >= tasks.stage_loop(cfg, stages[start_stage]).epochs and not state.get("epoch_step"):
             start_stage, state, new = start_stage + 1, None, []
+        if rank == 0:
+            print(f"[imgxlate] resuming run '{cfg.name}' from its latest checkpoint: stage {saved['stage']}, "
+                  f"epoch {saved['trainer']['epoch']}, step {saved['trainer']['step']}", flush=True)
 
     for si in range(start_stage, len(stages)):
         stage = stages[si]
@@ -116,10 +119,12 @@ def _append_metrics(cfg: tasks.RunConfig, metrics: dict) -> None:
     """Rewrite <storage>/<name>/imgxlate/metrics.jsonl with one more epoch (object stores cannot append)."""
     uri = storage.join(run_dir(cfg), "imgxlate", "metrics.jsonl")
     try:
-        old = storage.read_bytes(uri).decode()
+        old = storage.read_bytes(uri).decode().splitlines()
     except FileNotFoundError:
-        old = ""
-    storage.write_bytes(uri, (old + json.dumps(metrics, default=str) + "\n").encode())
+        old = []
+    # An epoch redone after a failure (its checkpoint was not registered) replaces its earlier line.
+    kept = [line for line in old if line.strip() and json.loads(line).get("global_step", -1) < metrics["global_step"]]
+    storage.write_bytes(uri, "".join(line + "\n" for line in [*kept, json.dumps(metrics, default=str)]).encode())
 
 
 def run_dir(cfg: tasks.RunConfig) -> str:
@@ -158,7 +163,8 @@ def fit(cfg: tasks.RunConfig):
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                               placement_strategy=cfg.placement),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from imgxlate import plots
@@ -48,6 +49,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")             # set inside `ray job submit`
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:

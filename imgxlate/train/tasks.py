@@ -36,6 +36,7 @@ class RunConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement: str = "PACK"                     # Ray placement strategy of the workers (STRICT_SPREAD: 1 per node)
     max_failures: int = 2
     seed: int = 0
     limit: int | None = None                    # use at most this many training images

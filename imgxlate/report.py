@@ -1,0 +1,136 @@
+"""Markdown reports: a training run folder (metrics.jsonl -> curves + summary) or a batch job's DST
+(its Parquet manifest -> counts by status, throughput, slowest inputs, sample errors)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from imgxlate.io import manifest, storage
+from imgxlate.io.listing import redact
+
+TIMES = ("t_read_s", "t_decode_s", "t_model_s", "t_encode_s", "t_write_s")
+
+
+def kind(uri: str) -> str:
+    """'training' (a Ray Train run folder with imgxlate/metrics.jsonl), 'batch' (a DST with a manifest)."""
+    if storage.exists(storage.join(uri, "imgxlate", "metrics.jsonl")):
+        return "training"
+    if manifest.runs(uri):
+        return "batch"
+    raise FileNotFoundError(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
+                            f"batch DST with a finished manifest (_manifest/<run_id>/summary.json)")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+def training(run: str) -> tuple[str, list[dict]]:
+    """Markdown summary of a training run and its per-epoch history."""
+    text = storage.read_bytes(storage.join(run, "imgxlate", "metrics.jsonl")).decode()
+    history = [json.loads(line) for line in text.splitlines() if line.strip()]
+    meta = None
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(run, "model", "config.json")))
+    except FileNotFoundError:
+        pass
+    val_keys = sorted({k for h in history for k, v in h.items() if k.startswith("val_") and isinstance(v, float)})
+    lines = [f"# Training run `{run.rstrip('/').split('/')[-1]}`", ""]
+    if meta:
+        prov = meta.get("provenance", {})
+        lines += [f"- model: `{meta['model_id']}` ({meta['arch']}, task {meta['task']}, x{meta['scale']}, "
+                  f"{meta.get('n_params', 0):,} parameters), artifact `{storage.join(run, 'model')}`",
+                  f"- data: `{prov.get('data')}`; validation: `{prov.get('val') or 'held-out split of the data'}`",
+                  f"- workers: {prov.get('workers')}, global batch {prov.get('global_batch')}, "
+                  f"steps {prov.get('steps')}, weights: {prov.get('weights', 'raw')}",
+                  f"- stages: {json.dumps(prov.get('stages'))}",
+                  f"- git revision: {prov.get('git_revision')}"]
+    else:
+        lines += ["- no model artifact yet (the run has not finished, or finished without exporting)"]
+    train_s = sum(h.get("epoch_time_s", 0) for h in history)
+    lines += [f"- epochs reported: {len(history)}, training time {train_s / 60:.1f} min (sum of epoch times)"]
+    if history:
+        last = history[-1]
+        lines += ["- final: " + ", ".join(f"{k} {_fmt(last.get(k))}" for k in ["train_loss", *val_keys]
+                                           if last.get(k) is not None)]
+        for k in val_keys:
+            if k.endswith("_bicubic"):
+                continue
+            vals = [(h[k], h["epoch"]) for h in history if isinstance(h.get(k), float)]
+            if vals:
+                best = (max if any(t in k for t in ("psnr", "ssim", "dice", "iou", "accuracy")) else min)(vals)
+                lines.append(f"- best {k}: {best[0]:.4g} at epoch {best[1]}")
+    lines += ["", "![training curves](curves.png)", "", "## Per epoch", ""]
+    lines += _table(["epoch", "stage", "step", "train_loss", *val_keys, "epoch_time_s"],
+                    [[h.get("epoch"), h.get("stage"), h.get("global_step", h.get("step")), h.get("train_loss"),
+                      *[h.get(k) for k in val_keys], h.get("epoch_time_s")] for h in history])
+    return "\n".join(lines) + "\n", history
+
+
+# --------------------------------------------------------------------------------------------- batch
+def latest_rows(rows: list[dict]) -> dict[str, dict]:
+    """The current state of each input: its row from the newest run that touched it."""
+    state: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["run_id"] or "")):
+        state[r["key"]] = r
+    return state
+
+
+def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
+    """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
+    where the time went, the slowest inputs and sample errors."""
+    run_ids = manifest.runs(dst)
+    summaries = [json.loads(storage.read_bytes(storage.join(manifest.manifest_root(dst), r, "summary.json")))
+                 for r in run_ids]
+    rows = manifest.read_all(dst).to_pylist()
+    state = latest_rows(rows)
+    counts = Counter(r["status"] for r in state.values())
+    last = summaries[-1]
+    lines = [f"# Batch job report: `{last['dst']}`", "",
+             f"- model `{last['model_id']}` (task {last['task']}), source `{last['src']}`",
+             f"- {len(state)} inputs seen across {len(run_ids)} run(s); current state: " +
+             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+             f"- still failing: {sum(v for k, v in counts.items() if k not in manifest.DONE)}", "", "## Runs", ""]
+    lines += _table(["run_id", "inputs", "counts", "wall_s", "images/s", "output MB"],
+                    [[s["run_id"], s["inputs"], ", ".join(f"{k} {v}" for k, v in s["counts"].items()),
+                      s["wall_s"], s["images_per_s"], round((s.get("output_bytes") or 0) / 1e6, 1)]
+                     for s in summaries])
+    done = [r for r in rows if r["status"] == "ok"]
+    if done:
+        mpix = sum((r["source_width"] or 0) * (r["source_height"] or 0) for r in done if r["run_id"] == last["run_id"])
+        lines += ["", "## Throughput (latest run)", "",
+                  f"- {last['images_per_s']} images/s, {mpix / 1e6 / last['wall_s']:.2f} input megapixels/s "
+                  f"over {last['wall_s']} s wall" if last["wall_s"] else "- no wall time recorded"]
+        totals = {t: sum(r[t] or 0 for r in done) for t in TIMES}
+        whole = sum(totals.values()) or 1
+        lines += ["- where the time went (all ok rows, summed over workers): " +
+                  ", ".join(f"{t[2:-2]} {100 * v / whole:.0f}%" for t, v in totals.items())]
+        nodes = Counter(r["node_id"] for r in done if r["node_id"])
+        if nodes:
+            lines += ["- model work by node: " + ", ".join(f"`{n[:12]}` {c}" for n, c in nodes.most_common())]
+        lines += ["", f"## Slowest {min(slowest, len(done))} inputs", ""]
+        slow = sorted(done, key=lambda r: -sum(r[t] or 0 for t in TIMES))[:slowest]
+        lines += _table(["key", "size", "total_s", *[t[2:-2] for t in TIMES]],
+                        [[r["key"], f"{r['source_width']}x{r['source_height']}", sum(r[t] or 0 for t in TIMES),
+                          *[r[t] for t in TIMES]] for r in slow])
+    failed = [r for r in state.values() if r["status"] not in manifest.DONE]
+    if failed:
+        lines += ["", "## Sample errors", ""]
+        by_status: dict[str, list] = {}
+        for r in failed:
+            by_status.setdefault(r["status"], []).append(r)
+        table = []
+        for status, rs in sorted(by_status.items()):
+            table += [[status, r["key"], (r["error"] or "")[:160]] for r in rs[:errors_per_status]]
+        lines += _table(["status", "key", "error"], table)
+    return "\n".join(lines) + "\n"
