@@ -151,8 +151,8 @@ def cmd_eval_style(args) -> int:
         print(f"{'image':<28}{'loss':>10}" + "".join(f"{t:>12}" for t in terms))
         for r in rows:
             print(f"{r.image:<28}{r.loss:>10.4g}" + "".join(f"{r.terms[t]:>12.4g}" for t in terms))
-        mean = {t: sum(r.terms[t] for r in rows) / len(rows) for t in ["loss", *terms] if t != "loss"}
-        mean["loss"] = sum(r.loss for r in rows) / len(rows)
+        mean = {"loss": sum(r.loss for r in rows) / len(rows),
+                **{t: sum(r.terms[t] for r in rows) / len(rows) for t in terms}}
         print(f"{'mean':<28}{mean['loss']:>10.4g}" + "".join(f"{mean[t]:>12.4g}" for t in terms))
         summary[name] = {"style": style_uri, "size": size, "images": len(rows), "mean": mean}
         if args.out:

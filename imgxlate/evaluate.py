@@ -220,7 +220,9 @@ def eval_style(model, images: list[str], style_image: np.ndarray, size: int = 25
     from imgxlate.train.objectives import StyleObjective
 
     style = to_tensor(style_image)
-    objective = StyleObjective(style, vgg_weights, content_weight)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
+        objective = StyleObjective(style, vgg_weights, content_weight)
     names = objective.loss.names
     device = next(iter(model.buffers()), torch.empty(0)).device
     rows = []

@@ -66,14 +66,16 @@ def training(run: str) -> tuple[str, list[dict]]:
         for k in val_keys:
             if k.endswith("_bicubic"):
                 continue
-            vals = [(h[k], h["epoch"]) for h in history if isinstance(h.get(k), float)]
+            vals = [(h[k], i, h) for i, h in enumerate(history, 1) if isinstance(h.get(k), float)]
             if vals:
-                best = (max if any(t in k for t in ("psnr", "ssim", "dice", "iou", "accuracy")) else min)(vals)
-                lines.append(f"- best {k}: {best[0]:.4g} at epoch {best[1]}")
+                higher = any(t in k for t in ("psnr", "ssim", "dice", "iou", "accuracy"))
+                v, i, h = (max if higher else min)(vals, key=lambda t: t[0])
+                lines.append(f"- best {k}: {v:.4g} at epoch {i} of {len(history)} "
+                             f"(stage {h.get('stage', 0)}, its epoch {h.get('epoch')})")
     lines += ["", "![training curves](curves.png)", "", "## Per epoch", ""]
-    lines += _table(["epoch", "stage", "step", "train_loss", *val_keys, "epoch_time_s"],
-                    [[h.get("epoch"), h.get("stage"), h.get("global_step", h.get("step")), h.get("train_loss"),
-                      *[h.get(k) for k in val_keys], h.get("epoch_time_s")] for h in history])
+    lines += _table(["#", "stage", "stage epoch", "step", "train_loss", *val_keys, "epoch_time_s"],
+                    [[i, h.get("stage"), h.get("epoch"), h.get("global_step", h.get("step")), h.get("train_loss"),
+                      *[h.get(k) for k in val_keys], h.get("epoch_time_s")] for i, h in enumerate(history, 1)])
     return "\n".join(lines) + "\n", history
 
 
@@ -106,11 +108,13 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
                       s["wall_s"], s["images_per_s"], round((s.get("output_bytes") or 0) / 1e6, 1)]
                      for s in summaries])
     done = [r for r in rows if r["status"] == "ok"]
-    if done:
-        mpix = sum((r["source_width"] or 0) * (r["source_height"] or 0) for r in done if r["run_id"] == last["run_id"])
-        lines += ["", "## Throughput (latest run)", "",
-                  f"- {last['images_per_s']} images/s, {mpix / 1e6 / last['wall_s']:.2f} input megapixels/s "
-                  f"over {last['wall_s']} s wall" if last["wall_s"] else "- no wall time recorded"]
+    worked = [s for s in summaries if any(k != "skipped_done" for k in s["counts"])]
+    if done and worked:
+        w = worked[-1]          # the latest run that processed anything (a resumed run may only skip)
+        mpix = sum((r["source_width"] or 0) * (r["source_height"] or 0) for r in done if r["run_id"] == w["run_id"])
+        lines += ["", f"## Throughput (run {w['run_id']}, the latest that processed inputs)", "",
+                  f"- {w['images_per_s']} images/s, {mpix / 1e6 / w['wall_s']:.2f} input megapixels/s "
+                  f"over {w['wall_s']} s wall (Ray start-up included)" if w["wall_s"] else "- no wall time recorded"]
         totals = {t: sum(r[t] or 0 for r in done) for t in TIMES}
         whole = sum(totals.values()) or 1
         lines += ["- where the time went (all ok rows, summed over workers): " +

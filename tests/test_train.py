@@ -64,6 +64,18 @@ def test_tiny_sr_run_beats_bicubic_and_writes_a_usable_artifact(photos, tmp_path
     assert Image.open(tmp_path / "up" / "coffee.png").size == (2 * w, 2 * h)
 
 
+def test_report_of_a_training_run(photos, tmp_path, ray_local, capsys):
+    cfg = sr_config(photos, tmp_path, name="rep", samples_per_image=4, loop=LoopConfig(epochs=2, lr=1e-3))
+    train(cfg)
+    run = os.path.join(cfg.storage, "rep")
+    capsys.readouterr()
+    assert main(["report", run]) == 0
+    text = capsys.readouterr().out
+    assert "# Training run `rep`" in text and "best val_psnr" in text and "| 2 | 0 | 2 |" in text
+    assert (tmp_path / "runs" / "rep" / "imgxlate" / "report.md").read_text() == text.rstrip("\n") + "\n"
+    assert (tmp_path / "runs" / "rep" / "imgxlate" / "curves.png").stat().st_size > 1000
+
+
 def test_progressive_x2_to_x4(photos, tmp_path, ray_local):
     stages = parse_stages("sr", "2:1,4:1:new,4:1")
     assert stages[1] == {"scale": 4, "epochs": 1, "train": "new"}
@@ -150,6 +162,14 @@ def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
     h = out["history"]
     assert h[-1]["val_dice"] > h[0]["val_dice"] and h[-1]["val_dice"] > 0.6
     assert cfg.stages[1]["bn_freeze"] and cfg.stages[1]["lr_ratios"] == [0.1, 1.0]
+    # `eval seg` on the held-out cars (the run's own split) agrees with the run's last validation Dice.
+    ev = tmp_path / "eval"
+    assert main(["eval", "seg", "--model", out["artifact"], "--data", str(tmp_path / "seg"), "--split", "val",
+                 "--worst", "2", "--out", str(ev)]) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["size"] == 64
+    assert summary["mean"]["dice"] == pytest.approx(h[-1]["val_dice"], abs=1e-4)
+    assert (ev / "worst.png").exists() and len(list((ev / "overlays").glob("*.png"))) == 2
 
 
 def test_tiny_style_run_style_loss_falls(photos, tmp_path, ray_local):

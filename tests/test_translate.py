@@ -59,6 +59,16 @@ def test_every_bad_input_gets_a_row_and_the_rest_are_processed(local_run):
     assert summary["counts"] == {"decode_error": 5, "ok": len(good_files()), "too_large": 1}
 
 
+def test_report_of_a_batch_dst(local_run, capsys):
+    _, dst, summary, _ = local_run
+    assert main(["report", str(dst), "--slowest", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"{summary['inputs']} inputs seen across 1 run(s)" in text
+    assert f"ok {len(good_files())}" in text and "still failing: 6" in text
+    assert "## Slowest 3 inputs" in text and "## Sample errors" in text and "| too_large | 100mp.png |" in text
+    assert "where the time went" in text and "model work by node" in text
+
+
 def _out(dst, name):
     return Image.open(dst / (os.path.splitext(name)[0] + ".png"))
 

@@ -122,8 +122,11 @@ def _append_metrics(cfg: tasks.RunConfig, metrics: dict) -> None:
         old = storage.read_bytes(uri).decode().splitlines()
     except FileNotFoundError:
         old = []
-    # An epoch redone after a failure (its checkpoint was not registered) replaces its earlier line.
-    kept = [line for line in old if line.strip() and json.loads(line).get("global_step", -1) < metrics["global_step"]]
+    # An epoch redone after a failure (its checkpoint was not registered) replaces its earlier line and any
+    # later ones. Positions are (stage, step in that stage).
+    at = (metrics["stage"], metrics["global_step"])
+    kept = [line for line in old if line.strip() and
+            (json.loads(line).get("stage", 0), json.loads(line).get("global_step", -1)) < at]
     storage.write_bytes(uri, "".join(line + "\n" for line in [*kept, json.dumps(metrics, default=str)]).encode())
 
 
