@@ -1,4 +1,4 @@
-"""The benchmark suite in one command: runs the benchmarks, then writes results.json and a Markdown table.
+r"""The benchmark suite in one command: runs the benchmarks, then writes results.json and a Markdown table.
 
     python jobs/bench_suite.py --data ../shared/data --out out/bench
     python jobs/bench_suite.py --data ../shared/data --out out/bench --sr-model out/models/sr-x2 --only sr-eval
@@ -11,10 +11,15 @@ Steps (each a separate process, so each gets a fresh Ray):
   scaling      the LR-scaling rule: 2-worker validation PSNR against 1 worker, with seed noise
   sr-eval      Set5 / Set14 x2 PSNR/SSIM (Y, standard protocol), plain and self-ensembled, of --sr-model
                (or, without it, of a model trained for --sr-minutes by `bench_train.py sr-quality`)
-  seg          U-Net against the upsample head on Carvana 512 (long: add it with --only or --steps)
+  seg          U-Net against the upsample head on Carvana 512 (long: run it with --only seg)
 
 The table is built from every result file under --out, so steps run on different days (or by hand) show up
-together, each with the machine it ran on. On a cluster, submit it as a Ray job (see jobs/README.md).
+together, each with the machine it ran on. On a Ray cluster, submit it as a job (see jobs/README.md):
+
+    python jobs/submit.py --address http://HEAD:8265 -- \
+        python jobs/bench_suite.py --data /data --out /tmp/bench --only throughput,sr-eval --sr-model s3://runs/x/model
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/bench_suite.py --data /data --out /tmp/bench
 """
 
 from __future__ import annotations

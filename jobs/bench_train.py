@@ -1,4 +1,4 @@
-"""Training benchmarks (scripts, not timed tests). Every number printed names its machine and protocol.
+r"""Training benchmarks (scripts, not timed tests). Every number printed names its machine and protocol.
 
   throughput   samples/s of 1 worker x T threads against T workers x 1 thread, same global batch
   sr-quality   train SR x2 on a time budget, then Set5 / Set14 PSNR/SSIM (Y, standard protocol) next to
@@ -14,10 +14,13 @@
     python jobs/bench_train.py scaling --data ../shared/data/sr_train --eval ../shared/data/sr_eval --samples 40000
     python jobs/bench_train.py seg --data ../shared/data/seg/carvana512 --stages 128:12,256:3 --batch 8
 
-On a cluster, submit the same command as a Ray job (see jobs/README.md):
+On a Ray cluster, submit the same command as a job (see jobs/README.md); it joins the cluster through
+RAY_ADDRESS, which Ray sets inside a job:
 
-    ray job submit --working-dir . -- python jobs/bench_train.py throughput --data s3://bucket/sr_train \
-        --ray-address auto
+    python jobs/submit.py --address http://HEAD:8265 -- \
+        python jobs/bench_train.py throughput --data s3://bucket/sr_train --out /tmp/bench
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/bench_train.py throughput --data s3://bucket/sr_train --out /tmp/bench
 
 Models start from random weights (no pretrained weights are downloaded here) unless --encoder-weights
 says otherwise.

@@ -1,4 +1,4 @@
-"""Benchmark the batch job against (a) the model-only bound and (b) a naive sequential loop.
+r"""Benchmark the batch job against (a) the model-only bound and (b) a naive sequential loop.
 
 All three run in one invocation on the same machine with the same model and torch thread count:
 
@@ -13,6 +13,13 @@ The model has random weights (speed does not depend on them).
 
     python jobs/bench_translate.py --out out/bench            # scikit-image's sample photos
     python jobs/bench_translate.py --photos ../shared/data/sr_train/BSD200 --out out/bench
+
+On a cluster's head node (the script starts its own local Ray for each arm, so it measures one machine;
+submitting it runs it there with the cluster's software):
+
+    python jobs/submit.py --address http://HEAD:8265 -- python jobs/bench_translate.py --out /tmp/bench
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/bench_translate.py --out /tmp/bench
 """
 
 from __future__ import annotations
