@@ -20,7 +20,7 @@ from PIL import Image
 
 from imgxlate import metrics
 from imgxlate.augment import N_DIHEDRAL, dihedral, dihedral_inverse
-from imgxlate.infer.predictor import predict_array, to_tensor, to_uint8
+from imgxlate.infer.predictor import model_device, predict_array, to_tensor, to_uint8
 from imgxlate.models import build
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -40,16 +40,12 @@ def read_rgb_or_gray(path: str) -> np.ndarray:
         return np.asarray(im)
 
 
-def _model_name(model, fallback: str = "model") -> str:
-    return getattr(model, "meta", {}).get("model_id", fallback)
-
-
 # ------------------------------------------------------------------------------------------------ SR
 @torch.inference_mode()
 def predict_ensemble(model, img: np.ndarray) -> np.ndarray:
     """EDSR's geometric self-ensemble (Lim et al. 2017, "EDSR+"): the model on all 8 symmetries of the
     input, each output transformed back, averaged in float, then quantised once."""
-    device = next(iter(model.buffers()), torch.empty(0)).device
+    device = model_device(model)
     x = to_tensor(img).to(device)
     acc = None
     for k in range(N_DIHEDRAL):
@@ -160,7 +156,7 @@ def predict_mask_logits(model, img: np.ndarray, size: int | None) -> np.ndarray:
     th, tw = (size, size) if size else (max(32, round(h / 32) * 32), max(32, round(w / 32) * 32))
     if (th, tw) != (h, w):
         x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
-    device = next(iter(model.buffers()), torch.empty(0)).device
+    device = model_device(model)
     logits = model(x.to(device)).float().cpu()[:, :1]
     if (th, tw) != (h, w):
         logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -224,7 +220,7 @@ def eval_style(model, images: list[str], style_image: np.ndarray, size: int = 25
         torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
         objective = StyleObjective(style, vgg_weights, content_weight)
     names = objective.loss.names
-    device = next(iter(model.buffers()), torch.empty(0)).device
+    device = model_device(model)
     rows = []
     try:
         for uri in images:

@@ -46,10 +46,15 @@ def to_uint8(y: torch.Tensor) -> np.ndarray:
     return y[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model lives (every model has a buffer, e.g. the data mean; CPU when it has none)."""
+    return next(iter(model.buffers()), torch.empty(0)).device
+
+
 @torch.inference_mode()
 def predict_array(model: nn.Module, img: np.ndarray) -> np.ndarray:
     """Model output for one uint8 image, untiled: RGB uint8 (sr/style) or float logits (seg)."""
-    device = next(iter(model.buffers()), torch.empty(0)).device
+    device = model_device(model)
     y = model(to_tensor(img).to(device))
     return to_uint8(y) if model.task in ("sr", "style") else y[0].float().cpu().numpy()
 

@@ -125,9 +125,8 @@ def _append_metrics(cfg: tasks.RunConfig, metrics: dict) -> None:
     # An epoch redone after a failure (its checkpoint was not registered) replaces its earlier line and any
     # later ones. Positions are (stage, step in that stage).
     at = (metrics["stage"], metrics["global_step"])
-    kept = [line for line in old if line.strip() and
-            (json.loads(line).get("stage", 0), json.loads(line).get("global_step", -1)) < at]
-    storage.write_bytes(uri, "".join(line + "\n" for line in [*kept, json.dumps(metrics, default=str)]).encode())
+    kept = [e for e in map(json.loads, filter(str.strip, old)) if (e.get("stage", 0), e.get("global_step", -1)) < at]
+    storage.write_bytes(uri, "".join(json.dumps(e, default=str) + "\n" for e in [*kept, metrics]).encode())
 
 
 def run_dir(cfg: tasks.RunConfig) -> str:
