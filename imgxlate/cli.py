@@ -41,19 +41,27 @@ def _flat(row) -> dict:
     return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("crop", "pictures", "terms")}
 
 
+def _predictor(args, scale=None, **options):
+    """The batch job's Predictor for ``--model``, with the tile options eval shares with translate."""
+    from imgxlate.infer.predictor import PredictOptions, Predictor
+
+    return Predictor(args.model if isinstance(args.model, str) else args.model[0], scale,
+                     options=PredictOptions(tile=args.tile, overlap=args.overlap, **options))
+
+
 def cmd_eval_sr(args) -> int:
     from imgxlate import metrics, plots
-    from imgxlate.evaluate import eval_sr, mean_of
-    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.evaluate import eval_sr, mean_of, read_named
     from imgxlate.io import storage
 
-    model = resolve_model(args.model, args.scale)
-    rows = eval_sr(model, args.data, args.scale, y_channel=not args.rgb, ensemble=args.ensemble,
+    predictor = _predictor(args, args.scale, ensemble=args.ensemble)
+    rows = eval_sr(predictor, read_named(args.data), args.scale, y_channel=not args.rgb,
                    crop=args.crop if args.sheet else 0)
     if not rows:
         print(f"no images under {args.data}", file=sys.stderr)
         return 2
     protocol = metrics.PROTOCOL_RGB if args.rgb else metrics.PROTOCOL_Y
+    model = predictor.model
     name = getattr(model, "meta", {}).get("model_id", args.model) + ("+ensemble" if args.ensemble else "")
     print(f"x{args.scale}  model={name}  protocol: {protocol}")
     print(f"{'image':<28}{'size':>11}{'PSNR':>9}{'SSIM':>8}{'bic PSNR':>10}{'bic SSIM':>10}")
@@ -66,7 +74,8 @@ def cmd_eval_sr(args) -> int:
     if args.out:
         common = {"scale": args.scale, "protocol": protocol, "model": name, "ensemble": args.ensemble}
         _save_eval(args.out, f"sr_x{args.scale}", [{**_flat(r), **common} for r in rows],
-                   {**common, "data": args.data, "images": len(rows), "mean": mean})
+                   {**common, "data": args.data, "images": len(rows), "mean": mean,
+                    "contract": predictor.contract.to_dict(), "tile": predictor.options.tile})
         print(f"per-image results: {storage.join(args.out, f'sr_x{args.scale}.csv')} (and .parquet, summary.json)")
         if args.sheet:
             sheet = storage.join(args.out, f"sheet_x{args.scale}.png")
@@ -77,25 +86,26 @@ def cmd_eval_sr(args) -> int:
 
 def cmd_eval_seg(args) -> int:
     from imgxlate import plots
-    from imgxlate.evaluate import eval_seg, mean_of, seg_pairs, training_seg_settings
-    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.evaluate import eval_seg, mean_of, read_seg_samples, seg_pairs, training_seg_settings
     from imgxlate.io import storage
 
-    model = resolve_model(args.model)
+    predictor = _predictor(args)
+    model = predictor.model
     if model.task != "seg":
         print(f"{args.model} is a {model.task} model, not a segmentation model", file=sys.stderr)
         return 2
-    trained = training_seg_settings(model)
-    size = args.size if args.size is not None else trained["size"]
+    if args.size:
+        predictor.contract = dataclasses.replace(predictor.contract, size=args.size)
+    trained = training_seg_settings(getattr(model, "meta", {}))
     pairs = seg_pairs(args.data, args.split, trained["val_fraction"], trained["seed"])
-    rows = eval_seg(model, pairs, size=size or None, root=args.data)
+    rows = eval_seg(predictor, read_seg_samples(pairs, root=args.data))
     if not rows:
         print(f"no image/mask pairs under {args.data} (split {args.split})", file=sys.stderr)
         return 2
     name = model.meta["model_id"]
     mean = mean_of(rows, ("dice", "iou", "accuracy"))
-    print(f"model={name}  split={args.split}  input size={size or 'native'}  "
-          f"prediction: logit > 0, scored at the mask's resolution")
+    print(f"model={name}  split={args.split}  input: {predictor.contract.describe()}; "
+          f"scored at the mask's resolution")
     worst = sorted(rows, key=lambda r: r.dice)[:args.worst]
     print(f"{'image':<36}{'Dice':>8}{'IoU':>8}{'acc':>8}{'fg':>7}   (worst {len(worst)})")
     for r in worst:
@@ -103,10 +113,10 @@ def cmd_eval_seg(args) -> int:
     print(f"{'mean (' + str(len(rows)) + ' images)':<36}"
           f"{mean['dice']:>8.4f}{mean['iou']:>8.4f}{mean['accuracy']:>8.4f}")
     if args.out:
-        common = {"model": name, "split": args.split, "size": size or 0}
+        common = {"model": name, "split": args.split, "size": predictor.contract.size or 0}
         _save_eval(args.out, "seg", [{**_flat(r), **common} for r in rows],
                    {**common, "data": args.data, "images": len(rows), "mean": mean,
-                    "worst": [r.image for r in worst]})
+                    "contract": predictor.contract.to_dict(), "worst": [r.image for r in worst]})
         shown = rows if args.overlays == "all" else worst
         for r in shown:
             stem = r.image.rsplit(".", 1)[0].replace("/", "__")
@@ -120,22 +130,21 @@ def cmd_eval_seg(args) -> int:
 
 def cmd_eval_style(args) -> int:
     from imgxlate import plots
-    from imgxlate.evaluate import eval_style
-    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.evaluate import eval_style, read_named
     from imgxlate.io import storage
-    from imgxlate.train.data import list_images as list_uris
-    from imgxlate.train.data import read_rgb
+    from imgxlate.io.images import read_rgb
 
     if args.style and len(args.model) > 1:
         print("--style overrides the style image of one model only; give one --model with it", file=sys.stderr)
         return 2
-    images = list_uris(args.data)
+    images = read_named(args.data, read_rgb)
     if not images:
         print(f"no images under {args.data}", file=sys.stderr)
         return 2
     summary = {}
     for spec in args.model:
-        model = resolve_model(spec)
+        predictor = _predictor(argparse.Namespace(model=spec, tile=args.tile, overlap=args.overlap))
+        model = predictor.model
         cfg = model.meta.get("provenance", {}).get("config", {})
         style_uri = args.style or cfg.get("style_image")
         if not style_uri:
@@ -143,11 +152,12 @@ def cmd_eval_style(args) -> int:
             return 2
         style = read_rgb(style_uri)
         size = args.size or cfg.get("content_size", 256)
-        rows = eval_style(model, images, style, size=size, vgg_weights=args.vgg_weights,
-                          content_weight=cfg.get("content_weight", 1e4), root=args.data.rstrip("/"))
+        rows = eval_style(predictor, images, style, size=size, vgg_weights=args.vgg_weights,
+                          content_weight=cfg.get("content_weight", 1e4))
         name = model.meta["model_id"]
         terms = list(rows[0].terms)
-        print(f"model={name}  style={style_uri}  size={size}  vgg={args.vgg_weights} (lower is better)")
+        print(f"model={name}  style={style_uri}  losses on the centre {size} px square  vgg={args.vgg_weights} "
+              f"(lower is better)")
         print(f"{'image':<28}{'loss':>10}" + "".join(f"{t:>12}" for t in terms))
         for r in rows:
             print(f"{r.image:<28}{r.loss:>10.4g}" + "".join(f"{r.terms[t]:>12.4g}" for t in terms))
@@ -161,7 +171,8 @@ def cmd_eval_style(args) -> int:
             _save_eval(out, "style", [{"image": r.image, "loss": r.loss, **r.terms, **common} for r in rows],
                        summary[name])
             storage.write_bytes(storage.join(args.out, f"grid-{name}.png"),
-                                plots.style_grid(rows, style, f"{name}: content | stylised ({size} px)"))
+                                plots.style_grid(rows, style, f"{name}: content | stylised (as the batch job "
+                                                              f"writes them)"))
             print(f"results in {out}; grid {storage.join(args.out, f'grid-{name}.png')}")
     return 0
 
@@ -355,9 +366,10 @@ def cmd_lr_find(args) -> int:
     from imgxlate.train.lr_find import lr_find
 
     cfg = train_config(args, args.task)
-    stage = tasks.default_stages(cfg)[0]
-    model, _ = tasks.build_model(cfg, stage, None)
-    td = tasks.TaskData(cfg, stage, "cpu")
+    task = tasks.task_of(cfg)
+    stage = task.stages(cfg)[0]
+    model, _ = task.build_model(cfg, stage, None)
+    td = task.stage_data(cfg, stage, "cpu")
     loader = torch.utils.data.DataLoader(td.train, batch_size=cfg.batch_size, shuffle=True)
     lrs, losses, suggestion = lr_find(model, td.objective, loader, args.start_lr, args.end_lr, args.steps)
     storage.write_bytes(args.plot, plots.lr_find_plot(lrs, losses, suggestion))
@@ -451,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", help="folder (path or URI) for per-image CSV/Parquet, summary.json and the sheet PNG")
     sr.add_argument("--sheet", type=int, default=6, help="images on the before/after sheet (0: none)")
     sr.add_argument("--crop", type=int, default=160, help="sheet crop side in HR pixels (the most detailed region)")
+    sr.add_argument("--tile", type=int, default=None,
+                    help="tile side in input pixels, as translate's (default: 256 on CPU, 1024 on GPU)")
+    sr.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels, as translate's")
     sr.set_defaults(func=cmd_eval_sr)
 
     sg = ev_sub.add_parser(
@@ -462,10 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--data", required=True, help="images and masks (e.g. images/ + masks/, Carvana names)")
     sg.add_argument("--split", choices=["all", "val", "train"], default="all",
                     help="'val': only the groups (cars) the training run held out (its seed and fraction)")
-    sg.add_argument("--size", type=int, help="model input size (default: the last training stage's; 0: native)")
+    sg.add_argument("--size", type=int, help="override the contract's input size (default: the last training stage's)")
     sg.add_argument("--worst", type=int, default=8, help="list and draw the N lowest-Dice images")
     sg.add_argument("--overlays", choices=["worst", "all"], default="worst", help="which images get an overlay PNG")
     sg.add_argument("--out", help="folder (path or URI) for seg.csv/.parquet, summary.json and the PNGs")
+    sg.add_argument("--tile", type=int, default=None,
+                    help="tile side in input pixels, as translate's (default: 256 on CPU, 1024 on GPU)")
+    sg.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels, as translate's")
     sg.set_defaults(func=cmd_eval_seg)
 
     st = ev_sub.add_parser(
@@ -476,10 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--model", required=True, action="append", help="style artifact path/URI (repeatable)")
     st.add_argument("--data", required=True, help="held-out content images")
     st.add_argument("--style", help="style image (default: the one the model was trained with)")
-    st.add_argument("--size", type=int, help="content square side (default: the training content size)")
+    st.add_argument("--size", type=int, help="side of the centre square the losses are measured on "
+                                             "(default: the training content size)")
     st.add_argument("--vgg-weights", default="imagenet",
                     help="loss network: 'imagenet' (torchvision), a vgg16_bn state_dict path/URI, or 'random'")
     st.add_argument("--out", help="folder (path or URI) for per-model CSV/Parquet/summary and the grid PNGs")
+    st.add_argument("--tile", type=int, default=None,
+                    help="tile side in input pixels, as translate's (default: 256 on CPU, 1024 on GPU)")
+    st.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels, as translate's")
     st.set_defaults(func=cmd_eval_style)
 
     rp = sub.add_parser(

@@ -10,50 +10,31 @@ Each returns rows (dataclasses) that the CLI prints, saves as CSV and turns into
 
 from __future__ import annotations
 
-import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from imgxlate import metrics
-from imgxlate.augment import N_DIHEDRAL, dihedral, dihedral_inverse
-from imgxlate.infer.predictor import model_device, predict_array, to_tensor, to_uint8
+from imgxlate.infer.predictor import PredictOptions, Predictor, model_device, to_tensor
+from imgxlate.io import images, listing
 from imgxlate.models import build
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+Named = tuple[str, np.ndarray]             # (name shown in results, decoded uint8 image)
 
 
-def list_images(folder: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(folder):
-        out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
-    return sorted(out)
+def list_images(src: str) -> list[listing.Item]:
+    """Images under a folder / s3:// prefix or in a manifest, through the batch job's listing."""
+    return listing.list_inputs(src, listing.IMAGE_EXTS)
 
 
-def read_rgb_or_gray(path: str) -> np.ndarray:
-    """uint8 HxW (grayscale files) or HxWx3."""
-    with Image.open(path) as im:
-        im = im.convert("L") if im.mode in ("L", "I;16", "I", "1") else im.convert("RGB")
-        return np.asarray(im)
+def read_named(src: str, reader=images.read_image) -> list[Named]:
+    return [(it.key, reader(it.source_uri)) for it in list_images(src)]
 
 
 # ------------------------------------------------------------------------------------------------ SR
-@torch.inference_mode()
-def predict_ensemble(model, img: np.ndarray) -> np.ndarray:
-    """EDSR's geometric self-ensemble (Lim et al. 2017, "EDSR+"): the model on all 8 symmetries of the
-    input, each output transformed back, averaged in float, then quantised once."""
-    device = model_device(model)
-    x = to_tensor(img).to(device)
-    acc = None
-    for k in range(N_DIHEDRAL):
-        y = dihedral_inverse(model(dihedral(x, k)).float(), k)
-        acc = y if acc is None else acc + y
-    return to_uint8(acc / N_DIHEDRAL)
-
-
 @dataclass
 class SrRow:
     image: str
@@ -85,21 +66,21 @@ def detail_window(img: np.ndarray, size: int) -> tuple[int, int]:
     return at
 
 
-def eval_sr(model, folder: str, scale: int, y_channel: bool = True, ensemble: bool = False,
+def eval_sr(predictor: Predictor, hr_images: Iterable[Named], scale: int, y_channel: bool = True,
             crop: int = 0) -> list[SrRow]:
-    """Per-image PSNR/SSIM of ``model`` and of bicubic on the HR images under ``folder``:
-    HR cropped to a multiple of the scale, LR by MATLAB bicubic, outputs quantised to uint8.
+    """Per-image PSNR/SSIM of the predictor's model and of bicubic on HR images: HR cropped to a multiple
+    of the scale, LR by MATLAB bicubic, the model run by ``predictor`` (its contract, tiles and
+    self-ensemble: the batch job's outputs for the same LR files), outputs quantised to uint8.
     ``crop`` > 0 keeps a ``crop``-pixel square of bicubic / model / HR from the same region of each image."""
-    bicubic = build("bicubic", scale=scale)
+    bicubic = Predictor(build("bicubic", scale=scale), device="cpu", options=PredictOptions(tile=1 << 30))
     rows = []
-    for path in list_images(folder):
-        hr = metrics.mod_crop(read_rgb_or_gray(path), scale)
+    for name, img in hr_images:
+        hr = metrics.mod_crop(img, scale)
         rgb = np.repeat(hr[..., None], 3, axis=2) if hr.ndim == 2 else hr
-        lr = metrics.imresize(rgb, 1 / scale)
-        sr = predict_ensemble(model, lr) if ensemble else predict_array(model, lr)
-        bic = predict_array(bicubic, lr)
+        lr = metrics.imresize(rgb, 1 / scale) if scale > 1 else rgb
+        sr, bic = predictor.predict(lr), bicubic.predict(lr)
         row = SrRow(
-            image=os.path.relpath(path, folder), height=hr.shape[0], width=hr.shape[1],
+            image=name, height=hr.shape[0], width=hr.shape[1],
             psnr=metrics.psnr(sr, hr, scale, y_channel), ssim=metrics.ssim(sr, hr, scale, y_channel),
             psnr_bicubic=metrics.psnr(bic, hr, scale, y_channel),
             ssim_bicubic=metrics.ssim(bic, hr, scale, y_channel),
@@ -138,50 +119,40 @@ def seg_pairs(folder: str, split: str = "all", val_fraction: float = 0.2, seed: 
     return val if split == "val" else train
 
 
-def training_seg_settings(model) -> dict:
-    """The evaluation size and split settings recorded in a seg artifact (last stage's size)."""
-    prov = getattr(model, "meta", {}).get("provenance", {})
-    cfg = prov.get("config", {})
-    stages = prov.get("stages") or []
-    return {"size": next((s["size"] for s in reversed(stages) if "size" in s), None),
-            "val_fraction": cfg.get("val_fraction", 0.2), "seed": cfg.get("seed", 0)}
+def training_seg_settings(meta: dict) -> dict:
+    """The split settings recorded in a seg artifact's provenance."""
+    cfg = meta.get("provenance", {}).get("config", {})
+    return {"val_fraction": cfg.get("val_fraction", 0.2), "seed": cfg.get("seed", 0)}
 
 
-@torch.inference_mode()
-def predict_mask_logits(model, img: np.ndarray, size: int | None) -> np.ndarray:
-    """HxW float logits at the image's own resolution; the model sees the image resized to ``size`` square
-    (the training size), or the image itself rounded to a multiple of 32 when ``size`` is None."""
-    h, w = img.shape[:2]
-    x = to_tensor(img)
-    th, tw = (size, size) if size else (max(32, round(h / 32) * 32), max(32, round(w / 32) * 32))
-    if (th, tw) != (h, w):
-        x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
-    device = model_device(model)
-    logits = model(x.to(device)).float().cpu()[:, :1]
-    if (th, tw) != (h, w):
-        logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits[0, 0].numpy()
+def read_seg_pair(img_uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    img, mask = images.read_rgb(img_uri), images.read_mask(mask_uri).astype(bool)
+    if img.shape[:2] != mask.shape:
+        raise ValueError(f"{img_uri} is {img.shape[1]}x{img.shape[0]} but its mask {mask_uri} is "
+                         f"{mask.shape[1]}x{mask.shape[0]}")
+    return img, mask
 
 
-def eval_seg(model, pairs: list[tuple[str, str]], size: int | None = None, root: str = "",
-             keep_pictures: bool = True) -> list[SegRow]:
-    """Per-image Dice, IoU and pixel accuracy at the mask's own resolution (prediction: logit > 0)."""
-    from imgxlate.train.data import read_mask, read_rgb
-
-    rows = []
+def read_seg_samples(pairs: list[tuple[str, str]], root: str = "") -> Iterable[tuple]:
+    """Decoded (name, mask name, image, mask) for eval_seg, read one pair at a time."""
     for img_uri, mask_uri in pairs:
-        img, mask = read_rgb(img_uri), read_mask(mask_uri).astype(bool)
-        if img.shape[:2] != mask.shape:
-            raise ValueError(f"{img_uri} is {img.shape[1]}x{img.shape[0]} but its mask {mask_uri} is "
-                             f"{mask.shape[1]}x{mask.shape[0]}")
-        logits = predict_mask_logits(model, img, size)
-        pred = logits > 0
+        img, mask = read_seg_pair(img_uri, mask_uri)
+        yield (posixpath.relpath(img_uri, root) if root else img_uri,
+               posixpath.relpath(mask_uri, root) if root else mask_uri, img, mask)
+
+
+def eval_seg(predictor: Predictor, samples: Iterable[tuple[str, str, np.ndarray, np.ndarray]],
+             keep_pictures: bool = True) -> list[SegRow]:
+    """Per-image Dice, IoU and pixel accuracy of the masks ``predictor`` writes (its contract: the batch
+    job's masks for the same images), scored at the mask's own resolution.
+    ``samples``: (image name, mask name, uint8 HxWx3 image, bool HxW mask)."""
+    rows = []
+    for name, mask_name, img, mask in samples:
+        pred = predictor.predict(img) > 0
         rows.append(SegRow(
-            image=posixpath.relpath(img_uri, root) if root else img_uri,
-            mask=posixpath.relpath(mask_uri, root) if root else mask_uri,
-            height=img.shape[0], width=img.shape[1],
+            image=name, mask=mask_name, height=img.shape[0], width=img.shape[1],
             dice=metrics.dice(pred, mask), iou=metrics.iou(pred, mask),
-            accuracy=metrics.pixel_accuracy(1 / (1 + np.exp(-logits)), mask), foreground=float(mask.mean()),
+            accuracy=float(np.mean(pred == mask)), foreground=float(mask.mean()),
             pictures={"photo": img, "pred": pred, "true": mask} if keep_pictures else None,
         ))
     return rows
@@ -196,42 +167,42 @@ class StyleRow:
     pictures: dict | None = field(default=None, repr=False)   # content and stylised uint8
 
 
-def square_content(img: np.ndarray, size: int) -> torch.Tensor:
-    """The centre square of a photo resized to ``size`` (a multiple of 4 for the style net): (1, 3, s, s)."""
+def centre_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The centre square of side min(h, w, size): the crop training's style loss saw (native pixel scale)."""
     h, w = img.shape[:2]
-    s = min(h, w)
+    s = min(h, w, size)
     y, x = (h - s) // 2, (w - s) // 2
-    t = to_tensor(img[y:y + s, x:x + s])
-    size = max(4, size // 4 * 4)
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
-                                           align_corners=False)
+    return img[y:y + s, x:x + s]
 
 
 @torch.inference_mode()
-def eval_style(model, images: list[str], style_image: np.ndarray, size: int = 256, vgg_weights: str = "imagenet",
-               content_weight: float = 1e4, root: str = "") -> list[StyleRow]:
-    """Content loss and per-layer style (Gram) losses of the stylised output of each content image, with the
-    weights the training objective uses; lower is better for all."""
-    from imgxlate.train.data import read_rgb
+def eval_style(predictor: Predictor, content_images: Iterable[Named], style_image: np.ndarray, size: int = 256,
+               vgg_weights: str = "imagenet", content_weight: float = 1e4, objective=None) -> list[StyleRow]:
+    """Content loss and per-layer style (Gram) losses of each stylised image, with the weights the training
+    objective uses (lower is better for all). The stylised image is what ``predictor`` writes (its
+    contract: the batch job's output); the losses are measured on its centre ``size`` square."""
     from imgxlate.train.objectives import StyleObjective
 
-    style = to_tensor(style_image)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
-        objective = StyleObjective(style, vgg_weights, content_weight)
+    own = objective is None
+    if own:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
+            objective = StyleObjective(to_tensor(style_image), vgg_weights, content_weight)
     names = objective.loss.names
-    device = model_device(model)
     rows = []
     try:
-        for uri in images:
-            content = square_content(read_rgb(uri), size).to(device)
-            out = model(content).float().clamp(0, 1)
-            terms = [t.item() for t in objective.loss(out.cpu(), content.cpu(), sum_layers=False)]
-            rows.append(StyleRow(image=posixpath.relpath(uri, root) if root else uri, loss=float(sum(terms)),
-                                 terms=dict(zip(names, terms)),
-                                 pictures={"content": to_uint8(content.cpu()), "stylised": to_uint8(out.cpu())}))
+        for name, img in content_images:
+            img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+            out = predictor.predict(img)
+            device = model_device(objective.loss)
+            content = to_tensor(centre_square(img, size)).to(device)
+            stylised = to_tensor(centre_square(out, size)).to(device)
+            terms = [t.item() for t in objective.loss(stylised, content, sum_layers=False)]
+            rows.append(StyleRow(image=name, loss=float(sum(terms)), terms=dict(zip(names, terms)),
+                                 pictures={"content": img, "stylised": out}))
     finally:
-        objective.loss.close()
+        if own:
+            objective.loss.close()
     return rows
 
 

@@ -66,16 +66,17 @@ def stamp(path: str) -> None:
 
 
 def sr_eval(model: str, sr_eval_dir: str, out: str) -> dict:
-    from imgxlate.evaluate import eval_sr, mean_of
-    from imgxlate.infer.predictor import resolve_model
+    from imgxlate.evaluate import eval_sr, mean_of, read_named
+    from imgxlate.infer.predictor import PredictOptions, Predictor
 
-    m = resolve_model(model, 2)
+    m = Predictor(model, 2).model
     result = {"model": model, "model_id": m.meta["model_id"], "protocol": "Y, shave=scale, MATLAB bicubic LR",
               "trained": m.meta.get("provenance", {}).get("note") or
               f"{m.meta.get('provenance', {}).get('steps')} steps on {m.meta.get('provenance', {}).get('data')}"}
     for ds in ("Set5", "Set14"):
         for ensemble in (False, True):
-            rows = eval_sr(m, os.path.join(sr_eval_dir, ds), 2, ensemble=ensemble)
+            predictor = Predictor(m, options=PredictOptions(ensemble=ensemble))
+            rows = eval_sr(predictor, read_named(os.path.join(sr_eval_dir, ds)), 2)
             mean = mean_of(rows, ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic"))
             result[f"{ds}{'+' if ensemble else ''}"] = {k: round(v, 4) for k, v in mean.items()}
             print(f"[bench] {ds}{' self-ensemble' if ensemble else ''}: {mean['psnr']:.2f} dB", flush=True)

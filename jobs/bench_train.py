@@ -73,8 +73,8 @@ def throughput(args) -> dict:
 
 
 def sr_quality(args) -> dict:
-    from imgxlate.evaluate import eval_sr
-    from imgxlate.models import load
+    from imgxlate.evaluate import eval_sr, read_named
+    from imgxlate.infer.predictor import Predictor
     from imgxlate.train.loop import LoopConfig
     from imgxlate.train.tasks import RunConfig
 
@@ -98,11 +98,11 @@ def sr_quality(args) -> dict:
     print(f"[bench] {rate:.1f} samples/s -> {epochs} epochs x {steps // epochs} steps in {args.minutes} min",
           flush=True)
     out, wall = _train(cfg)
-    m = load(out["artifact"])
+    m = Predictor(out["artifact"])
     table = {"train_wall_min": round(wall / 60, 1), "steps": steps, "model": out["artifact"],
              "protocol": "Y, shave=scale, MATLAB bicubic LR"}
     for ds in ("Set5", "Set14"):
-        rows = eval_sr(m, os.path.join(args.eval, ds), 2)
+        rows = eval_sr(m, read_named(os.path.join(args.eval, ds)), 2)
         table[ds] = {"model_psnr": round(sum(r.psnr for r in rows) / len(rows), 2),
                      "model_ssim": round(sum(r.ssim for r in rows) / len(rows), 4),
                      "bicubic_psnr": round(sum(r.psnr_bicubic for r in rows) / len(rows), 2),

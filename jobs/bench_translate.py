@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     from imgxlate.samples import write_sample_photos
 
     out = os.path.abspath(args.out)
-    photos = list_images(args.photos) if args.photos else write_sample_photos(os.path.join(out, "sample_photos"))
+    photos = ([it.source_uri for it in list_images(args.photos)] if args.photos
+              else write_sample_photos(os.path.join(out, "sample_photos")))
     model_uri = os.path.join(out, "model")
     save(build("sr", nf=args.nf, n_blocks=args.blocks, scale=2), model_uri,
          provenance={"note": "random weights, for speed measurements only"})

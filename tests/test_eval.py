@@ -13,7 +13,8 @@ from torch import nn
 from imgxlate import evaluate, plots
 from imgxlate.augment import dihedral
 from imgxlate.cli import main
-from imgxlate.infer.predictor import predict_array, to_tensor
+from imgxlate.infer.contract import for_task
+from imgxlate.infer.predictor import PredictOptions, Predictor, to_tensor
 from imgxlate.models import build, save
 
 from conftest import photo
@@ -49,7 +50,7 @@ def test_eval_sr_writes_csv_parquet_summary_and_a_sheet(hr_folder, tmp_path, cap
 
 
 def test_sheet_crops_are_the_same_region_of_each_image(hr_folder):
-    rows = evaluate.eval_sr(build("bicubic", scale=2), str(hr_folder), 2, crop=32)
+    rows = evaluate.eval_sr(Predictor(build("bicubic", scale=2)), evaluate.read_named(str(hr_folder)), 2, crop=32)
     for r in rows:
         assert {k: v.shape for k, v in r.crop.items()} == {k: (32, 32, 3) for k in ("bicubic", "model", "hr")}
         # bicubic and ground truth agree far better on the same region than on a shifted one
@@ -73,10 +74,11 @@ def test_self_ensemble_is_the_mean_over_the_8_symmetries_and_is_equivariant():
         manual = sum(torch.rot90(model(dihedral(x, k)).flip(-1) if k >= 4 else model(dihedral(x, k)),
                                  -(k % 4), dims=(-2, -1)) for k in range(8)) / 8
     expected = manual[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    got = evaluate.predict_ensemble(model, img)
+    ensemble = Predictor(model, options=PredictOptions(ensemble=True))
+    got = ensemble.predict(img)
     assert np.abs(got.astype(int) - expected).max() <= 1
-    assert not np.array_equal(got, predict_array(model, img))           # the model alone is not symmetric
-    flipped = evaluate.predict_ensemble(model, np.ascontiguousarray(img[:, ::-1]))
+    assert not np.array_equal(got, Predictor(model).predict(img))       # the model alone is not symmetric
+    flipped = ensemble.predict(np.ascontiguousarray(img[:, ::-1]))
     assert np.abs(flipped[:, ::-1].astype(int) - got).max() <= 1
 
 
@@ -118,7 +120,8 @@ def _seg_folder(root, n=4, size=48):
 
 def test_eval_seg_scores_at_mask_resolution_and_ranks_the_worst(tmp_path):
     root = _seg_folder(tmp_path / "seg")
-    rows = evaluate.eval_seg(Brightness(), evaluate.seg_pairs(str(root)), size=None, root=str(root))
+    predictor = Predictor(Brightness(), contract=for_task("seg", size=48))     # the images' own size: no resampling
+    rows = evaluate.eval_seg(predictor, evaluate.read_seg_samples(evaluate.seg_pairs(str(root)), root=str(root)))
     by = {r.image: r for r in rows}
     assert len(rows) == 4
     for name, r in by.items():
@@ -163,7 +166,7 @@ def test_eval_style_command_losses_and_grid(tmp_path, capsys):
     assert main(["eval", "style", "--model", str(tmp_path / "st"), "--data", str(content), "--vgg-weights",
                  "random", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "size=48" in text and "style_" in text
+    assert "centre 48 px square" in text and "style_" in text
     (model_dir,) = [p for p in out.iterdir() if p.is_dir()]
     rows = list(csv.DictReader((model_dir / "style.csv").open()))
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)

@@ -1,5 +1,6 @@
 """Training on Ray Train with 2 workers (gloo on CPU), on scikit-image's photos and generated masks."""
 
+import csv
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgxlate import metrics
 from imgxlate.cli import main
 from imgxlate.io import storage
 from imgxlate.models import load
@@ -17,7 +19,7 @@ from imgxlate.samples import write_sample_photos
 from imgxlate.train import ray_train
 from imgxlate.train.loop import LoopConfig
 from imgxlate.train.run import parse_stages, train
-from imgxlate.train.tasks import RunConfig
+from imgxlate.train.tasks import RunConfig, Stage
 
 from conftest import photo
 
@@ -78,7 +80,7 @@ def test_report_of_a_training_run(photos, tmp_path, ray_local, capsys):
 
 def test_progressive_x2_to_x4(photos, tmp_path, ray_local):
     stages = parse_stages("sr", "2:1,4:1:new,4:1")
-    assert stages[1] == {"scale": 4, "epochs": 1, "train": "new"}
+    assert stages[1] == Stage(epochs=1, scale=4, train="new")
     out = train(sr_config(photos, tmp_path, stages=stages, samples_per_image=4))
     h = out["history"]
     assert [r["stage"] for r in h] == [0, 1, 2] and load(out["artifact"]).scale == 4
@@ -161,7 +163,7 @@ def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
     out = train(cfg)
     h = out["history"]
     assert h[-1]["val_dice"] > h[0]["val_dice"] and h[-1]["val_dice"] > 0.6
-    assert cfg.stages[1]["bn_freeze"] and cfg.stages[1]["lr_ratios"] == [0.1, 1.0]
+    assert cfg.stages[1].bn_freeze and cfg.stages[1].lr_ratios == (0.1, 1.0)
     # `eval seg` on the held-out cars (the run's own split) agrees with the run's last validation Dice.
     ev = tmp_path / "eval"
     assert main(["eval", "seg", "--model", out["artifact"], "--data", str(tmp_path / "seg"), "--split", "val",
@@ -169,6 +171,14 @@ def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["images"] == 4 and summary["size"] == 64
     assert summary["mean"]["dice"] == pytest.approx(h[-1]["val_dice"], abs=1e-4)
+    # The batch job's masks for the same held-out images score the same Dice (one inference contract).
+    rows = list(csv.DictReader((ev / "seg.csv").open()))
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(f"{tmp_path / 'seg' / r['image']}\n" for r in rows))
+    assert main(["translate", str(listing), str(tmp_path / "masks"), "--model", out["artifact"]]) == 0
+    job_dice = [metrics.dice(np.asarray(Image.open(tmp_path / "masks" / r["image"].replace(".jpg", ".png"))) > 0,
+                             np.asarray(Image.open(tmp_path / "seg" / r["mask"])) > 0) for r in rows]
+    assert np.mean(job_dice) == pytest.approx(h[-1]["val_dice"], abs=1e-4)
     assert (ev / "worst.png").exists() and len(list((ev / "overlays").glob("*.png"))) == 2
 
 

@@ -41,16 +41,19 @@ def ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
     return w
 
 
-def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float, tile: int,
-              overlap: int, finalize: Callable[[np.ndarray], np.ndarray], max_batch: int = 4) -> np.ndarray:
+def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float,
+              tile: int | tuple[int, int], overlap: int, finalize: Callable[[np.ndarray], np.ndarray],
+              max_batch: int = 4) -> np.ndarray:
     """``finalize(forward(x))`` computed tile by tile.
 
-    x: (1, C, H, W). forward maps (B, C, h, w) -> (B, C', s*h, s*w). finalize maps a float
+    x: (1, C, H, W), any dtype (integer pixels stay integer until forward gets a tile). tile: the
+    side, or (height, width). forward maps (B, C, h, w) -> (B, C', s*h, s*w). finalize maps a float
     (rows, W', C') band of the blended output to its final dtype (e.g. quantised uint8).
     """
     _, _, h, w = x.shape
-    th, ys = layout(h, tile, overlap)
-    tw, xs = layout(w, tile, overlap)
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+    th, ys = layout(h, tile_h, overlap)
+    tw, xs = layout(w, tile_w, overlap)
     s = scale
     oth, otw, ow, oov = round(th * s), round(tw * s), round(w * s), round(overlap * s)
     wx = [ramp(otw, oov, x0 == 0, x0 + tw >= w) for x0 in xs]

@@ -1,7 +1,8 @@
 """The model artifact: a folder (local or any fsspec URI, s3:// included) holding
 
     weights.pt   the state_dict, written with torch.save and read with weights_only=True
-    config.json  architecture, config, task, scale, normalisation, checksum, provenance, metrics
+    config.json  architecture, config, task, scale, the inference contract (how the model must be
+                 run: imgxlate.infer.contract), checksum, provenance, metrics
 
 ``config.json`` is written last, so a folder without it is an unfinished save and is refused.
 Loading never runs code from the file: a pickled object other than tensors is refused.
@@ -26,13 +27,6 @@ FORMAT = "imgxlate-model"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
-
-NORMALISATION = {
-    "sr": "RGB in [0, 1] in and out; data mean subtracted inside the model",
-    "style": "RGB in [0, 1] in; RGB out, clamp to [0, 1]",
-    "seg": "RGB in [0, 1] in, ImageNet mean/std inside the model; logits out (sigmoid for 1 class)",
-}
-
 
 class ArtifactError(RuntimeError):
     pass
@@ -66,8 +60,13 @@ def model_id(meta: dict) -> str:
     return f"{meta['arch']}-x{meta['scale']:g}-{meta['weights_sha256'][:12]}"
 
 
-def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: dict | None = None) -> dict:
-    """Write ``model`` as an artifact folder at ``uri``; returns the config.json contents."""
+def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: dict | None = None,
+         contract=None) -> dict:
+    """Write ``model`` as an artifact folder at ``uri``; returns the config.json contents. ``contract``
+    (an :class:`imgxlate.infer.contract.Contract`) says how it must be run; by default, the task's."""
+    from imgxlate.infer.contract import for_task
+
+    contract = contract or for_task(model.task)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     data = buf.getvalue()
@@ -78,7 +77,8 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
         "task": model.task,
         "scale": model.scale,
         "config": dataclasses.asdict(model.config),
-        "normalisation": NORMALISATION[model.task],
+        "normalisation": contract.normalisation,
+        "contract": contract.to_dict(),
         "weights_file": WEIGHTS,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         "n_params": sum(p.numel() for p in model.parameters()),

@@ -19,22 +19,9 @@ from torch.utils.data import Dataset
 
 from imgxlate import metrics
 from imgxlate.augment import dihedral
-from imgxlate.io import codec, listing, storage
+from imgxlate.io import listing
+from imgxlate.io.images import read_mask, read_rgb
 from imgxlate.train.degrade import DegradationSampler, apply
-
-
-def read_rgb(uri: str) -> np.ndarray:
-    """HxWx3 uint8 (gray repeated), 16-bit reduced to 8."""
-    d = codec.decode(storage.read_bytes(uri))
-    px = d.pixels if d.bits == 8 else (d.pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-    return np.repeat(px[..., None], 3, axis=2) if px.ndim == 2 else px
-
-
-def read_mask(uri: str) -> np.ndarray:
-    """HxW uint8 in {0, 1}: any non-zero label is foreground."""
-    d = codec.decode(storage.read_bytes(uri))
-    px = d.pixels if d.pixels.ndim == 2 else d.pixels[..., 0]
-    return (px > 0).astype(np.uint8)
 
 
 def list_images(src: str, limit: int | None = None) -> list[str]:

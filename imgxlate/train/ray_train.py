@@ -23,26 +23,21 @@ from torch.utils.data.distributed import DistributedSampler
 
 from imgxlate.io import storage
 from imgxlate.train import tasks
-from imgxlate.train.loop import LoopConfig, Trainer
+from imgxlate.train.loop import Trainer
 
 CKPT = "state.pt"
 
 
-def _to_config(d: dict) -> tasks.RunConfig:
-    d = dict(d)
-    d["loop"] = LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["loop"].items()})
-    return tasks.RunConfig(**d)
-
-
 def train_loop_per_worker(config: dict) -> None:
-    cfg = _to_config(config)
+    cfg = tasks.RunConfig.from_dict(config)
+    task = tasks.task_of(cfg)
     ctx = ray.train.get_context()                                        # ray:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()             # ray:
     device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"  # ray:
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))   # one thread per CPU the worker holds
-    stages = tasks.default_stages(cfg)
+    stages = task.stages(cfg)
 
     start_stage, state, model, new = 0, None, None, []
     ckpt = ray.train.get_checkpoint()                                    # ray: latest checkpoint, if any
@@ -65,22 +60,22 @@ def train_loop_per_worker(config: dict) -> None:
         stage = stages[si]
         resuming = state is not None
         if not resuming:
-            model, new = tasks.build_model(cfg, stage, model)
+            model, new = task.build_model(cfg, stage, model)
         groups = tasks.trainable_groups(model, stage, new)
-        td = tasks.TaskData(cfg, stage, device)
+        td = task.stage_data(cfg, stage, device)
         sampler = DistributedSampler(td.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
         loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
                             cfg.batch_size * world, num_workers=0)
         ddp_model = ray.train.torch.prepare_model(model, move_to_device=device,  # ray: DDP + device
                                                   parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
-                                                                            stage.get("train") == "new"})
+                                                                            stage.train == "new"})
         loop_cfg = tasks.stage_loop(cfg, stage)
 
         def set_epoch(e, sampler=sampler, dataset=td.train):
             sampler.set_epoch(e)
             dataset.set_epoch(e)
 
-        def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new):
+        def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new, td=td):
             done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
             metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step}
             with tempfile.TemporaryDirectory() as d:
@@ -88,7 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
                                 "arch": model.arch, "model_config": dataclasses.asdict(model.config),
-                                "stage_spec": stage, "new_params": new}, os.path.join(d, CKPT))
+                                "stage_spec": dataclasses.asdict(stage), "new_params": new,
+                                "contract": td.contract.to_dict()}, os.path.join(d, CKPT))
                     checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
                 ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
             if rank == 0 and not metrics.get("partial_epoch"):
@@ -178,6 +174,7 @@ def fit(cfg: tasks.RunConfig):
 
 def export_artifact(cfg: tasks.RunConfig, result) -> str:
     """Write the run's final model as an artifact with metrics and provenance; returns its URI."""
+    from imgxlate.infer.contract import Contract
     from imgxlate.models import build, save
 
     saved = read_checkpoint(result.checkpoint)
@@ -187,8 +184,10 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     history = saved["trainer"]["history"]
     out = cfg.out or storage.join(run_dir(cfg), "model")
     provenance = {"data": cfg.data, "val": cfg.val, "run": run_dir(cfg), "git_revision": git_revision(),
-                  "stages": tasks.default_stages(cfg), "config": dataclasses.asdict(cfg),
+                  "stages": [dataclasses.asdict(s) for s in tasks.task_of(cfg).stages(cfg)],
+                  "config": dataclasses.asdict(cfg),
                   "workers": cfg.workers, "global_batch": cfg.batch_size * cfg.workers,
                   "steps": saved["trainer"]["step"], "weights": "ema" if saved["trainer"]["ema"] else "model"}
-    save(model, out, provenance=provenance, metrics=_scalars(history[-1]) if history else {})
+    contract = Contract(**saved["contract"]) if saved.get("contract") else None
+    save(model, out, provenance=provenance, metrics=_scalars(history[-1]) if history else {}, contract=contract)
     return out

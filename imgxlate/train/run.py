@@ -16,32 +16,9 @@ def _log(msg: str) -> None:
     print(f"[imgxlate] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_stages(task: str, text: str | None) -> list[dict]:
-    """'2:3,4:1:new,4:2' (SR scale:epochs[:new]) or '128:2:frozen,128:2,256:2' (seg size:epochs[:frozen]).
-
-    A seg stage after a frozen one trains everything with discriminative LRs (encoder x0.1) and the
-    encoder's batch norm frozen, as the lesson does after unfreezing."""
-    if not text:
-        return []
-    stages, saw_frozen = [], False
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        value, epochs = int(parts[0].lstrip("x")), int(parts[1])
-        flag = parts[2] if len(parts) > 2 else ""
-        if task == "sr":
-            s = {"scale": value, "epochs": epochs}
-            if flag == "new":
-                s["train"] = "new"
-        elif task == "seg":
-            s = {"size": value, "epochs": epochs}
-            if flag == "frozen":
-                s["frozen_groups"], saw_frozen = [0], True
-            elif saw_frozen:
-                s.update({"lr_ratios": [0.1, 1.0], "bn_freeze": True})
-        else:
-            s = {"epochs": epochs}
-        stages.append(s)
-    return stages
+def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
+    """The stage plan from its command-line form (see :meth:`imgxlate.train.tasks.Task.parse_stages`)."""
+    return tasks.TASKS[task].parse_stages(text)
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
