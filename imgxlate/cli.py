@@ -391,7 +391,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from imgxlate.models import read_meta
+    from imgxlate.artifact import read_meta
 
     print(json.dumps(read_meta(args.model), indent=2))
     return 0

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models import VGG16_BN_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
-from imgxlate.models import pretrained
+from imgxlate import pretrained
 from imgxlate.models.unet import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -83,7 +83,7 @@ def model_only_batched(model_uri: str, paths: list[str], threads: int, tile: int
 NAIVE = r"""
 import os, sys, time, resource, torch, numpy as np
 from PIL import Image
-from imgxlate.models import load
+from imgxlate.artifact import load
 from imgxlate.infer.predictor import to_tensor, to_uint8
 limit = int(sys.argv[4])
 if limit:
@@ -156,8 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-mem-limit-gb", type=float, default=16)
     args = ap.parse_args(argv)
 
+    from imgxlate.artifact import save
     from imgxlate.evaluate import list_images
-    from imgxlate.models import build, save
+    from imgxlate.models import build
     from imgxlate.samples import write_sample_photos
 
     out = os.path.abspath(args.out)

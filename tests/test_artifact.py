@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
+from imgxlate.artifact import ArtifactError, UnsafeWeightsError, load, read_meta, save, state_dict_from_bytes
 from imgxlate.io import storage
-from imgxlate.models import build, load, read_meta, save
-from imgxlate.models.artifact import ArtifactError, UnsafeWeightsError, state_dict_from_bytes
+from imgxlate.models import build
 
 
 def _same_outputs(a, b, shape=(1, 3, 24, 20)):

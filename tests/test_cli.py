@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from imgxlate import metrics
+from imgxlate.artifact import save
 from imgxlate.cli import build_parser, main
-from imgxlate.models import build, save
+from imgxlate.models import build
 
 from conftest import photo
 

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from imgxlate.artifact import save
 from imgxlate.io import manifest
-from imgxlate.models import build, save
+from imgxlate.models import build
 
 from conftest import photo
 

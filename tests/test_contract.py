@@ -11,11 +11,12 @@ from PIL import Image
 from torch import nn
 
 from imgxlate import evaluate, metrics
+from imgxlate.artifact import read_meta, save
 from imgxlate.cli import main
 from imgxlate.infer import job
 from imgxlate.infer.contract import Contract, for_task, from_meta
 from imgxlate.infer.predictor import PredictOptions, Predictor
-from imgxlate.models import REGISTRY, build, read_meta, save
+from imgxlate.models import REGISTRY, build
 
 from conftest import photo
 

@@ -11,11 +11,12 @@ from PIL import Image
 from torch import nn
 
 from imgxlate import evaluate, plots
+from imgxlate.artifact import save
 from imgxlate.augment import dihedral
 from imgxlate.cli import main
 from imgxlate.infer.contract import for_task
 from imgxlate.infer.predictor import PredictOptions, Predictor, to_tensor
-from imgxlate.models import build, save
+from imgxlate.models import build
 
 from conftest import photo
 

@@ -11,9 +11,10 @@ import time
 
 from PIL import Image
 
+from imgxlate.artifact import save
 from imgxlate.infer import job
 from imgxlate.io import manifest
-from imgxlate.models import build, save
+from imgxlate.models import build
 
 from conftest import photo
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from imgxlate import metrics
+from imgxlate.artifact import load
 from imgxlate.cli import main
 from imgxlate.io import storage
-from imgxlate.models import load
 from imgxlate.samples import write_sample_photos
 from imgxlate.train import ray_train
 from imgxlate.train.loop import LoopConfig

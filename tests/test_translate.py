@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from imgxlate.artifact import save
 from imgxlate.cli import main
 from imgxlate.infer import job
 from imgxlate.io import codec, manifest
-from imgxlate.models import build, save
+from imgxlate.models import build
 
 from conftest import photo
 from faultproxy import FaultProxy

@@ -64,7 +64,7 @@ def _log(msg: str) -> None:
 
 
 def model_info(cfg: TranslateConfig) -> dict:
-    from imgxlate.models import read_meta
+    from imgxlate.artifact import read_meta
 
     if cfg.model == "bicubic":
         scale = cfg.scale or 2

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgxlate.artifact import load
 from imgxlate.augment import N_DIHEDRAL, dihedral, dihedral_inverse
 from imgxlate.infer.contract import Contract, from_meta
 from imgxlate.infer.tiling import run_tiled
-from imgxlate.models import REGISTRY, build, load
+from imgxlate.models import REGISTRY, build
 
 
 def resolve_model(spec: str, scale: float | None = None, device: str = "cpu") -> nn.Module:

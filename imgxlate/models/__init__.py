@@ -16,7 +16,6 @@ import dataclasses
 
 from torch import nn
 
-from imgxlate.models.artifact import load, read_meta, save
 from imgxlate.models.bicubic import Bicubic, BicubicConfig
 from imgxlate.models.sr import PRESETS as SR_PRESETS
 from imgxlate.models.sr import SrConfig, SrResnet, grow
@@ -56,15 +55,15 @@ def make_config(arch: str, config: object | dict | None = None, preset: str | No
 
 
 def build(arch: str, config: object | dict | None = None, *, preset: str | None = None,
-          load_pretrained: bool = True, **overrides) -> nn.Module:
-    """A fresh model of a registered family. ``load_pretrained=False`` skips fetching encoder
-    weights (used when an artifact's own weights are about to be loaded)."""
+          encoder_state: dict | None = None, **overrides) -> nn.Module:
+    """A fresh model of a registered family. Models never read files: pretrained encoder weights come
+    in as a state_dict (``encoder_state``, see imgxlate.pretrained)."""
     cfg = make_config(arch, config, preset, **overrides)
     cls = REGISTRY[arch][1]
     if arch in ("unet", "upsample_head"):
-        return cls(cfg, load_pretrained=load_pretrained)
+        return cls(cfg, encoder_state=encoder_state)
     return cls(cfg)
 
 
-__all__ = ["REGISTRY", "PRESETS", "build", "make_config", "load", "save", "read_meta", "grow",
+__all__ = ["REGISTRY", "PRESETS", "build", "make_config", "grow",
            "Bicubic", "SrResnet", "StyleResnet", "Unet", "UpsampleHead"]

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet34_Weights, resnet34
+from torchvision.models import resnet34
 
-from imgxlate.models import pretrained
 from imgxlate.models.layers import StdUpsample, UnetBlock, pad_to_multiple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,14 +27,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class UnetConfig:
     n_classes: int = 1
-    encoder_weights: str = "none"     # 'none', 'imagenet' or a path / URI of a resnet34 state_dict
+    encoder_weights: str = "none"     # where the encoder's weights came from: 'none', 'imagenet' or a path / URI
+                                      # (recorded; imgxlate.pretrained fetches them, the model gets a state_dict)
     decoder_width: int = 256          # channels out of every UnetBlock, as in the lesson
 
 
-def resnet34_encoder(weights: str | None) -> nn.ModuleList:
-    """ResNet34 cut before its pooling head, as 5 stages at strides 2, 4, 8, 16, 32."""
+def resnet34_encoder(state: dict | None = None) -> nn.ModuleList:
+    """ResNet34 cut before its pooling head, as 5 stages at strides 2, 4, 8, 16, 32; ``state``: a full
+    resnet34 state_dict (e.g. ImageNet weights, see imgxlate.pretrained), or None for random init."""
     rn = resnet34(weights=None)
-    pretrained.load_into(rn, weights, ResNet34_Weights.IMAGENET1K_V1, "resnet34")
+    if state is not None:
+        rn.load_state_dict(state)
     return nn.ModuleList([
         nn.Sequential(rn.conv1, rn.bn1, rn.relu),   # /2
         nn.Sequential(rn.maxpool, rn.layer1),       # /4
@@ -63,10 +65,10 @@ class _EncoderNet(nn.Module):
     scale = 1
     multiple = 32
 
-    def __init__(self, config: UnetConfig | None, load_pretrained: bool):
+    def __init__(self, config: UnetConfig | None, encoder_state: dict | None):
         super().__init__()
         self.config = config or UnetConfig()
-        self.encoder = resnet34_encoder(self.config.encoder_weights if load_pretrained else None)
+        self.encoder = resnet34_encoder(encoder_state)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -81,8 +83,8 @@ class _EncoderNet(nn.Module):
 class Unet(_EncoderNet):
     arch = "unet"
 
-    def __init__(self, config: UnetConfig | None = None, load_pretrained: bool = True):
-        super().__init__(config, load_pretrained)
+    def __init__(self, config: UnetConfig | None = None, encoder_state: dict | None = None):
+        super().__init__(config, encoder_state)
         chans = stage_channels(self.encoder)         # e.g. [64, 64, 128, 256, 512]
         width = self.config.decoder_width
         ups, up_in = [], chans[-1]
@@ -110,8 +112,8 @@ class UpsampleHead(_EncoderNet):
 
     arch = "upsample_head"
 
-    def __init__(self, config: UnetConfig | None = None, load_pretrained: bool = True):
-        super().__init__(config, load_pretrained)
+    def __init__(self, config: UnetConfig | None = None, encoder_state: dict | None = None):
+        super().__init__(config, encoder_state)
         chans = stage_channels(self.encoder)
         width = self.config.decoder_width
         n_up = len(self.encoder) - 1

@@ -47,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
         model_cfg = saved["model_config"]
         from imgxlate.models import build
 
-        model = build(saved["arch"], model_cfg, load_pretrained=False)
+        model = build(saved["arch"], model_cfg)
         model.load_state_dict(state["model"])
         # A stage is done when its epochs (as configured now: a rerun may extend them) are done.
         if state["epoch"] >= tasks.stage_loop(cfg, stages[start_stage]).epochs and not state.get("epoch_step"):
@@ -174,11 +174,12 @@ def fit(cfg: tasks.RunConfig):
 
 def export_artifact(cfg: tasks.RunConfig, result) -> str:
     """Write the run's final model as an artifact with metrics and provenance; returns its URI."""
+    from imgxlate.artifact import save
     from imgxlate.infer.contract import Contract
-    from imgxlate.models import build, save
+    from imgxlate.models import build
 
     saved = read_checkpoint(result.checkpoint)
-    model = build(saved["arch"], saved["model_config"], load_pretrained=False)
+    model = build(saved["arch"], saved["model_config"])
     weights = saved["trainer"]["ema"] or saved["trainer"]["model"]
     model.load_state_dict(weights)
     history = saved["trainer"]["history"]

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgxlate import evaluate
+from imgxlate import evaluate, pretrained
 from imgxlate.infer.contract import Contract, for_task
 from imgxlate.infer.predictor import Predictor
 from imgxlate.io import images as image_io
-from imgxlate.models import build, grow
+from imgxlate.models import build, grow, make_config
 from imgxlate.train import data
 from imgxlate.train.degrade import PRESETS as DEGRADATIONS
 from imgxlate.train.loop import LoopConfig
@@ -150,7 +150,9 @@ class Task:
         """The model for a stage; the previous stage's model carries over."""
         if previous is not None:
             return previous, []
-        return build(cfg.arch or self.arch, preset=cfg.preset, **cfg.model), []
+        arch = cfg.arch or self.arch
+        config = make_config(arch, None, cfg.preset, **cfg.model)
+        return build(arch, config, encoder_state=pretrained.encoder_state(config)), []
 
     def contract(self, cfg: RunConfig, stage: Stage, source_size=None) -> Contract:
         return for_task(self.name)

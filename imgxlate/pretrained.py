@@ -8,9 +8,8 @@ downloaded when the network allows) or a local path / fsspec URI of a ``state_di
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from imgxlate.models.artifact import read_state_dict
+from imgxlate.artifact import read_state_dict
 
 NO_WEIGHTS = ("none", "random", "", None)
 
@@ -32,9 +31,15 @@ def imagenet_state_dict(weights_enum, what: str) -> dict:
         ) from e
 
 
-def load_into(module: nn.Module, spec: str | None, weights_enum, what: str) -> None:
-    """Fill ``module`` from the spec (in place); 'none'/'random' leaves its random init."""
+def state_dict(spec: str | None, weights_enum, what: str) -> dict | None:
+    """The state_dict a spec names; None for 'none' / 'random' (keep the random init)."""
     if spec in NO_WEIGHTS:
-        return
-    state = imagenet_state_dict(weights_enum, what) if spec == "imagenet" else read_state_dict(spec)
-    module.load_state_dict(state)
+        return None
+    return imagenet_state_dict(weights_enum, what) if spec == "imagenet" else read_state_dict(spec)
+
+
+def encoder_state(config) -> dict | None:
+    """The ResNet34 state_dict a U-Net config's ``encoder_weights`` names (None: random init)."""
+    from torchvision.models import ResNet34_Weights
+
+    return state_dict(getattr(config, "encoder_weights", None), ResNet34_Weights.IMAGENET1K_V1, "resnet34")

@@ -111,7 +111,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
     data = storage.read_bytes(storage.join(uri, meta["weights_file"]))
     if hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
         raise ArtifactError(f"{uri}: weights do not match the checksum in {CONFIG} (corrupt or replaced)")
-    model = build(meta["arch"], meta["config"], load_pretrained=False)
+    model = build(meta["arch"], meta["config"])
     model.load_state_dict(state_dict_from_bytes(data, f"{uri}/{meta['weights_file']}"))
     model.meta = meta
     return model.to(device).eval()
