@@ -391,9 +391,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from imgxlate.artifact import read_meta
+    from imgxlate.infer.predictor import model_meta
 
-    print(json.dumps(read_meta(args.model), indent=2))
+    meta = model_meta(args.model)
+    print(json.dumps(meta, indent=2))
+    if meta.get("format") == "spandrel":
+        print(f"{meta['architecture']} x{meta['scale']:g}, {meta['n_params']:,} parameters, licence: {meta['licence']}")
     return 0
 
 
@@ -519,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("info", help="print a model artifact's config.json")
-    i.add_argument("model", help="artifact path/URI")
+    i.add_argument("model", help="artifact path/URI, shipped model name, or a .pth/.ckpt/.safetensors file/URI")
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("sample-photos", help="write scikit-image's sample photos to a folder (for demos)")

@@ -64,13 +64,13 @@ def _log(msg: str) -> None:
 
 
 def model_info(cfg: TranslateConfig) -> dict:
-    from imgxlate.artifact import read_meta
+    from imgxlate.infer.predictor import model_meta
 
     if cfg.model == "bicubic":
         scale = cfg.scale or 2
         return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale}
     try:
-        meta = read_meta(cfg.model)
+        meta = model_meta(cfg.model)
     except Exception as e:
         raise JobError(f"model {redact(cfg.model)}: {e}") from e
     if cfg.scale is not None and meta["task"] == "sr" and meta["scale"] != cfg.scale:

@@ -28,16 +28,31 @@ from imgxlate.models import REGISTRY, build
 
 
 def resolve_model(spec: str, scale: float | None = None, device: str = "cpu") -> nn.Module:
-    """A model from a registry name with no weights (``bicubic``) or an artifact path / URI."""
+    """A model from a name (``bicubic``, or a model shipped with imgxlate: ``sr-x2``, ...), an artifact
+    folder path / URI, or a third-party ``.pth`` / ``.ckpt`` / ``.safetensors`` file (spandrel)."""
+    from imgxlate import external, zoo
+
     if spec == "bicubic":
         return build("bicubic", scale=scale or 2).to(device).eval()
     if spec in REGISTRY:
         raise ValueError(f"model {spec!r} has trainable weights: pass the path or URI of a trained "
-                         f"artifact (only 'bicubic' runs by name)")
-    model = load(spec, device)
+                         f"artifact, or a shipped model ({', '.join(zoo.names()) or 'none installed'})")
+    if zoo.is_shipped(spec):
+        spec = zoo.path(spec)
+    model = external.load(spec, device) if external.is_external(spec) else load(spec, device)
     if scale is not None and model.task == "sr" and model.scale != scale:
-        raise ValueError(f"{spec} is a x{model.scale} model but --scale {scale:g} was asked for")
+        raise ValueError(f"{spec} is a x{model.scale:g} model but --scale {scale:g} was asked for")
     return model
+
+
+def model_meta(spec: str) -> dict:
+    """The metadata (config.json) of the model a spec names: artifact, shipped name or third-party file."""
+    from imgxlate import external, zoo
+    from imgxlate.artifact import read_meta
+
+    if zoo.is_shipped(spec):
+        spec = zoo.path(spec)
+    return external.describe(spec)[1] if external.is_external(spec) else read_meta(spec)
 
 
 def as_tensor(img: np.ndarray) -> torch.Tensor:
@@ -117,10 +132,17 @@ class Predictor:
         self.alpha_resize = build("bicubic", scale=self.scale, matlab_uint8=False).to(self.device)
 
     def _autocast(self):
+        """bf16 / fp16 autocast on GPU where the architecture supports it (spandrel says per model): bf16
+        falls back to fp16, fp16 to bf16, else fp32."""
         amp = self.options.amp
-        if self.device.startswith("cuda") and amp in ("bf16", "fp16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        return contextlib.nullcontext()
+        if not self.device.startswith("cuda") or amp not in ("bf16", "fp16"):
+            return contextlib.nullcontext()
+        ok = {"bf16": getattr(self.model, "supports_bfloat16", True),
+              "fp16": getattr(self.model, "supports_half", True)}
+        pick = amp if ok[amp] else next((a for a in ("bf16", "fp16") if ok[a]), None)
+        if pick is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if pick == "bf16" else torch.float16)
 
     def _model(self, x: torch.Tensor) -> torch.Tensor:
         """float (B, 3, h, w) -> float model output on the device (the 8-way mean with ``ensemble``)."""
