@@ -1,0 +1,188 @@
+"""An exclusive lease on a batch job's DST, so two runs never process one destination at once.
+
+The lease is ``DST/_manifest/LEASE``: a small JSON object with the holder's run id, host, pid, heartbeat
+and expiry. It is taken with a conditional write where the store has one: on S3, ``PutObject`` with
+``If-None-Match: *`` (a second writer gets 412 Precondition Failed) and renewed with ``If-Match`` on the
+holder's ETag, so a run whose lease was taken over finds out at its next heartbeat; in a local folder,
+``O_CREAT | O_EXCL`` and an atomic rename. A lease whose expiry has passed was left by a run that was
+killed (its heartbeat stopped) and is taken over. Other fsspec stores get a check-then-write, which
+narrows the race but does not close it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from imgxlate.io import storage
+
+NAME = "LEASE"
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run holds the lease."""
+
+    def __init__(self, holder: dict, uri: str):
+        age = time.time() - holder.get("heartbeat", 0)
+        super().__init__(
+            f"destination in use: run {holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) "
+            f"holds {uri}, last heartbeat {age:.0f}s ago, expires in {holder.get('expires', 0) - time.time():.0f}s. "
+            f"Wait for it to finish (or pass --wait-for-lease SECONDS); a killed run's lease expires by itself")
+        self.holder = holder
+
+
+class Lease:
+    """``with Lease(dst, run_id): ...`` holds DST for the block, renewing the heartbeat in a thread."""
+
+    def __init__(self, dst: str, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, poll_s: float = 5.0):
+        self.uri = storage.join(dst.rstrip("/"), "_manifest", NAME)
+        self.run_id, self.ttl_s, self.wait_s, self.poll_s = run_id, ttl_s, wait_s, poll_s
+        self.token = uuid.uuid4().hex          # tells our own lease from a later holder's
+        self.lost = False
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ store-specific primitives
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "token": self.token, "heartbeat": now, "expires": now + self.ttl_s}).encode()
+
+    def _s3(self):
+        import boto3
+
+        bucket, key = self.uri[len("s3://"):].split("/", 1)
+        return boto3.client("s3", endpoint_url=storage.endpoint_from_env()), bucket, key
+
+    def _create(self) -> bool:
+        """Write the lease only if there is none; False when one exists."""
+        if self.uri.startswith("s3://"):
+            client, bucket, key = self._s3()
+            try:
+                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")["ETag"]
+                return True
+            except client.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        if storage.is_local(self.uri):
+            os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+            try:
+                fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._body())
+            return True
+        if storage.exists(self.uri):
+            return False
+        storage.write_bytes(self.uri, self._body())
+        return True
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        """(holder, etag) of the current lease, or (None, None) when there is none."""
+        if self.uri.startswith("s3://"):
+            client, bucket, key = self._s3()
+            try:
+                r = client.get_object(Bucket=bucket, Key=key)
+            except client.exceptions.NoSuchKey:
+                return None, None
+            return json.loads(r["Body"].read()), r["ETag"]
+        try:
+            return json.loads(storage.read_bytes(self.uri)), None
+        except FileNotFoundError:
+            return None, None
+        except ValueError:                    # a lease caught half-written: treat as held, look again later
+            return {"run_id": "?", "heartbeat": time.time(), "expires": time.time() + self.poll_s}, None
+
+    def _remove(self, etag: str | None, holder: dict) -> bool:
+        """Remove the lease ``holder`` / ``etag`` describes, and nothing newer; True when it was removed."""
+        if self.uri.startswith("s3://"):
+            client, bucket, key = self._s3()
+            try:                              # overwrite-if-unchanged first, so the delete cannot hit a new lease
+                client.put_object(Bucket=bucket, Key=key, Body=b"{}", IfMatch=etag)
+                client.delete_object(Bucket=bucket, Key=key)
+                return True
+            except client.exceptions.ClientError:
+                return False
+        if storage.is_local(self.uri):
+            aside = f"{self.uri}.released-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.uri, aside)    # atomic: only one of several takers moves it
+            except FileNotFoundError:
+                return False
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read() or b"{}")
+            if moved.get("token") != holder.get("token"):     # a newer lease slipped in: put it back
+                try:
+                    os.link(aside, self.uri)
+                except FileExistsError:
+                    pass
+                os.remove(aside)
+                return False
+            os.remove(aside)
+            return True
+        fs, path = storage.filesystem(self.uri)
+        fs.rm(path)
+        return True
+
+    def _renew(self) -> bool:
+        holder, etag = self._read()
+        if not holder or holder.get("token") != self.token:
+            return False
+        if self.uri.startswith("s3://"):
+            client, bucket, key = self._s3()
+            try:
+                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)["ETag"]
+                return True
+            except client.exceptions.ClientError:
+                return False
+        storage.write_bytes(self.uri, self._body())           # atomic rename for local folders
+        return True
+
+    # ------------------------------------------------------------------ the lease
+    def acquire(self) -> Lease:
+        deadline = time.time() + self.wait_s
+        while True:
+            if self._create():
+                break
+            holder, etag = self._read()
+            if holder is None:
+                continue                      # released between our two calls
+            if holder.get("expires", 0) < time.time():
+                self._remove(etag, holder)    # a killed run's lease: take it over (or lose the race and retry)
+                continue
+            if time.time() >= deadline:
+                raise LeaseHeld(holder, self.uri)
+            time.sleep(min(self.poll_s, max(0.1, deadline - time.time())))
+        self._thread = threading.Thread(target=self._heartbeat, name="imgxlate-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                if not self._renew():
+                    self.lost = True
+                    return
+            except Exception:                 # a transient store error: try again at the next beat
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder, etag = self._read()
+        if holder and holder.get("token") == self.token:
+            self._remove(etag, holder)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

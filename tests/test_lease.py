@@ -1,0 +1,60 @@
+"""The DST lease: one run at a time, on a local folder and on the S3 test server (conditional writes)."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from imgxlate.io import storage
+from imgxlate.io.lease import Lease, LeaseHeld
+
+
+@pytest.fixture(params=["local", "s3"])
+def dst(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "dst")
+    return f"s3://{request.getfixturevalue('bucket')}/out"
+
+
+def test_a_second_run_is_refused_naming_the_holder_until_the_first_releases(dst):
+    first = Lease(dst, "run-one").acquire()
+    with pytest.raises(LeaseHeld, match="run run-one"):
+        Lease(dst, "run-two").acquire()
+    first.release()
+    with Lease(dst, "run-two") as second:
+        assert not second.lost
+    assert not storage.exists(storage.join(dst, "_manifest", "LEASE"))
+
+
+def test_a_killed_runs_lease_expires_and_is_taken_over(dst):
+    dead = Lease(dst, "killed", ttl_s=0.5).acquire()
+    dead._stop.set()                           # its heartbeat stops, as when the process is killed
+    time.sleep(0.8)
+    with Lease(dst, "next") as lease:
+        holder = json.loads(storage.read_bytes(lease.uri))
+        assert holder["run_id"] == "next"
+    dead.release()                             # the old holder's release does not remove the new lease
+
+
+def test_a_waiting_run_starts_when_the_holder_finishes(dst):
+    first = Lease(dst, "first").acquire()
+    threading.Timer(0.5, first.release).start()
+    t0 = time.time()
+    with Lease(dst, "second", wait_s=10, poll_s=0.1):
+        assert 0.3 < time.time() - t0 < 5
+
+
+def test_the_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(dst):
+    lease = Lease(dst, "long", ttl_s=2.0).acquire()     # heartbeat every 0.5 s
+    time.sleep(2.5)                            # longer than the ttl: the heartbeat renewed it
+    with pytest.raises(LeaseHeld):
+        Lease(dst, "other").acquire()
+    storage.write_bytes(lease.uri, json.dumps({"run_id": "thief", "token": "x", "heartbeat": time.time(),
+                                               "expires": time.time() + 60}).encode())
+    deadline = time.time() + 5
+    while not lease.lost and time.time() < deadline:
+        time.sleep(0.1)
+    assert lease.lost
+    lease.release()
+    assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "thief"
