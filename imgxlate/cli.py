@@ -56,14 +56,15 @@ def cmd_eval_sr(args) -> int:
 
     predictor = _predictor(args, args.scale, ensemble=args.ensemble)
     rows = eval_sr(predictor, read_named(args.data), args.scale, y_channel=not args.rgb,
-                   crop=args.crop if args.sheet else 0)
+                   crop=args.crop if args.sheet else 0, degradations=args.degradations, seed=args.seed)
     if not rows:
         print(f"no images under {args.data}", file=sys.stderr)
         return 2
     protocol = metrics.PROTOCOL_RGB if args.rgb else metrics.PROTOCOL_Y
     model = predictor.model
     name = getattr(model, "meta", {}).get("model_id", args.model) + ("+ensemble" if args.ensemble else "")
-    print(f"x{args.scale}  model={name}  protocol: {protocol}")
+    print(f"x{args.scale}  model={name}  protocol: {protocol}"
+          + (f"  LR degraded: {args.degradations} (seed {args.seed})" if args.degradations != "none" else ""))
     print(f"{'image':<28}{'size':>11}{'PSNR':>9}{'SSIM':>8}{'bic PSNR':>10}{'bic SSIM':>10}")
     for r in rows:
         print(f"{r.image:<28}{r.width:>5}x{r.height:<5}{r.psnr:>9.2f}{r.ssim:>8.4f}"
@@ -72,7 +73,8 @@ def cmd_eval_sr(args) -> int:
     print(f"{'mean (' + str(len(rows)) + ' images)':<39}{mean['psnr']:>9.2f}{mean['ssim']:>8.4f}"
           f"{mean['psnr_bicubic']:>10.2f}{mean['ssim_bicubic']:>10.4f}")
     if args.out:
-        common = {"scale": args.scale, "protocol": protocol, "model": name, "ensemble": args.ensemble}
+        common = {"scale": args.scale, "protocol": protocol, "model": name, "ensemble": args.ensemble,
+                  "degradations": args.degradations, "seed": args.seed}
         _save_eval(args.out, f"sr_x{args.scale}", [{**_flat(r), **common} for r in rows],
                    {**common, "data": args.data, "images": len(rows), "mean": mean,
                     "contract": predictor.contract.to_dict(), "tile": predictor.options.tile})
@@ -464,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--ensemble", action="store_true",
                     help="EDSR's 8-way geometric self-ensemble (flips and rotations, averaged; 8x the compute)")
     sr.add_argument("--out", help="folder (path or URI) for per-image CSV/Parquet, summary.json and the sheet PNG")
+    sr.add_argument("--degradations", default="none",
+                    help="degrade each LR image as restoration training does (none, restore, denoise, deblock, "
+                         "colourise); model and bicubic get the same degraded input")
+    sr.add_argument("--seed", type=int, default=0, help="seed of the degradations drawn per image")
     sr.add_argument("--sheet", type=int, default=6, help="images on the before/after sheet (0: none)")
     sr.add_argument("--crop", type=int, default=160, help="sheet crop side in HR pixels (the most detailed region)")
     sr.add_argument("--tile", type=int, default=None,

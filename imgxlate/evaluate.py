@@ -67,17 +67,25 @@ def detail_window(img: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def eval_sr(predictor: Predictor, hr_images: Iterable[Named], scale: int, y_channel: bool = True,
-            crop: int = 0) -> list[SrRow]:
+            crop: int = 0, degradations: str = "none", seed: int = 0) -> list[SrRow]:
     """Per-image PSNR/SSIM of the predictor's model and of bicubic on HR images: HR cropped to a multiple
     of the scale, LR by MATLAB bicubic, the model run by ``predictor`` (its contract, tiles and
     self-ensemble: the batch job's outputs for the same LR files), outputs quantised to uint8.
-    ``crop`` > 0 keeps a ``crop``-pixel square of bicubic / model / HR from the same region of each image."""
+    ``crop`` > 0 keeps a ``crop``-pixel square of bicubic / model / HR from the same region of each image.
+    ``degradations`` (a preset of imgxlate.train.degrade, e.g. 'restore') degrades each LR image as training
+    did (JPEG, noise, blur), drawn from a generator seeded by (``seed``, image index): model and bicubic see
+    the same degraded input, and the reference is the clean HR."""
+    from imgxlate.train.degrade import PRESETS, apply
+
+    sampler = PRESETS[degradations]
     bicubic = Predictor(build("bicubic", scale=scale), device="cpu", options=PredictOptions(tile=1 << 30))
     rows = []
-    for name, img in hr_images:
+    for i, (name, img) in enumerate(hr_images):
         hr = metrics.mod_crop(img, scale)
         rgb = np.repeat(hr[..., None], 3, axis=2) if hr.ndim == 2 else hr
         lr = metrics.imresize(rgb, 1 / scale) if scale > 1 else rgb
+        if sampler.active:
+            lr = apply(lr, sampler.sample(np.random.default_rng([seed, i])))
         sr, bic = predictor.predict(lr), bicubic.predict(lr)
         row = SrRow(
             image=name, height=hr.shape[0], width=hr.shape[1],

@@ -187,7 +187,7 @@ class SrTask(Task):
                                                      uris[: max(1, len(uris) // 10)])]
 
         def validate(predictor):
-            rows = evaluate.eval_sr(predictor, val, scale)
+            rows = evaluate.eval_sr(predictor, val, scale, degradations=cfg.degradations, seed=cfg.seed)
             return {"val_psnr": float(np.mean([r.psnr for r in rows])),
                     "val_ssim": float(np.mean([r.ssim for r in rows])),
                     "val_psnr_bicubic": float(np.mean([r.psnr_bicubic for r in rows])),
