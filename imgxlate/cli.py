@@ -381,14 +381,29 @@ def cmd_lr_find(args) -> int:
 
 # ------------------------------------------------------------------------------------ models / info
 def cmd_models(args) -> int:
+    from imgxlate import zoo
     from imgxlate.models import PRESETS, REGISTRY
 
+    print("shipped models (use by name: --model NAME):")
+    for name in zoo.names():
+        meta = zoo.meta(name)
+        shipped = meta.get("shipped", {})
+        print(f"  {name:<13}{meta['model_id']}  {shipped.get('summary', '')}")
+        for ds, s in shipped.get("scores", {}).items():
+            print(f"  {'':<13}{ds:<15}{s['psnr']:.2f} dB / {s['ssim']:.4f}   bicubic {s['psnr_bicubic']:.2f} / "
+                  f"{s['ssim_bicubic']:.4f}")
+        if shipped:
+            print(f"  {'':<13}protocol: {shipped['protocol']}")
+            print(f"  {'':<13}trained: {shipped['command']}")
+            print(f"  {'':<13}data: {shipped['data']}; terms: {shipped['terms']}")
+    print("\nmodel families (train with `imgxlate train`):")
     for arch, (cfg_cls, model_cls) in REGISTRY.items():
         doc = (model_cls.__doc__ or sys.modules[model_cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{arch:<15}task={model_cls.task:<6}{doc}")
-        print(f"{'':<15}config: {dataclasses.asdict(cfg_cls())}")
+        print(f"  {arch:<15}task={model_cls.task:<6}{doc}")
+        print(f"  {'':<15}config: {dataclasses.asdict(cfg_cls())}")
         for name, cfg in PRESETS.get(arch, {}).items():
-            print(f"{'':<15}preset {name}: {dataclasses.asdict(cfg)}")
+            print(f"  {'':<15}preset {name}: {dataclasses.asdict(cfg)}")
+    print("\nthird-party: any .pth / .ckpt / .safetensors file spandrel recognises (imgxlate info FILE)")
     return 0
 
 
@@ -524,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--slowest", type=int, default=10, help="batch: list the N slowest inputs")
     rp.set_defaults(func=cmd_report)
 
-    m = sub.add_parser("models", help="list model families, configs and presets")
+    m = sub.add_parser("models", help="list shipped models (with scores) and model families, configs, presets")
     m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("info", help="print a model artifact's config.json")
