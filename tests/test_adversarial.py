@@ -8,10 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from imgxlate.cli import main
 from imgxlate.io import codec, manifest, png16
+
+from conftest import photo
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -108,3 +110,56 @@ def test_png16_bomb_is_refused_and_unfiltering_is_exact_and_fast():
     got, _ = png16.decode(data)
     assert time.perf_counter() - t0 < 1.0
     np.testing.assert_array_equal(got, big)
+
+
+# -------------------------------------------------------------------------------- 8: 16-bit TIFF
+def tiff16(pixels: np.ndarray, order: str = "<", deflate: bool = False, orientation: int = 1) -> bytes:
+    """A baseline 16-bit RGB / RGBA TIFF (one strip, unassociated alpha), little or big endian."""
+    h, w, c = pixels.shape
+    strip = np.ascontiguousarray(pixels.astype(order + "u2")).tobytes()
+    if deflate:
+        strip = zlib.compress(strip)
+    bps_at = 8
+    data_at = bps_at + 2 * c
+    entries = [(256, 4, w), (257, 4, h), (258, 3, (c, bps_at)), (259, 3, 8 if deflate else 1), (262, 3, 2),
+               (273, 4, data_at), (277, 3, c), (278, 4, h), (279, 4, len(strip)), (284, 3, 1)]
+    if c == 4:
+        entries.append((338, 3, 2))
+    if orientation != 1:
+        entries = sorted(entries + [(274, 3, orientation)])
+    ifd_at = data_at + len(strip) + (len(strip) & 1)
+    out = (b"II" if order == "<" else b"MM") + struct.pack(order + "HI", 42, ifd_at)
+    out += struct.pack(order + f"{c}H", *[16] * c) + strip + b"\0" * (len(strip) & 1)
+    out += struct.pack(order + "H", len(entries))
+    for tag, typ, value in entries:
+        if isinstance(value, tuple):
+            out += struct.pack(order + "HHII", tag, typ, value[0], value[1])
+        elif typ == 3:
+            out += struct.pack(order + "HHIHH", tag, typ, 1, value, 0)
+        else:
+            out += struct.pack(order + "HHII", tag, typ, 1, value)
+    return out + struct.pack(order + "I", 0)
+
+
+def test_16bit_rgb_tiff_stays_16bit(tmp_path, ray_local):
+    px = (photo(20, 24, seed=3).astype(np.uint16) * 257) ^ np.uint16(0x5A)       # low bytes matter
+    rgba = np.dstack([px, np.full((20, 24), 40000, np.uint16)])
+    for pixels in (px, rgba):
+        for order in "<>":
+            for deflate in (False, True):
+                img = codec.decode(tiff16(pixels, order, deflate))
+                assert img.bits == 16 and img.mode == ("RGB;16" if pixels is px else "RGBA;16"), (order, deflate)
+                np.testing.assert_array_equal(img.pixels, pixels[..., :3])
+                if pixels is rgba:
+                    np.testing.assert_array_equal(img.alpha, rgba[..., 3])
+    for orientation in range(1, 9):                # EXIF orientation applied as for every other image
+        turned = Image.open(io.BytesIO(tiff16(px, orientation=orientation)))
+        expected = np.asarray(ImageOps.exif_transpose(turned))
+        np.testing.assert_array_equal(codec.decode(tiff16(px, orientation=orientation)).pixels >> 8, expected)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"scan16.tif": tiff16(px, deflate=True)})
+    assert translate(src, dst, "--scale", "2") == 0
+    (row,) = rows_of(dst)
+    assert row["status"] == "ok" and row["source_mode"] == "RGB;16", row
+    out = codec.decode((dst / "scan16.png").read_bytes())
+    assert out.bits == 16 and out.pixels.shape == (40, 48, 3)
