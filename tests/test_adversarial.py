@@ -1,13 +1,19 @@
 """Findings of an adversarial review of the batch job, one test per finding, named after it."""
 
 import io
+import json
+import os
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
 
+import boto3
 import numpy as np
 import pytest
+import requests
 from PIL import Image, ImageOps
 
 from imgxlate.cli import main
@@ -44,6 +50,39 @@ def translate(*argv) -> int:
 def rows_of(dst, run_id=None):
     dst = str(dst)
     return manifest.read_run(dst, run_id or manifest.runs(dst)[-1]).to_pylist()
+
+
+# ------------------------------------------------------------------------------- 6: access denied
+def test_access_denied_on_dst_exits_2_naming_the_bucket(tmp_path, bucket, s3_server):
+    """moto enforces IAM user policies (not bucket policies) once its authentication is switched on
+    through the server's own API; the job runs in a fresh process with that user's credentials."""
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8))})
+    iam = boto3.client("iam", endpoint_url=s3_server)
+    keys = {}
+    for user, actions in (("no-dst", "s3:*"), ("no-put", "s3:PutObject")):
+        iam.create_user(UserName=f"{user}-{bucket}")
+        iam.put_user_policy(UserName=f"{user}-{bucket}", PolicyName="p", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                {"Effect": "Deny", "Action": actions,
+                 "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+        keys[user] = iam.create_access_key(UserName=f"{user}-{bucket}")["AccessKey"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AWS_ENDPOINT_URL": s3_server}
+    results = {}
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0").raise_for_status()
+    try:
+        for user, k in keys.items():
+            results[user] = subprocess.run(
+                [sys.executable, "-m", "imgxlate.cli", "translate", str(src), f"s3://{bucket}/out",
+                 "--model", "bicubic", "--scale", "2"], capture_output=True, text=True, timeout=300,
+                env={**env, "AWS_ACCESS_KEY_ID": k["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": k["SecretAccessKey"]})
+    finally:
+        requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf").raise_for_status()
+    for user, r in results.items():
+        assert r.returncode == 2, (user, r.stderr[-3000:])
+        assert f"access denied on bucket '{bucket}'" in r.stderr and "Traceback" not in r.stderr, (user, r.stderr)
+    assert boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket)["KeyCount"] == 0
 
 
 # ------------------------------------------------------------------------- 7: 16-bit PNG: bomb, filters

@@ -79,7 +79,7 @@ def model_info(cfg: TranslateConfig) -> dict:
             "scale": meta["scale"]}
 
 
-def _bucket_problem(dst: str, e: BaseException) -> str:
+def _bucket_problem(dst: str, e: BaseException, doing: str = "written") -> str:
     where = redact(dst)
     bucket = where.split("://", 1)[1].split("/", 1)[0] if "://" in where else None
     if isinstance(e, FileNotFoundError) or "NoSuchBucket" in str(e):
@@ -87,7 +87,7 @@ def _bucket_problem(dst: str, e: BaseException) -> str:
             f"destination {where} cannot be created: {e}"
     if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "403" in str(e):
         return f"destination {where}: access denied" + (f" on bucket '{bucket}'" if bucket else "") + f" ({e})"
-    return f"destination {where} is not writable: {type(e).__name__}: {e}"
+    return f"destination {where} cannot be {doing}: {type(e).__name__}: {e}"
 
 
 def preflight_destination(dst: str, run_id: str) -> None:
@@ -133,11 +133,14 @@ def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
         raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e).__name__}: {e}") from e
     keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix)
     dst = cfg.dst.rstrip("/")
-    previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
+    try:
+        previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
+        done = {(r["source_uri"], r["output_uri"]) for r in previous
+                if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
+        present = existing_outputs(dst) if done else set()
+    except Exception as e:
+        raise JobError(_bucket_problem(dst, e, "read")) from e
     attempts = Counter(r["source_uri"] for r in previous if r["status"] != "skipped_done")
-    done = {(r["source_uri"], r["output_uri"]) for r in previous
-            if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
-    present = existing_outputs(dst) if done else set()
     todo, final = [], []
     for it, key in zip(items, keys):
         source = redact(it.source_uri)
