@@ -243,13 +243,30 @@ def translate_config(args):
 
 
 def cmd_translate(args) -> int:
+    import traceback
+
     from imgxlate.infer import job
+    from imgxlate.io.listing import redact_text, userinfo
+
+    # Whatever is printed goes through redaction: URLs lose their user info and signed query strings,
+    # and credentials given inside SRC, DST or --model (refused by the job) are masked wherever they appear.
+    secrets = {part for uri in (args.src, args.dst, args.model) for part in
+               (userinfo(uri), *userinfo(uri).split(":", 1)) if len(part) >= 4}
+
+    def clean(text: str) -> str:
+        text = redact_text(text)
+        for part in sorted(secrets, key=len, reverse=True):
+            text = text.replace(part, "***")
+        return text
 
     try:
         summary = job.run(translate_config(args))
     except job.JobError as e:
-        print(f"imgxlate translate: error: {e}", file=sys.stderr)
+        print(clean(f"imgxlate translate: error: {e}"), file=sys.stderr)
         return 2
+    except Exception:
+        print(clean(traceback.format_exc()), file=sys.stderr)
+        return 1
     if args.fail_on_error and summary.get("failed"):
         print(f"imgxlate translate: {summary['failed']} inputs failed (see the manifest)", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import requests
 from PIL import Image, ImageOps
 
 from imgxlate.cli import main
+from imgxlate.infer import job
 from imgxlate.io import codec, manifest, png16
 
 from conftest import photo
@@ -50,6 +51,39 @@ def translate(*argv) -> int:
 def rows_of(dst, run_id=None):
     dst = str(dst)
     return manifest.read_run(dst, run_id or manifest.runs(dst)[-1]).to_pylist()
+
+
+# ------------------------------------------------------------------------------------- 5: secrets
+def test_secrets_in_uris_are_never_printed(tmp_path, capsys, monkeypatch):
+    key_id, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    leaked = f"s3://{key_id}:{secret}@bucket/in"
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8))})
+    for argv in ([leaked, tmp_path / "o"], [src, leaked], [src, tmp_path / "o", "--model", leaked + "/model"]):
+        assert translate(*argv, "--scale", "2") == 2
+        out, err = capsys.readouterr()
+        assert "credentials" in err, err
+        for text in (out, err):
+            assert secret not in text and key_id not in text and secret.split("/")[0] not in text
+    # A storage error that quotes a URL with user info: exit 2, redacted.
+    def unreadable(*args, **kwargs):
+        raise OSError(f"cannot list https://{key_id}:{secret}@host/_manifest")
+
+    monkeypatch.setattr(manifest, "read_all", unreadable)
+    assert translate(src, tmp_path / "o", "--scale", "2") == 2
+    out, err = capsys.readouterr()
+    assert "cannot list https://host/_manifest" in err and secret not in out + err and key_id not in err
+    # Any exception that escapes is printed redacted, traceback included.
+    monkeypatch.setattr(job, "plan", unreadable)
+    assert translate(src, tmp_path / "o", "--scale", "2") == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" in err and "OSError: cannot list https://host/_manifest" in err
+    assert secret not in out + err and secret.split("/")[0] not in err and key_id not in err
+    from imgxlate.io.listing import redact, redact_text
+
+    assert redact(leaked) == "s3://bucket/in" and redact(f"ftp://u:{secret}@host:21/x") == "ftp://host:21/x"
+    assert redact("s3://b/icons/logo@2x.png") == "s3://b/icons/logo@2x.png"
+    assert secret not in redact_text(f"GET sftp://{key_id}:{secret}@h/x failed")
 
 
 # ------------------------------------------------------------------------------- 6: access denied

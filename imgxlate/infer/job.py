@@ -247,10 +247,19 @@ class Progress:
              f"  failed {failed}  ETA {eta_s}")
 
 
-def run(cfg: TranslateConfig) -> dict:
-    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+def check(cfg: TranslateConfig) -> None:
+    """Refuse, before any work, what the job must not run with."""
     if cfg.format not in codec.FORMATS:
         raise JobError(f"unknown --format {cfg.format!r}: use {', '.join(codec.FORMATS)}")
+    for what, uri in (("SRC", cfg.src), ("DST", cfg.dst), ("--model", cfg.model)):
+        if ":" in listing.userinfo(uri):
+            raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
+                           f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
+
+
+def run(cfg: TranslateConfig) -> dict:
+    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+    check(cfg)
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]

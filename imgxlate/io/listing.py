@@ -7,7 +7,6 @@ import csv
 import io
 import posixpath
 import re
-import urllib.parse
 from dataclasses import dataclass
 
 from imgxlate.io import storage
@@ -28,23 +27,60 @@ class Item:
     size: int = -1       # bytes, when the listing knows
 
 
+def _split_userinfo(rest: str) -> tuple[str, str]:
+    """(user info, the rest) of what follows ``scheme://``; ('', rest) when there is none."""
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        user, _, host = authority.rpartition("@")
+        return user, host + rest[len(authority):]
+    # A password with a '/' in it (AWS secret keys have them) ends the authority early:
+    # 'AKIA...:abc/def@bucket/key'. A port is all digits; a bucket or host name has no ':'.
+    port = authority.rpartition(":")[2]
+    if ":" in authority and not authority.startswith("[") and not port.isdigit() and "@" in rest:
+        user, _, remainder = rest.partition("@")
+        return user, remainder
+    return "", rest
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+
+
+def _parts(uri: str) -> tuple[str, str, str] | None:
+    """(scheme, user info, rest) of a URI, or None for a local path."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return None
+    return (scheme, *_split_userinfo(rest))
+
+
+def is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
+
+
 def redact(uri: str) -> str:
-    """A URI safe to log: no user:password@, no query string (signed URLs carry credentials there)."""
-    p = urllib.parse.urlsplit(uri)
-    if not p.scheme or len(p.scheme) == 1:    # a local path (or a Windows drive letter)
+    """A URI safe to log and to record: no user info (any scheme), and for http(s) no query string or
+    fragment (signed URLs carry credentials there). Elsewhere '?' is part of the key (s3://b/q?x=1.png)."""
+    parts = _parts(uri)
+    if parts is None:                          # a local path
         return uri
-    netloc = p.hostname or ""
-    if p.port:
-        netloc += f":{p.port}"
-    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "", ""))
+    scheme, _, rest = parts
+    if is_http(uri):
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return f"{scheme}://{rest}"
 
 
-_URL_SECRETS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)(?:[^\s/@'\"]+@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+def userinfo(uri: str) -> str:
+    """The ``user:password`` of a URI ('' when it has none)."""
+    parts = _parts(uri)
+    return parts[1] if parts else ""
+
+
+_URL = re.compile(r"\b[a-zA-Z][\w+.-]*://[^\s'\"<>]*")
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside a message (an exception text, say) with its credentials removed."""
-    return _URL_SECRETS.sub(r"\1\2", text)
+    """Every URL inside a message (an exception text, say) redacted as :func:`redact` does."""
+    return _URL.sub(lambda m: redact(m.group(0)), text)
 
 
 def _full_uri(uri: str, protocol: str | None, path: str) -> str:
