@@ -126,12 +126,13 @@ class Plan:
 
 def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
     try:
-        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit)
+        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit, exclude=cfg.dst)
     except listing.SourceError as e:
         raise JobError(str(e)) from e
     except Exception as e:
         raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e).__name__}: {e}") from e
-    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix)
+    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix,
+                               [it.source_uri for it in items])
     dst = cfg.dst.rstrip("/")
     try:
         previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
@@ -247,6 +248,13 @@ class Progress:
              f"  failed {failed}  ETA {eta_s}")
 
 
+def _same_place(a: str, b: str) -> bool:
+    try:
+        return storage.is_local(a) == storage.is_local(b) and storage.location(a) == storage.location(b)
+    except Exception:  # an unusable URI is reported by the listing or the preflight
+        return False
+
+
 def check(cfg: TranslateConfig) -> None:
     """Refuse, before any work, what the job must not run with."""
     if cfg.format not in codec.FORMATS:
@@ -255,6 +263,12 @@ def check(cfg: TranslateConfig) -> None:
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
                            f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
+    if any(ch in "/\\" or ord(ch) < 32 for ch in cfg.suffix):
+        raise JobError(f"--suffix {cfg.suffix!r}: no slashes or control characters")
+    if _same_place(cfg.src, cfg.dst):
+        raise JobError(f"SRC and DST are the same folder or prefix ({redact(cfg.dst)}): the outputs would "
+                       f"overwrite the inputs; write elsewhere (a folder inside SRC is fine: it is left out of "
+                       f"the listing)")
 
 
 def run(cfg: TranslateConfig) -> dict:
