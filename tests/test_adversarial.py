@@ -161,6 +161,22 @@ def test_src_equal_to_dst_is_refused_and_dst_inside_src_is_excluded(tmp_path, bu
     assert sorted(r["status"] for r in rows_of(f"s3://{bucket}/in/out", "r2")) == ["skipped_done"] * 2
 
 
+# -------------------------------------------------------------------------------------- 4: recipe
+def test_resume_compares_the_recipe(tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {f"{i}.png": _png(photo(10, 12, seed=i)) for i in range(2)})
+    assert translate(src, dst, "--scale", "2", "--run-id", "x2") == 0
+    assert translate(src, dst, "--scale", "3", "--run-id", "x3") == 0
+    x2, x3 = rows_of(dst, "x2"), rows_of(dst, "x3")
+    assert [r["status"] for r in x3] == ["ok", "ok"]
+    assert all(Image.open(dst / f"{i}.png").size == (36, 30) for i in range(2))   # x3 outputs
+    assert x2[0]["recipe"] and x3[0]["recipe"] and x2[0]["recipe"] != x3[0]["recipe"]
+    assert translate(src, dst, "--scale", "3", "--run-id", "x3-again") == 0
+    assert [r["status"] for r in rows_of(dst, "x3-again")] == ["skipped_done"] * 2
+    assert translate(src, dst, "--scale", "3", "--tile", "64", "--run-id", "x3-tiled") == 0
+    assert [r["status"] for r in rows_of(dst, "x3-tiled")] == ["ok", "ok"]
+
+
 # ------------------------------------------------------------------------------------- 5: secrets
 def test_secrets_in_uris_are_never_printed(tmp_path, capsys, monkeypatch):
     key_id, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -79,6 +81,15 @@ def model_info(cfg: TranslateConfig) -> dict:
             "scale": meta["scale"]}
 
 
+def recipe(cfg: TranslateConfig, meta: dict) -> str:
+    """Hash of what decides an output's pixels: the model (id and checksum) and every option that
+    changes them. A rerun skips an input only when its earlier ``ok`` row has the same recipe."""
+    what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": meta["scale"],
+            "cutout": cfg.cutout, "format": cfg.format, "suffix": cfg.suffix, "tile": cfg.tile,
+            "overlap": cfg.overlap, "amp": cfg.amp, "quality": cfg.quality if cfg.format != "png" else None}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _bucket_problem(dst: str, e: BaseException, doing: str = "written") -> str:
     where = redact(dst)
     bucket = where.split("://", 1)[1].split("/", 1)[0] if "://" in where else None
@@ -134,10 +145,11 @@ def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
     keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix,
                                [it.source_uri for it in items])
     dst = cfg.dst.rstrip("/")
+    this_recipe = recipe(cfg, meta)
     try:
-        previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
+        previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "recipe"]).to_pylist()
         done = {(r["source_uri"], r["output_uri"]) for r in previous
-                if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
+                if r["status"] in manifest.DONE and r["recipe"] == this_recipe}
         present = existing_outputs(dst) if done else set()
     except Exception as e:
         raise JobError(_bucket_problem(dst, e, "read")) from e
@@ -146,7 +158,7 @@ def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
     for it, key in zip(items, keys):
         source = redact(it.source_uri)
         row = {"source_uri": it.source_uri, "key": it.key, "run_id": run_id, "attempt": attempts[source] + 1,
-               "source_bytes": it.size if it.size >= 0 else None}
+               "source_bytes": it.size if it.size >= 0 else None, "recipe": this_recipe}
         if isinstance(key, Exception):
             final.append({**row, "source_uri": source, "status": "write_error", "error": str(key),
                           "output_uri": None})
