@@ -360,3 +360,19 @@ def test_16bit_rgb_tiff_stays_16bit(tmp_path, ray_local):
     assert row["status"] == "ok" and row["source_mode"] == "RGB;16", row
     out = codec.decode((dst / "scan16.png").read_bytes())
     assert out.bits == 16 and out.pixels.shape == (40, 48, 3)
+
+
+# ------------------------------------------------------------------ 11 (partial): run id, empty source
+def test_run_id_is_validated_and_an_empty_source_exits_0(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8)), "notes.txt": b"not an image"})
+    for bad in ("../x", "a/b", "..", ".", "a\\b", "x y", ""):
+        assert translate(src, tmp_path / "dst", "--run-id", bad) == 2, bad
+        assert "--run-id" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+    empty = tmp_path / "empty"
+    write_tree(empty, {"notes.txt": b"not an image"})
+    assert translate(empty, tmp_path / "dst") == 0
+    assert "no inputs" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+    assert translate(tmp_path / "missing", tmp_path / "dst") == 2
+    assert "does not exist" in capsys.readouterr().err

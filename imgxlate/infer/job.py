@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -260,6 +261,9 @@ class Progress:
              f"  failed {failed}  ETA {eta_s}")
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def _same_place(a: str, b: str) -> bool:
     try:
         return storage.is_local(a) == storage.is_local(b) and storage.location(a) == storage.location(b)
@@ -275,6 +279,9 @@ def check(cfg: TranslateConfig) -> None:
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
                            f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
+    if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
+        raise JobError(f"--run-id {cfg.run_id!r} names a folder under DST/_manifest: use only letters, digits, "
+                       f"'.', '_' and '-' (and not '.' or '..')")
     if any(ch in "/\\" or ord(ch) < 32 for ch in cfg.suffix):
         raise JobError(f"--suffix {cfg.suffix!r}: no slashes or control characters")
     if _same_place(cfg.src, cfg.dst):
@@ -294,6 +301,10 @@ def run(cfg: TranslateConfig) -> dict:
     p = plan(cfg, meta, run_id)
     if cfg.dry_run:
         return {"dry_run": dry_run_report(cfg, meta, p), "run_id": run_id}
+    if not p.total:
+        # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
+        _log(f"no inputs under {redact(cfg.src)} with extensions {', '.join(cfg.extensions)}: nothing to do")
+        return {"run_id": run_id, "inputs": 0, "counts": {}, "failed": 0}
     preflight_destination(cfg.dst, run_id)
     removed = storage.remove_stale_temporaries(cfg.dst)
     _log(f"run {run_id}: {p.total} inputs, {len(p.todo)} to process, "
