@@ -226,7 +226,8 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--dry-run", action="store_true", help="list and count inputs, estimate output size, stop")
     run.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input failed")
-    run.add_argument("--run-id", help="name for this run's manifest folder (default: time + random)")
+    run.add_argument("--run-id", help="name for this run's manifest folder: letters, digits, '.', '_', '-' "
+                                      "(default: time + random)")
 
 
 def translate_config(args):
