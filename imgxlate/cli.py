@@ -239,7 +239,8 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--dry-run", action="store_true", help="list and count inputs, estimate output size, stop")
     run.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input failed")
-    run.add_argument("--run-id", help="name for this run's manifest folder (default: time + random)")
+    run.add_argument("--run-id", help="name for this run's manifest folder: letters, digits, '.', '_', '-' "
+                                      "(default: time + random)")
 
 
 def translate_config(args):
@@ -256,13 +257,30 @@ def translate_config(args):
 
 
 def cmd_translate(args) -> int:
+    import traceback
+
     from imgxlate.infer import job
+    from imgxlate.io.listing import redact_text, userinfo
+
+    # Whatever is printed goes through redaction: URLs lose their user info and signed query strings,
+    # and credentials given inside SRC, DST or --model (refused by the job) are masked wherever they appear.
+    secrets = {part for uri in (args.src, args.dst, args.model) for part in
+               (userinfo(uri), *userinfo(uri).split(":", 1)) if len(part) >= 4}
+
+    def clean(text: str) -> str:
+        text = redact_text(text)
+        for part in sorted(secrets, key=len, reverse=True):
+            text = text.replace(part, "***")
+        return text
 
     try:
         summary = job.run(translate_config(args))
     except job.JobError as e:
-        print(f"imgxlate translate: error: {e}", file=sys.stderr)
+        print(clean(f"imgxlate translate: error: {e}"), file=sys.stderr)
         return 2
+    except Exception:
+        print(clean(traceback.format_exc()), file=sys.stderr)
+        return 1
     if args.fail_on_error and summary.get("failed"):
         print(f"imgxlate translate: {summary['failed']} inputs failed (see the manifest)", file=sys.stderr)
         return 1

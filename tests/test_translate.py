@@ -267,4 +267,5 @@ def test_redaction_of_urls_in_messages():
 
     msg = "ClientError: GET https://user:pw@host:9000/b/k.jpg?X-Amz-Signature=abc&X-Amz-Credential=AKIA failed"
     assert redact_text(msg) == "ClientError: GET https://host:9000/b/k.jpg failed"
-    assert redact("s3://bucket/key?versionId=1") == "s3://bucket/key" and redact("/tmp/a b.png") == "/tmp/a b.png"
+    assert redact("https://h/k.jpg?X-Amz-Signature=1") == "https://h/k.jpg" and redact("/tmp/a b.png") == "/tmp/a b.png"
+    assert redact("s3://bucket/q?x=1.png") == "s3://bucket/q?x=1.png"    # outside http(s), '?' is part of a key

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -79,7 +82,16 @@ def model_info(cfg: TranslateConfig) -> dict:
             "scale": meta["scale"]}
 
 
-def _bucket_problem(dst: str, e: BaseException) -> str:
+def recipe(cfg: TranslateConfig, meta: dict) -> str:
+    """Hash of what decides an output's pixels: the model (id and checksum) and every option that
+    changes them. A rerun skips an input only when its earlier ``ok`` row has the same recipe."""
+    what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": meta["scale"],
+            "cutout": cfg.cutout, "format": cfg.format, "suffix": cfg.suffix, "tile": cfg.tile,
+            "overlap": cfg.overlap, "amp": cfg.amp, "quality": cfg.quality if cfg.format != "png" else None}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _bucket_problem(dst: str, e: BaseException, doing: str = "written") -> str:
     where = redact(dst)
     bucket = where.split("://", 1)[1].split("/", 1)[0] if "://" in where else None
     if isinstance(e, FileNotFoundError) or "NoSuchBucket" in str(e):
@@ -87,7 +99,7 @@ def _bucket_problem(dst: str, e: BaseException) -> str:
             f"destination {where} cannot be created: {e}"
     if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "403" in str(e):
         return f"destination {where}: access denied" + (f" on bucket '{bucket}'" if bucket else "") + f" ({e})"
-    return f"destination {where} is not writable: {type(e).__name__}: {e}"
+    return f"destination {where} cannot be {doing}: {type(e).__name__}: {e}"
 
 
 def preflight_destination(dst: str, run_id: str) -> None:
@@ -126,23 +138,28 @@ class Plan:
 
 def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
     try:
-        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit)
+        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit, exclude=cfg.dst)
     except listing.SourceError as e:
         raise JobError(str(e)) from e
     except Exception as e:
         raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e).__name__}: {e}") from e
-    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix)
+    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix,
+                               [it.source_uri for it in items])
     dst = cfg.dst.rstrip("/")
-    previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "model_sha256"]).to_pylist()
+    this_recipe = recipe(cfg, meta)
+    try:
+        previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "recipe"]).to_pylist()
+        done = {(r["source_uri"], r["output_uri"]) for r in previous
+                if r["status"] in manifest.DONE and r["recipe"] == this_recipe}
+        present = existing_outputs(dst) if done else set()
+    except Exception as e:
+        raise JobError(_bucket_problem(dst, e, "read")) from e
     attempts = Counter(r["source_uri"] for r in previous if r["status"] != "skipped_done")
-    done = {(r["source_uri"], r["output_uri"]) for r in previous
-            if r["status"] in manifest.DONE and r["model_sha256"] == meta["sha256"]}
-    present = existing_outputs(dst) if done else set()
     todo, final = [], []
     for it, key in zip(items, keys):
         source = redact(it.source_uri)
         row = {"source_uri": it.source_uri, "key": it.key, "run_id": run_id, "attempt": attempts[source] + 1,
-               "source_bytes": it.size if it.size >= 0 else None}
+               "source_bytes": it.size if it.size >= 0 else None, "recipe": this_recipe}
         if isinstance(key, Exception):
             final.append({**row, "source_uri": source, "status": "write_error", "error": str(key),
                           "output_uri": None})
@@ -244,10 +261,38 @@ class Progress:
              f"  failed {failed}  ETA {eta_s}")
 
 
-def run(cfg: TranslateConfig) -> dict:
-    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _same_place(a: str, b: str) -> bool:
+    try:
+        return storage.is_local(a) == storage.is_local(b) and storage.location(a) == storage.location(b)
+    except Exception:  # an unusable URI is reported by the listing or the preflight
+        return False
+
+
+def check(cfg: TranslateConfig) -> None:
+    """Refuse, before any work, what the job must not run with."""
     if cfg.format not in codec.FORMATS:
         raise JobError(f"unknown --format {cfg.format!r}: use {', '.join(codec.FORMATS)}")
+    for what, uri in (("SRC", cfg.src), ("DST", cfg.dst), ("--model", cfg.model)):
+        if ":" in listing.userinfo(uri):
+            raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
+                           f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
+    if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
+        raise JobError(f"--run-id {cfg.run_id!r} names a folder under DST/_manifest: use only letters, digits, "
+                       f"'.', '_' and '-' (and not '.' or '..')")
+    if any(ch in "/\\" or ord(ch) < 32 for ch in cfg.suffix):
+        raise JobError(f"--suffix {cfg.suffix!r}: no slashes or control characters")
+    if _same_place(cfg.src, cfg.dst):
+        raise JobError(f"SRC and DST are the same folder or prefix ({redact(cfg.dst)}): the outputs would "
+                       f"overwrite the inputs; write elsewhere (a folder inside SRC is fine: it is left out of "
+                       f"the listing)")
+
+
+def run(cfg: TranslateConfig) -> dict:
+    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+    check(cfg)
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
@@ -256,6 +301,10 @@ def run(cfg: TranslateConfig) -> dict:
     p = plan(cfg, meta, run_id)
     if cfg.dry_run:
         return {"dry_run": dry_run_report(cfg, meta, p), "run_id": run_id}
+    if not p.total:
+        # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
+        _log(f"no inputs under {redact(cfg.src)} with extensions {', '.join(cfg.extensions)}: nothing to do")
+        return {"run_id": run_id, "inputs": 0, "counts": {}, "failed": 0}
     preflight_destination(cfg.dst, run_id)
     removed = storage.remove_stale_temporaries(cfg.dst)
     _log(f"run {run_id}: {p.total} inputs, {len(p.todo)} to process, "

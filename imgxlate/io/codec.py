@@ -9,6 +9,8 @@ over when it describes the output's colour space (a CMYK profile is used to conv
 from __future__ import annotations
 
 import io
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -71,6 +73,36 @@ def _from_png16(data: bytes, mode: str) -> Decoded:
     return Decoded(a[..., :3], a[..., 3] if c == 4 else None, mode, icc)
 
 
+def _low_byte_rawmode(rawmode: str) -> str:
+    """The rawmode that unpacks the low byte of each 16-bit sample where ``rawmode`` unpacks the high one
+    (``N``: libtiff hands samples over in this machine's byte order)."""
+    order = rawmode[-1] if rawmode[-1] != "N" else "L" if sys.byteorder == "little" else "B"
+    return rawmode[:-1] + ("B" if order == "L" else "L")
+
+
+def _from_tiff16(data: bytes, im: Image.Image) -> Decoded:
+    """A 16-bit RGB / RGBA TIFF at 16 bits. Pillow has no 16-bit colour mode: it unpacks the high byte of
+    each sample (rawmode ``RGB;16L``, ``;16B`` or ``;16N``). Loading a second time with the byte order
+    swapped in the rawmode unpacks the low bytes; together they are the samples."""
+    rawmodes = sorted({t.args[0] for t in im.tile})
+    if len(rawmodes) != 1 or not re.fullmatch(r"RGB[AX]?;16[LBN]", rawmodes[0]):
+        raise DecodeError(f"16-bit {im.mode} TIFF stored as {', '.join(rawmodes)} is not supported "
+                          f"(decoding it would drop the low 8 bits of every sample)")
+    planes = []
+    for rawmode in (rawmodes[0], _low_byte_rawmode(rawmodes[0])):
+        part = Image.open(io.BytesIO(data))
+        part.tile = [t._replace(args=(rawmode, *t.args[1:])) for t in part.tile]
+        try:
+            part.load()
+        except Exception as e:
+            raise DecodeError(f"truncated or corrupt TIFF data: {e}") from e
+        planes.append(np.asarray(part).astype(np.uint16))
+    a = planes[0] << 8 | planes[1]                    # Pillow applies the TIFF orientation tag on load
+    icc = im.info.get("icc_profile")
+    return Decoded(a[..., :3], a[..., 3] if im.mode == "RGBA" else None, f"{im.mode};16",
+                   icc if _icc_space(icc) == "RGB" else None)
+
+
 def probe(data: bytes) -> tuple[int, int, str, str]:
     """(width, height, mode, format) from the header only."""
     try:
@@ -100,6 +132,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     if im.format == "PNG" and head and head[2] == 16 and head[3] in (2, 4, 6):
         mode = {2: "RGB;16", 4: "LA;16", 6: "RGBA;16"}[head[3]]
         return _from_png16(data, mode)  # Pillow would drop these to 8 bits
+    if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and set(im.tag_v2.get(258, ())) == {16}:
+        return _from_tiff16(data, im)   # ... and these
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

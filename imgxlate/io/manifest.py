@@ -36,6 +36,7 @@ SCHEMA = pa.schema([
     ("model_id", pa.string()),
     ("model_sha256", pa.string()),
     ("task", pa.string()),               # sr / style / seg
+    ("recipe", pa.string()),             # hash of the model and every option that changes output pixels
     ("t_read_s", pa.float64()),
     ("t_decode_s", pa.float64()),
     ("t_model_s", pa.float64()),
@@ -72,6 +73,16 @@ def write_summary(dst: str, run_id: str, summary: dict) -> str:
     return uri
 
 
+def _read_part(data: bytes, columns: list[str] | None) -> pa.Table:
+    """``columns`` of a part; a column that an older part lacks (``recipe``, say) comes back null."""
+    part = pq.ParquetFile(io.BytesIO(data))
+    if columns is None:
+        return part.read()
+    table = part.read(columns=[c for c in columns if c in part.schema_arrow.names])
+    return pa.table({c: table[c] if c in table.column_names else pa.nulls(len(table), SCHEMA.field(c).type)
+                     for c in columns})
+
+
 def read_all(dst: str, columns: list[str] | None = None) -> pa.Table:
     """Every manifest row of every earlier run under DST (empty table when none)."""
     fs, root = storage.filesystem(manifest_root(dst))
@@ -79,7 +90,7 @@ def read_all(dst: str, columns: list[str] | None = None) -> pa.Table:
         parts = sorted(fs.glob(posixpath.join(root, "*", "part-*.parquet")))
     except FileNotFoundError:
         parts = []
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(p)), columns=columns) for p in parts]
+    tables = [_read_part(fs.cat_file(p), columns) for p in parts]
     if not tables:
         schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
         return schema.empty_table()

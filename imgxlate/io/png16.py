@@ -40,19 +40,58 @@ def _chunks(data: bytes):
         pos += 12 + length
 
 
-def _paeth_row(row: np.ndarray, prev: np.ndarray, bpp: int) -> None:
-    a = np.zeros(bpp, np.int32)
-    c = np.zeros(bpp, np.int32)
-    r = row.astype(np.int32)
-    p = prev.astype(np.int32)
-    for i in range(0, len(r), bpp):
-        b = p[i:i + bpp]
+MAX_ICC_BYTES = 16 << 20
+
+
+def _inflate(data: bytes, size: int, what: str) -> bytes:
+    """The zlib stream ``data``, inflated to at most ``size`` bytes: a stream that holds more (a
+    decompression bomb: hundreds of megabytes of zeros in a few hundred kilobytes) is refused without
+    inflating it."""
+    try:
+        out = zlib.decompressobj().decompress(data, size + 1)
+    except zlib.error as e:
+        raise PngError(f"corrupt or truncated PNG data: {e}") from e
+    if len(out) > size:
+        raise PngError(f"PNG {what} inflates to more data than {size} bytes: a decompression bomb?")
+    return out
+
+
+def _unfilter_rows(rows: np.ndarray, w: int, bpp: int) -> np.ndarray:
+    """None / Sub / Up rows, one row at a time: each needs only the row above."""
+    out = np.empty((rows.shape[0], w * bpp), np.uint8)
+    prev = np.zeros(w * bpp, np.uint8)
+    for y, (f, row) in enumerate(zip(rows[:, 0], rows[:, 1:])):
+        if f == 1:                              # Sub: running sum per byte lane (uint8 wraps)
+            row = np.cumsum(row.reshape(w, bpp), axis=0, dtype=np.uint8).reshape(-1)
+        elif f == 2:                            # Up
+            row = row + prev
+        out[y] = prev = row
+    return out
+
+
+def _unfilter_diagonals(rows: np.ndarray, w: int, bpp: int) -> np.ndarray:
+    """Every filter type, Average and Paeth included, along anti-diagonals: pixel (y, x) needs its left,
+    upper and upper-left neighbours, which all lie on earlier diagonals, so each diagonal is one NumPy
+    step (H + W - 1 steps, not H x W)."""
+    h = rows.shape[0]
+    # A zero row above and a zero column on the left stand for the pixels outside the image. In this
+    # (h+1) x (w+1) grid pixel (i, j) is at flat index i*(w+1) + j = i*w + (i+j): a diagonal i+j = k is
+    # a slice with step w. Pixels are reconstructed in place.
+    grid = np.zeros((h + 1, w + 1, bpp), np.uint8)
+    grid[1:, 1:] = rows[:, 1:].reshape(h, w, bpp)
+    flat = grid.reshape(-1, bpp)
+    types = np.concatenate([[0], rows[:, 0]]).astype(np.int16)[:, None]        # filter type per grid row
+    for k in range(2, h + w + 1):
+        i0, i1 = max(1, k - w), min(h, k - 1)                                   # rows with 1 <= j = k - i <= w
+        here = slice(i0 * w + k, i1 * w + k + 1, w)
+        a = flat[i0 * w + k - 1:i1 * w + k:w].astype(np.int16)                 # left       (i, j-1)
+        b = flat[(i0 - 1) * w + k - 1:(i1 - 1) * w + k:w].astype(np.int16)     # up         (i-1, j)
+        c = flat[(i0 - 1) * w + k - 2:(i1 - 1) * w + k - 1:w].astype(np.int16)  # up-left   (i-1, j-1)
         pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
-        pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        a = (r[i:i + bpp] + pred) & 0xFF
-        r[i:i + bpp] = a
-        c = b
-    row[:] = r
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        pred = np.choose(types[i0:i1 + 1], [np.zeros_like(a), a, b, (a + b) >> 1, paeth])
+        flat[here] += pred.astype(np.uint8)                                     # mod 256, as the spec says
+    return np.ascontiguousarray(grid[1:, 1:]).reshape(h, w * bpp)
 
 
 def decode(data: bytes) -> tuple[np.ndarray, bytes | None]:
@@ -71,38 +110,19 @@ def decode(data: bytes) -> tuple[np.ndarray, bytes | None]:
             idat.append(body)
         elif kind == b"iCCP":
             name_end = body.index(b"\0")
-            icc = zlib.decompress(body[name_end + 2:])
+            icc = _inflate(body[name_end + 2:], MAX_ICC_BYTES, "ICC profile")
         elif kind == b"IEND":
             break
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as e:
-        raise PngError(f"corrupt or truncated PNG data: {e}") from e
     bpp = CHANNELS[ctype] * 2
-    stride = w * bpp
-    if len(raw) < h * (stride + 1):
+    size = h * (w * bpp + 1)                     # per row: the filter type byte, then the row
+    raw = _inflate(b"".join(idat), size, f"image data of {w}x{h} (its header)")
+    if len(raw) < size:
         raise PngError("truncated PNG data")
-    rows = np.frombuffer(raw, np.uint8, h * (stride + 1)).reshape(h, stride + 1)
-    out = np.empty((h, stride), np.uint8)
-    prev = np.zeros(stride, np.uint8)
-    for y in range(h):
-        f, row = rows[y, 0], rows[y, 1:].copy()
-        if f == 1:                              # Sub: running sum per byte lane (uint8 wraps)
-            row = np.cumsum(row.reshape(w, bpp), axis=0, dtype=np.uint8).reshape(-1)
-        elif f == 2:                            # Up
-            row = row + prev
-        elif f == 3:                            # Average
-            r = row.astype(np.int32)
-            for i in range(stride):
-                left = r[i - bpp] if i >= bpp else 0
-                r[i] = (r[i] + ((left + int(prev[i])) >> 1)) & 0xFF
-            row = r.astype(np.uint8)
-        elif f == 4:
-            _paeth_row(row, prev, bpp)
-        elif f != 0:
-            raise PngError(f"bad PNG filter type {f}")
-        out[y] = row
-        prev = row
+    rows = np.frombuffer(raw, np.uint8).reshape(h, w * bpp + 1)
+    if rows[:, 0].max(initial=0) > 4:
+        raise PngError(f"bad PNG filter type {rows[:, 0].max()}")
+    unfilter = _unfilter_diagonals if (rows[:, 0] >= 3).any() else _unfilter_rows
+    out = unfilter(rows, w, bpp)
     return out.view(">u2").reshape(h, w, CHANNELS[ctype]).astype(np.uint16), icc
 
 

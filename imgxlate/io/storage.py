@@ -41,6 +41,13 @@ def is_local(uri: str) -> bool:
     return protocol in (None, "file", "local")
 
 
+def location(uri: str) -> str:
+    """Comparable form of a path or URI: an absolute normalised local path, or bucket/key without a
+    trailing '/' (on an object store '.' and '//' are part of a key, so they are kept)."""
+    _, path = filesystem(uri)
+    return os.path.normpath(os.path.abspath(path)) if is_local(uri) else path.rstrip("/")
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', whatever the storage."""
     if is_local(base):

@@ -1,0 +1,378 @@
+"""Findings of an adversarial review of the batch job, one test per finding, named after it."""
+
+import io
+import json
+import os
+import posixpath
+import random
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zlib
+
+import boto3
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageOps
+
+from imgxlate.cli import main
+from imgxlate.infer import job
+from imgxlate.io import codec, listing, manifest, png16
+
+from conftest import photo
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpg(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tree(root, files: dict[str, bytes]):
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def translate(*argv) -> int:
+    """`imgxlate translate ARGV`, with the bicubic model unless ARGV names one."""
+    args = [str(a) for a in argv]
+    return main(["translate", *args] + ([] if "--model" in args else ["--model", "bicubic"]))
+
+
+def rows_of(dst, run_id=None):
+    dst = str(dst)
+    return manifest.read_run(dst, run_id or manifest.runs(dst)[-1]).to_pylist()
+
+
+# ----------------------------------------------------------------------------------- 1: output keys
+def _check_keys(keys, ext=".png", suffix="", sources=None):
+    outs = listing.output_keys(keys, ext, suffix, sources)
+    names = [o for o in outs if isinstance(o, str)]
+    assert len(set(names)) == len(names), (keys, outs)
+    for o in names:
+        parts = o.split("/")
+        assert o.endswith(suffix + ext) and parts[0] != manifest.MANIFEST_DIR, o
+        assert all(p not in ("", ".", "..") for p in parts) and "\\" not in o, o
+        assert posixpath.normpath(posixpath.join("/dst", o)).startswith("/dst/"), o
+    order = list(range(len(keys)))
+    random.Random(len(keys)).shuffle(order)
+    again = listing.output_keys([keys[i] for i in order], ext, suffix,
+                                None if sources is None else [sources[i] for i in order])
+    assert [str(again[order.index(i)]) for i in range(len(keys))] == [str(o) for o in outs]   # order-free
+    return outs
+
+
+def test_output_keys_are_injective(tmp_path, ray_local):
+    assert _check_keys(["a.jpg", "a.png", "a.jpg.png"])[1] == "a.png.png"
+    _check_keys(["./dot.png", "dot.png"])
+    _check_keys(["in//x.png", "in/x.png"])
+    _check_keys(["_manifest/a.png", "_manifest_/a.png", "a.png"])
+    # Every output fed back as a new input: still unique, whatever names the resolution picks.
+    keys = ["a.jpg", "a.png", "a.jpg.png"]
+    for _ in range(4):
+        keys = sorted(set(keys) | {o for o in _check_keys(keys) if isinstance(o, str)})
+    _check_keys(keys)
+    # Property: many random name sets made of adversarial parts.
+    rng = random.Random(11)
+    parts = ["a", "a.png", "a.jpg", "a.jpg.png", "a.PNG", ".", "..", "", "_manifest", "_manifest_", "b c.png",
+             "q?x=1.png", "ü.png", "a\\b.png", "a-0123456789.png", "a.png.png"]
+    for _ in range(400):
+        n = rng.randint(1, 12)
+        keys = sorted({"/".join(rng.choice(parts) for _ in range(rng.randint(1, 3))) for _ in range(n)})
+        _check_keys(keys, rng.choice([".png", ".jpg"]), rng.choice(["", "_x2"]))
+    # A .txt manifest of two buckets has no common root: outputs still distinct (and readable).
+    lst = tmp_path / "two-buckets.txt"
+    lst.write_text("s3://b1/x/a.png\ns3://b2/y/a.png\n")
+    items = listing.list_inputs(str(lst))
+    outs = _check_keys([it.key for it in items], sources=[it.source_uri for it in items])
+    assert len(outs) == 2
+    # Through the job: the manifest records the chosen keys and each output comes from its own input.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    sizes = {"a.jpg": (10, 12), "a.png": (14, 16), "a.jpg.png": (18, 20)}
+    write_tree(src, {k: (_jpg if k.endswith("jpg") else _png)(photo(*hw, seed=i)) for i, (k, hw) in
+                     enumerate(sizes.items())})
+    assert translate(src, dst, "--scale", "2") == 0
+    rows = {r["key"]: r for r in rows_of(dst)}
+    assert len({r["output_uri"] for r in rows.values()}) == 3 and all(r["status"] == "ok" for r in rows.values())
+    for key, (h, w) in sizes.items():
+        assert Image.open(rows[key]["output_uri"]).size == (2 * w, 2 * h), key
+
+
+# ---------------------------------------------------------------------------------- 2: listing drops
+def test_listing_never_drops_an_input(tmp_path, bucket, s3_server, ray_local):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = ["in/q?x=1.png", "in/_manifest/old.png", "in/plain.png"]
+    for i, k in enumerate(names):
+        s3.put_object(Bucket=bucket, Key=k, Body=_png(photo(12, 14, seed=i)))
+    os.environ["AWS_ENDPOINT_URL"] = s3_server
+    assert sorted(it.key for it in listing.list_inputs(f"s3://{bucket}/in")) == ["_manifest/old.png", "plain.png",
+                                                                               "q?x=1.png"]
+    assert translate(f"s3://{bucket}/in", f"s3://{bucket}/out", "--scale", "2") == 0
+    rows = rows_of(f"s3://{bucket}/out")
+    assert sorted(r["key"] for r in rows) == ["_manifest/old.png", "plain.png", "q?x=1.png"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert {r["source_uri"] for r in rows} == {f"s3://{bucket}/{k}" for k in names}     # '?' is part of a key
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert "out/q?x=1.png" in keys and "out/plain.png" in keys
+    # The same locally; a signed http(s) URL still loses its query string before the extension check.
+    write_tree(tmp_path / "src", {"q?x=1.png": b"", "_manifest/a.png": b"", "b.png": b""})
+    assert len(listing.list_inputs(str(tmp_path / "src"))) == 3
+    lst = tmp_path / "urls.txt"
+    lst.write_text("https://h/p/a.png?X-Amz-Signature=s\nhttps://h/p/b.txt?x=.png\n")
+    assert [it.key for it in listing.list_inputs(str(lst))] == ["a.png"]
+
+
+# ------------------------------------------------------------------------------------ 3: SRC vs DST
+def test_src_equal_to_dst_is_refused_and_dst_inside_src_is_excluded(tmp_path, bucket, s3_server, ray_local,
+                                                                    capsys):
+    src = tmp_path / "src"
+    write_tree(src, {f"{i}.png": _png(photo(10, 12, seed=i)) for i in range(2)})
+    for dst in (src, f"{src}/", f"{src}/./"):
+        assert translate(src, dst, "--scale", "2") == 2
+        assert "same folder" in capsys.readouterr().err
+    assert sorted(os.listdir(src)) == ["0.png", "1.png"]                    # nothing written
+    for run_id in ("r1", "r2"):
+        assert translate(src, src / "out", "--scale", "2", "--run-id", run_id) == 0
+    assert not (src / "out" / "out").exists()
+    assert sorted(r["status"] for r in rows_of(src / "out", "r2")) == ["skipped_done"] * 2
+    # On S3.
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for i in range(2):
+        s3.put_object(Bucket=bucket, Key=f"in/{i}.png", Body=_png(photo(10, 12, seed=i)))
+    assert translate(f"s3://{bucket}/in", f"s3://{bucket}/in/", "--scale", "2") == 2
+    assert "same folder" in capsys.readouterr().err
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 2
+    for run_id in ("r1", "r2"):
+        assert translate(f"s3://{bucket}/in", f"s3://{bucket}/in/out", "--scale", "2", "--run-id", run_id) == 0
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not any(k.startswith("in/out/out/") for k in keys), keys
+    os.environ["AWS_ENDPOINT_URL"] = s3_server
+    assert sorted(r["status"] for r in rows_of(f"s3://{bucket}/in/out", "r2")) == ["skipped_done"] * 2
+
+
+# -------------------------------------------------------------------------------------- 4: recipe
+def test_resume_compares_the_recipe(tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {f"{i}.png": _png(photo(10, 12, seed=i)) for i in range(2)})
+    assert translate(src, dst, "--scale", "2", "--run-id", "x2") == 0
+    assert translate(src, dst, "--scale", "3", "--run-id", "x3") == 0
+    x2, x3 = rows_of(dst, "x2"), rows_of(dst, "x3")
+    assert [r["status"] for r in x3] == ["ok", "ok"]
+    assert all(Image.open(dst / f"{i}.png").size == (36, 30) for i in range(2))   # x3 outputs
+    assert x2[0]["recipe"] and x3[0]["recipe"] and x2[0]["recipe"] != x3[0]["recipe"]
+    assert translate(src, dst, "--scale", "3", "--run-id", "x3-again") == 0
+    assert [r["status"] for r in rows_of(dst, "x3-again")] == ["skipped_done"] * 2
+    assert translate(src, dst, "--scale", "3", "--tile", "64", "--run-id", "x3-tiled") == 0
+    assert [r["status"] for r in rows_of(dst, "x3-tiled")] == ["ok", "ok"]
+
+
+# ------------------------------------------------------------------------------------- 5: secrets
+def test_secrets_in_uris_are_never_printed(tmp_path, capsys, monkeypatch):
+    key_id, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    leaked = f"s3://{key_id}:{secret}@bucket/in"
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8))})
+    for argv in ([leaked, tmp_path / "o"], [src, leaked], [src, tmp_path / "o", "--model", leaked + "/model"]):
+        assert translate(*argv, "--scale", "2") == 2
+        out, err = capsys.readouterr()
+        assert "credentials" in err, err
+        for text in (out, err):
+            assert secret not in text and key_id not in text and secret.split("/")[0] not in text
+    # A storage error that quotes a URL with user info: exit 2, redacted.
+    def unreadable(*args, **kwargs):
+        raise OSError(f"cannot list https://{key_id}:{secret}@host/_manifest")
+
+    monkeypatch.setattr(manifest, "read_all", unreadable)
+    assert translate(src, tmp_path / "o", "--scale", "2") == 2
+    out, err = capsys.readouterr()
+    assert "cannot list https://host/_manifest" in err and secret not in out + err and key_id not in err
+    # Any exception that escapes is printed redacted, traceback included.
+    monkeypatch.setattr(job, "plan", unreadable)
+    assert translate(src, tmp_path / "o", "--scale", "2") == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" in err and "OSError: cannot list https://host/_manifest" in err
+    assert secret not in out + err and secret.split("/")[0] not in err and key_id not in err
+    from imgxlate.io.listing import redact, redact_text
+
+    assert redact(leaked) == "s3://bucket/in" and redact(f"ftp://u:{secret}@host:21/x") == "ftp://host:21/x"
+    assert redact("s3://b/icons/logo@2x.png") == "s3://b/icons/logo@2x.png"
+    assert secret not in redact_text(f"GET sftp://{key_id}:{secret}@h/x failed")
+
+
+# ------------------------------------------------------------------------------- 6: access denied
+def test_access_denied_on_dst_exits_2_naming_the_bucket(tmp_path, bucket, s3_server):
+    """moto enforces IAM user policies (not bucket policies) once its authentication is switched on
+    through the server's own API; the job runs in a fresh process with that user's credentials."""
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8))})
+    iam = boto3.client("iam", endpoint_url=s3_server)
+    keys = {}
+    for user, actions in (("no-dst", "s3:*"), ("no-put", "s3:PutObject")):
+        iam.create_user(UserName=f"{user}-{bucket}")
+        iam.put_user_policy(UserName=f"{user}-{bucket}", PolicyName="p", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                {"Effect": "Deny", "Action": actions,
+                 "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+        keys[user] = iam.create_access_key(UserName=f"{user}-{bucket}")["AccessKey"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AWS_ENDPOINT_URL": s3_server}
+    results = {}
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0").raise_for_status()
+    try:
+        for user, k in keys.items():
+            results[user] = subprocess.run(
+                [sys.executable, "-m", "imgxlate.cli", "translate", str(src), f"s3://{bucket}/out",
+                 "--model", "bicubic", "--scale", "2"], capture_output=True, text=True, timeout=300,
+                env={**env, "AWS_ACCESS_KEY_ID": k["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": k["SecretAccessKey"]})
+    finally:
+        requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf").raise_for_status()
+    for user, r in results.items():
+        assert r.returncode == 2, (user, r.stderr[-3000:])
+        assert f"access denied on bucket '{bucket}'" in r.stderr and "Traceback" not in r.stderr, (user, r.stderr)
+    assert boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+
+
+# ------------------------------------------------------------------------- 7: 16-bit PNG: bomb, filters
+def _paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def png_with_filters(pixels: np.ndarray, filters) -> bytes:
+    """A 16-bit PNG whose row y uses filter ``filters[y % len(filters)]`` (the spec's encoder side)."""
+    a = pixels[..., None] if pixels.ndim == 2 else pixels
+    h, w, c = a.shape
+    bpp = 2 * c
+    raw = np.ascontiguousarray(a.astype(">u2")).view(np.uint8).reshape(h, w * bpp).astype(np.int32)
+    out = []
+    for y in range(h):
+        x, up = raw[y], raw[y - 1] if y else np.zeros_like(raw[0])
+        left, upleft = np.concatenate([np.zeros(bpp, np.int32), x[:-bpp]]), np.concatenate(
+            [np.zeros(bpp, np.int32), up[:-bpp]])
+        f = filters[y % len(filters)]
+        pred = [0, left, up, (left + up) // 2, _paeth(left, up, upleft)][f]
+        out.append(bytes([f]) + ((x - pred) & 0xFF).astype(np.uint8).tobytes())
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return png16.SIGNATURE + png16._chunk(b"IHDR", ihdr) + png16._chunk(b"IDAT", zlib.compress(b"".join(out))) + \
+        png16._chunk(b"IEND", b"")
+
+
+def test_png16_bomb_is_refused_and_unfiltering_is_exact_and_fast():
+    # A 64x64 RGB16 header over an IDAT that inflates to 200 MB.
+    z, chunk = zlib.compressobj(9), bytes(1 << 20)
+    idat = b"".join(z.compress(chunk) for _ in range(200)) + z.flush()
+    bomb = png16.SIGNATURE + png16._chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 16, 2, 0, 0, 0)) + \
+        png16._chunk(b"IDAT", idat) + png16._chunk(b"IEND", b"")
+    assert len(bomb) < 400_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(codec.DecodeError, match="more data than"):
+            codec.decode(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, peak
+    # Every filter type, alone and mixed, every colour type, odd sizes: exact, and Pillow agrees.
+    rng = np.random.default_rng(7)
+    for c in (1, 2, 3, 4):
+        for h, w in ((1, 1), (1, 9), (7, 1), (23, 37)):
+            px = rng.integers(0, 65536, (h, w, c), dtype=np.uint16)
+            if h > 1:
+                px[h // 2:] = px[h // 2:] // 257 * 257 + 7        # smooth-ish half: different predictions
+            for filters in ([0], [1], [2], [3], [4], [4, 3, 1, 0, 2, 3, 4]):
+                data = png_with_filters(px[..., 0] if c == 1 else px, filters)
+                got, _ = png16.decode(data)
+                np.testing.assert_array_equal(got, px, err_msg=f"c={c} {h}x{w} filters={filters}")
+                ref = np.asarray(Image.open(io.BytesIO(data)))
+                if c == 1:
+                    np.testing.assert_array_equal(ref, px[..., 0])                  # Pillow keeps 16-bit gray
+                elif c in (3, 4):
+                    np.testing.assert_array_equal(ref, (px >> 8).astype(np.uint8))  # ... and the high bytes
+    # Speed: a 768x768 RGB16 Paeth PNG took 3.8 s with the per-pixel loop; about 0.1 s now.
+    big = rng.integers(0, 65536, (768, 768, 3), dtype=np.uint16)
+    data = png_with_filters(big, [4])
+    t0 = time.perf_counter()
+    got, _ = png16.decode(data)
+    assert time.perf_counter() - t0 < 1.0
+    np.testing.assert_array_equal(got, big)
+
+
+# -------------------------------------------------------------------------------- 8: 16-bit TIFF
+def tiff16(pixels: np.ndarray, order: str = "<", deflate: bool = False, orientation: int = 1) -> bytes:
+    """A baseline 16-bit RGB / RGBA TIFF (one strip, unassociated alpha), little or big endian."""
+    h, w, c = pixels.shape
+    strip = np.ascontiguousarray(pixels.astype(order + "u2")).tobytes()
+    if deflate:
+        strip = zlib.compress(strip)
+    bps_at = 8
+    data_at = bps_at + 2 * c
+    entries = [(256, 4, w), (257, 4, h), (258, 3, (c, bps_at)), (259, 3, 8 if deflate else 1), (262, 3, 2),
+               (273, 4, data_at), (277, 3, c), (278, 4, h), (279, 4, len(strip)), (284, 3, 1)]
+    if c == 4:
+        entries.append((338, 3, 2))
+    if orientation != 1:
+        entries = sorted(entries + [(274, 3, orientation)])
+    ifd_at = data_at + len(strip) + (len(strip) & 1)
+    out = (b"II" if order == "<" else b"MM") + struct.pack(order + "HI", 42, ifd_at)
+    out += struct.pack(order + f"{c}H", *[16] * c) + strip + b"\0" * (len(strip) & 1)
+    out += struct.pack(order + "H", len(entries))
+    for tag, typ, value in entries:
+        if isinstance(value, tuple):
+            out += struct.pack(order + "HHII", tag, typ, value[0], value[1])
+        elif typ == 3:
+            out += struct.pack(order + "HHIHH", tag, typ, 1, value, 0)
+        else:
+            out += struct.pack(order + "HHII", tag, typ, 1, value)
+    return out + struct.pack(order + "I", 0)
+
+
+def test_16bit_rgb_tiff_stays_16bit(tmp_path, ray_local):
+    px = (photo(20, 24, seed=3).astype(np.uint16) * 257) ^ np.uint16(0x5A)       # low bytes matter
+    rgba = np.dstack([px, np.full((20, 24), 40000, np.uint16)])
+    for pixels in (px, rgba):
+        for order in "<>":
+            for deflate in (False, True):
+                img = codec.decode(tiff16(pixels, order, deflate))
+                assert img.bits == 16 and img.mode == ("RGB;16" if pixels is px else "RGBA;16"), (order, deflate)
+                np.testing.assert_array_equal(img.pixels, pixels[..., :3])
+                if pixels is rgba:
+                    np.testing.assert_array_equal(img.alpha, rgba[..., 3])
+    for orientation in range(1, 9):                # EXIF orientation applied as for every other image
+        turned = Image.open(io.BytesIO(tiff16(px, orientation=orientation)))
+        expected = np.asarray(ImageOps.exif_transpose(turned))
+        np.testing.assert_array_equal(codec.decode(tiff16(px, orientation=orientation)).pixels >> 8, expected)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"scan16.tif": tiff16(px, deflate=True)})
+    assert translate(src, dst, "--scale", "2") == 0
+    (row,) = rows_of(dst)
+    assert row["status"] == "ok" and row["source_mode"] == "RGB;16", row
+    out = codec.decode((dst / "scan16.png").read_bytes())
+    assert out.bits == 16 and out.pixels.shape == (40, 48, 3)
+
+
+# ------------------------------------------------------------------ 11 (partial): run id, empty source
+def test_run_id_is_validated_and_an_empty_source_exits_0(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_tree(src, {"a.png": _png(photo(8, 8)), "notes.txt": b"not an image"})
+    for bad in ("../x", "a/b", "..", ".", "a\\b", "x y", ""):
+        assert translate(src, tmp_path / "dst", "--run-id", bad) == 2, bad
+        assert "--run-id" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+    empty = tmp_path / "empty"
+    write_tree(empty, {"notes.txt": b"not an image"})
+    assert translate(empty, tmp_path / "dst") == 0
+    assert "no inputs" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+    assert translate(tmp_path / "missing", tmp_path / "dst") == 2
+    assert "does not exist" in capsys.readouterr().err
