@@ -239,6 +239,10 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--dry-run", action="store_true", help="list and count inputs, estimate output size, stop")
     run.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input failed")
+    run.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                     help="when another run holds DST, wait up to this long for it (default: stop at once, exit 2)")
+    rs.add_argument("--max-model-retries", type=int, default=3,
+                    help="retries of a batch whose model actor died; then its inputs get model_error (default 3)")
     run.add_argument("--run-id", help="name for this run's manifest folder: letters, digits, '.', '_', '-' "
                                       "(default: time + random)")
 
@@ -253,6 +257,7 @@ def translate_config(args):
         cutout=args.cutout, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, io_cpus=args.io_cpus,
         ray_address=args.ray_address, num_cpus=args.num_cpus, s3_endpoint=args.s3_endpoint,
+        wait_for_lease_s=args.wait_for_lease, max_model_retries=args.max_model_retries,
         run_id=args.run_id, dry_run=args.dry_run, fail_on_error=args.fail_on_error)
 
 
@@ -273,13 +278,25 @@ def cmd_translate(args) -> int:
             text = text.replace(part, "***")
         return text
 
-    try:
-        summary = job.run(translate_config(args))
-    except job.JobError as e:
-        print(clean(f"imgxlate translate: error: {e}"), file=sys.stderr)
+    import datetime as dt
+
+    from imgxlate.console import ray_lines_to_log
+
+    error, trace = None, ""
+    with ray_lines_to_log("translate-" + dt.datetime.now().strftime("%Y%m%dT%H%M%S")):
+        try:
+            summary = job.run(translate_config(args))
+        except Exception as e:              # reported below, on the console
+            error, trace = e, traceback.format_exc()
+    if isinstance(error, job.JobError):
+        print(clean(f"imgxlate translate: error: {error}"), file=sys.stderr)
         return 2
-    except Exception:
-        print(clean(traceback.format_exc()), file=sys.stderr)
+    if isinstance(error, job.Interrupted):
+        print(f"imgxlate translate: {error}: {error.summary['not_started']} inputs not started; rerun the same "
+              f"command to finish", file=sys.stderr)
+        return 128 + error.signum           # 130 for SIGINT, 143 for SIGTERM
+    if error is not None:
+        print(clean(trace), file=sys.stderr)
         return 1
     if args.fail_on_error and summary.get("failed"):
         print(f"imgxlate translate: {summary['failed']} inputs failed (see the manifest)", file=sys.stderr)

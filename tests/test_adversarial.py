@@ -5,6 +5,7 @@ import json
 import os
 import posixpath
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -376,3 +377,97 @@ def test_run_id_is_validated_and_an_empty_source_exits_0(tmp_path, capsys):
     assert "no inputs" in capsys.readouterr().err and not (tmp_path / "dst").exists()
     assert translate(tmp_path / "missing", tmp_path / "dst") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ 9: SIGTERM / SIGINT
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(p))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pids) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.add(p)
+        except OSError:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_drain_record_every_output_and_leave_no_ray_process(sig, code, tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {f"img{i:03d}.png": _png(photo(160, 160, seed=i)) for i in range(60)})
+    cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--model", "bicubic",
+           "--scale", "4", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+
+    def written():
+        return sorted(p.name for p in dst.glob("*.png"))
+    while time.time() < deadline and len(written()) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be signalled"
+    tree = _descendants(proc.pid)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)           # Ctrl-C reaches the whole foreground process group
+    else:
+        os.kill(proc.pid, sig)             # `kill PID`, or an orchestrator stopping the driver
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "core_worker" not in err and "draining" in err
+    summary = json.loads(next((dst / "_manifest").glob("*/summary.json")).read_text())
+    assert summary["interrupted"] == signal.Signals(sig).name
+    rows = rows_of(dst)
+    ok = sorted(posixpath.basename(r["output_uri"]) for r in rows if r["status"] == "ok")
+    assert ok == written() and 3 <= len(ok) < 60                 # every written output has its row
+    assert summary["not_started"] == 60 - len(rows)
+    assert not list(dst.rglob("*imgxlate-tmp*"))
+    deadline = time.time() + 30
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive(tree), "Ray processes outlived the interrupted run"
+    assert translate(src, dst, "--scale", "4") == 0                # the rerun finishes the rest
+    assert written() == [f"img{i:03d}.png" for i in range(60)]
+    last = rows_of(dst)
+    assert len(last) == 60 and sum(r["status"] == "ok" for r in last) == 60 - len(ok)
+
+
+# ----------------------------------------------------------------------------------- 10: one run at a time
+def test_a_second_run_on_the_same_dst_waits_or_stops_with_a_clear_message(tmp_path, capsys, ray_local):
+    from imgxlate.io.lease import Lease
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {f"img{i}.png": _png(photo(32, 32, seed=i)) for i in range(4)})
+    holder = Lease(str(dst), "other-run").acquire()              # a run in progress elsewhere
+    try:
+        (dst / "x.png.imgxlate-tmp-123").write_bytes(b"in flight")   # its temporary file
+        assert translate(src, dst, "--scale", "2") == 2
+        err = capsys.readouterr().err
+        assert "destination in use: run other-run" in err and "--wait-for-lease" in err
+        assert (dst / "x.png.imgxlate-tmp-123").exists()         # nothing of the other run was touched
+        assert not list(dst.glob("img*.png"))
+    finally:
+        holder.release()
+    assert translate(src, dst, "--scale", "2", "--wait-for-lease", "5") == 0
+    assert sorted(r["status"] for r in rows_of(dst)) == ["ok"] * 4

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -21,11 +23,50 @@ from dataclasses import dataclass
 
 import imgxlate
 from imgxlate.io import codec, listing, manifest, storage
+from imgxlate.io.lease import Lease, LeaseHeld
 from imgxlate.io.listing import redact
 
 
 class JobError(RuntimeError):
     """The job could not run (bad source, unusable destination, bad model): nothing was processed."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM / SIGINT: the run drained (what was written is recorded) and stopped; ``summary`` says so."""
+
+    def __init__(self, signum: int, summary: dict):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.summary = signum, summary
+
+
+class SignalDrain:
+    """While active, the first SIGTERM / SIGINT starts a drain (``on_signal``); a second one stops at once."""
+
+    def __init__(self, on_signal):
+        self.on_signal, self.signum, self._old = on_signal, None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without draining")
+        self.signum = signum
+        _log(f"{signal.Signals(signum).name}: draining: no new inputs are started; the outputs in flight are "
+             f"finished and recorded (send it again to stop at once)")
+        self.on_signal()
+
+    def __enter__(self):
+        return self.install()
+
+    def install(self):
+        """(Re)install the handlers: also after ray.init, which sets its own."""
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old = signal.signal(s, self._handle)
+                self._old.setdefault(s, old)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -60,6 +101,8 @@ class TranslateConfig:
     fail_on_error: bool = False
     progress_every_s: float = 5.0
     manifest_every_rows: int = 1000
+    max_model_retries: int = 3           # a batch whose model actor dies is retried this often, then model_error
+    wait_for_lease_s: float = 0.0        # another run holds DST: wait this long for it, then stop (exit 2)
 
 
 def _log(msg: str) -> None:
@@ -202,11 +245,12 @@ def dry_run_report(cfg: TranslateConfig, meta: dict, p: Plan) -> dict:
     return report
 
 
-def start_ray(cfg: TranslateConfig) -> None:
+def start_ray(cfg: TranslateConfig) -> bool:
+    """Join the cluster (RAY_ADDRESS / --ray-address) or start Ray here; True when this call started it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")     # set inside `ray job submit`
     if address:
@@ -218,6 +262,8 @@ def start_ray(cfg: TranslateConfig) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, logging_level=logging.WARNING,
                  include_dashboard=False)
+        return True
+    return False
 
 
 def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
@@ -291,21 +337,35 @@ def check(cfg: TranslateConfig) -> None:
 
 
 def run(cfg: TranslateConfig) -> dict:
-    """Run the job; returns the summary. Raises JobError when the job cannot run."""
+    """Run the job; returns the summary. Raises JobError when the job cannot run, Interrupted when a signal
+    stopped it (after recording every output it wrote and writing the summary)."""
     check(cfg)
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     meta = model_info(cfg)
     t_start = time.time()
-    p = plan(cfg, meta, run_id)
+    preflight_destination(cfg.dst, run_id)
     if cfg.dry_run:
-        return {"dry_run": dry_run_report(cfg, meta, p), "run_id": run_id}
+        return {"dry_run": dry_run_report(cfg, meta, plan(cfg, meta, run_id)), "run_id": run_id}
+    try:
+        lease = Lease(cfg.dst, run_id, wait_s=cfg.wait_for_lease_s).acquire()
+    except LeaseHeld as e:
+        raise JobError(str(e)) from e
+    except Exception as e:
+        raise JobError(_bucket_problem(cfg.dst, e)) from e
+    try:
+        return _run(cfg, meta, run_id, t_start, lease)
+    finally:
+        lease.release()
+
+
+def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease) -> dict:
+    p = plan(cfg, meta, run_id)
     if not p.total:
         # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
         _log(f"no inputs under {redact(cfg.src)} with extensions {', '.join(cfg.extensions)}: nothing to do")
         return {"run_id": run_id, "inputs": 0, "counts": {}, "failed": 0}
-    preflight_destination(cfg.dst, run_id)
     removed = storage.remove_stale_temporaries(cfg.dst)
     _log(f"run {run_id}: {p.total} inputs, {len(p.todo)} to process, "
          f"{sum(r['status'] == 'skipped_done' for r in p.final)} already done"
@@ -313,7 +373,9 @@ def run(cfg: TranslateConfig) -> dict:
 
     dst = cfg.dst.rstrip("/")
     progress = Progress(p.total, cfg.progress_every_s)
-    parts, buffer, all_rows = 0, list(p.final), []
+    # The driver keeps counters, not rows: rows go to manifest parts as they arrive.
+    parts, buffer, counts, nbytes = 0, list(p.final), Counter(), Counter()
+    seen: set[str] = set()                 # inputs that came back from the pipeline (to find dropped batches)
     progress.update([r["status"] for r in p.final])
 
     def flush():
@@ -321,34 +383,63 @@ def run(cfg: TranslateConfig) -> dict:
         if buffer:
             manifest.write_part(dst, run_id, parts, buffer)
             parts += 1
-            all_rows.extend(buffer)
+            for r in buffer:
+                counts[r["status"]] += 1
+                if r["status"] != "skipped_done":
+                    nbytes["source"] += r.get("source_bytes") or 0
+                if r["status"] == "ok":
+                    nbytes["output"] += r.get("output_bytes") or 0
             buffer = []
 
-    last_flush = time.time()
-    if p.todo:
-        from imgxlate.infer import pipeline
+    stop, started_ray = None, False
+    drain = SignalDrain(lambda: stop.set.remote() if stop is not None else None)
+    with drain:
+        if p.todo and drain.signum is None:
+            from imgxlate.infer import pipeline
 
-        start_ray(cfg)
-        rcfg = resolve_resources(cfg)
-        import ray.data
+            started_ray = start_ray(cfg)
+            drain.install()
+            rcfg = resolve_resources(cfg)
+            import ray
+            import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.execution_options.preserve_order = False
-        ds = pipeline.build(p.todo, rcfg, meta)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-            rows = batch.to_pylist()
-            buffer.extend(rows)
-            progress.update([r["status"] for r in rows])
-            if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
-                flush()
-                last_flush = time.time()
-    flush()
+            # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.print_on_execution_start = False
+            ctx.execution_options.preserve_order = False
+            ctx.max_errored_blocks = -1    # a batch that failed every retry is dropped; its inputs get rows below
+            stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
+            ds = pipeline.build(p.todo, rcfg, meta, stop)
+            last_flush = time.time()
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                rows = batch.to_pylist()
+                seen.update(r["source_uri"] for r in rows)
+                rows = [r for r in rows if r["status"] != pipeline.NOT_STARTED]
+                buffer.extend(rows)
+                progress.update([r["status"] for r in rows])
+                if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
+                    flush()
+                    last_flush = time.time()
+                if lease.lost:
+                    drain.signum = drain.signum or signal.SIGTERM
+                    _log("the lease on DST was taken over by another run: stopping")
+                    stop.set.remote()
+            if drain.signum is None:
+                dropped = [r for r in p.todo if redact(r["source_uri"]) not in seen]
+                for r in dropped:
+                    buffer.append({**r, "source_uri": redact(r["source_uri"]), "status": "model_error",
+                                   "error": f"the model actor died on this input's batch {cfg.max_model_retries + 1} "
+                                            f"times (e.g. out of memory); not retried further",
+                                   "model_id": meta["model_id"], "model_sha256": meta["sha256"],
+                                   "task": meta["task"]})
+                progress.update(["model_error"] * len(dropped))
+        flush()
     progress.update([], force=True)
 
     wall = time.time() - t_start
-    counts = Counter(r["status"] for r in all_rows)
     processed = sum(v for k, v in counts.items() if k != "skipped_done")
     summary = {
         "run_id": run_id,
@@ -362,8 +453,8 @@ def run(cfg: TranslateConfig) -> dict:
         "inputs": p.total,
         "counts": dict(sorted(counts.items())),
         "failed": sum(v for k, v in counts.items() if k not in manifest.DONE),
-        "source_bytes": sum(r.get("source_bytes") or 0 for r in all_rows if r["status"] != "skipped_done"),
-        "output_bytes": sum(r.get("output_bytes") or 0 for r in all_rows if r["status"] == "ok"),
+        "source_bytes": nbytes["source"],
+        "output_bytes": nbytes["output"],
         "wall_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if wall > 0 else None,
         "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
@@ -372,7 +463,18 @@ def run(cfg: TranslateConfig) -> dict:
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)
     summary["config"]["model"] = redact(cfg.model)
+    if drain.signum is not None:
+        summary["interrupted"] = signal.Signals(drain.signum).name
+        summary["not_started"] = p.total - sum(counts.values())
     manifest.write_summary(dst, run_id, summary)
-    _log(f"done in {wall:.1f}s: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
+    _log(f"{'interrupted' if drain.signum else 'done'} in {wall:.1f}s: "
+         + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+         + (f"; {summary['not_started']} not started (a rerun does them)" if drain.signum else ""))
     _log(f"outputs under {redact(cfg.dst)}; manifest and summary in {summary['manifest']}")
+    if drain.signum is not None:
+        if started_ray:
+            import ray
+
+            ray.shutdown()                 # no Ray process outlives an interrupted run
+        raise Interrupted(drain.signum, summary)
     return summary

@@ -33,6 +33,9 @@ FLIGHT = pa.schema(list(manifest.SCHEMA) + [
 ])
 
 
+NOT_STARTED = "not_started"       # drained on a signal: no manifest row, left for the next run
+
+
 def _now():
     return dt.datetime.now(dt.timezone.utc)
 
@@ -67,13 +70,45 @@ def _apply(env: dict) -> None:
     os.environ.update({k: v for k, v in env.items() if v})
 
 
-def load(batch: pa.Table, max_pixels: int, env: dict) -> pa.Table:
-    """read + decode, on CPU tasks."""
+class StopFlag:
+    """Set when the driver is asked to stop (SIGTERM / SIGINT): read tasks stop starting new inputs."""
+
+    def __init__(self):
+        self.stopped = False
+
+    def set(self) -> None:
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+_stop_seen = {"at": 0.0, "value": False}
+
+
+def _stopping(stop) -> bool:
+    """Whether the run is draining; asks the flag actor at most once a second per worker process."""
+    if stop is None or _stop_seen["value"]:
+        return _stop_seen["value"]
+    if time.monotonic() - _stop_seen["at"] > 1.0:
+        import ray
+
+        _stop_seen["value"], _stop_seen["at"] = ray.get(stop.is_set.remote()), time.monotonic()
+    return _stop_seen["value"]
+
+
+def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
+    """read + decode, on CPU tasks. Once the run is draining, inputs not yet read are passed on as
+    ``not_started`` (no manifest row: the next run does them)."""
     _apply(env)
     rows = batch.to_pylist()
+    draining = _stopping(stop)
     for row in rows:
         row["started_at"] = _now()
         if row.get("status"):
+            continue
+        if draining:
+            row["status"] = NOT_STARTED
             continue
         t0 = time.perf_counter()
         try:
@@ -104,8 +139,9 @@ class ModelStage:
     """The actor: the model is loaded once, then every batch goes through it."""
 
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
-                 max_output_pixels: int, env: dict):
+                 max_output_pixels: int, env: dict, stop=None):
         _apply(env)
+        self.stop = stop
         import ray
         import torch
 
@@ -121,9 +157,13 @@ class ModelStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = []
+        draining = _stopping(self.stop)
         for i, row in enumerate(rows):
             row["node_id"], row["worker_id"] = self.node_id, self.worker_id
             if row.get("status"):
+                continue
+            if draining:                  # read but not yet run: nothing was written, the next run does it
+                row["status"], row["pixels"], row["alpha"], row["icc"] = NOT_STARTED, None, None, None
                 continue
             px, alpha = _unpack(row)
             s = self.predictor.scale
@@ -145,6 +185,13 @@ class ModelStage:
             row["output_height"], row["output_width"] = res.pixels.shape[:2]
             _pack(row, res.pixels, res.alpha)
         return _table(rows)
+
+
+def configured(settings: dict) -> type:
+    """ModelStage with its settings in the class itself: they travel with the actor's definition, not as
+    constructor arguments in the object store (which a restarted actor could lose, and which Ray warns about
+    on every run)."""
+    return type("ModelStage", (ModelStage,), {"__init__": lambda self: ModelStage.__init__(self, **settings)})
 
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
@@ -178,26 +225,28 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     return _table(rows, manifest.SCHEMA)
 
 
-def build(items: list[dict], cfg, model_meta: dict):
-    """The lazy Ray Dataset for ``items`` (dicts with source_uri, key, output_uri, attempt, run_id)."""
+def build(items: list[dict], cfg, model_meta: dict, stop=None):
+    """The lazy Ray Dataset for ``items`` (dicts with source_uri, key, output_uri, attempt, run_id).
+    ``stop``: a :class:`StopFlag` actor handle; once set, no new input is read."""
     import ray
 
     n = len(items)
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(n, 256)))
     ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
-                        fn_kwargs={"max_pixels": cfg.max_pixels, "env": env})
+                        fn_kwargs={"max_pixels": cfg.max_pixels, "env": env, "stop": stop})
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
+    settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
+                "max_output_pixels": cfg.max_output_pixels, "env": env, "stop": stop}
     ds = ds.map_batches(
-        ModelStage, batch_format="pyarrow", batch_size=cfg.batch_size,
+        configured(settings), batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         scheduling_strategy="SPREAD",             # model actors over as many nodes as there are
 
-        fn_constructor_kwargs={"model": cfg.model, "scale": cfg.scale, "options": options,
-                               "threads": cfg.threads_per_actor, "max_output_pixels": cfg.max_output_pixels,
-                               "env": env},
-        max_restarts=-1, max_task_retries=-1,     # a killed actor is replaced and its batch retried
+        # A killed actor is replaced and its batch retried, up to max_model_retries times: a batch that kills
+        # every actor it reaches is dropped after that, and the driver gives its inputs model_error rows.
+        max_restarts=-1, max_task_retries=cfg.max_model_retries,
     )
     return ds.map_batches(save, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
                           fn_kwargs={"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
