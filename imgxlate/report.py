@@ -16,10 +16,10 @@ def kind(uri: str) -> str:
     """'training' (a Ray Train run folder with imgxlate/metrics.jsonl), 'batch' (a DST with a manifest)."""
     if storage.exists(storage.join(uri, "imgxlate", "metrics.jsonl")):
         return "training"
-    if manifest.runs(uri):
+    if manifest.all_runs(uri):
         return "batch"
     raise FileNotFoundError(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
-                            f"batch DST with a finished manifest (_manifest/<run_id>/summary.json)")
+                            f"batch DST with a manifest (_manifest/<run_id>/)")
 
 
 def _fmt(v) -> str:
@@ -91,10 +91,22 @@ def latest_rows(rows: list[dict]) -> dict[str, dict]:
 def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
     where the time went, the slowest inputs and sample errors."""
-    run_ids = manifest.runs(dst)
-    summaries = [json.loads(storage.read_bytes(storage.join(manifest.manifest_root(dst), r, "summary.json")))
-                 for r in run_ids]
+    run_ids = manifest.all_runs(dst)
+    finished = set(manifest.runs(dst))
     rows = manifest.read_all(dst).to_pylist()
+    summaries = []
+    for r in run_ids:
+        if r in finished:
+            summaries.append(json.loads(storage.read_bytes(storage.join(manifest.manifest_root(dst), r,
+                                                                         "summary.json"))))
+            continue
+        mine = [x for x in rows if x["run_id"] == r]       # killed: no summary, only the parts it wrote
+        first = mine[0] if mine else {}
+        summaries.append({"run_id": f"{r} (killed: no summary)", "inputs": len(mine), "wall_s": None,
+                          "images_per_s": None, "counts": dict(Counter(x["status"] for x in mine)),
+                          "output_bytes": sum(x.get("output_bytes") or 0 for x in mine),
+                          "dst": redact(dst), "src": "?", "model_id": first.get("model_id"),
+                          "task": first.get("task")})
     state = latest_rows(rows)
     counts = Counter(r["status"] for r in state.values())
     last = summaries[-1]

@@ -471,3 +471,18 @@ def test_a_second_run_on_the_same_dst_waits_or_stops_with_a_clear_message(tmp_pa
         holder.release()
     assert translate(src, dst, "--scale", "2", "--wait-for-lease", "5") == 0
     assert sorted(r["status"] for r in rows_of(dst)) == ["ok"] * 4
+
+
+# ------------------------------------------------------------------- 11: smaller findings (the rest)
+def test_a_killed_runs_dst_is_reported_and_a_dry_run_checks_dst(tmp_path, capsys, s3_server, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {f"img{i}.png": _png(photo(24, 24, seed=i)) for i in range(3)})
+    assert translate(src, dst, "--scale", "2", "--run-id", "first") == 0
+    rows = rows_of(dst, "first")
+    (dst / "_manifest" / "first" / "summary.json").unlink()          # as a SIGKILL leaves it: parts, no summary
+    capsys.readouterr()
+    assert main(["report", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "first (killed: no summary)" in out and len(rows) == 3
+    assert translate(src, f"s3://no-such-bucket-{os.getpid()}/out", "--scale", "2", "--dry-run") == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -104,6 +104,17 @@ def read_run(dst: str, run_id: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
+def all_runs(dst: str) -> list[str]:
+    """Run ids with any manifest part or a summary (a killed run has parts and no summary), oldest first."""
+    fs, root = storage.filesystem(manifest_root(dst))
+    try:
+        found = [p for pattern in ("part-*.parquet", "summary.json")
+                 for p in fs.glob(posixpath.join(root, "*", pattern))]
+    except FileNotFoundError:
+        return []
+    return sorted({posixpath.basename(posixpath.dirname(p)) for p in found})
+
+
 def runs(dst: str) -> list[str]:
     """Run ids with a finished summary, oldest first."""
     fs, root = storage.filesystem(manifest_root(dst))
