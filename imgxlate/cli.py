@@ -455,7 +455,7 @@ def cmd_info(args) -> int:
 def cmd_sample_photos(args) -> int:
     from imgxlate.samples import write_sample_photos
 
-    paths = write_sample_photos(args.dst, max_side=args.max_side)
+    paths = write_sample_photos(args.dst, max_side=args.max_side, holdout=args.holdout)
     print(f"wrote {len(paths)} sample photos (scikit-image's data set) to {args.dst}")
     return 0
 
@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample-photos", help="write scikit-image's sample photos to a folder (for demos)")
     s.add_argument("dst")
     s.add_argument("--max-side", type=int, default=None, help="downscale photos larger than this")
+    s.add_argument("--holdout", type=int, default=0, help="write N photos to DST/heldout, the rest to DST/train")
     s.set_defaults(func=cmd_sample_photos)
     return p
 
