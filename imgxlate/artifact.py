@@ -64,9 +64,9 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
          contract=None) -> dict:
     """Write ``model`` as an artifact folder at ``uri``; returns the config.json contents. ``contract``
     (an :class:`imgxlate.infer.contract.Contract`) says how it must be run; by default, the task's."""
-    from imgxlate.infer.contract import for_task
+    from imgxlate.infer.contract import from_meta
 
-    contract = contract or for_task(model.task)
+    contract = contract or from_meta({"provenance": provenance or {}}, model.task)   # what training implies
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     data = buf.getvalue()

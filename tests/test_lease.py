@@ -24,7 +24,14 @@ def test_a_second_run_is_refused_naming_the_holder_until_the_first_releases(dst)
     first.release()
     with Lease(dst, "run-two") as second:
         assert not second.lost
-    assert not storage.exists(storage.join(dst, "_manifest", "LEASE"))
+    holder, _ = Lease(dst, "probe")._read()
+    assert holder is None or holder["expires"] == 0            # released: gone, or a tombstone anyone may take
+
+
+def test_an_empty_or_garbled_lease_does_not_lock_dst_forever(dst):
+    storage.write_bytes(storage.join(dst, "_manifest", "LEASE"), b"")       # a writer killed mid-write
+    with Lease(dst, "next") as lease:
+        assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "next"
 
 
 def test_a_killed_runs_lease_expires_and_is_taken_over(dst):

@@ -93,7 +93,8 @@ def from_meta(meta: dict | None, task: str) -> Contract:
     what their training did: seg the last stage's size from the provenance, sr and style native."""
     meta = meta or {}
     if meta.get("contract"):
-        return Contract(**meta["contract"])
+        known = {f.name for f in dataclasses.fields(Contract)}
+        return Contract(**{k: v for k, v in meta["contract"].items() if k in known})   # newer fields ignored
     stages = meta.get("provenance", {}).get("stages") or []
     size = next((s["size"] for s in reversed(stages) if isinstance(s, dict) and s.get("size")), None)
     content = meta.get("provenance", {}).get("config", {}).get("content_size")

@@ -357,7 +357,7 @@ def run(cfg: TranslateConfig) -> dict:
     try:
         return _run(cfg, meta, run_id, t_start, lease)
     finally:
-        lease.release()
+        lease.release()                         # never raises: a lease it cannot release expires by itself
 
 
 def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease) -> dict:
@@ -412,27 +412,33 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
             ctx.execution_options.preserve_order = False
             ctx.max_errored_blocks = -1    # a batch that failed every retry is dropped; its inputs get rows below
             stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
+            if drain.signum is not None:        # signalled while Ray was starting
+                stop.set.remote()
             ds = pipeline.build(p.todo, rcfg, meta, stop)
             last_flush = time.time()
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-                rows = batch.to_pylist()
-                seen.update(r["source_uri"] for r in rows)
-                rows = [r for r in rows if r["status"] != pipeline.NOT_STARTED]
-                buffer.extend(rows)
-                progress.update([r["status"] for r in rows])
-                if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
-                    flush()
-                    last_flush = time.time()
-                if lease.lost:
-                    drain.signum = drain.signum or signal.SIGTERM
-                    _log("the lease on DST was taken over by another run: stopping")
-                    stop.set.remote()
+            try:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                    rows = batch.to_pylist()
+                    seen.update(r["output_uri"] for r in rows)  # unique per input (injective keys)
+                    rows = [r for r in rows if r["status"] != pipeline.NOT_STARTED]
+                    buffer.extend(rows)
+                    progress.update([r["status"] for r in rows])
+                    if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
+                        flush()
+                        last_flush = time.time()
+                    if lease.lost and drain.signum is None:
+                        drain.signum = signal.SIGTERM
+                        _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
+                        stop.set.remote()
+            finally:
+                flush()                         # rows of outputs already written are recorded, whatever happens
             if drain.signum is None:
-                dropped = [r for r in p.todo if redact(r["source_uri"]) not in seen]
+                dropped = [r for r in p.todo if r["output_uri"] not in seen]
                 for r in dropped:
                     buffer.append({**r, "source_uri": redact(r["source_uri"]), "status": "model_error",
-                                   "error": f"the model actor died on this input's batch {cfg.max_model_retries + 1} "
-                                            f"times (e.g. out of memory); not retried further",
+                                   "error": f"this input's batch failed {cfg.max_model_retries + 1} times in the "
+                                            f"pipeline (a model actor or task died, e.g. out of memory); not "
+                                            f"retried further",
                                    "model_id": meta["model_id"], "model_sha256": meta["sha256"],
                                    "task": meta["task"]})
                 progress.update(["model_error"] * len(dropped))

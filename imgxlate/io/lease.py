@@ -11,6 +11,7 @@ narrows the race but does not close it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,15 @@ import uuid
 from imgxlate.io import storage
 
 NAME = "LEASE"
+TOMBSTONE = b'{"released": true, "expires": 0}'
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = None
+    return holder if isinstance(holder, dict) else {"expires": 0}
 
 
 class LeaseHeld(RuntimeError):
@@ -43,6 +53,7 @@ class Lease:
         self.run_id, self.ttl_s, self.wait_s, self.poll_s = run_id, ttl_s, wait_s, poll_s
         self.token = uuid.uuid4().hex          # tells our own lease from a later holder's
         self.lost = False
+        self._renewed = 0.0
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,63 +83,62 @@ class Lease:
                 raise
         if storage.is_local(self.uri):
             os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+            tmp = f"{self.uri}.new-{self.token}"
+            with open(tmp, "wb") as f:          # complete before it is visible: never an empty lease
+                f.write(self._body())
             try:
-                fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.uri)          # atomic, and fails when a lease exists
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._body())
-            return True
+            finally:
+                os.remove(tmp)
         if storage.exists(self.uri):
             return False
         storage.write_bytes(self.uri, self._body())
         return True
 
     def _read(self) -> tuple[dict | None, str | None]:
-        """(holder, etag) of the current lease, or (None, None) when there is none."""
+        """(holder, etag) of the current lease, or (None, None) when there is none. A released lease (a
+        tombstone) or an unreadable one reads as expired."""
         if self.uri.startswith("s3://"):
             client, bucket, key = self._s3()
             try:
                 r = client.get_object(Bucket=bucket, Key=key)
             except client.exceptions.NoSuchKey:
                 return None, None
-            return json.loads(r["Body"].read()), r["ETag"]
+            return _parse(r["Body"].read()), r["ETag"]
         try:
-            return json.loads(storage.read_bytes(self.uri)), None
+            return _parse(storage.read_bytes(self.uri)), None
         except FileNotFoundError:
             return None, None
-        except ValueError:                    # a lease caught half-written: treat as held, look again later
-            return {"run_id": "?", "heartbeat": time.time(), "expires": time.time() + self.poll_s}, None
 
-    def _remove(self, etag: str | None, holder: dict) -> bool:
-        """Remove the lease ``holder`` / ``etag`` describes, and nothing newer; True when it was removed."""
+    def _replace(self, etag: str | None, holder: dict, body: bytes) -> bool:
+        """Put ``body`` in place of the lease ``holder`` / ``etag`` describes, and of nothing newer."""
         if self.uri.startswith("s3://"):
             client, bucket, key = self._s3()
-            try:                              # overwrite-if-unchanged first, so the delete cannot hit a new lease
-                client.put_object(Bucket=bucket, Key=key, Body=b"{}", IfMatch=etag)
-                client.delete_object(Bucket=bucket, Key=key)
-                return True
+            try:                                # one conditional write: never a delete that could hit a new lease
+                etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)["ETag"]
             except client.exceptions.ClientError:
                 return False
+            self._etag = etag
+            return True
         if storage.is_local(self.uri):
-            aside = f"{self.uri}.released-{uuid.uuid4().hex[:8]}"
+            aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
             try:
-                os.rename(self.uri, aside)    # atomic: only one of several takers moves it
+                os.rename(self.uri, aside)      # atomic: only one of several takers moves it
             except FileNotFoundError:
                 return False
             with open(aside, "rb") as f:
-                moved = json.loads(f.read() or b"{}")
+                moved = _parse(f.read())
             if moved.get("token") != holder.get("token"):     # a newer lease slipped in: put it back
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.link(aside, self.uri)
-                except FileExistsError:
-                    pass
                 os.remove(aside)
                 return False
             os.remove(aside)
-            return True
-        fs, path = storage.filesystem(self.uri)
-        fs.rm(path)
+            return self._create() if body != TOMBSTONE else True
+        storage.write_bytes(self.uri, body)
         return True
 
     def _renew(self) -> bool:
@@ -153,13 +163,15 @@ class Lease:
                 break
             holder, etag = self._read()
             if holder is None:
-                continue                      # released between our two calls
+                continue                        # released between our two calls
             if holder.get("expires", 0) < time.time():
-                self._remove(etag, holder)    # a killed run's lease: take it over (or lose the race and retry)
-                continue
+                if self._replace(etag, holder, self._body()):   # a killed or released run's lease: take it
+                    break
+                continue                        # another run took it first: look again
             if time.time() >= deadline:
                 raise LeaseHeld(holder, self.uri)
             time.sleep(min(self.poll_s, max(0.1, deadline - time.time())))
+        self._renewed = time.time()
         self._thread = threading.Thread(target=self._heartbeat, name="imgxlate-lease", daemon=True)
         self._thread.start()
         return self
@@ -167,19 +179,26 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                if not self._renew():
+                if not self._renew():           # taken over by another run
                     self.lost = True
                     return
-            except Exception:                 # a transient store error: try again at the next beat
-                continue
+                self._renewed = time.time()
+            except Exception:                   # a store error: try again at the next beat, but not forever
+                if time.time() - self._renewed > self.ttl_s * 0.75:
+                    self.lost = True            # others may consider it expired soon
+                    return
 
     def release(self) -> None:
+        """Give the lease up (a tombstone others may take at once); never raises."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder, etag = self._read()
-        if holder and holder.get("token") == self.token:
-            self._remove(etag, holder)
+        try:
+            holder, etag = self._read()
+            if holder and holder.get("token") == self.token:
+                self._replace(etag, holder, TOMBSTONE)   # local folders: the file is removed
+        except Exception:                       # the lease then expires by itself
+            pass
 
     def __enter__(self) -> Lease:
         return self.acquire()
