@@ -56,6 +56,13 @@ def test_presets_build_with_the_published_sizes():
     assert all(b.res_scale == 0.1 for b in lesson.body)
 
 
+def test_presets_scale_residuals_as_the_edsr_paper():
+    # EDSR (Lim et al. 2017): no residual scaling in the 64-channel baseline, 0.1 in the 256-channel model.
+    assert all(b.res_scale == 1.0 for b in build("sr", preset="edsr-baseline").body)
+    assert all(b.res_scale == 0.1 for b in build("sr", preset="edsr", n_blocks=2).body)
+    assert PRESETS["sr"]["lesson"].res_scale == 0.1 and PRESETS["sr"]["tiny"].res_scale == 0.1
+
+
 def test_config_overrides_apply_on_top_of_a_preset():
     cfg = make_config("sr", {"nf": 32}, preset="edsr-baseline")
     assert (cfg.nf, cfg.n_blocks, cfg.res_scale) == (32, 16, 1.0)
