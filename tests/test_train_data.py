@@ -59,3 +59,26 @@ def test_degradations_are_deterministic_functions_of_their_parameters():
     assert a == b and a.noise_sigma > 0 and a.jpeg_quality is not None
     ds_img = apply(img, a)
     assert ds_img.shape == img.shape and ds_img.dtype == np.uint8
+
+
+def test_a_frozen_group_keeps_its_batch_norm_statistics():
+    # The plain loop (no Ray): a ':frozen' stage trains the decoder only; the encoder's BN running stats
+    # must not move either, with or without bn_freeze (as fastai).
+    from imgxlate.models import build
+    from imgxlate.train.loop import LoopConfig, Trainer
+    from imgxlate.train.objectives import SegObjective
+    from imgxlate.train.tasks import Stage, trainable_groups
+
+    torch.manual_seed(0)
+    model = build("unet", encoder_weights="none")
+    groups = trainable_groups(model, Stage(epochs=1, size=32, frozen_groups=(0,)), [])
+    batch = (torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float())
+    trainer = Trainer(model, SegObjective(), [batch], LoopConfig(epochs=1, frozen_groups=(0,)), groups=groups)
+
+    def bn_stats(module):
+        return [m.running_mean.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    encoder, rest = bn_stats(model.encoder), bn_stats(groups[1])
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(encoder, bn_stats(model.encoder)))
+    assert not all(torch.equal(a, b) for a, b in zip(rest, bn_stats(groups[1])))   # the trained group's move
+    assert not any(p.requires_grad for p in model.encoder.parameters())

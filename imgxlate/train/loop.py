@@ -31,7 +31,8 @@ class LoopConfig:
     ema: float = 0.0                   # EMA decay of the weights (0: off), e.g. 0.999
     lr_ratios: tuple[float, ...] = ()  # discriminative LRs: one factor per layer group (e.g. (0.01, 1))
     frozen_groups: tuple[int, ...] = ()  # layer groups not trained
-    bn_freeze: bool = False            # keep the frozen/pretrained groups' batch-norm statistics fixed
+    bn_freeze: bool = False            # also fix batch-norm statistics in groups with an LR ratio < 1 (frozen
+                                       # groups' are always fixed)
     checkpoint_every: int = 0          # also checkpoint every N steps (0: only per epoch)
     max_steps_per_epoch: int = 0       # cap (0: the whole loader)
 
@@ -101,10 +102,12 @@ class Trainer:
         return torch.autocast("cpu", enabled=False)
 
     def _train_mode(self):
+        """Train mode, except batch norm in frozen groups, which always keeps its statistics (as fastai
+        does: a frozen group is not trained, its running means included), and, with ``bn_freeze``, in the
+        groups trained at a reduced LR (the lesson's pretrained encoder after unfreezing)."""
         self.model.train()
-        if self.cfg.bn_freeze:
-            set_bn_eval([g for i, g in enumerate(self.groups) if i in self.cfg.frozen_groups or
-                         (self.cfg.lr_ratios and self.cfg.lr_ratios[i] < 1)])
+        set_bn_eval([g for i, g in enumerate(self.groups) if i in self.cfg.frozen_groups or
+                     (self.cfg.bn_freeze and self.cfg.lr_ratios and self.cfg.lr_ratios[i] < 1)])
 
     @torch.no_grad()
     def _update_ema(self):
