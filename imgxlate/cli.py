@@ -310,6 +310,8 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     elif task == "seg":
         p.add_argument("--stages", help="progressive plan size:epochs[:frozen], e.g. 128:2:frozen,128:2,256:2")
         p.add_argument("--val-fraction", type=float, default=0.2, help="groups (car ids) held out")
+        p.add_argument("--loss", default="bce_dice", choices=["bce", "bce_dice"],
+                       help="BCE with logits (the lesson's) or BCE + soft Dice (default)")
         p.add_argument("--encoder-weights", default="imagenet", help="none, imagenet, or a path/URI")
     else:
         p.add_argument("--style-image", required=True, help="the style painting (path or URI)")
@@ -332,7 +334,7 @@ def train_config(args, task: str):
                  "degradations": args.degradations}
     elif task == "seg":
         model.setdefault("encoder_weights", args.encoder_weights)
-        extra = {"val_fraction": args.val_fraction}
+        extra = {"val_fraction": args.val_fraction, "seg_loss": args.loss}
     else:
         model.setdefault("norm", args.norm)
         extra = {"style_image": args.style_image, "content_size": args.content_size,

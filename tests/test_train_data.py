@@ -82,3 +82,20 @@ def test_a_frozen_group_keeps_its_batch_norm_statistics():
     assert all(torch.equal(a, b) for a, b in zip(encoder, bn_stats(model.encoder)))
     assert not all(torch.equal(a, b) for a, b in zip(rest, bn_stats(groups[1])))   # the trained group's move
     assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_segmentation_loss_is_bce_or_bce_plus_dice(tmp_path):
+    import torch.nn.functional as F
+
+    from imgxlate.cli import build_parser, train_config
+    from imgxlate.losses import soft_dice_loss
+    from imgxlate.train.objectives import SegObjective
+
+    img, mask = torch.rand(2, 3, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    model = torch.nn.Conv2d(3, 1, 1)
+    bce = F.binary_cross_entropy_with_logits(model(img), mask)
+    assert torch.allclose(SegObjective("bce")(model, (img, mask))[0], bce)
+    assert torch.allclose(SegObjective()(model, (img, mask))[0], bce + soft_dice_loss(model(img), mask))
+    parse = build_parser().parse_args
+    assert train_config(parse(["train", "seg", str(tmp_path), "--loss", "bce"]), "seg").seg_loss == "bce"
+    assert train_config(parse(["train", "seg", str(tmp_path)]), "seg").seg_loss == "bce_dice"

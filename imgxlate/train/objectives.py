@@ -44,11 +44,20 @@ class StyleObjective(nn.Module):
         return loss, {"loss": loss.item(), **{n: t.item() for n, t in zip(self.loss.names, terms)}}
 
 
+SEG_LOSSES = {"bce": losses.bce, "bce_dice": losses.bce_dice}
+
+
 class SegObjective(nn.Module):
-    """BCE with logits + soft Dice."""
+    """BCE with logits (the lesson's loss) or BCE + soft Dice (the default)."""
+
+    def __init__(self, loss: str = "bce_dice"):
+        super().__init__()
+        if loss not in SEG_LOSSES:
+            raise ValueError(f"unknown segmentation loss {loss!r}; choose from {', '.join(SEG_LOSSES)}")
+        self.kind = loss
 
     def forward(self, model, batch):
         img, mask = batch
         logits = model(img)
-        loss = losses.bce_dice(logits, mask)
+        loss = SEG_LOSSES[self.kind](logits, mask)
         return loss, {"loss": loss.item()}

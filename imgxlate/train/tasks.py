@@ -76,6 +76,7 @@ class RunConfig:
     content_weight: float = 1e4
     # seg
     val_fraction: float = 0.2
+    seg_loss: str = "bce_dice"                  # 'bce' (the lesson's) or 'bce_dice' (BCE + soft Dice)
     out: str | None = None                      # artifact URI (default: <storage>/<name>/model)
 
     @classmethod
@@ -247,7 +248,7 @@ class SegTask(Task):
         def validate(predictor):
             rows = evaluate.eval_seg(predictor, val, keep_pictures=False)
             return {f"val_{k}": float(np.mean([getattr(r, k) for r in rows])) for k in ("dice", "iou", "accuracy")}
-        return StageData(train, SegObjective(), self.contract(cfg, stage, source), validate, device)
+        return StageData(train, SegObjective(cfg.seg_loss), self.contract(cfg, stage, source), validate, device)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (SrTask(), StyleTask(), SegTask())}
