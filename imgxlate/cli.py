@@ -294,7 +294,7 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps per epoch (0: all)")
-    p.add_argument("--limit", type=int, help="use at most this many training images")
+    p.add_argument("--limit", type=int, help="use at most this many training images (seg: image/mask pairs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
     p.add_argument("--model-config", default="{}", help="JSON of model config overrides, e.g. '{\"nf\": 32}'")

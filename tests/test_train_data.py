@@ -99,3 +99,45 @@ def test_segmentation_loss_is_bce_or_bce_plus_dice(tmp_path):
     parse = build_parser().parse_args
     assert train_config(parse(["train", "seg", str(tmp_path), "--loss", "bce"]), "seg").seg_loss == "bce"
     assert train_config(parse(["train", "seg", str(tmp_path)]), "seg").seg_loss == "bce_dice"
+
+
+def _write_pairs(root, layout: str, n: int):
+    """n photo/mask pairs in a segmentation layout: 'folders' (images/ + masks/, same names) or 'kaggle'
+    (Kaggle's Carvana: train/<id>_<angle>.jpg + train_masks/<id>_<angle>_mask.gif)."""
+    img_dir, mask_dir = {"folders": ("images", "masks"), "kaggle": ("train", "train_masks")}[layout]
+    (root / img_dir).mkdir(parents=True)
+    (root / mask_dir).mkdir()
+    names = []
+    for i in range(n):
+        stem = f"p{i}" if layout == "folders" else f"car{i // 2}_{i % 2 + 1:02d}"
+        ext = ".png" if layout == "folders" else ".jpg"
+        Image.fromarray(photo(24, 32, seed=i)).save(root / img_dir / (stem + ext))
+        mask = Image.fromarray(((np.arange(24 * 32).reshape(24, 32) % 7) == 0).astype(np.uint8) * 255)
+        if layout == "folders":
+            mask.save(root / mask_dir / f"{stem}.png")
+        else:
+            mask.convert("P").save(root / mask_dir / f"{stem}_mask.gif")
+        names.append(stem)
+    return names
+
+
+def test_limit_counts_image_mask_pairs(tmp_path):
+    from imgxlate.train.tasks import RunConfig, SegTask, Stage
+
+    _write_pairs(tmp_path, "folders", 6)
+    pairs = data.pair_segmentation(data.list_images(str(tmp_path)), limit=3)
+    assert [(p[0].split("/")[-2:], p[1].split("/")[-2:]) for p in pairs] == [
+        (["images", f"p{i}.png"], ["masks", f"p{i}.png"]) for i in range(3)]
+    cfg = RunConfig(task="seg", data=str(tmp_path), limit=3, val_fraction=0.34)
+    td = SegTask().stage_data(cfg, Stage(epochs=1, size=32), "cpu")
+    assert len(td.train) == 2                                # 3 pairs: 1 held out (one group), 2 trained on
+
+
+def test_kaggle_carvana_layout_pairs(tmp_path):
+    stems = _write_pairs(tmp_path, "kaggle", 4)
+    (tmp_path / "train_masks.csv").write_text("img,rle_mask\n")
+    pairs = data.pair_segmentation(data.list_images(str(tmp_path)))
+    assert [(p[0].split("/")[-2:], p[1].split("/")[-2:]) for p in pairs] == [
+        (["train", f"{s}.jpg"], ["train_masks", f"{s}_mask.gif"]) for s in stems]
+    train, val = data.grouped_split(pairs, 0.5)              # grouped by car id, as Carvana's own names
+    assert {p[0].split("/")[-1][:4] for p in train}.isdisjoint({p[0].split("/")[-1][:4] for p in val})

@@ -104,11 +104,25 @@ CARVANA_GROUP = r"^(?P<group>[^_/]+)_"
 SIBLING_FOLDERS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
 
 
-def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK) -> list[tuple[str, str]]:
-    """(image, mask) pairs matched by file name: a mask is ``<stem>_mask.gif|png`` (Carvana's
-    ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image or in a sibling folder
-    (``images/`` + ``masks/``), or has the image's own name in a sibling ``label/`` / ``labels/`` /
-    ``masks/`` folder (ISBI)."""
+def _mask_folders(folder: str) -> list[str]:
+    """Sibling folders that may hold the masks of the images in ``folder``: ``masks/`` for ``images/``,
+    ``label/`` for ``image/`` (SIBLING_FOLDERS), and ``<name>_masks/`` for ``<name>/`` (Kaggle's Carvana:
+    ``train/`` + ``train_masks/``)."""
+    parent, name = posixpath.split(folder)
+    return [posixpath.join(parent, m) for m in [m for i, m in SIBLING_FOLDERS if i == name] + [f"{name}_masks"]]
+
+
+def _is_mask_folder(folder: str) -> bool:
+    name = posixpath.basename(folder)
+    return name.endswith("_masks") or any(name == m for _, m in SIBLING_FOLDERS)
+
+
+def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK, limit: int | None = None
+                      ) -> list[tuple[str, str]]:
+    """(image, mask) pairs matched by file name, in listing order (at most ``limit``): a mask is
+    ``<stem>_mask.gif|png`` (Carvana's ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image
+    or in a sibling folder (``images/`` + ``masks/``, Kaggle's ``train/`` + ``train_masks/``), or has the
+    image's own name in a sibling ``label/`` / ``labels/`` / ``masks/`` folder (ISBI)."""
     rx = re.compile(mask_pattern)
     by_stem = {posixpath.splitext(u)[0]: u for u in uris}
     masks, images = {}, []
@@ -116,22 +130,24 @@ def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK) -> list
         m = rx.search(posixpath.basename(u))
         if m:
             masks[posixpath.join(posixpath.dirname(u), m.group("stem"))] = u
-        elif not any(f"/{mask_dir}/" in u for _, mask_dir in SIBLING_FOLDERS):
+        elif not _is_mask_folder(posixpath.dirname(u)):
             images.append(u)
     pairs = []
     for u in images:
         stem = posixpath.splitext(u)[0]
+        folder, name = posixpath.split(stem)
         candidates = [masks.get(stem)]
-        for img_dir, mask_dir in SIBLING_FOLDERS:
-            if f"/{img_dir}/" in u:
-                alt = stem.replace(f"/{img_dir}/", f"/{mask_dir}/")
-                candidates += [masks.get(alt), by_stem.get(alt)]
+        for mask_folder in _mask_folders(folder):
+            alt = posixpath.join(mask_folder, name)
+            candidates += [masks.get(alt), by_stem.get(alt)]
         mask = next((c for c in candidates if c), None)
         if mask is not None:
             pairs.append((u, mask))
+            if limit and len(pairs) == limit:
+                break
     if not pairs:
         raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
-                         "or image/ + label/)")
+                         "train/ + train_masks/, or image/ + label/)")
     return pairs
 
 

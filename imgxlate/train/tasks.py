@@ -236,8 +236,7 @@ class SegTask(Task):
         return for_task("seg", size=stage.size or 128, source_size=source_size)
 
     def stage_data(self, cfg, stage, device):
-        pairs = data.pair_segmentation(data.list_images(cfg.data) if cfg.limit is None else
-                                       data.list_images(cfg.data)[: 2 * cfg.limit])
+        pairs = data.pair_segmentation(data.list_images(cfg.data), limit=cfg.limit)
         train_pairs, val_pairs = data.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
         size = stage.size or 128
         train = data.SegDataset(train_pairs, size, augment=True, seed=cfg.seed)
