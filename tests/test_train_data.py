@@ -141,3 +141,17 @@ def test_kaggle_carvana_layout_pairs(tmp_path):
         (["train", f"{s}.jpg"], ["train_masks", f"{s}_mask.gif"]) for s in stems]
     train, val = data.grouped_split(pairs, 0.5)              # grouped by car id, as Carvana's own names
     assert {p[0].split("/")[-1][:4] for p in train}.isdisjoint({p[0].split("/")[-1][:4] for p in val})
+
+
+def test_one_cycle_schedule_of_a_few_steps():
+    # 4 steps with a 25% warmup: OneCycleLR's warmup would end at step index 0 and divide by zero.
+    from imgxlate.train.loop import LoopConfig, Trainer
+
+    class Square(torch.nn.Module):
+        def forward(self, model, batch):
+            loss = model(batch[0]).square().mean()
+            return loss, {"loss": loss.item()}
+    for epochs, steps, warmup in ((2, 2, 0.25), (1, 4, 0.25), (1, 2, 1.0)):
+        trainer = Trainer(torch.nn.Linear(2, 1), Square(), [(torch.rand(3, 2),)] * steps,
+                          LoopConfig(epochs=epochs, warmup_pct=warmup))
+        assert len(trainer.fit()) == epochs and trainer.step == epochs * steps
