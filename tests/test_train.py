@@ -182,6 +182,23 @@ def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
     assert (ev / "worst.png").exists() and len(list((ev / "overlays").glob("*.png"))) == 2
 
 
+def test_resume_inside_a_frozen_stage_with_two_workers(tmp_path, ray_local):
+    # Two steps per epoch and worker: DDP must not wait for gradients of the frozen encoder, in a stage
+    # resumed from its checkpoint and in the unfrozen stage after it.
+    make_seg_data(tmp_path / "seg")
+    cfg = RunConfig(task="seg", data=str(tmp_path / "seg"), name="frozen", storage=str(tmp_path / "runs"),
+                    model={"encoder_weights": "none"}, stages=parse_stages("seg", "48:1:frozen"),
+                    loop=LoopConfig(epochs=1, lr=2e-3), batch_size=2, workers=2, val_fraction=0.34, max_failures=0)
+    first = ray_train.fit(cfg)
+    assert first.error is None and first.metrics["step"] == 2
+    cfg.stages = parse_stages("seg", "48:2:frozen,48:1")
+    second = ray_train.fit(cfg)
+    assert second.error is None, second.error
+    assert [(h["stage"], h["epoch"], h["global_step"]) for h in history(cfg)] == [(0, 1, 2), (0, 2, 4), (1, 1, 2)]
+    saved = ray_train.read_checkpoint(second.checkpoint)
+    assert saved["stage"] == 1 and saved["stage_done"]
+
+
 def test_tiny_style_run_style_loss_falls(photos, tmp_path, ray_local):
     style = tmp_path / "style.png"
     stripes = np.zeros((64, 64, 3), np.uint8)

@@ -260,8 +260,14 @@ def task_of(cfg: RunConfig) -> Task:
 
 
 def trainable_groups(model: nn.Module, stage: Stage, new_params: list[str]) -> list[nn.Module]:
-    """Layer groups for LR ratios / freezing; SR 'train: new' freezes all but the grown layers."""
+    """Layer groups for LR ratios / freezing, with the stage's freezing applied (requires_grad): SR
+    'train: new' freezes all but the grown layers, seg ':frozen' its frozen groups. Called before the
+    model is wrapped in DDP, which registers only the parameters that require gradients then: a group
+    frozen after wrapping would leave DDP waiting for gradients that never come."""
     only_new = stage.train == "new" and bool(new_params)
     for n, p in model.named_parameters():
         p.requires_grad_(n in new_params if only_new else True)
-    return model.encoder_groups() if hasattr(model, "encoder_groups") else [model]
+    groups = model.encoder_groups() if hasattr(model, "encoder_groups") else [model]
+    for i in stage.frozen_groups:
+        groups[i].requires_grad_(False)
+    return groups
