@@ -271,8 +271,8 @@ def cmd_translate(args) -> int:
 def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("data", help="training images: folder, s3:// prefix or manifest" +
                    (" (images with <name>_mask.gif|png masks)" if task == "seg" else ""))
-    p.add_argument("--val", help="validation images (default: 10%% of the training images)" if task != "seg"
-                   else argparse.SUPPRESS)
+    p.add_argument("--val", help="validation images (default: a seeded 10%% of the training images, held out "
+                                 "from training)" if task != "seg" else argparse.SUPPRESS)
     p.add_argument("--name", default=f"{task}-run", help="run name: the same name and storage resume the run")
     p.add_argument("--storage", default="runs", help="checkpoint storage: local folder or s3://bucket/prefix")
     p.add_argument("--out", help="model artifact URI (default: <storage>/<name>/model)")
@@ -295,14 +295,17 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps per epoch (0: all)")
     p.add_argument("--limit", type=int, help="use at most this many training images (seg: image/mask pairs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples and the held-out split")
+    p.add_argument("--cache-mb", type=float, default=1024,
+                   help="decoded training images each worker keeps (least recently used first out), in MB")
     p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
     p.add_argument("--model-config", default="{}", help="JSON of model config overrides, e.g. '{\"nf\": 32}'")
     p.add_argument("--vgg-weights", default="imagenet", help="imagenet, a path/URI, or random (tests)")
     if task == "sr":
         p.add_argument("--scale", type=int, default=2)
         p.add_argument("--stages", help="progressive plan scale:epochs[:new], e.g. 2:3,4:1:new,4:3")
-        p.add_argument("--hr-crop", type=int, default=96, help="HR crop side")
+        p.add_argument("--hr-crop", type=int, default=96,
+                       help="HR crop side (training images smaller than it are skipped, with a warning)")
         p.add_argument("--samples-per-image", type=int, default=8, help="random crops per image per epoch")
         p.add_argument("--loss", default="l1", choices=["l1", "mse", "perceptual"])
         p.add_argument("--degradations", default="none",
@@ -349,13 +352,18 @@ def train_config(args, task: str):
                      batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
                      cpus_per_worker=args.cpus_per_worker, placement=args.placement,
                      max_failures=args.max_failures, seed=args.seed,
-                     limit=args.limit, vgg_weights=args.vgg_weights, **extra)
+                     limit=args.limit, cache_mb=args.cache_mb, vgg_weights=args.vgg_weights, **extra)
 
 
 def cmd_train(args) -> int:
     from imgxlate.train.run import train
+    from imgxlate.train.tasks import DataError
 
-    train(train_config(args, args.task), ray_address=args.ray_address)
+    try:
+        train(train_config(args, args.task), ray_address=args.ray_address)
+    except DataError as e:
+        print(f"imgxlate train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -370,6 +378,11 @@ def cmd_lr_find(args) -> int:
     cfg = train_config(args, args.task)
     task = tasks.task_of(cfg)
     stage = task.stages(cfg)[0]
+    try:
+        task.check(cfg)
+    except tasks.DataError as e:
+        print(f"imgxlate lr-find: error: {e}", file=sys.stderr)
+        return 2
     model, _ = task.build_model(cfg, stage, None)
     td = task.stage_data(cfg, stage, "cpu")
     loader = torch.utils.data.DataLoader(td.train, batch_size=cfg.batch_size, shuffle=True)

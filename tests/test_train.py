@@ -66,6 +66,50 @@ def test_tiny_sr_run_beats_bicubic_and_writes_a_usable_artifact(photos, tmp_path
     assert Image.open(tmp_path / "up" / "coffee.png").size == (2 * w, 2 * h)
 
 
+@pytest.fixture(scope="module")
+def t91_like(tmp_path_factory):
+    """Ten crops of scikit-image's photos with T91's spread of sizes, its smallest (78 x 78) twice."""
+    root = tmp_path_factory.mktemp("t91")
+    photos = [Image.open(p).convert("RGB") for p in write_sample_photos(str(root / "photos"), max_side=512)]
+    sizes = [(78, 78), (114, 119), (150, 132), (197, 176), (245, 195), (291, 198), (336, 240), (435, 348),
+             (78, 78), (218, 330)]
+    (root / "T91").mkdir()
+    for i, (w, h) in enumerate(sizes):
+        im = photos[i % len(photos)]
+        scale = max(w / im.width, h / im.height, 1.0)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        im.crop((0, 0, w, h)).save(root / "T91" / f"t{i:02d}.png")
+    return root / "T91"
+
+
+def test_t91_like_command_skips_small_images_and_beats_bicubic_on_held_out_images(t91_like, tmp_path, ray_local,
+                                                                                    capsys):
+    # The issue's command (default 96 px HR crop), with batches small enough for a few steps per epoch.
+    assert main(["train", "sr", str(t91_like), "--preset", "tiny", "--scale", "2", "--workers", "2", "--epochs", "3",
+                 "--batch-size", "8", "--samples-per-image", "16", "--name", "t91", "--storage",
+                 str(tmp_path / "runs")]) == 0
+    assert "smaller than the 96 px HR crop and are skipped" in capsys.readouterr().err
+    model = load(str(tmp_path / "runs" / "t91" / "model"))
+    prov = model.meta["provenance"]
+    h = history(RunConfig(task="sr", data=str(t91_like), name="t91", storage=str(tmp_path / "runs")))
+    assert len(prov["held_out"]) == 1 and prov["held_out"][0] not in prov["skipped_small"]
+    small = {"t00.png", "t08.png"} - set(prov["held_out"])
+    assert set(prov["skipped_small"]) == small
+    assert [e["data_skipped_small"] for e in h] == [len(small)] * 3
+    assert all(e["data_train_images"] == 10 - 1 - len(small) and e["data_val_images"] == 1 for e in h)
+    assert h[-1]["val_psnr"] > h[-1]["val_psnr_bicubic"] + 0.01     # on the held-out image (+0.05 dB when written)
+    assert all(len(e["worker_peak_rss_mb"]) == 2 and min(e["worker_peak_rss_mb"]) > 50 for e in h)
+
+
+def test_no_training_image_left_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "small").mkdir()
+    for i in range(3):
+        Image.fromarray(photo(60, 70, seed=i)).save(tmp_path / "small" / f"s{i}.png")
+    assert main(["train", "sr", str(tmp_path / "small"), "--name", "small", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "smaller than the 96 px HR crop" in err and "--hr-crop" in err and "Traceback" not in err
+
+
 def test_report_of_a_training_run(photos, tmp_path, ray_local, capsys):
     cfg = sr_config(photos, tmp_path, name="rep", samples_per_image=4, loop=LoopConfig(epochs=2, lr=1e-3))
     train(cfg)

@@ -1,6 +1,7 @@
 """Training data without Ray: pairing, grouped splits, seeded samples, degradations."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -155,3 +156,100 @@ def test_one_cycle_schedule_of_a_few_steps():
         trainer = Trainer(torch.nn.Linear(2, 1), Square(), [(torch.rand(3, 2),)] * steps,
                           LoopConfig(epochs=epochs, warmup_pct=warmup))
         assert len(trainer.fit()) == epochs and trainer.step == epochs * steps
+
+
+# T91's spread of sizes (w, h), its smallest image included: 78 x 78, under the default 96 px HR crop.
+T91_LIKE = [(78, 78), (114, 119), (150, 132), (197, 176), (245, 195), (291, 198), (336, 240), (435, 348)]
+
+
+def _write_images(folder, sizes, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(photo(h, w, seed=seed + i)).save(folder / f"t{i:02d}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_validation_is_held_out_of_training_by_default(tmp_path):
+    from imgxlate.train.tasks import DataError, RunConfig, SrTask, Stage, StyleTask
+
+    uris = _write_images(tmp_path / "train", [(64, 64)] * 20)
+    cfg = RunConfig(task="sr", data=str(tmp_path / "train"), hr_crop=32, seed=3)
+    td = SrTask().stage_data(cfg, Stage(epochs=1, scale=2), "cpu")
+    plan = td.plan
+    assert len(plan.val) == 2 and set(plan.val).isdisjoint(td.train.uris)       # 10%, never trained on
+    assert sorted(plan.val + td.train.uris) == uris
+    assert plan.held_out == sorted(u.split("/")[-1] for u in plan.val)           # keys, for the provenance
+    assert SrTask().plan(cfg, Stage(epochs=1, scale=2)).val == plan.val          # every worker: the same split
+    other = SrTask().plan(RunConfig(task="sr", data=str(tmp_path / "train"), hr_crop=32, seed=4), Stage(epochs=1))
+    assert other.val != plan.val                                                  # by the run's seed
+    style = StyleTask().plan(RunConfig(task="style", data=str(tmp_path / "train"), seed=3), Stage(epochs=1))
+    assert style.val == plan.val and set(style.val).isdisjoint(style.train)
+    # --val: everything trains, nothing is held out. One image and no --val: nothing to hold out.
+    val = _write_images(tmp_path / "val", [(64, 64)])
+    with_val = SrTask().plan(RunConfig(task="sr", data=str(tmp_path / "train"), val=str(tmp_path / "val"),
+                                       hr_crop=32), Stage(epochs=1))
+    assert len(with_val.train) == 20 and with_val.held_out == [] and with_val.val == val
+    _write_images(tmp_path / "one", [(64, 64)])
+    with pytest.raises(DataError, match="--val"):
+        SrTask().check(RunConfig(task="sr", data=str(tmp_path / "one"), hr_crop=32))
+
+
+def test_images_smaller_than_the_hr_crop_are_skipped(tmp_path):
+    from imgxlate.train.tasks import DataError, RunConfig, SrTask, Stage
+
+    _write_images(tmp_path / "t91", T91_LIKE * 2)                  # 16 images, two of them 78 px
+    cfg = RunConfig(task="sr", data=str(tmp_path / "t91"), seed=0)  # the default 96 px HR crop
+    plan = SrTask().plan(cfg, Stage(epochs=1, scale=2))
+    assert plan.skipped_small == [k for k in ("t00.png", "t08.png") if k not in plan.held_out]
+    assert plan.metrics()["data_skipped_small"] == len(plan.skipped_small) and plan.skipped_small
+    assert "--hr-crop 78 would keep them" in plan.warnings[0]
+    td = SrTask().stage_data(cfg, Stage(epochs=1, scale=2), "cpu")
+    batch = torch.utils.data.default_collate([td.train[i] for i in range(len(td.train))])   # all one size
+    assert batch[1].shape[1:] == (3, 96, 96)
+    _write_images(tmp_path / "tiny", [(40, 50)] * 3)
+    with pytest.raises(DataError, match="smaller than the 96 px HR crop.*pass a smaller --hr-crop"):
+        SrTask().check(RunConfig(task="sr", data=str(tmp_path / "tiny")))
+
+
+def test_workers_decode_only_what_their_sampler_draws_into_a_bounded_cache(tmp_path, monkeypatch):
+    uris = _write_images(tmp_path / "set", [(80, 60)] * 10)
+    reads = []
+
+    def counting_read(uri):
+        reads.append(uri)
+        return read_rgb(uri)
+    from imgxlate.io.images import read_rgb
+    monkeypatch.setattr(data, "read_rgb", counting_read)
+    one_image_mb = 80 * 60 * 3 / 2**20
+    cache = data.ImageCache(max_mb=3.5 * one_image_mb)                 # room for 3 decoded images
+    ds = data.SrDataset(uris, scale=2, hr_crop=32, samples_per_image=2, seed=0, cache=cache)
+    assert reads == [] and len(ds) == 20                                # nothing is read up front
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=4, rank=1, shuffle=True, seed=0)
+    drawn = list(sampler)
+    for i in drawn:
+        ds[i]
+    assert set(reads) == {uris[i % 10] for i in drawn} and len(set(reads)) < 10
+    assert len(cache) <= 3 and cache.nbytes <= cache.max_bytes
+    again = len(reads)
+    ds[drawn[-1]]                                                       # the most recent one is still cached
+    assert len(reads) == again and cache.hits >= 1
+    assert data.shared_cache(64) is data.shared_cache(64)               # the stages of a run share one
+
+
+def test_segmentation_source_size_comes_from_image_headers(tmp_path, monkeypatch):
+    from imgxlate.train.tasks import RunConfig, SegTask, Stage
+
+    _write_pairs(tmp_path, "kaggle", 6)
+    monkeypatch.setattr(data, "read_rgb", lambda uri: pytest.fail(f"decoded {uri}"))
+    td = SegTask().stage_data(RunConfig(task="seg", data=str(tmp_path), val_fraction=0.34), Stage(epochs=1, size=32),
+                              "cpu")
+    assert td.contract.source_size == (24, 32) and len(td.train) == 4 and td.plan.held_out
+
+
+def test_image_size_reads_the_header_and_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                    # rotate 90: width and height swap
+    Image.fromarray(photo(20, 30)).save(tmp_path / "rotated.jpg", exif=exif)
+    from imgxlate.io.images import read_rgb
+    assert data.image_size(str(tmp_path / "rotated.jpg")) == read_rgb(str(tmp_path / "rotated.jpg")).shape[:2]
+    assert data.image_size(str(tmp_path / "rotated.jpg")) == (30, 20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import tempfile
 
@@ -77,14 +78,17 @@ def train_loop_per_worker(config: dict) -> None:
 
         def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new, td=td):
             done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
-            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step}
+            rss = _gather(_peak_rss_mb())                                # every rank calls this together
+            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step, **td.plan.metrics(),
+                       "worker_peak_rss_mb": rss, "worker_peak_rss_mb_max": max(rss)}
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
                     torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
                                 "arch": model.arch, "model_config": dataclasses.asdict(model.config),
                                 "stage_spec": dataclasses.asdict(stage), "new_params": new,
-                                "contract": td.contract.to_dict()}, os.path.join(d, CKPT))
+                                "contract": td.contract.to_dict(), "data": td.plan.provenance()},
+                               os.path.join(d, CKPT))
                     checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
                 ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
             if rank == 0 and not metrics.get("partial_epoch"):
@@ -98,6 +102,20 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load_state_dict(state)
         trainer.fit()
         state = None
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports ru_maxrss in KB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _gather(value: float) -> list[float]:
+    """``value`` from every rank, in rank order (the process group Ray Train set up)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def read_checkpoint(checkpoint) -> dict:
@@ -184,7 +202,8 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     model.load_state_dict(weights)
     history = saved["trainer"]["history"]
     out = cfg.out or storage.join(run_dir(cfg), "model")
-    provenance = {"data": cfg.data, "val": cfg.val, "run": run_dir(cfg), "git_revision": git_revision(),
+    provenance = {"data": cfg.data, "val": cfg.val, **saved.get("data", {}), "run": run_dir(cfg),
+                  "git_revision": git_revision(),
                   "stages": [dataclasses.asdict(s) for s in tasks.task_of(cfg).stages(cfg)],
                   "config": dataclasses.asdict(cfg),
                   "workers": cfg.workers, "global_batch": cfg.batch_size * cfg.workers,

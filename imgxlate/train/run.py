@@ -33,8 +33,21 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
+def check_data(cfg: tasks.RunConfig) -> None:
+    """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
+    here, and a plan with nothing to train on stops the run with tasks.DataError."""
+    plans = tasks.task_of(cfg).check(cfg)
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        _log(f"warning: {warning}")
+    first = plans[0]
+    _log(f"data: {len(first.train)} training images" + (f", {len(first.val)} held out for validation "
+                                                        f"(seed {cfg.seed}), never trained on" if first.held_out
+                                                        else f", {len(first.val)} for validation"))
+
+
 def train(cfg: tasks.RunConfig, ray_address: str | None = None) -> dict:
     cfg = tasks.absolute_paths(cfg)
+    check_data(cfg)
     start_ray(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
          f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
