@@ -133,6 +133,7 @@ def cmd_eval_style(args) -> int:
     from imgxlate.evaluate import eval_style, read_named
     from imgxlate.io import storage
     from imgxlate.io.images import read_rgb
+    from imgxlate.train.objectives import style_size_of
 
     if args.style and len(args.model) > 1:
         print("--style overrides the style image of one model only; give one --model with it", file=sys.stderr)
@@ -152,19 +153,20 @@ def cmd_eval_style(args) -> int:
             return 2
         style = read_rgb(style_uri)
         size = args.size or cfg.get("content_size", 256)
+        style_size = args.style_size or style_size_of(cfg)       # as the run computed its Gram targets
         rows = eval_style(predictor, images, style, size=size, vgg_weights=args.vgg_weights,
-                          content_weight=cfg.get("content_weight", 1e4))
+                          content_weight=cfg.get("content_weight", 1e4), style_size=style_size)
         name = model.meta["model_id"]
         terms = list(rows[0].terms)
-        print(f"model={name}  style={style_uri}  losses on the centre {size} px square  vgg={args.vgg_weights} "
-              f"(lower is better)")
+        print(f"model={name}  style={style_uri} at {style_size or 'full'} px  losses on the centre {size} px square"
+              f"  vgg={args.vgg_weights} (lower is better)")
         print(f"{'image':<28}{'loss':>10}" + "".join(f"{t:>12}" for t in terms))
         for r in rows:
             print(f"{r.image:<28}{r.loss:>10.4g}" + "".join(f"{r.terms[t]:>12.4g}" for t in terms))
         mean = {"loss": sum(r.loss for r in rows) / len(rows),
                 **{t: sum(r.terms[t] for r in rows) / len(rows) for t in terms}}
         print(f"{'mean':<28}{mean['loss']:>10.4g}" + "".join(f"{mean[t]:>12.4g}" for t in terms))
-        summary[name] = {"style": style_uri, "size": size, "images": len(rows), "mean": mean}
+        summary[name] = {"style": style_uri, "size": size, "style_size": style_size, "images": len(rows), "mean": mean}
         if args.out:
             out = storage.join(args.out, name)
             common = {"model": name, "style": style_uri, "size": size, "vgg_weights": args.vgg_weights}
@@ -319,6 +321,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     else:
         p.add_argument("--style-image", required=True, help="the style painting (path or URI)")
         p.add_argument("--content-size", type=int, default=256)
+        p.add_argument("--style-size", type=int,
+                       help="the style image's shorter side for its Gram targets, resized first (default: the "
+                            "content size, as the lesson)")
         p.add_argument("--content-weight", type=float, default=1e4)
         p.add_argument("--samples-per-image", type=int, default=4)
         p.add_argument("--norm", default="instance", choices=["batch", "instance"])
@@ -340,7 +345,7 @@ def train_config(args, task: str):
         extra = {"val_fraction": args.val_fraction, "seg_loss": args.loss}
     else:
         model.setdefault("norm", args.norm)
-        extra = {"style_image": args.style_image, "content_size": args.content_size,
+        extra = {"style_image": args.style_image, "content_size": args.content_size, "style_size": args.style_size,
                  "content_weight": args.content_weight, "samples_per_image": args.samples_per_image}
     loop = LoopConfig(epochs=args.epochs, lr=args.lr, reference_batch=args.reference_batch,
                       weight_decay=args.weight_decay, warmup_pct=args.warmup, clip_grad=args.clip_grad,
@@ -511,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--style", help="style image (default: the one the model was trained with)")
     st.add_argument("--size", type=int, help="side of the centre square the losses are measured on "
                                              "(default: the training content size)")
+    st.add_argument("--style-size", type=int, help="the style image's shorter side for its Gram targets "
+                                                   "(default: the training run's, from the artifact)")
     st.add_argument("--vgg-weights", default="imagenet",
                     help="loss network: 'imagenet' (torchvision), a vgg16_bn state_dict path/URI, or 'random'")
     st.add_argument("--out", help="folder (path or URI) for per-model CSV/Parquet/summary and the grid PNGs")

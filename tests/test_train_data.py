@@ -253,3 +253,52 @@ def test_image_size_reads_the_header_and_applies_exif_orientation(tmp_path):
     from imgxlate.io.images import read_rgb
     assert data.image_size(str(tmp_path / "rotated.jpg")) == read_rgb(str(tmp_path / "rotated.jpg")).shape[:2]
     assert data.image_size(str(tmp_path / "rotated.jpg")) == (30, 20)
+
+
+def test_style_gram_targets_are_computed_at_the_style_size_in_training_and_eval(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from imgxlate import evaluate, losses
+    from imgxlate.artifact import save
+    from imgxlate.cli import main
+    from imgxlate.infer.predictor import Predictor
+    from imgxlate.models import build
+    from imgxlate.train.objectives import StyleObjective, style_size_of, style_target
+    from imgxlate.train.tasks import RunConfig, Stage, StyleTask
+
+    stripes = np.zeros((96, 160, 3), np.uint8)
+    stripes[:, ::2] = 255                                              # 1 px strokes
+    t = style_target(stripes, 48)
+    assert t.shape == (1, 3, 48, 80) and float(t.std()) < 0.02         # shorter side 48, antialiased: grey
+    assert style_target(stripes, None).shape == (1, 3, 96, 160)
+
+    def grams(make):
+        torch.manual_seed(0)                                           # the same random VGG for each
+        return [g.clone() for g in make().style_grams()]
+    at_48 = grams(lambda: StyleObjective(stripes, 48, "random").loss)
+    assert all(torch.equal(a, b) for a, b in zip(at_48, grams(lambda: losses.StyleLoss(t, vgg_weights="random"))))
+    assert not all(torch.allclose(a, b) for a, b in zip(at_48, grams(lambda: StyleObjective(stripes, None,
+                                                                                            "random").loss)))
+    # Training: the style size, by default the content size; recorded with the run config.
+    Image.fromarray(stripes).save(tmp_path / "style.png")
+    _write_images(tmp_path / "content", [(64, 64)] * 3)
+    cfg = RunConfig(task="style", data=str(tmp_path / "content"), style_image=str(tmp_path / "style.png"),
+                    vgg_weights="random", content_size=40)
+    assert StyleTask().stage_data(cfg, Stage(epochs=1), "cpu").objective.style_size == 40
+    cfg.style_size = 48
+    assert StyleTask().stage_data(cfg, Stage(epochs=1), "cpu").objective.style_size == 48
+    assert style_size_of({"content_size": 40}) is None                 # recorded before the setting: full size
+    # eval style reads the recorded size and builds its loss the same way.
+    model_dir = str(tmp_path / "model")
+    save(build("style", n_blocks=2), model_dir, provenance={"config": dataclasses.asdict(cfg)})
+    assert main(["eval", "style", "--model", model_dir, "--data", str(tmp_path / "content"), "--vgg-weights",
+                 "random", "--out", str(tmp_path / "eval")]) == 0
+    name = json.loads((tmp_path / "model" / "config.json").read_text())["model_id"]
+    summary = json.loads((tmp_path / "eval" / name / "summary.json").read_text())
+    assert summary["style_size"] == 48 and "at 48 px" in capsys.readouterr().out
+    named = evaluate.read_named(str(tmp_path / "content"))
+    rows = evaluate.eval_style(Predictor(model_dir), named, stripes, size=40, vgg_weights="random", style_size=48)
+    assert summary["mean"]["loss"] == pytest.approx(np.mean([r.loss for r in rows]), rel=1e-6)
+    full = evaluate.eval_style(Predictor(model_dir), named, stripes, size=40, vgg_weights="random")
+    assert np.mean([r.loss for r in full]) != pytest.approx(summary["mean"]["loss"], rel=1e-3)

@@ -24,7 +24,7 @@ from imgxlate.models import build, grow, make_config
 from imgxlate.train import data
 from imgxlate.train.degrade import PRESETS as DEGRADATIONS
 from imgxlate.train.loop import LoopConfig
-from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective
+from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective, style_size_of
 
 
 @dataclass
@@ -75,6 +75,8 @@ class RunConfig:
     # style
     style_image: str | None = None
     content_size: int = 256
+    style_size: int | None = None               # style image resized to this shorter side for its Gram targets
+                                                # (None: content_size; see objectives.style_target)
     content_weight: float = 1e4
     # seg
     val_fraction: float = 0.2
@@ -278,8 +280,7 @@ class StyleTask(Task):
         train = data.CropDataset(plan.train, cfg.content_size, cfg.samples_per_image, cfg.seed,
                                  cache=data.shared_cache(cfg.cache_mb))
         style = image_io.read_rgb(cfg.style_image)
-        objective = StyleObjective(torch.from_numpy(style).permute(2, 0, 1).float()[None] / 255, cfg.vgg_weights,
-                                   cfg.content_weight)
+        objective = StyleObjective(style, style_size_of(dataclasses.asdict(cfg)), cfg.vgg_weights, cfg.content_weight)
 
         def validate(predictor):
             rows = evaluate.eval_style(predictor, ((u, image_io.read_rgb(u)) for u in plan.val), style,
