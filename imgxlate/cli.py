@@ -282,6 +282,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start Ray locally)")
+    p.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
+                   help="when the cluster cannot hold the workers (e.g. --gpu without GPU nodes), ask its "
+                        "autoscaler and wait this long before giving up (default 0: stop at once, exit 2)")
     p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one per node)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
@@ -361,12 +364,14 @@ def train_config(args, task: str):
 
 
 def cmd_train(args) -> int:
+    from imgxlate.train.ray_train import ResourceError
     from imgxlate.train.run import train
     from imgxlate.train.tasks import DataError
 
     try:
-        train(train_config(args, args.task), ray_address=args.ray_address)
-    except DataError as e:
+        train(train_config(args, args.task), ray_address=args.ray_address,
+              wait_for_resources=args.wait_for_resources)
+    except (DataError, ResourceError) as e:
         print(f"imgxlate train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +24,8 @@ from imgxlate.train.run import parse_stages, train
 from imgxlate.train.tasks import RunConfig, Stage
 
 from conftest import photo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,42 @@ def test_no_training_image_left_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "sr", str(tmp_path / "small"), "--name", "small", "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "smaller than the 96 px HR crop" in err and "--hr-crop" in err and "Traceback" not in err
+
+
+RAY_NOISE = ("Traceback", "PlacementGroupCleaner", "Failed to query Ray Train Controller", "core_worker.cc",
+             "gcs", "GCS", "(RayTrainWorker", "(TrainController", "Error in training function")
+
+
+def test_console_shows_imgxlate_progress_and_names_the_file_ray_writes_to(photos, tmp_path):
+    # A user's run, as a subprocess: Ray starts in it, its own messages go to a log file.
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "imgxlate.cli", "train", "sr", str(photos / "train"), "--preset", "tiny",
+                        "--name", "quiet", "--storage", str(tmp_path / "runs"), "--workers", "2", "--epochs", "2",
+                        "--batch-size", "4", "--hr-crop", "48", "--samples-per-image", "2"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    console = r.stdout + r.stderr
+    assert r.returncode == 0, console[-3000:]
+    log = tmp_path / "runs" / "quiet" / "imgxlate" / "ray.log"
+    assert f"Ray's own messages: {log}" in console
+    assert not [p for p in RAY_NOISE if p in console], console
+    assert "[imgxlate] stage 1/1 epoch 1/2" in console and "[imgxlate] stage 1/1 epoch 2/2" in console  # rank 0
+    assert console.count("[imgxlate] stage 1/1 epoch 2/2") == 1 and "final metrics" in console
+    assert "(RayTrainWorker" in log.read_text()
+
+
+def test_gpu_run_on_a_cluster_without_gpus_stops_with_a_clear_message(photos, tmp_path, ray_local, capsys):
+    args = ["train", "sr", str(photos / "train"), "--preset", "tiny", "--name", "gpu", "--storage",
+            str(tmp_path / "runs"), "--gpu", "--hr-crop", "48"]
+    t0 = time.time()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "need {'CPU': 1.0, 'GPU': 1.0} each" in err and "0 GPUs" in err and "drop --gpu" in err
+    assert "--wait-for-resources" in err and time.time() - t0 < 60
+    t0 = time.time()
+    assert main([*args, "--wait-for-resources", "3"]) == 2                 # no autoscaler here: gives up
+    assert "did not grow within 3 s" in capsys.readouterr().err and 3 <= time.time() - t0 < 60
+    assert not (tmp_path / "runs" / "gpu" / "model").exists()
 
 
 def test_report_of_a_training_run(photos, tmp_path, ray_local, capsys):
