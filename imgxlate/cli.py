@@ -135,6 +135,7 @@ def cmd_eval_style(args) -> int:
     from imgxlate.evaluate import eval_style, read_named
     from imgxlate.io import storage
     from imgxlate.io.images import read_rgb
+    from imgxlate.train.objectives import style_size_of
 
     if args.style and len(args.model) > 1:
         print("--style overrides the style image of one model only; give one --model with it", file=sys.stderr)
@@ -154,19 +155,20 @@ def cmd_eval_style(args) -> int:
             return 2
         style = read_rgb(style_uri)
         size = args.size or cfg.get("content_size", 256)
+        style_size = args.style_size or style_size_of(cfg)       # as the run computed its Gram targets
         rows = eval_style(predictor, images, style, size=size, vgg_weights=args.vgg_weights,
-                          content_weight=cfg.get("content_weight", 1e4))
+                          content_weight=cfg.get("content_weight", 1e4), style_size=style_size)
         name = model.meta["model_id"]
         terms = list(rows[0].terms)
-        print(f"model={name}  style={style_uri}  losses on the centre {size} px square  vgg={args.vgg_weights} "
-              f"(lower is better)")
+        print(f"model={name}  style={style_uri} at {style_size or 'full'} px  losses on the centre {size} px square"
+              f"  vgg={args.vgg_weights} (lower is better)")
         print(f"{'image':<28}{'loss':>10}" + "".join(f"{t:>12}" for t in terms))
         for r in rows:
             print(f"{r.image:<28}{r.loss:>10.4g}" + "".join(f"{r.terms[t]:>12.4g}" for t in terms))
         mean = {"loss": sum(r.loss for r in rows) / len(rows),
                 **{t: sum(r.terms[t] for r in rows) / len(rows) for t in terms}}
         print(f"{'mean':<28}{mean['loss']:>10.4g}" + "".join(f"{mean[t]:>12.4g}" for t in terms))
-        summary[name] = {"style": style_uri, "size": size, "images": len(rows), "mean": mean}
+        summary[name] = {"style": style_uri, "size": size, "style_size": style_size, "images": len(rows), "mean": mean}
         if args.out:
             out = storage.join(args.out, name)
             common = {"model": name, "style": style_uri, "size": size, "vgg_weights": args.vgg_weights}
@@ -308,8 +310,8 @@ def cmd_translate(args) -> int:
 def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("data", help="training images: folder, s3:// prefix or manifest" +
                    (" (images with <name>_mask.gif|png masks)" if task == "seg" else ""))
-    p.add_argument("--val", help="validation images (default: 10%% of the training images)" if task != "seg"
-                   else argparse.SUPPRESS)
+    p.add_argument("--val", help="validation images (default: a seeded 10%% of the training images, held out "
+                                 "from training)" if task != "seg" else argparse.SUPPRESS)
     p.add_argument("--name", default=f"{task}-run", help="run name: the same name and storage resume the run")
     p.add_argument("--storage", default="runs", help="checkpoint storage: local folder or s3://bucket/prefix")
     p.add_argument("--out", help="model artifact URI (default: <storage>/<name>/model)")
@@ -317,6 +319,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start Ray locally)")
+    p.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
+                   help="when the cluster cannot hold the workers (e.g. --gpu without GPU nodes), ask its "
+                        "autoscaler and wait this long before giving up (default 0: stop at once, exit 2)")
     p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one per node)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
@@ -331,15 +336,18 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps per epoch (0: all)")
-    p.add_argument("--limit", type=int, help="use at most this many training images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use at most this many training images (seg: image/mask pairs)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples and the held-out split")
+    p.add_argument("--cache-mb", type=float, default=1024,
+                   help="decoded training images each worker keeps (least recently used first out), in MB")
     p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
     p.add_argument("--model-config", default="{}", help="JSON of model config overrides, e.g. '{\"nf\": 32}'")
     p.add_argument("--vgg-weights", default="imagenet", help="imagenet, a path/URI, or random (tests)")
     if task == "sr":
         p.add_argument("--scale", type=int, default=2)
         p.add_argument("--stages", help="progressive plan scale:epochs[:new], e.g. 2:3,4:1:new,4:3")
-        p.add_argument("--hr-crop", type=int, default=96, help="HR crop side")
+        p.add_argument("--hr-crop", type=int, default=96,
+                       help="HR crop side (training images smaller than it are skipped, with a warning)")
         p.add_argument("--samples-per-image", type=int, default=8, help="random crops per image per epoch")
         p.add_argument("--loss", default="l1", choices=["l1", "mse", "perceptual"])
         p.add_argument("--degradations", default="none",
@@ -347,10 +355,15 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     elif task == "seg":
         p.add_argument("--stages", help="progressive plan size:epochs[:frozen], e.g. 128:2:frozen,128:2,256:2")
         p.add_argument("--val-fraction", type=float, default=0.2, help="groups (car ids) held out")
+        p.add_argument("--loss", default="bce_dice", choices=["bce", "bce_dice"],
+                       help="BCE with logits (the lesson's) or BCE + soft Dice (default)")
         p.add_argument("--encoder-weights", default="imagenet", help="none, imagenet, or a path/URI")
     else:
         p.add_argument("--style-image", required=True, help="the style painting (path or URI)")
         p.add_argument("--content-size", type=int, default=256)
+        p.add_argument("--style-size", type=int,
+                       help="the style image's shorter side for its Gram targets, resized first (default: the "
+                            "content size, as the lesson)")
         p.add_argument("--content-weight", type=float, default=1e4)
         p.add_argument("--samples-per-image", type=int, default=4)
         p.add_argument("--norm", default="instance", choices=["batch", "instance"])
@@ -369,10 +382,10 @@ def train_config(args, task: str):
                  "degradations": args.degradations}
     elif task == "seg":
         model.setdefault("encoder_weights", args.encoder_weights)
-        extra = {"val_fraction": args.val_fraction}
+        extra = {"val_fraction": args.val_fraction, "seg_loss": args.loss}
     else:
         model.setdefault("norm", args.norm)
-        extra = {"style_image": args.style_image, "content_size": args.content_size,
+        extra = {"style_image": args.style_image, "content_size": args.content_size, "style_size": args.style_size,
                  "content_weight": args.content_weight, "samples_per_image": args.samples_per_image}
     loop = LoopConfig(epochs=args.epochs, lr=args.lr, reference_batch=args.reference_batch,
                       weight_decay=args.weight_decay, warmup_pct=args.warmup, clip_grad=args.clip_grad,
@@ -384,13 +397,20 @@ def train_config(args, task: str):
                      batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
                      cpus_per_worker=args.cpus_per_worker, placement=args.placement,
                      max_failures=args.max_failures, seed=args.seed,
-                     limit=args.limit, vgg_weights=args.vgg_weights, **extra)
+                     limit=args.limit, cache_mb=args.cache_mb, vgg_weights=args.vgg_weights, **extra)
 
 
 def cmd_train(args) -> int:
+    from imgxlate.train.ray_train import ResourceError
     from imgxlate.train.run import train
+    from imgxlate.train.tasks import DataError
 
-    train(train_config(args, args.task), ray_address=args.ray_address)
+    try:
+        train(train_config(args, args.task), ray_address=args.ray_address,
+              wait_for_resources=args.wait_for_resources)
+    except (DataError, ResourceError) as e:
+        print(f"imgxlate train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -405,6 +425,11 @@ def cmd_lr_find(args) -> int:
     cfg = train_config(args, args.task)
     task = tasks.task_of(cfg)
     stage = task.stages(cfg)[0]
+    try:
+        task.check(cfg)
+    except tasks.DataError as e:
+        print(f"imgxlate lr-find: error: {e}", file=sys.stderr)
+        return 2
     model, _ = task.build_model(cfg, stage, None)
     td = task.stage_data(cfg, stage, "cpu")
     loader = torch.utils.data.DataLoader(td.train, batch_size=cfg.batch_size, shuffle=True)
@@ -555,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--style", help="style image (default: the one the model was trained with)")
     st.add_argument("--size", type=int, help="side of the centre square the losses are measured on "
                                              "(default: the training content size)")
+    st.add_argument("--style-size", type=int, help="the style image's shorter side for its Gram targets "
+                                                   "(default: the training run's, from the artifact)")
     st.add_argument("--vgg-weights", default="imagenet",
                     help="loss network: 'imagenet' (torchvision), a vgg16_bn state_dict path/URI, or 'random'")
     st.add_argument("--out", help="folder (path or URI) for per-model CSV/Parquet/summary and the grid PNGs")

@@ -185,17 +185,19 @@ def centre_square(img: np.ndarray, size: int) -> np.ndarray:
 
 @torch.inference_mode()
 def eval_style(predictor: Predictor, content_images: Iterable[Named], style_image: np.ndarray, size: int = 256,
-               vgg_weights: str = "imagenet", content_weight: float = 1e4, objective=None) -> list[StyleRow]:
+               vgg_weights: str = "imagenet", content_weight: float = 1e4, objective=None,
+               style_size: int | None = None) -> list[StyleRow]:
     """Content loss and per-layer style (Gram) losses of each stylised image, with the weights the training
-    objective uses (lower is better for all). The stylised image is what ``predictor`` writes (its
-    contract: the batch job's output); the losses are measured on its centre ``size`` square."""
+    objective uses (lower is better for all); the style image's Gram targets at ``style_size`` as training
+    computed them (see imgxlate.train.objectives.style_target). The stylised image is what ``predictor``
+    writes (its contract: the batch job's output); the losses are measured on its centre ``size`` square."""
     from imgxlate.train.objectives import StyleObjective
 
     own = objective is None
     if own:
         with torch.random.fork_rng():
             torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
-            objective = StyleObjective(to_tensor(style_image), vgg_weights, content_weight)
+            objective = StyleObjective(style_image, style_size, vgg_weights, content_weight)
     names = objective.loss.names
     rows = []
     try:

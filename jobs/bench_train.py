@@ -8,11 +8,14 @@ r"""Training benchmarks (scripts, not timed tests). Every number printed names i
                to show the run-to-run noise
   seg          U-Net against the lesson's upsample head on the same data, split and stage plan (the same
                samples for both; wall time printed): Dice on the held-out cars
+  memory       peak RSS of each training worker on a generated set of 2,000 512x384 JPEGs (1.1 GB decoded),
+               one short epoch (steps capped), 2 workers: what a worker holds of a set it cannot cache whole
 
     python jobs/bench_train.py throughput --data ../shared/data/sr_train
     python jobs/bench_train.py sr-quality --data ../shared/data/sr_train --eval ../shared/data/sr_eval --minutes 60
     python jobs/bench_train.py scaling --data ../shared/data/sr_train --eval ../shared/data/sr_eval --samples 40000
     python jobs/bench_train.py seg --data ../shared/data/seg/carvana512 --stages 128:12,256:3 --batch 8
+    python jobs/bench_train.py memory --out out/bench_train --images 2000 --steps 20
 
 On a Ray cluster, submit the same command as a job (see jobs/README.md); it joins the cluster through
 RAY_ADDRESS, which Ray sets inside a job:
@@ -168,10 +171,106 @@ def seg(args) -> dict:
     return results
 
 
+def _write_jpegs(folder: str, n: int, width: int, height: int, seed: int = 0) -> None:
+    """n photo-like JPEGs (smooth colour fields plus grain), written once: a rerun reuses them."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    if len([f for f in os.listdir(folder) if f.endswith(".jpg")]) >= n:
+        return
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                        Image.Resampling.BICUBIC)
+        px = np.asarray(base, np.int16) + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+        Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"img_{i:05d}.jpg"),
+                                                                    quality=90)
+
+
+def _parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+class _PeakRss:
+    """Peak RSS (VmHWM) of the Ray Train worker processes that this process's local Ray started (other
+    Ray instances on the machine are left out), polled while a run trains: measured from outside, so it
+    reads the same for any version of the training code."""
+
+    def __init__(self, period_s: float = 0.2):
+        import threading
+
+        self.peak_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(period_s,), daemon=True)
+
+    def _poll(self, period_s):
+        while not self._stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if (b"RayTrainWorker" not in open(f"/proc/{pid}/cmdline", "rb").read()
+                            or not _descends_from(int(pid), os.getpid())):
+                        continue
+                    hwm = next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:"))
+                    self.peak_mb[int(pid)] = max(self.peak_mb.get(int(pid), 0), int(hwm.split()[1]) / 1024)
+                except (OSError, StopIteration):
+                    pass
+            self._stop.wait(period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def memory(args) -> dict:
+    """A set larger than a worker should hold: 2,000 512x384 JPEGs (1.1 GB decoded). One epoch capped at
+    --steps steps, SR x2 tiny model, 2 workers, a separate 4-image validation set (so validation costs the
+    same in every version). Peak RSS per worker, polled from /proc, and (where the code records it) the
+    workers' own ru_maxrss from the epoch's metrics."""
+    import dataclasses
+
+    from imgxlate.train.loop import LoopConfig
+    from imgxlate.train.tasks import RunConfig
+
+    root = os.path.join(args.out, "memory-set")
+    _write_jpegs(os.path.join(root, "train"), args.images, 512, 384)
+    _write_jpegs(os.path.join(root, "val"), 4, 512, 384, seed=1)
+    kw = dict(task="sr", data=os.path.join(root, "train"), val=os.path.join(root, "val"),
+              name=f"memory-{int(time.time())}", storage=os.path.join(args.out, "runs"), preset="tiny",
+              loop=LoopConfig(epochs=1, lr=args.lr, max_steps_per_epoch=args.steps), batch_size=8,
+              workers=args.workers, hr_crop=64, samples_per_image=1)
+    has_cache = "cache_mb" in {f.name for f in dataclasses.fields(RunConfig)}
+    if args.cache_mb is not None and has_cache:
+        kw["cache_mb"] = args.cache_mb
+    cfg = RunConfig(**kw)
+    with _PeakRss() as rss:
+        out, wall = _train(cfg)
+    last = out["history"][-1]
+    return {"images": args.images, "image_size": "512x384 JPEG q90",
+            "decoded_set_mb": round(args.images * 512 * 384 * 3 / 2**20), "workers": args.workers,
+            "steps": last.get("step"),
+            "cache_mb": cfg.cache_mb if has_cache else "n/a (this version caches the whole set)",
+            "peak_rss_mb_per_worker": [round(v) for _, v in sorted(rss.peak_mb.items())],
+            "worker_peak_rss_mb (metrics)": last.get("worker_peak_rss_mb", "n/a (not recorded by this version)"),
+            "wall_s": round(wall, 1)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["throughput", "sr-quality", "scaling", "seg"])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("what", choices=["throughput", "sr-quality", "scaling", "seg", "memory"])
+    ap.add_argument("--data", help="training data (all but memory, which generates its own)")
     ap.add_argument("--eval", help="folder with Set5/ and Set14/ (sr-quality)")
     ap.add_argument("--out", default="out/bench_train")
     ap.add_argument("--minutes", type=float, default=60)
@@ -184,15 +283,20 @@ def main(argv=None) -> int:
     ap.add_argument("--hr-crop", type=int, default=64)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--samples", type=int, default=40000, help="scaling: training samples per arm")
+    ap.add_argument("--images", type=int, default=2000, help="memory: generated training images")
+    ap.add_argument("--cache-mb", type=int, help="memory: the workers' decoded-image cache (default: the run's)")
     ap.add_argument("--model-config", default='{"nf": 32, "n_blocks": 8, "scale": 2, "global_residual": "bicubic"}')
     ap.add_argument("--stages", default="128:2:frozen,128:2,256:2")
     ap.add_argument("--encoder-weights", default="none")
     ap.add_argument("--ray-address", help="join this Ray cluster ('auto' inside `ray job submit`) instead of "
                                           "starting a local one")
     args = ap.parse_args(argv)
+    if args.what != "memory" and not args.data:
+        ap.error(f"{args.what} needs --data")
     global RAY_ADDRESS
     RAY_ADDRESS = args.ray_address
-    result = {"throughput": throughput, "sr-quality": sr_quality, "scaling": scaling, "seg": seg}[args.what](args)
+    result = {"throughput": throughput, "sr-quality": sr_quality, "scaling": scaling, "seg": seg,
+              "memory": memory}[args.what](args)
     result["machine"] = f"{os.cpu_count()} CPUs, no GPU" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "GPU"
     print(json.dumps(result, indent=2, default=str))
     os.makedirs(args.out, exist_ok=True)

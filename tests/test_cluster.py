@@ -122,9 +122,11 @@ def _free_port_block() -> int:
 
 @pytest.fixture(scope="module")
 def dev_cluster(s3_server):
-    """Head + 1 worker node, 2 logical CPUs each, started with the project's script."""
+    """Head + 1 worker node, 2 logical CPUs each, started with the project's script. Ray Data's actor pools
+    start once all their actors are up (the nodes' processes, jobs' drivers included, inherit this), so a
+    slow-starting actor cannot find the work already done by the other."""
     port = _free_port_block()
-    env = {**os.environ, "DEV_CLUSTER_PORT": str(port),
+    env = {**os.environ, "DEV_CLUSTER_PORT": str(port), "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     env.pop("AWS_ENDPOINT_URL", None)         # the endpoint reaches jobs through their runtime_env
     env.pop("RAY_ADDRESS", None)
@@ -171,8 +173,10 @@ def test_batch_job_runs_model_actors_on_both_nodes(dev_cluster, bucket, s3_serve
     save(build("sr", nf=16, n_blocks=2, scale=2), local_model, provenance={"note": "random weights (test)"})
     for name in os.listdir(local_model):
         s3.upload_file(os.path.join(local_model, name), bucket, f"models/sr/{name}")
+    # Two actors of 1.5 CPUs on nodes of 2 CPUs: no node holds both (SPREAD alone is best effort), and each
+    # node keeps 0.5 CPU for the read / write tasks.
     entry = ["python", "jobs/translate.py", f"s3://{bucket}/src", f"s3://{bucket}/dst", "--model",
-             f"s3://{bucket}/models/sr", "--actors", "2", "--batch-size", "1"]
+             f"s3://{bucket}/models/sr", "--actors", "2", "--cpus-per-actor", "1.5", "--batch-size", "1"]
     r = submit(dev_cluster, *entry)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imgxlate.models import PRESETS, REGISTRY, build, grow
+from imgxlate.models import PRESETS, REGISTRY, build, grow, make_config
 from imgxlate.models.layers import PixelShuffleUp
 
 torch.manual_seed(0)
@@ -54,6 +54,23 @@ def test_presets_build_with_the_published_sizes():
     lesson = build("sr", preset="lesson", scale=4)
     assert len(lesson.body) == 8 and lesson.config.nf == 64 and isinstance(lesson.bn, torch.nn.BatchNorm2d)
     assert all(b.res_scale == 0.1 for b in lesson.body)
+
+
+def test_presets_scale_residuals_as_the_edsr_paper():
+    # EDSR (Lim et al. 2017): no residual scaling in the 64-channel baseline, 0.1 in the 256-channel model.
+    assert all(b.res_scale == 1.0 for b in build("sr", preset="edsr-baseline").body)
+    assert all(b.res_scale == 0.1 for b in build("sr", preset="edsr", n_blocks=2).body)
+    assert PRESETS["sr"]["lesson"].res_scale == 0.1 and PRESETS["sr"]["tiny"].res_scale == 0.1
+
+
+def test_config_overrides_apply_on_top_of_a_preset():
+    cfg = make_config("sr", {"nf": 32}, preset="edsr-baseline")
+    assert (cfg.nf, cfg.n_blocks, cfg.res_scale) == (32, 16, 1.0)
+    cfg = make_config("sr", {"nf": 32, "scale": 4}, preset="edsr-baseline", n_blocks=4)
+    assert (cfg.nf, cfg.n_blocks, cfg.scale) == (32, 4, 4)
+    assert build("sr", {"nf": 8}, preset="tiny").config.global_residual == "bicubic"
+    with pytest.raises(ValueError, match="unknown config fields"):
+        make_config("sr", {"channels": 32}, preset="tiny")
 
 
 def test_icnr_makes_every_shuffled_block_constant():

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +24,8 @@ from imgxlate.train.run import parse_stages, train
 from imgxlate.train.tasks import RunConfig, Stage
 
 from conftest import photo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,86 @@ def test_tiny_sr_run_beats_bicubic_and_writes_a_usable_artifact(photos, tmp_path
     assert main(["translate", str(photos / "val"), str(tmp_path / "up"), "--model", out["artifact"]]) == 0
     w, h = Image.open(photos / "val" / "coffee.png").size
     assert Image.open(tmp_path / "up" / "coffee.png").size == (2 * w, 2 * h)
+
+
+@pytest.fixture(scope="module")
+def t91_like(tmp_path_factory):
+    """Ten crops of scikit-image's photos with T91's spread of sizes, its smallest (78 x 78) twice."""
+    root = tmp_path_factory.mktemp("t91")
+    photos = [Image.open(p).convert("RGB") for p in write_sample_photos(str(root / "photos"), max_side=512)]
+    sizes = [(78, 78), (114, 119), (150, 132), (197, 176), (245, 195), (291, 198), (336, 240), (435, 348),
+             (78, 78), (218, 330)]
+    (root / "T91").mkdir()
+    for i, (w, h) in enumerate(sizes):
+        im = photos[i % len(photos)]
+        scale = max(w / im.width, h / im.height, 1.0)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        im.crop((0, 0, w, h)).save(root / "T91" / f"t{i:02d}.png")
+    return root / "T91"
+
+
+def test_t91_like_command_skips_small_images_and_beats_bicubic_on_held_out_images(t91_like, tmp_path, ray_local,
+                                                                                    capsys):
+    # The issue's command (default 96 px HR crop), with batches small enough for a few steps per epoch.
+    assert main(["train", "sr", str(t91_like), "--preset", "tiny", "--scale", "2", "--workers", "2", "--epochs", "3",
+                 "--batch-size", "8", "--samples-per-image", "16", "--name", "t91", "--storage",
+                 str(tmp_path / "runs")]) == 0
+    assert "smaller than the 96 px HR crop and are skipped" in capsys.readouterr().err
+    model = load(str(tmp_path / "runs" / "t91" / "model"))
+    prov = model.meta["provenance"]
+    h = history(RunConfig(task="sr", data=str(t91_like), name="t91", storage=str(tmp_path / "runs")))
+    assert len(prov["held_out"]) == 1 and prov["held_out"][0] not in prov["skipped_small"]
+    small = {"t00.png", "t08.png"} - set(prov["held_out"])
+    assert set(prov["skipped_small"]) == small
+    assert [e["data_skipped_small"] for e in h] == [len(small)] * 3
+    assert all(e["data_train_images"] == 10 - 1 - len(small) and e["data_val_images"] == 1 for e in h)
+    assert h[-1]["val_psnr"] > h[-1]["val_psnr_bicubic"] + 0.01     # on the held-out image (+0.05 dB when written)
+    assert all(len(e["worker_peak_rss_mb"]) == 2 and min(e["worker_peak_rss_mb"]) > 50 for e in h)
+
+
+def test_no_training_image_left_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "small").mkdir()
+    for i in range(3):
+        Image.fromarray(photo(60, 70, seed=i)).save(tmp_path / "small" / f"s{i}.png")
+    assert main(["train", "sr", str(tmp_path / "small"), "--name", "small", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "smaller than the 96 px HR crop" in err and "--hr-crop" in err and "Traceback" not in err
+
+
+RAY_NOISE = ("Traceback", "PlacementGroupCleaner", "Failed to query Ray Train Controller", "core_worker.cc",
+             "gcs", "GCS", "(RayTrainWorker", "(TrainController", "Error in training function")
+
+
+def test_console_shows_imgxlate_progress_and_names_the_file_ray_writes_to(photos, tmp_path):
+    # A user's run, as a subprocess: Ray starts in it, its own messages go to a log file.
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "imgxlate.cli", "train", "sr", str(photos / "train"), "--preset", "tiny",
+                        "--name", "quiet", "--storage", str(tmp_path / "runs"), "--workers", "2", "--epochs", "2",
+                        "--batch-size", "4", "--hr-crop", "48", "--samples-per-image", "2"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    console = r.stdout + r.stderr
+    assert r.returncode == 0, console[-3000:]
+    log = tmp_path / "runs" / "quiet" / "imgxlate" / "ray.log"
+    assert f"Ray's own messages: {log}" in console
+    assert not [p for p in RAY_NOISE if p in console], console
+    assert "[imgxlate] stage 1/1 epoch 1/2" in console and "[imgxlate] stage 1/1 epoch 2/2" in console  # rank 0
+    assert console.count("[imgxlate] stage 1/1 epoch 2/2") == 1 and "final metrics" in console
+    assert "(RayTrainWorker" in log.read_text()
+
+
+def test_gpu_run_on_a_cluster_without_gpus_stops_with_a_clear_message(photos, tmp_path, ray_local, capsys):
+    args = ["train", "sr", str(photos / "train"), "--preset", "tiny", "--name", "gpu", "--storage",
+            str(tmp_path / "runs"), "--gpu", "--hr-crop", "48"]
+    t0 = time.time()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "need {'CPU': 1.0, 'GPU': 1.0} each" in err and "0 GPUs" in err and "drop --gpu" in err
+    assert "--wait-for-resources" in err and time.time() - t0 < 60
+    t0 = time.time()
+    assert main([*args, "--wait-for-resources", "3"]) == 2                 # no autoscaler here: gives up
+    assert "did not grow within 3 s" in capsys.readouterr().err and 3 <= time.time() - t0 < 60
+    assert not (tmp_path / "runs" / "gpu" / "model").exists()
 
 
 def test_report_of_a_training_run(photos, tmp_path, ray_local, capsys):
@@ -180,6 +264,23 @@ def test_tiny_segmentation_run_dice_rises(tmp_path, ray_local):
                              np.asarray(Image.open(tmp_path / "seg" / r["mask"])) > 0) for r in rows]
     assert np.mean(job_dice) == pytest.approx(h[-1]["val_dice"], abs=1e-4)
     assert (ev / "worst.png").exists() and len(list((ev / "overlays").glob("*.png"))) == 2
+
+
+def test_resume_inside_a_frozen_stage_with_two_workers(tmp_path, ray_local):
+    # Two steps per epoch and worker: DDP must not wait for gradients of the frozen encoder, in a stage
+    # resumed from its checkpoint and in the unfrozen stage after it.
+    make_seg_data(tmp_path / "seg")
+    cfg = RunConfig(task="seg", data=str(tmp_path / "seg"), name="frozen", storage=str(tmp_path / "runs"),
+                    model={"encoder_weights": "none"}, stages=parse_stages("seg", "48:1:frozen"),
+                    loop=LoopConfig(epochs=1, lr=2e-3), batch_size=2, workers=2, val_fraction=0.34, max_failures=0)
+    first = ray_train.fit(cfg)
+    assert first.error is None and first.metrics["step"] == 2
+    cfg.stages = parse_stages("seg", "48:2:frozen,48:1")
+    second = ray_train.fit(cfg)
+    assert second.error is None, second.error
+    assert [(h["stage"], h["epoch"], h["global_step"]) for h in history(cfg)] == [(0, 1, 2), (0, 2, 4), (1, 1, 2)]
+    saved = ray_train.read_checkpoint(second.checkpoint)
+    assert saved["stage"] == 1 and saved["stage_done"]
 
 
 def test_tiny_style_run_style_loss_falls(photos, tmp_path, ray_local):

@@ -34,24 +34,28 @@ PRESETS: dict[str, dict[str, object]] = {"sr": SR_PRESETS}
 
 
 def make_config(arch: str, config: object | dict | None = None, preset: str | None = None, **overrides):
-    """The config dataclass for ``arch``: from a preset, a dict (e.g. from JSON) or defaults, with
-    field overrides applied."""
+    """The config dataclass for ``arch``, built in layers: the preset (or the defaults), then the
+    fields of ``config`` (a dict, e.g. ``--model-config`` JSON), then ``overrides``; so
+    ``make_config('sr', {'nf': 32}, preset='edsr-baseline')`` is EDSR-baseline with 32 channels.
+    A config dataclass is taken as it is (with ``overrides``) and cannot be combined with a preset."""
     if arch not in REGISTRY:
         raise KeyError(f"unknown model {arch!r}; registered: {', '.join(REGISTRY)}")
     cls = REGISTRY[arch][0]
+    base = cls()
     if preset is not None:
         presets = PRESETS.get(arch, {})
         if preset not in presets:
             raise KeyError(f"unknown {arch} preset {preset!r}; presets: {', '.join(presets) or 'none'}")
-        config = presets[preset]
-    if isinstance(config, dict):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config) - fields
-        if unknown:
-            raise ValueError(f"{arch}: unknown config fields {sorted(unknown)}")
-        config = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-    config = config if config is not None else cls()
-    return dataclasses.replace(config, **overrides)
+        base = presets[preset]
+    if isinstance(config, cls):
+        if preset is not None:
+            raise ValueError(f"{arch}: give a preset or a config object, not both")
+        base, config = config, None
+    fields = {**(config or {}), **overrides}
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{arch}: unknown config fields {sorted(unknown)}")
+    return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def build(arch: str, config: object | dict | None = None, *, preset: str | None = None,

@@ -1,31 +1,117 @@
 """Datasets for training, read through the same storage and codec code as the batch job.
 
 Choice: map-style datasets over fsspec (local or s3://) with a DistributedSampler, not Ray Data
-streaming. SR, style and segmentation training sets are small (hundreds of images) and are read
-once and cached in memory, while every epoch draws fresh random crops, symmetries and degradations
-from a generator seeded by (seed, epoch, index): the samples are reproducible, independent of the
-number of workers, and an epoch resumes exactly from a checkpoint.
+streaming. A dataset holds URIs; an image is read and decoded when the worker's sampler first draws
+one of its samples, and kept in a least-recently-used cache bounded by bytes (``cache_mb``) that the
+stages of a run share, so a set larger than a worker's memory trains, and a set that fits is decoded
+once. Every epoch draws fresh random crops, symmetries and degradations from a generator seeded by
+(seed, epoch, index): the samples are reproducible, independent of the number of workers and of what
+is cached, and an epoch resumes exactly from a checkpoint. Decisions that need every image's size
+(which are too small for the crop, the median size of the segmentation images) read image headers
+only (:func:`image_size`).
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from imgxlate import metrics
 from imgxlate.augment import dihedral
-from imgxlate.io import listing
+from imgxlate.io import listing, storage
 from imgxlate.io.images import read_mask, read_rgb
 from imgxlate.train.degrade import DegradationSampler, apply
 
+DEFAULT_CACHE_MB = 1024
+
+
+def list_items(src: str, limit: int | None = None) -> list[listing.Item]:
+    """Images under a folder / prefix or in a manifest (URI and key), through the batch job's listing."""
+    return listing.list_inputs(src, listing.IMAGE_EXTS, limit)
+
 
 def list_images(src: str, limit: int | None = None) -> list[str]:
-    return [it.source_uri for it in listing.list_inputs(src, listing.IMAGE_EXTS, limit)]
+    return [it.source_uri for it in list_items(src, limit)]
+
+
+def held_out_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random ``fraction`` of ``items`` (at least one) held out for
+    validation and never trained on; the same items and seed give the same split on every worker."""
+    if len(items) < 2:
+        return list(items), []
+    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n_val].tolist())
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+# EXIF orientations that swap width and height (the codec applies them on decode).
+_TRANSPOSED = (5, 6, 7, 8)
+_SIZES: dict[str, tuple[int, int]] = {}
+
+
+def image_size(uri: str) -> tuple[int, int]:
+    """(height, width) as decoding would give them (EXIF orientation applied), from the file's header
+    only; remembered per process, so later stages ask again for free."""
+    if uri not in _SIZES:
+        def probe():
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb", block_size=1 << 16) as f, Image.open(f) as im:
+                w, h = im.size
+                return (w, h) if im.getexif().get(0x0112) in _TRANSPOSED else (h, w)
+        try:
+            _SIZES[uri] = storage.retry(probe)
+        except Exception as e:
+            raise ValueError(f"{listing.redact(uri)}: cannot read the image's header: {e}") from e
+    return _SIZES[uri]
+
+
+class ImageCache:
+    """Decoded images (arrays, or tuples of arrays) by key, bounded by bytes: the least recently used
+    go first. An image larger than the whole cache is decoded for each use and not kept."""
+
+    def __init__(self, max_mb: float = DEFAULT_CACHE_MB):
+        self.max_bytes = int(max_mb * 2**20)
+        self._items: OrderedDict = OrderedDict()
+        self.nbytes = self.hits = self.misses = 0
+
+    def __len__(self):
+        return len(self._items)
+
+    def get(self, key, load: Callable[[], np.ndarray]) -> np.ndarray:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        value = load()
+        size = value.nbytes
+        if size <= self.max_bytes:
+            self._items[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+        return value
+
+
+_SHARED: ImageCache | None = None
+
+
+def shared_cache(max_mb: float = DEFAULT_CACHE_MB) -> ImageCache:
+    """The process's cache, shared by the stages of a run (a later stage decodes nothing the earlier one
+    kept); a new size starts an empty cache."""
+    global _SHARED
+    if _SHARED is None or _SHARED.max_bytes != int(max_mb * 2**20):
+        _SHARED = ImageCache(max_mb)
+    return _SHARED
 
 
 def to_chw(img: np.ndarray) -> torch.Tensor:
@@ -44,18 +130,24 @@ class _Epoch(Dataset):
 
 
 class _Crops(_Epoch):
-    """``samples_per_image`` random square crops of each (cached) image per epoch."""
+    """``samples_per_image`` random square crops of each image per epoch; an image is read when a sample
+    of it is first drawn, then served from ``cache``."""
 
-    def __init__(self, uris: list[str], samples_per_image: int, seed: int):
-        self.images = [read_rgb(u) for u in uris]
+    def __init__(self, uris: list[str], samples_per_image: int, seed: int, cache: ImageCache | None = None):
+        self.uris = list(uris)
         self.samples_per_image, self.seed = samples_per_image, seed
+        self.cache = cache if cache is not None else ImageCache()
 
     def __len__(self):
-        return len(self.images) * self.samples_per_image
+        return len(self.uris) * self.samples_per_image
+
+    def image(self, i: int) -> np.ndarray:
+        uri = self.uris[i]
+        return self.cache.get(("rgb", uri), lambda: read_rgb(uri))
 
     def random_crop(self, index: int, size: int, multiple: int = 1) -> tuple[np.random.Generator, np.ndarray]:
         rng = self.rng(index)
-        img = self.images[index % len(self.images)]
+        img = self.image(index % len(self.uris))
         h, w = img.shape[:2]
         c = min(size, h - h % multiple, w - w % multiple)
         y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
@@ -67,12 +159,15 @@ class SrDataset(_Crops):
     8 symmetries on both, and an optional degradation of the LR only."""
 
     def __init__(self, uris: list[str], scale: int, hr_crop: int, samples_per_image: int = 1,
-                 degradations: DegradationSampler | None = None, seed: int = 0):
-        super().__init__(uris, samples_per_image, seed)
-        self.scale, self.hr_crop, self.degradations = scale, hr_crop - hr_crop % scale, degradations
+                 degradations: DegradationSampler | None = None, seed: int = 0, cache: ImageCache | None = None):
+        super().__init__(uris, samples_per_image, seed, cache)
+        self.scale, self.hr_crop, self.degradations = scale, sr_crop(hr_crop, scale), degradations
 
     def __getitem__(self, index):
         rng, crop = self.random_crop(index, self.hr_crop, self.scale)
+        if crop.shape[0] != self.hr_crop:
+            raise ValueError(f"{self.uris[index % len(self.uris)]} is smaller than the {self.hr_crop} px HR crop "
+                             f"(training skips such images: imgxlate.train.tasks.SrTask.plan)")
         k = int(rng.integers(8))
         hr = np.ascontiguousarray(dihedral(torch.from_numpy(crop.copy()).permute(2, 0, 1), k).permute(1, 2, 0).numpy())
         lr = metrics.imresize(hr, 1 / self.scale) if self.scale > 1 else hr
@@ -81,11 +176,18 @@ class SrDataset(_Crops):
         return to_chw(lr), to_chw(hr)
 
 
-class CropDataset(_Crops):
-    """Random square crops with a random left-right flip (style-transfer content images)."""
+def sr_crop(hr_crop: int, scale: int) -> int:
+    """The HR crop side a scale uses: ``hr_crop`` rounded down to a multiple of the scale."""
+    return hr_crop - hr_crop % scale
 
-    def __init__(self, uris: list[str], size: int, samples_per_image: int = 1, seed: int = 0):
-        super().__init__(uris, samples_per_image, seed)
+
+class CropDataset(_Crops):
+    """Random square crops with a random left-right flip (style-transfer content images); an image
+    smaller than the crop gives its largest square, resized to the crop."""
+
+    def __init__(self, uris: list[str], size: int, samples_per_image: int = 1, seed: int = 0,
+                 cache: ImageCache | None = None):
+        super().__init__(uris, samples_per_image, seed, cache)
         self.size = size
 
     def __getitem__(self, index):
@@ -104,11 +206,25 @@ CARVANA_GROUP = r"^(?P<group>[^_/]+)_"
 SIBLING_FOLDERS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
 
 
-def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK) -> list[tuple[str, str]]:
-    """(image, mask) pairs matched by file name: a mask is ``<stem>_mask.gif|png`` (Carvana's
-    ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image or in a sibling folder
-    (``images/`` + ``masks/``), or has the image's own name in a sibling ``label/`` / ``labels/`` /
-    ``masks/`` folder (ISBI)."""
+def _mask_folders(folder: str) -> list[str]:
+    """Sibling folders that may hold the masks of the images in ``folder``: ``masks/`` for ``images/``,
+    ``label/`` for ``image/`` (SIBLING_FOLDERS), and ``<name>_masks/`` for ``<name>/`` (Kaggle's Carvana:
+    ``train/`` + ``train_masks/``)."""
+    parent, name = posixpath.split(folder)
+    return [posixpath.join(parent, m) for m in [m for i, m in SIBLING_FOLDERS if i == name] + [f"{name}_masks"]]
+
+
+def _is_mask_folder(folder: str) -> bool:
+    name = posixpath.basename(folder)
+    return name.endswith("_masks") or any(name == m for _, m in SIBLING_FOLDERS)
+
+
+def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK, limit: int | None = None
+                      ) -> list[tuple[str, str]]:
+    """(image, mask) pairs matched by file name, in listing order (at most ``limit``): a mask is
+    ``<stem>_mask.gif|png`` (Carvana's ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image
+    or in a sibling folder (``images/`` + ``masks/``, Kaggle's ``train/`` + ``train_masks/``), or has the
+    image's own name in a sibling ``label/`` / ``labels/`` / ``masks/`` folder (ISBI)."""
     rx = re.compile(mask_pattern)
     by_stem = {posixpath.splitext(u)[0]: u for u in uris}
     masks, images = {}, []
@@ -116,22 +232,24 @@ def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK) -> list
         m = rx.search(posixpath.basename(u))
         if m:
             masks[posixpath.join(posixpath.dirname(u), m.group("stem"))] = u
-        elif not any(f"/{mask_dir}/" in u for _, mask_dir in SIBLING_FOLDERS):
+        elif not _is_mask_folder(posixpath.dirname(u)):
             images.append(u)
     pairs = []
     for u in images:
         stem = posixpath.splitext(u)[0]
+        folder, name = posixpath.split(stem)
         candidates = [masks.get(stem)]
-        for img_dir, mask_dir in SIBLING_FOLDERS:
-            if f"/{img_dir}/" in u:
-                alt = stem.replace(f"/{img_dir}/", f"/{mask_dir}/")
-                candidates += [masks.get(alt), by_stem.get(alt)]
+        for mask_folder in _mask_folders(folder):
+            alt = posixpath.join(mask_folder, name)
+            candidates += [masks.get(alt), by_stem.get(alt)]
         mask = next((c for c in candidates if c), None)
         if mask is not None:
             pairs.append((u, mask))
+            if limit and len(pairs) == limit:
+                break
     if not pairs:
         raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
-                         "or image/ + label/)")
+                         "train/ + train_masks/, or image/ + label/)")
     return pairs
 
 
@@ -159,22 +277,26 @@ class SegSample:
 
 class SegDataset(_Epoch):
     """Images and binary masks at ``size`` x ``size``: geometry on both (mask nearest-neighbour),
-    photometric jitter on the image only."""
+    photometric jitter on the image only. A pair is read when first drawn, then served from ``cache``."""
 
-    def __init__(self, pairs: list[tuple[str, str]], size: int, augment: bool = True, seed: int = 0):
-        self.images = [read_rgb(i) for i, _ in pairs]
-        self.masks = [read_mask(m) for _, m in pairs]
+    def __init__(self, pairs: list[tuple[str, str]], size: int, augment: bool = True, seed: int = 0,
+                 cache: ImageCache | None = None):
+        self.pairs = list(pairs)
         self.size, self.augment, self.seed = size, augment, seed
+        self.cache = cache if cache is not None else ImageCache()
 
     def __len__(self):
-        return len(self.images)
+        return len(self.pairs)
 
     def __getitem__(self, index):
         from torchvision.transforms import v2
 
         from imgxlate.augment import as_pair, segmentation_transform
 
-        img, mask = to_chw(self.images[index]), torch.from_numpy(self.masks[index])[None]
+        img_uri, mask_uri = self.pairs[index]
+        image = self.cache.get(("rgb", img_uri), lambda: read_rgb(img_uri))
+        mask = self.cache.get(("mask", mask_uri), lambda: read_mask(mask_uri))
+        img, mask = to_chw(image), torch.from_numpy(mask)[None]
         torch_gen_seed = int(self.rng(index).integers(2**31))
         if self.augment:
             with torch.random.fork_rng():

@@ -31,7 +31,8 @@ class LoopConfig:
     ema: float = 0.0                   # EMA decay of the weights (0: off), e.g. 0.999
     lr_ratios: tuple[float, ...] = ()  # discriminative LRs: one factor per layer group (e.g. (0.01, 1))
     frozen_groups: tuple[int, ...] = ()  # layer groups not trained
-    bn_freeze: bool = False            # keep the frozen/pretrained groups' batch-norm statistics fixed
+    bn_freeze: bool = False            # also fix batch-norm statistics in groups with an LR ratio < 1 (frozen
+                                       # groups' are always fixed)
     checkpoint_every: int = 0          # also checkpoint every N steps (0: only per epoch)
     max_steps_per_epoch: int = 0       # cap (0: the whole loader)
 
@@ -85,9 +86,10 @@ class Trainer:
         lr = scaled_lr(cfg, global_batch or getattr(loader, "batch_size", cfg.reference_batch))
         self.optimizer = torch.optim.AdamW(param_groups(self.groups, cfg, lr), weight_decay=cfg.weight_decay)
         self.steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+        total = max(1, cfg.epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
-            total_steps=max(1, cfg.epochs * self.steps_per_epoch), pct_start=cfg.warmup_pct)
+            total_steps=total, pct_start=_one_cycle_pct(cfg.warmup_pct, total))
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda") and cfg.amp == "fp16")
         self.ema = copy.deepcopy(_unwrap(model)).eval() if cfg.ema else None
         self.step = 0
@@ -101,10 +103,12 @@ class Trainer:
         return torch.autocast("cpu", enabled=False)
 
     def _train_mode(self):
+        """Train mode, except batch norm in frozen groups, which always keeps its statistics (as fastai
+        does: a frozen group is not trained, its running means included), and, with ``bn_freeze``, in the
+        groups trained at a reduced LR (the lesson's pretrained encoder after unfreezing)."""
         self.model.train()
-        if self.cfg.bn_freeze:
-            set_bn_eval([g for i, g in enumerate(self.groups) if i in self.cfg.frozen_groups or
-                         (self.cfg.lr_ratios and self.cfg.lr_ratios[i] < 1)])
+        set_bn_eval([g for i, g in enumerate(self.groups) if i in self.cfg.frozen_groups or
+                     (self.cfg.bn_freeze and self.cfg.lr_ratios and self.cfg.lr_ratios[i] < 1)])
 
     @torch.no_grad()
     def _update_ema(self):
@@ -186,6 +190,14 @@ class Trainer:
         set_rng_state(s["rng"])
         self.step, self.epoch, self.history = s["step"], s["epoch"], list(s["history"])
         self.epoch_step = s.get("epoch_step", 0)
+
+
+def _one_cycle_pct(pct: float, total_steps: int) -> float:
+    """OneCycleLR divides by its warmup's last step index, pct * total - 1, and by the steps after it:
+    a warmup of exactly one step (4 steps at 25%) or of every step would divide by zero."""
+    if total_steps * pct in (1, total_steps):
+        return pct * (1 - 1e-3)
+    return pct
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

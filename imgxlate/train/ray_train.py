@@ -9,11 +9,16 @@ and storage resumes from the latest checkpoint; a killed worker is recovered up 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import os
+import resource
 import subprocess
+import sys
 import tempfile
+import time
 
 import ray.train  # ray:
 import ray.train.torch  # ray:
@@ -77,18 +82,22 @@ def train_loop_per_worker(config: dict) -> None:
 
         def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new, td=td):
             done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
-            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step}
+            rss = _gather(_peak_rss_mb())                                # every rank calls this together
+            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step, **td.plan.metrics(),
+                       "worker_peak_rss_mb": rss, "worker_peak_rss_mb_max": max(rss)}
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
                     torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
                                 "arch": model.arch, "model_config": dataclasses.asdict(model.config),
                                 "stage_spec": dataclasses.asdict(stage), "new_params": new,
-                                "contract": td.contract.to_dict()}, os.path.join(d, CKPT))
+                                "contract": td.contract.to_dict(), "data": td.plan.provenance()},
+                               os.path.join(d, CKPT))
                     checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
                 ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
             if rank == 0 and not metrics.get("partial_epoch"):
                 _append_metrics(cfg, metrics)
+                print(progress_line(metrics, len(stages), trainer.cfg.epochs), flush=True)
 
         trainer = Trainer(ddp_model, td.objective, loader, loop_cfg, groups=groups,
                           global_batch=cfg.batch_size * world, device=device,
@@ -98,6 +107,28 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load_state_dict(state)
         trainer.fit()
         state = None
+
+
+def progress_line(m: dict, n_stages: int, epochs: int) -> str:
+    """One console line per epoch, printed by rank 0 (the driver shows [imgxlate] lines of workers)."""
+    return "  ".join([f"[imgxlate] stage {m['stage'] + 1}/{n_stages} epoch {m['epoch']}/{epochs}",
+                      f"step {m['global_step']}", f"train_loss {m.get('train_loss', float('nan')):.4g}",
+                      *(f"{k[4:]} {v:.4g}" for k, v in m.items() if k.startswith("val_") and isinstance(v, float)),
+                      f"{m['epoch_time_s']:.1f} s", f"peak RSS {m['worker_peak_rss_mb_max']:.0f} MB"])
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports ru_maxrss in KB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _gather(value: float) -> list[float]:
+    """``value`` from every rank, in rank order (the process group Ray Train set up)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def read_checkpoint(checkpoint) -> dict:
@@ -152,6 +183,106 @@ def git_revision() -> str | None:
         return None
 
 
+class ResourceError(RuntimeError):
+    """The Ray cluster cannot place the run's workers (and did not grow to within the wait)."""
+
+
+def worker_bundle(cfg: tasks.RunConfig) -> dict[str, float]:
+    """What one Train worker asks Ray for."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
+
+
+def placeable_workers(cfg: tasks.RunConfig, nodes: list[dict]) -> int:
+    """How many worker bundles the alive nodes' total resources hold under the run's placement strategy."""
+    bundle = {k: v for k, v in worker_bundle(cfg).items() if v > 0}
+    per_node = [min((int(n["Resources"].get(k, 0) // v) for k, v in bundle.items()), default=0)
+                for n in nodes if n.get("Alive")]
+    if cfg.placement == "STRICT_SPREAD":
+        return sum(1 for c in per_node if c >= 1)
+    if cfg.placement == "STRICT_PACK":
+        return max(per_node, default=0)
+    return sum(per_node)
+
+
+def check_resources(cfg: tasks.RunConfig, wait_s: float = 0, log=print) -> None:
+    """Stop with ResourceError, before any worker is requested, when the cluster cannot hold the run's
+    workers (Ray would otherwise wait for them forever). With ``wait_s``, ask the autoscaler for them
+    and wait that long for nodes to join first."""
+    if placeable_workers(cfg, ray.nodes()) >= cfg.workers:                       # ray:
+        return
+    if wait_s > 0:
+        from ray.autoscaler.sdk import request_resources  # ray:
+
+        request_resources(bundles=[worker_bundle(cfg)] * cfg.workers)           # ray: a hint to an autoscaler
+        log(f"the cluster cannot hold {cfg.workers} workers of {worker_bundle(cfg)} yet: waiting up to "
+            f"{wait_s:g} s for nodes to join")
+        deadline = time.monotonic() + wait_s
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                if placeable_workers(cfg, ray.nodes()) >= cfg.workers:            # ray:
+                    return
+        finally:
+            request_resources(bundles=[])                                       # ray: withdraw the hint
+    have = ray.cluster_resources()                                              # ray:
+    raise ResourceError(
+        f"{cfg.workers} workers need {worker_bundle(cfg)} each (placement {cfg.placement}), but the Ray cluster "
+        f"has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs in all"
+        + (f" and did not grow within {wait_s:g} s" if wait_s > 0 else "")
+        + (": drop --gpu or use a cluster with GPU nodes" if cfg.use_gpu and not have.get("GPU") else
+           ": use fewer --workers or --cpus-per-worker")
+        + ("" if wait_s > 0 else "; where an autoscaler adds nodes, --wait-for-resources SECONDS waits for them"))
+
+
+@contextlib.contextmanager
+def ray_output_to(path: str):
+    """While training, Ray's own output goes to the log file ``path``: what the Train workers and Ray's
+    actors print (forwarded to the driver) and, when this process's stderr is the console, the C++ core
+    worker's lines (GCS time-outs, core_worker.cc). Lines with ``[imgxlate]`` from any worker stay on the
+    console, without Ray's prefix. Enter after ray.init (which installs the forwarding this replaces)."""
+    from ray._private import worker as ray_worker  # ray: Ray 2.58's log forwarding (pinned; private)
+
+    log = open(path, "a", buffering=1)
+    console, saved_fd = sys.stderr, None
+    if sys.stderr is sys.__stderr__:                     # not when the caller captures stderr (tests)
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+        console = os.fdopen(os.dup(saved_fd), "w", buffering=1)
+        os.dup2(log.fileno(), 2)                         # fd 2 (the C++ side, Ray's loggers) -> the log
+        sys.stderr = console                             # Python's stderr (imgxlate's lines) -> the console
+
+    shown: collections.deque = collections.deque(maxlen=64)
+
+    def route(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        for line in data.get("lines", []):
+            at = line.find("[imgxlate]")
+            if at < 0:
+                log.write(f"({who} pid={data.get('pid')}) {line}\n")
+            elif (data.get("pid"), line) not in shown:   # a Train worker's print arrives on stdout and stderr
+                shown.append((data.get("pid"), line))
+                print(line[at:], file=console, flush=True)
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher                  # ray:
+    forwarding = [h for h in dispatcher.handlers if h[0] == "ray_print_logs"]
+    dispatcher.remove_handler("ray_print_logs")                                 # ray:
+    dispatcher.add_handler("imgxlate", route)                                   # ray:
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler("imgxlate")                                   # ray:
+        if ray.is_initialized():                # a ray.shutdown() inside removed the forwarding for good
+            for name, handler in forwarding:
+                dispatcher.add_handler(name, handler)                           # ray:
+        if saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            sys.stderr = sys.__stderr__
+            console.close()
+        log.close()
+
+
 def fit(cfg: tasks.RunConfig):
     """Train on Ray Train; returns the ray.train.Result. Same name + storage resumes."""
     cfg = tasks.absolute_paths(cfg)
@@ -184,7 +315,8 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     model.load_state_dict(weights)
     history = saved["trainer"]["history"]
     out = cfg.out or storage.join(run_dir(cfg), "model")
-    provenance = {"data": cfg.data, "val": cfg.val, "run": run_dir(cfg), "git_revision": git_revision(),
+    provenance = {"data": cfg.data, "val": cfg.val, **saved.get("data", {}), "run": run_dir(cfg),
+                  "git_revision": git_revision(),
                   "stages": [dataclasses.asdict(s) for s in tasks.task_of(cfg).stages(cfg)],
                   "config": dataclasses.asdict(cfg),
                   "workers": cfg.workers, "global_batch": cfg.batch_size * cfg.workers,

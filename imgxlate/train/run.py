@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 from imgxlate import plots
 from imgxlate.io import storage
@@ -21,26 +22,68 @@ def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
     return tasks.TASKS[task].parse_stages(text)
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), or start Ray in this process; False when Ray was
+    already initialised by the caller."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")             # set inside `ray job submit`
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
 
 
-def train(cfg: tasks.RunConfig, ray_address: str | None = None) -> dict:
+def ray_log_path(cfg: tasks.RunConfig) -> str:
+    """Where Ray's own messages of a run go: <storage>/<name>/imgxlate/ray.log, or a local temporary file
+    when the storage is remote (a log is appended to as it is written)."""
+    if storage.is_local(cfg.storage):
+        folder = os.path.join(ray_train.run_dir(cfg), "imgxlate")
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, "ray.log")
+    return os.path.join(tempfile.gettempdir(), f"imgxlate-{cfg.name}-ray.log")
+
+
+def check_data(cfg: tasks.RunConfig) -> None:
+    """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
+    here, and a plan with nothing to train on stops the run with tasks.DataError."""
+    plans = tasks.task_of(cfg).check(cfg)
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        _log(f"warning: {warning}")
+    first = plans[0]
+    _log(f"data: {len(first.train)} training images" + (f", {len(first.val)} held out for validation "
+                                                        f"(seed {cfg.seed}), never trained on" if first.held_out
+                                                        else f", {len(first.val)} for validation"))
+
+
+def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resources: float = 0) -> dict:
+    """Check the data, then the cluster's resources (ray_train.ResourceError when it cannot hold the
+    workers, after waiting up to ``wait_for_resources`` seconds for an autoscaler), train, export. Ray's
+    own output goes to a log file named on the console; a Ray started here is shut down at the end."""
+    import ray
+
     cfg = tasks.absolute_paths(cfg)
-    start_ray(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
-    _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
-         f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
-    result = ray_train.fit(cfg)
+    check_data(cfg)
+    started = start_ray(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
+    log_path = ray_log_path(cfg)
+    _log(f"Ray's own messages: {log_path}")
+    try:
+        with ray_train.ray_output_to(log_path):
+            ray_train.check_resources(cfg, wait_for_resources, log=_log)
+            _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
+                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
+            result = ray_train.fit(cfg)
+            if started:
+                ray.shutdown()                  # while Ray's output still goes to the log
+                started = False
+    finally:
+        if started:
+            ray.shutdown()
     if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
+        raise RuntimeError(f"training failed: {result.error} (Ray's messages: {log_path})")
     out = ray_train.export_artifact(cfg, result)
     history = []
     try:

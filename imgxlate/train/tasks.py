@@ -24,7 +24,7 @@ from imgxlate.models import build, grow, make_config
 from imgxlate.train import data
 from imgxlate.train.degrade import PRESETS as DEGRADATIONS
 from imgxlate.train.loop import LoopConfig
-from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective
+from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective, style_size_of
 
 
 @dataclass
@@ -50,7 +50,8 @@ class RunConfig:
     data: str                                   # training images (folder, s3:// prefix or manifest)
     name: str = "run"
     storage: str = "runs"                       # local folder or s3://bucket/prefix for checkpoints
-    val: str | None = None                      # validation images (SR, style); seg splits `data` by group
+    val: str | None = None                      # validation images (SR, style); default: a seeded 10% of `data`
+                                                # held out from training (seg splits `data` by group)
     arch: str | None = None                     # default per task: sr / style / unet
     preset: str | None = None
     model: dict = field(default_factory=dict)   # config overrides, e.g. {"nf": 32}
@@ -63,7 +64,8 @@ class RunConfig:
     placement: str = "PACK"                     # Ray placement strategy of the workers (STRICT_SPREAD: 1 per node)
     max_failures: int = 2
     seed: int = 0
-    limit: int | None = None                    # use at most this many training images
+    limit: int | None = None                    # use at most this many training images (seg: pairs)
+    cache_mb: float = data.DEFAULT_CACHE_MB     # per worker: decoded training images kept (LRU, by bytes)
     # SR
     hr_crop: int = 96
     samples_per_image: int = 8
@@ -73,9 +75,12 @@ class RunConfig:
     # style
     style_image: str | None = None
     content_size: int = 256
+    style_size: int | None = None               # style image resized to this shorter side for its Gram targets
+                                                # (None: content_size; see objectives.style_target)
     content_weight: float = 1e4
     # seg
     val_fraction: float = 0.2
+    seg_loss: str = "bce_dice"                  # 'bce' (the lesson's) or 'bce_dice' (BCE + soft Dice)
     out: str | None = None                      # artifact URI (default: <storage>/<name>/model)
 
     @classmethod
@@ -103,12 +108,41 @@ def stage_loop(cfg: RunConfig, stage: Stage) -> LoopConfig:
                                bn_freeze=stage.bn_freeze or cfg.loop.bn_freeze)
 
 
-class StageData:
-    """A stage's training dataset, objective, validation and contract."""
+HELD_OUT = 0.1                                  # SR, style without --val: the fraction held out for validation
 
-    def __init__(self, train, objective: nn.Module, contract: Contract, validate, device: str):
+
+class DataError(ValueError):
+    """The training data cannot make a run (nothing left to train on); the message says what to change."""
+
+
+@dataclass
+class DataPlan:
+    """What a stage trains and validates on, decided from the listing and image headers before any
+    image is decoded; the driver checks it before starting workers, every worker computes the same."""
+    train: list                                 # URIs (seg: (image, mask) URI pairs)
+    val: list                                   # the same, for validation
+    keys: dict[str, str]                        # URI -> key relative to the data folder (for provenance)
+    held_out: list[str] = field(default_factory=list)       # keys of `data` held out for validation
+    skipped_small: list[str] = field(default_factory=list)  # keys of images smaller than the crop (SR)
+    source_size: tuple[int, int] | None = None  # seg: median (h, w) of (up to 64 of) the training images
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict:
+        return {"data_train_images": len(self.train), "data_val_images": len(self.val),
+                "data_skipped_small": len(self.skipped_small)}
+
+    def provenance(self) -> dict:
+        return {"held_out": self.held_out, "skipped_small": self.skipped_small}
+
+
+class StageData:
+    """A stage's training dataset, objective, validation and contract, and the plan they come from."""
+
+    def __init__(self, train, objective: nn.Module, contract: Contract, validate, device: str,
+                 plan: DataPlan | None = None):
         self.train, self.objective, self.contract, self._validate, self.device = (
             train, objective, contract, validate, device)
+        self.plan = plan
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
@@ -157,6 +191,31 @@ class Task:
     def contract(self, cfg: RunConfig, stage: Stage, source_size=None) -> Contract:
         return for_task(self.name)
 
+    def plan(self, cfg: RunConfig, stage: Stage) -> DataPlan:
+        """Training images and validation images: ``--val``, or a seeded HELD_OUT of the training images
+        that is never trained on."""
+        items = data.list_items(cfg.data, cfg.limit)
+        keys = {it.source_uri: it.key for it in items}
+        if cfg.val:
+            train, val, held_out = items, data.list_items(cfg.val), []
+            if not val:
+                raise DataError(f"no images under --val {cfg.val}")
+        else:
+            train, val = data.held_out_split(items, HELD_OUT, cfg.seed)
+            held_out = [it.key for it in val]
+            if not val:
+                raise DataError(f"{cfg.data} has {len(items)} image(s): holding {HELD_OUT:.0%} out for validation "
+                                f"needs at least 2; add images or pass --val")
+        return DataPlan([it.source_uri for it in train], [it.source_uri for it in val], keys, held_out)
+
+    def check(self, cfg: RunConfig) -> list[DataPlan]:
+        """Every stage's plan, or a DataError that says what to change: run before any worker starts."""
+        plans = [self.plan(cfg, s) for s in self.stages(cfg)]
+        for p in plans:
+            if not p.train:
+                raise DataError(p.warnings[-1] if p.warnings else f"no training images in {cfg.data}")
+        return plans
+
     def stage_data(self, cfg: RunConfig, stage: Stage, device: str) -> StageData:
         raise NotImplementedError
 
@@ -178,39 +237,58 @@ class SrTask(Task):
             return previous, []
         return build(cfg.arch or self.arch, cfg.model or None, preset=cfg.preset, scale=scale), []
 
-    def stage_data(self, cfg, stage, device):
-        uris = data.list_images(cfg.data, cfg.limit)
-        scale = stage.scale or 2
-        train = data.SrDataset(uris, scale, cfg.hr_crop, cfg.samples_per_image, DEGRADATIONS[cfg.degradations],
-                               cfg.seed)
-        val = [(u, image_io.read_image(u)) for u in (data.list_images(cfg.val) if cfg.val else
-                                                     uris[: max(1, len(uris) // 10)])]
+    def plan(self, cfg, stage):
+        """Training images smaller than the stage's HR crop are skipped (a batch stacks crops of one size)."""
+        plan = super().plan(cfg, stage)
+        crop = data.sr_crop(cfg.hr_crop, stage.scale or 2)
+        side = {u: min(data.image_size(u)) for u in plan.train}          # headers only
+        small = [u for u in plan.train if side[u] < crop]
+        if small:
+            plan.train = [u for u in plan.train if side[u] >= crop]
+            plan.skipped_small = [plan.keys[u] for u in small]
+            shown = ", ".join(plan.skipped_small[:5]) + (", ..." if len(small) > 5 else "")
+            smallest = min(side[u] for u in small)
+            plan.warnings.append(
+                f"{len(small)} of {len(side)} training images are smaller than the {crop} px HR crop and are "
+                f"skipped ({shown}); --hr-crop {smallest - smallest % (stage.scale or 2)} would keep them"
+                if plan.train else
+                f"every training image under {cfg.data} is smaller than the {crop} px HR crop (the largest has a "
+                f"{max(side.values())} px shorter side): pass a smaller --hr-crop")
+        return plan
 
-        def validate(predictor):
-            rows = evaluate.eval_sr(predictor, val, scale, degradations=cfg.degradations, seed=cfg.seed)
+    def stage_data(self, cfg, stage, device):
+        plan = self.plan(cfg, stage)
+        scale = stage.scale or 2
+        train = data.SrDataset(plan.train, scale, cfg.hr_crop, cfg.samples_per_image, DEGRADATIONS[cfg.degradations],
+                               cfg.seed, cache=data.shared_cache(cfg.cache_mb))
+
+        def validate(predictor):               # validation images are read as they are scored, never all held
+            rows = evaluate.eval_sr(predictor, ((u, image_io.read_image(u)) for u in plan.val), scale,
+                                    degradations=cfg.degradations, seed=cfg.seed)
             return {"val_psnr": float(np.mean([r.psnr for r in rows])),
                     "val_ssim": float(np.mean([r.ssim for r in rows])),
                     "val_psnr_bicubic": float(np.mean([r.psnr_bicubic for r in rows])),
                     "val_protocol": evaluate.metrics.PROTOCOL_Y}
-        return StageData(train, SrObjective(cfg.loss, cfg.vgg_weights), self.contract(cfg, stage), validate, device)
+        return StageData(train, SrObjective(cfg.loss, cfg.vgg_weights), self.contract(cfg, stage), validate, device,
+                         plan)
 
 
 class StyleTask(Task):
     name, arch = "style", "style"
 
     def stage_data(self, cfg, stage, device):
-        uris = data.list_images(cfg.data, cfg.limit)
-        train = data.CropDataset(uris, cfg.content_size, cfg.samples_per_image, cfg.seed)
+        plan = self.plan(cfg, stage)
+        train = data.CropDataset(plan.train, cfg.content_size, cfg.samples_per_image, cfg.seed,
+                                 cache=data.shared_cache(cfg.cache_mb))
         style = image_io.read_rgb(cfg.style_image)
-        objective = StyleObjective(torch.from_numpy(style).permute(2, 0, 1).float()[None] / 255, cfg.vgg_weights,
-                                   cfg.content_weight)
-        val = [(u, image_io.read_rgb(u)) for u in (data.list_images(cfg.val) if cfg.val else uris[:1])]
+        objective = StyleObjective(style, style_size_of(dataclasses.asdict(cfg)), cfg.vgg_weights, cfg.content_weight)
 
         def validate(predictor):
-            rows = evaluate.eval_style(predictor, val, style, cfg.content_size, objective=objective)
+            rows = evaluate.eval_style(predictor, ((u, image_io.read_rgb(u)) for u in plan.val), style,
+                                       cfg.content_size, objective=objective)
             terms = {n: float(np.mean([r.terms[n] for r in rows])) for n in rows[0].terms}
             return {"val_loss": float(sum(terms.values())), **{f"val_{n}": v for n, v in terms.items()}}
-        return StageData(train, objective, self.contract(cfg, stage), validate, device)
+        return StageData(train, objective, self.contract(cfg, stage), validate, device, plan)
 
     def contract(self, cfg, stage, source_size=None):
         return for_task("style", tile=cfg.content_size)
@@ -234,20 +312,27 @@ class SegTask(Task):
     def contract(self, cfg, stage, source_size=None):
         return for_task("seg", size=stage.size or 128, source_size=source_size)
 
+    def plan(self, cfg, stage):
+        """Pairs split by group (car id); the contract's source size from the headers of up to 64 evenly
+        spaced training images (the median, so a few odd sizes do not move it)."""
+        items = data.list_items(cfg.data)
+        keys = {it.source_uri: it.key for it in items}
+        pairs = data.pair_segmentation([it.source_uri for it in items], limit=cfg.limit)
+        train, val = data.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
+        probe = train[:: max(1, len(train) // 64)][:64]
+        source = tuple(int(v) for v in np.median([data.image_size(i) for i, _ in probe], axis=0)) if probe else None
+        return DataPlan(train, val or train[:1], keys, [keys[i] for i, _ in val], source_size=source)
+
     def stage_data(self, cfg, stage, device):
-        pairs = data.pair_segmentation(data.list_images(cfg.data) if cfg.limit is None else
-                                       data.list_images(cfg.data)[: 2 * cfg.limit])
-        train_pairs, val_pairs = data.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
-        size = stage.size or 128
-        train = data.SegDataset(train_pairs, size, augment=True, seed=cfg.seed)
-        shapes = np.array([img.shape[:2] for img in train.images])
-        source = tuple(int(v) for v in np.median(shapes, axis=0)) if len(shapes) else None
-        val = list(evaluate.read_seg_samples(val_pairs or train_pairs[:1]))
+        plan = self.plan(cfg, stage)
+        train = data.SegDataset(plan.train, stage.size or 128, augment=True, seed=cfg.seed,
+                                cache=data.shared_cache(cfg.cache_mb))
 
         def validate(predictor):
-            rows = evaluate.eval_seg(predictor, val, keep_pictures=False)
+            rows = evaluate.eval_seg(predictor, evaluate.read_seg_samples(plan.val), keep_pictures=False)
             return {f"val_{k}": float(np.mean([getattr(r, k) for r in rows])) for k in ("dice", "iou", "accuracy")}
-        return StageData(train, SegObjective(), self.contract(cfg, stage, source), validate, device)
+        return StageData(train, SegObjective(cfg.seg_loss), self.contract(cfg, stage, plan.source_size), validate,
+                         device, plan)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (SrTask(), StyleTask(), SegTask())}
@@ -260,8 +345,14 @@ def task_of(cfg: RunConfig) -> Task:
 
 
 def trainable_groups(model: nn.Module, stage: Stage, new_params: list[str]) -> list[nn.Module]:
-    """Layer groups for LR ratios / freezing; SR 'train: new' freezes all but the grown layers."""
+    """Layer groups for LR ratios / freezing, with the stage's freezing applied (requires_grad): SR
+    'train: new' freezes all but the grown layers, seg ':frozen' its frozen groups. Called before the
+    model is wrapped in DDP, which registers only the parameters that require gradients then: a group
+    frozen after wrapping would leave DDP waiting for gradients that never come."""
     only_new = stage.train == "new" and bool(new_params)
     for n, p in model.named_parameters():
         p.requires_grad_(n in new_params if only_new else True)
-    return model.encoder_groups() if hasattr(model, "encoder_groups") else [model]
+    groups = model.encoder_groups() if hasattr(model, "encoder_groups") else [model]
+    for i in stage.frozen_groups:
+        groups[i].requires_grad_(False)
+    return groups
