@@ -280,16 +280,11 @@ def cmd_translate(args) -> int:
             text = text.replace(part, "***")
         return text
 
-    import datetime as dt
-
-    from imgxlate.console import ray_lines_to_log
-
     error, trace = None, ""
-    with ray_lines_to_log("translate-" + dt.datetime.now().strftime("%Y%m%dT%H%M%S")):
-        try:
-            summary = job.run(translate_config(args))
-        except Exception as e:              # reported below, on the console
-            error, trace = e, traceback.format_exc()
+    try:
+        summary = job.run(translate_config(args))
+    except Exception as e:
+        error, trace = e, traceback.format_exc()
     if isinstance(error, job.JobError):
         print(clean(f"imgxlate translate: error: {error}"), file=sys.stderr)
         return 2

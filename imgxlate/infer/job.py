@@ -246,24 +246,12 @@ def dry_run_report(cfg: TranslateConfig, meta: dict, p: Plan) -> dict:
 
 
 def start_ray(cfg: TranslateConfig) -> bool:
-    """Join the cluster (RAY_ADDRESS / --ray-address) or start Ray here; True when this call started it."""
-    import ray
+    """Join the cluster (RAY_ADDRESS / --ray-address) or start Ray here; True when this call did.
+    Credentials are not shipped: workers use their own environment / instance role."""
+    from imgxlate import rayenv
 
-    if ray.is_initialized():
-        return False
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")     # set inside `ray job submit`
-    if address:
-        # Credentials are not shipped: workers use their own environment / instance role. Inside a Ray
-        # job the submission's runtime_env already carries these settings (and may not be merged with).
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        ray.init(address=address, runtime_env={"env_vars": env} if env and not in_job else None,
-                 logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, logging_level=logging.WARNING,
-                 include_dashboard=False)
-        return True
-    return False
+    return rayenv.start_or_join(cfg.ray_address, cfg.num_cpus, env)
 
 
 def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
@@ -360,6 +348,40 @@ def run(cfg: TranslateConfig) -> dict:
         lease.release()                         # never raises: a lease it cannot release expires by itself
 
 
+def stream(cfg: TranslateConfig, todo: list[dict], meta: dict, drain: SignalDrain, lease: Lease, add) -> set[str]:
+    """Run ``todo`` through the Ray Data pipeline, handing manifest rows to ``add`` as they arrive; returns the
+    output URIs that came back (unique per input). A signal or a lost lease drains the pipeline."""
+    import ray
+    import ray.data
+
+    from imgxlate.infer import pipeline
+
+    rcfg = resolve_resources(cfg)
+    # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = False
+    ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
+    stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
+    drain.on_signal = stop.set.remote
+    if drain.signum is not None:                # signalled while Ray was starting
+        stop.set.remote()
+    seen: set[str] = set()
+    for batch in pipeline.build(todo, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                     prefetch_batches=1):
+        rows = batch.to_pylist()
+        seen.update(r["output_uri"] for r in rows)
+        add([r for r in rows if r["status"] != pipeline.NOT_STARTED])
+        if lease.lost and drain.signum is None:
+            drain.signum = signal.SIGTERM
+            _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
+            stop.set.remote()
+    return seen
+
+
 def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease) -> dict:
     p = plan(cfg, meta, run_id)
     if not p.total:
@@ -375,11 +397,11 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
     progress = Progress(p.total, cfg.progress_every_s)
     # The driver keeps counters, not rows: rows go to manifest parts as they arrive.
     parts, buffer, counts, nbytes = 0, list(p.final), Counter(), Counter()
-    seen: set[str] = set()                 # inputs that came back from the pipeline (to find dropped batches)
+    seen: set[str] = set()                 # outputs that came back from the pipeline (to find dropped batches)
     progress.update([r["status"] for r in p.final])
 
     def flush():
-        nonlocal parts, buffer
+        nonlocal parts
         if buffer:
             manifest.write_part(dst, run_id, parts, buffer)
             parts += 1
@@ -389,49 +411,31 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
                     nbytes["source"] += r.get("source_bytes") or 0
                 if r["status"] == "ok":
                     nbytes["output"] += r.get("output_bytes") or 0
-            buffer = []
+            buffer.clear()
 
-    stop, started_ray = None, False
-    drain = SignalDrain(lambda: stop.set.remote() if stop is not None else None)
+    started_ray = False
+    drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
     with drain:
         if p.todo and drain.signum is None:
-            from imgxlate.infer import pipeline
+            from imgxlate import rayenv
 
             started_ray = start_ray(cfg)
-            drain.install()
-            rcfg = resolve_resources(cfg)
-            import ray
-            import ray.data
+            drain.install()                     # after ray.init, which sets handlers of its own
+            ray_log = rayenv.log_path(f"translate-{run_id}")
+            _log(f"Ray's own messages: {ray_log}")
+            last_flush = [time.time()]
 
-            # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            ctx.print_on_execution_start = False
-            ctx.execution_options.preserve_order = False
-            ctx.max_errored_blocks = -1    # a batch that failed every retry is dropped; its inputs get rows below
-            stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
-            if drain.signum is not None:        # signalled while Ray was starting
-                stop.set.remote()
-            ds = pipeline.build(p.todo, rcfg, meta, stop)
-            last_flush = time.time()
-            try:
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-                    rows = batch.to_pylist()
-                    seen.update(r["output_uri"] for r in rows)  # unique per input (injective keys)
-                    rows = [r for r in rows if r["status"] != pipeline.NOT_STARTED]
-                    buffer.extend(rows)
-                    progress.update([r["status"] for r in rows])
-                    if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush > 10:
-                        flush()
-                        last_flush = time.time()
-                    if lease.lost and drain.signum is None:
-                        drain.signum = signal.SIGTERM
-                        _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
-                        stop.set.remote()
-            finally:
-                flush()                         # rows of outputs already written are recorded, whatever happens
+            def add(rows: list[dict]) -> None:
+                buffer.extend(rows)
+                progress.update([r["status"] for r in rows])
+                if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush[0] > 10:
+                    flush()
+                    last_flush[0] = time.time()
+            with rayenv.output_to(ray_log):
+                try:
+                    seen = stream(cfg, p.todo, meta, drain, lease, add)
+                finally:
+                    flush()                     # rows of outputs already written are recorded, whatever happens
             if drain.signum is None:
                 dropped = [r for r in p.todo if r["output_uri"] not in seen]
                 for r in dropped:

@@ -9,14 +9,11 @@ and storage resumes from the latest checkpoint; a killed worker is recovered up 
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import json
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -232,55 +229,6 @@ def check_resources(cfg: tasks.RunConfig, wait_s: float = 0, log=print) -> None:
         + (": drop --gpu or use a cluster with GPU nodes" if cfg.use_gpu and not have.get("GPU") else
            ": use fewer --workers or --cpus-per-worker")
         + ("" if wait_s > 0 else "; where an autoscaler adds nodes, --wait-for-resources SECONDS waits for them"))
-
-
-@contextlib.contextmanager
-def ray_output_to(path: str):
-    """While training, Ray's own output goes to the log file ``path``: what the Train workers and Ray's
-    actors print (forwarded to the driver) and, when this process's stderr is the console, the C++ core
-    worker's lines (GCS time-outs, core_worker.cc). Lines with ``[imgxlate]`` from any worker stay on the
-    console, without Ray's prefix. Enter after ray.init (which installs the forwarding this replaces)."""
-    from ray._private import worker as ray_worker  # ray: Ray 2.58's log forwarding (pinned; private)
-
-    log = open(path, "a", buffering=1)
-    console, saved_fd = sys.stderr, None
-    if sys.stderr is sys.__stderr__:                     # not when the caller captures stderr (tests)
-        sys.stderr.flush()
-        saved_fd = os.dup(2)
-        console = os.fdopen(os.dup(saved_fd), "w", buffering=1)
-        os.dup2(log.fileno(), 2)                         # fd 2 (the C++ side, Ray's loggers) -> the log
-        sys.stderr = console                             # Python's stderr (imgxlate's lines) -> the console
-
-    shown: collections.deque = collections.deque(maxlen=64)
-
-    def route(data: dict) -> None:
-        who = data.get("actor_name") or data.get("task_name") or ""
-        for line in data.get("lines", []):
-            at = line.find("[imgxlate]")
-            if at < 0:
-                log.write(f"({who} pid={data.get('pid')}) {line}\n")
-            elif (data.get("pid"), line) not in shown:   # a Train worker's print arrives on stdout and stderr
-                shown.append((data.get("pid"), line))
-                print(line[at:], file=console, flush=True)
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher                  # ray:
-    forwarding = [h for h in dispatcher.handlers if h[0] == "ray_print_logs"]
-    dispatcher.remove_handler("ray_print_logs")                                 # ray:
-    dispatcher.add_handler("imgxlate", route)                                   # ray:
-    try:
-        yield
-    finally:
-        dispatcher.remove_handler("imgxlate")                                   # ray:
-        if ray.is_initialized():                # a ray.shutdown() inside removed the forwarding for good
-            for name, handler in forwarding:
-                dispatcher.add_handler(name, handler)                           # ray:
-        if saved_fd is not None:
-            sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            sys.stderr = sys.__stderr__
-            console.close()
-        log.close()
 
 
 def fit(cfg: tasks.RunConfig):

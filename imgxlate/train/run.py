@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
 
-from imgxlate import plots
+from imgxlate import plots, rayenv
 from imgxlate.io import storage
 from imgxlate.train import ray_train, tasks
 
@@ -20,21 +19,6 @@ def _log(msg: str) -> None:
 def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
     """The stage plan from its command-line form (see :meth:`imgxlate.train.tasks.Task.parse_stages`)."""
     return tasks.TASKS[task].parse_stages(text)
-
-
-def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), or start Ray in this process; False when Ray was
-    already initialised by the caller."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")             # set inside `ray job submit`
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def ray_log_path(cfg: tasks.RunConfig) -> str:
@@ -67,11 +51,11 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
 
     cfg = tasks.absolute_paths(cfg)
     check_data(cfg)
-    started = start_ray(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
+    started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     log_path = ray_log_path(cfg)
     _log(f"Ray's own messages: {log_path}")
     try:
-        with ray_train.ray_output_to(log_path):
+        with rayenv.output_to(log_path):
             ray_train.check_resources(cfg, wait_for_resources, log=_log)
             _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
                  f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")

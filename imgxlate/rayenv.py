@@ -1,0 +1,89 @@
+"""Ray in one place: how training and the batch job start or join Ray, and where Ray's own output goes.
+Lines marked `# ray:` use Ray's API (some of it private, pinned to Ray 2.58)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+
+import ray
+
+
+def start_or_join(address: str | None = None, num_cpus: int | None = None, env: dict | None = None) -> bool:
+    """Join the cluster at ``address`` (or RAY_ADDRESS, which `ray job submit` sets), or start Ray in this
+    process with ``num_cpus`` logical CPUs. ``env``: settings (not credentials) the workers need, e.g. the
+    S3 endpoint; inside a Ray job the submission's runtime_env already carries them. True when this call
+    started or joined Ray, False when the caller had."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, runtime_env={"env_vars": env} if env and not in_job else None,  # ray:
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,                   # ray:
+                 logging_level=logging.WARNING)
+    return True
+
+
+def log_path(name: str) -> str:
+    """A local file for Ray's own output of a command, named on the console."""
+    folder = os.path.join(tempfile.gettempdir(), f"imgxlate-logs-{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}.log")
+
+
+@contextlib.contextmanager
+def output_to(path: str):
+    """Within the block, Ray's own output goes to the log file ``path``: what the Train workers and Ray's
+    actors print (forwarded to the driver) and, when this process's stderr is the console, the C++ core
+    worker's lines (GCS time-outs, core_worker.cc). Lines with ``[imgxlate]`` from any worker or task stay on the
+    console, without Ray's prefix. Enter after ray.init (which installs the forwarding this replaces)."""
+    from ray._private import worker as ray_worker  # ray: Ray 2.58's log forwarding (pinned; private)
+
+    log = open(path, "a", buffering=1)
+    console, saved_fd = sys.stderr, None
+    if sys.stderr is sys.__stderr__:                     # not when the caller captures stderr (tests)
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+        console = os.fdopen(os.dup(saved_fd), "w", buffering=1)
+        os.dup2(log.fileno(), 2)                         # fd 2 (the C++ side, Ray's loggers) -> the log
+        sys.stderr = console                             # Python's stderr (imgxlate's lines) -> the console
+
+    shown: collections.deque = collections.deque(maxlen=64)
+
+    def route(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        for line in data.get("lines", []):
+            at = line.find("[imgxlate]")
+            if at < 0:
+                log.write(f"({who} pid={data.get('pid')}) {line}\n")
+            elif (data.get("pid"), line) not in shown:   # a Train worker's print arrives on stdout and stderr
+                shown.append((data.get("pid"), line))
+                print(line[at:], file=console, flush=True)
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher                  # ray:
+    forwarding = [h for h in dispatcher.handlers if h[0] == "ray_print_logs"]
+    dispatcher.remove_handler("ray_print_logs")                                 # ray:
+    dispatcher.add_handler("imgxlate", route)                                   # ray:
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler("imgxlate")                                   # ray:
+        if ray.is_initialized():                # a ray.shutdown() inside removed the forwarding for good
+            for name, handler in forwarding:
+                dispatcher.add_handler(name, handler)                           # ray:
+        if saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            sys.stderr = sys.__stderr__
+            console.close()
+        log.close()
+
+
