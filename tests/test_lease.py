@@ -65,3 +65,16 @@ def test_the_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(dst):
     assert lease.lost
     lease.release()
     assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "thief"
+
+
+def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(dst):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes(storage.join(dst, "_manifest", "LEASE"), json.dumps(
+        {"run_id": "killed", "host": socket.gethostname(), "pid": int(dead.stdout), "token": "t",
+         "heartbeat": time.time(), "expires": time.time() + 600}).encode())
+    with Lease(dst, "rerun") as lease:                          # no 10-minute wait
+        assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "rerun"

@@ -6,6 +6,7 @@ manifest parts as results stream in -> summary.json, written last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -333,9 +334,13 @@ def run(cfg: TranslateConfig) -> dict:
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     meta = model_info(cfg)
     t_start = time.time()
+    untouched = storage.is_local(cfg.dst) and not os.path.exists(cfg.dst)
     preflight_destination(cfg.dst, run_id)
     if cfg.dry_run:
-        return {"dry_run": dry_run_report(cfg, meta, plan(cfg, meta, run_id)), "run_id": run_id}
+        try:
+            return {"dry_run": dry_run_report(cfg, meta, plan(cfg, meta, run_id)), "run_id": run_id}
+        finally:
+            _remove_empty_folders(cfg.dst, untouched)    # a dry run leaves no trace
     try:
         lease = Lease(cfg.dst, run_id, wait_s=cfg.wait_for_lease_s).acquire()
     except LeaseHeld as e:
@@ -346,6 +351,16 @@ def run(cfg: TranslateConfig) -> dict:
         return _run(cfg, meta, run_id, t_start, lease)
     finally:
         lease.release()                         # never raises: a lease it cannot release expires by itself
+        _remove_empty_folders(cfg.dst, untouched)        # e.g. an empty SRC: DST is not left behind
+
+
+def _remove_empty_folders(dst: str, created: bool) -> None:
+    """Remove the local folders this run created under DST (its probe, its lease) if they stayed empty."""
+    if not created or not os.path.isdir(dst):
+        return
+    for root, _, _ in sorted(os.walk(dst), key=lambda t: -len(t[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)                      # only succeeds on an empty folder
 
 
 def stream(cfg: TranslateConfig, todo: list[dict], meta: dict, drain: SignalDrain, lease: Lease, add) -> set[str]:

@@ -4,9 +4,10 @@ The lease is ``DST/_manifest/LEASE``: a small JSON object with the holder's run 
 and expiry. It is taken with a conditional write where the store has one: on S3, ``PutObject`` with
 ``If-None-Match: *`` (a second writer gets 412 Precondition Failed) and renewed with ``If-Match`` on the
 holder's ETag, so a run whose lease was taken over finds out at its next heartbeat; in a local folder,
-``O_CREAT | O_EXCL`` and an atomic rename. A lease whose expiry has passed was left by a run that was
-killed (its heartbeat stopped) and is taken over. Other fsspec stores get a check-then-write, which
-narrows the race but does not close it.
+a hard link (which fails when the lease exists) and an atomic rename. A lease whose expiry has passed
+was left by a run that was killed (its heartbeat stopped) and is taken over; so is one whose holder ran
+on this machine and whose process is gone, without waiting for the expiry. Other fsspec stores get a
+check-then-write, which narrows the race but does not close it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from imgxlate.io import storage
 
 NAME = "LEASE"
 TOMBSTONE = b'{"released": true, "expires": 0}'
+
+
+def _dead_here(holder: dict) -> bool:
+    """The holder ran on this machine and its process is gone (killed): no need to wait for its expiry."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _parse(data: bytes) -> dict:
@@ -164,7 +178,7 @@ class Lease:
             holder, etag = self._read()
             if holder is None:
                 continue                        # released between our two calls
-            if holder.get("expires", 0) < time.time():
+            if holder.get("expires", 0) < time.time() or _dead_here(holder):
                 if self._replace(etag, holder, self._body()):   # a killed or released run's lease: take it
                     break
                 continue                        # another run took it first: look again
