@@ -247,6 +247,10 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                     help="retries of a batch whose model actor died; then its inputs get model_error (default 3)")
     run.add_argument("--run-id", help="name for this run's manifest folder: letters, digits, '.', '_', '-' "
                                       "(default: time + random)")
+    run.add_argument("--shard-size", type=int, default=10_000,
+                     help="inputs per shard, the unit of manifest parts and of resume (default %(default)s)")
+    run.add_argument("--wave-inputs", type=int, default=50_000,
+                     help="shards go through the pipeline in waves of about this many inputs (default %(default)s)")
 
 
 def translate_config(args):
@@ -260,7 +264,8 @@ def translate_config(args):
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, io_cpus=args.io_cpus,
         ray_address=args.ray_address, num_cpus=args.num_cpus, s3_endpoint=args.s3_endpoint,
         wait_for_lease_s=args.wait_for_lease, max_model_retries=args.max_model_retries,
-        run_id=args.run_id, dry_run=args.dry_run, fail_on_error=args.fail_on_error)
+        run_id=args.run_id, dry_run=args.dry_run, fail_on_error=args.fail_on_error, shard_size=args.shard_size,
+        wave_inputs=args.wave_inputs)
 
 
 def cmd_translate(args) -> int:

@@ -14,6 +14,13 @@ The model has random weights (speed does not depend on them).
     python jobs/bench_translate.py --out out/bench            # scikit-image's sample photos
     python jobs/bench_translate.py --photos ../shared/data/sr_train/BSD200 --out out/bench
 
+Scale mode: many tiny inputs (16-32 px PNGs, `--model bicubic --scale 2`) on local disk and on a loopback S3
+server (moto), printing per N the planning (listing) time, wall time, images/s, the ratio to a one-process naive
+loop (open, bicubic, save), when the first output was written against when the listing ended, and the driver's
+peak RSS. `--plan-only N` runs the plan alone (a dry run) over N inputs, for N too large to process here.
+
+    python jobs/bench_translate.py --mode scale --counts 10000,100000 --s3 100000 --out out/bench_scale
+
 On a cluster's head node (the script starts its own local Ray for each arm, so it measures one machine;
 submitting it runs it there with the cluster's software):
 
@@ -142,8 +149,184 @@ print("RESULT", out.pixels.shape, resource.getrusage(resource.RUSAGE_SELF).ru_ma
 """
 
 
+def _tiny_pngs(args) -> None:
+    root, start, stop, seed = args
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for i in range(start, stop):
+        h, w = (int(v) for v in rng.integers(16, 33, size=2))
+        y, x = np.mgrid[:h, :w]
+        img = ((x * 7 + y * 3 + i) % 256).astype(np.uint8)[..., None] + rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+        folder = os.path.join(root, f"d{i // 1000:04d}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(img.astype(np.uint8)).save(os.path.join(folder, f"i{i:07d}.png"), "PNG", compress_level=1)
+
+
+def make_tiny_tree(root: str, n: int) -> None:
+    """n tiny PNGs in folders of 1,000 (made once; a larger tree serves smaller N through --limit)."""
+    from multiprocessing import Pool
+
+    have = sum(len(files) for _, _, files in os.walk(root)) if os.path.isdir(root) else 0
+    if have >= n:
+        return
+    step = 5000
+    chunks = [(root, a, min(a + step, n), a) for a in range(have - have % step, n, step)]
+    t0 = time.perf_counter()
+    with Pool(os.cpu_count()) as pool:
+        for k, _ in enumerate(pool.imap_unordered(_tiny_pngs, chunks), 1):
+            if k % 20 == 0:
+                print(f"  made {k * step} / {n} tiny inputs ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+NAIVE_TINY = r"""
+import os, sys, time, torch
+import numpy as np
+from PIL import Image
+torch.set_num_threads(1)
+root, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+paths = []
+for d, _, files in sorted(os.walk(root)):
+    paths += [os.path.join(d, f) for f in sorted(files)]
+    if len(paths) >= n:
+        break
+paths = paths[:n]
+os.makedirs(out, exist_ok=True)
+t0 = time.perf_counter()
+for p in paths:
+    x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float()
+    y = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    y = y.round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
+    Image.fromarray(y).save(os.path.join(out, os.path.basename(p)))
+print("RESULT", len(paths) / (time.perf_counter() - t0))
+"""
+
+DRIVER = r"""
+import datetime as dt, json, resource, sys, time
+from imgxlate.infer import job
+kw = json.loads(sys.argv[1])
+t0 = dt.datetime.now(dt.timezone.utc)
+s = job.run(job.TranslateConfig(**kw))
+s.pop("config", None)
+s["started_at"] = t0.isoformat()
+s["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print("RESULT " + json.dumps(s, default=str))
+"""
+
+
+def _driver(kw: dict, env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(kw)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"the job failed (exit {r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(line[7:])
+
+
+def _first_output_s(dst: str, summary: dict) -> float | None:
+    """Seconds from the job's start to the first output it wrote (from its manifest)."""
+    import datetime as dt
+
+    import pyarrow.compute as pc
+
+    from imgxlate.io import manifest
+
+    table = manifest.read_run(dst, summary["run_id"])
+    if not table.num_rows:
+        return None
+    first = pc.min(table.column("finished_at")).as_py()
+    return round((first - dt.datetime.fromisoformat(summary["started_at"])).total_seconds(), 2)
+
+
+def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None) -> dict:
+    ok = s["counts"].get("ok", 0)
+    rate = ok / s["wall_s"] if s["wall_s"] else 0
+    return {"source": label, "inputs": n, "listing_s": s.get("listing_s"), "first_output_s": first,
+            "wall_s": s["wall_s"], "img_s": round(rate, 1), "naive_img_s": round(naive_rate, 1),
+            "job_vs_naive": round(rate / naive_rate, 3) if naive_rate else None,
+            "driver_peak_rss_mb": s["driver_peak_rss_mb"], "ok": ok, "shards": s.get("shards")}
+
+
+def scale(args) -> int:
+    out = os.path.abspath(args.out)
+    counts = [int(c) for c in args.counts.split(",") if c]
+    tree = os.path.join(out, "tiny")
+    biggest = max(counts + [args.s3, args.plan_only])
+    print(f"making {biggest} tiny inputs under {tree} ...", flush=True)
+    make_tiny_tree(tree, biggest)
+    r = subprocess.run([sys.executable, "-c", NAIVE_TINY, tree, os.path.join(out, "naive"), str(args.naive_n)],
+                       capture_output=True, text=True)
+    naive_rate = float(next(x for x in r.stdout.splitlines() if x.startswith("RESULT")).split()[1])
+    print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n}), flush=True)
+    rows = []
+    base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus}
+    for n in counts:
+        dst = os.path.join(out, f"job_{n}_{int(time.time())}")
+        s = _driver({**base, "src": tree, "dst": dst, "limit": n})
+        rows.append(_row("local", n, s, naive_rate, _first_output_s(dst, s)))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.plan_only:
+        s = _driver({**base, "src": tree, "dst": os.path.join(out, "plan_only"), "limit": args.plan_only,
+                     "dry_run": True})
+        d = s["dry_run"]
+        rows.append({"source": "local (plan only: dry run)", "inputs": d["inputs"], "listing_s": d["listing_s"],
+                     "driver_peak_rss_mb": s["driver_peak_rss_mb"]})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.s3:
+        rows.append(_s3_arm(args, tree, naive_rate, base))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| source | inputs | listing s | first output s | wall s | img/s | vs naive loop | driver peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for x in rows:
+        print(f"| {x['source']} | {x['inputs']:,} | {x.get('listing_s')} | {x.get('first_output_s', '')} | "
+              f"{x.get('wall_s', '')} | {x.get('img_s', '')} | {x.get('job_vs_naive', '')} | "
+              f"{x['driver_peak_rss_mb']} |")
+    with open(os.path.join(out, "scale_results.json"), "w") as f:
+        json.dump({"naive_loop_img_s": naive_rate, "machine": f"{os.cpu_count()} CPUs", "rows": rows}, f, indent=2)
+    return 0
+
+
+def _s3_arm(args, tree: str, naive_rate: float, base: dict) -> dict:
+    """N tiny inputs uploaded to a moto S3 server on 127.0.0.1 (stopped at the end), S3 to S3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint}
+        os.environ.update(env)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="bench")
+        files = []
+        for d, _, names in sorted(os.walk(tree)):
+            files += [os.path.join(d, f) for f in sorted(names)]
+            if len(files) >= args.s3:
+                break
+        files = files[:args.s3]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: s3.put_object(Bucket="bench", Key="in/" + os.path.relpath(p, tree),
+                                                  Body=open(p, "rb").read()), files))
+        print(f"  uploaded {len(files)} objects to {endpoint} in {time.perf_counter() - t0:.0f} s", flush=True)
+        s = _driver({**base, "src": "s3://bench/in", "dst": "s3://bench/out", "s3_endpoint": endpoint}, env)
+        return _row("loopback S3 (moto)", len(files), s, naive_rate, _first_output_s("s3://bench/out", s))
+    finally:
+        server.stop()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["speed", "scale"], default="speed")
+    ap.add_argument("--counts", default="10000,100000", help="scale: local input counts to run")
+    ap.add_argument("--s3", type=int, default=100_000, help="scale: inputs on the loopback S3 server (0: skip)")
+    ap.add_argument("--plan-only", type=int, default=0, help="scale: also plan (dry run) this many inputs")
+    ap.add_argument("--naive-n", type=int, default=3000, help="scale: images the naive loop times")
+    ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)
@@ -155,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--naive-mem-limit-gb", type=float, default=16)
     args = ap.parse_args(argv)
+    if args.mode == "scale":
+        return scale(args)
 
     from imgxlate.artifact import save
     from imgxlate.evaluate import list_images

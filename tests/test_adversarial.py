@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from imgxlate.cli import main
 from imgxlate.infer import job
-from imgxlate.io import codec, listing, manifest, png16
+from imgxlate.io import codec, listing, manifest, png16, storage
 
 from conftest import photo
 
@@ -54,6 +54,10 @@ def translate(*argv) -> int:
 def rows_of(dst, run_id=None):
     dst = str(dst)
     return manifest.read_run(dst, run_id or manifest.runs(dst)[-1]).to_pylist()
+
+
+def summary_of(dst, run_id):
+    return json.loads(storage.read_bytes(storage.join(manifest.manifest_root(str(dst)), run_id, "summary.json")))
 
 
 # ----------------------------------------------------------------------------------- 1: output keys
@@ -146,7 +150,7 @@ def test_src_equal_to_dst_is_refused_and_dst_inside_src_is_excluded(tmp_path, bu
     for run_id in ("r1", "r2"):
         assert translate(src, src / "out", "--scale", "2", "--run-id", run_id) == 0
     assert not (src / "out" / "out").exists()
-    assert sorted(r["status"] for r in rows_of(src / "out", "r2")) == ["skipped_done"] * 2
+    assert rows_of(src / "out", "r2") == [] and summary_of(src / "out", "r2")["counts"] == {"skipped_done": 2}
     # On S3.
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for i in range(2):
@@ -159,7 +163,7 @@ def test_src_equal_to_dst_is_refused_and_dst_inside_src_is_excluded(tmp_path, bu
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not any(k.startswith("in/out/out/") for k in keys), keys
     os.environ["AWS_ENDPOINT_URL"] = s3_server
-    assert sorted(r["status"] for r in rows_of(f"s3://{bucket}/in/out", "r2")) == ["skipped_done"] * 2
+    assert summary_of(f"s3://{bucket}/in/out", "r2")["counts"] == {"skipped_done": 2}
 
 
 # -------------------------------------------------------------------------------------- 4: recipe
@@ -173,7 +177,7 @@ def test_resume_compares_the_recipe(tmp_path, ray_local):
     assert all(Image.open(dst / f"{i}.png").size == (36, 30) for i in range(2))   # x3 outputs
     assert x2[0]["recipe"] and x3[0]["recipe"] and x2[0]["recipe"] != x3[0]["recipe"]
     assert translate(src, dst, "--scale", "3", "--run-id", "x3-again") == 0
-    assert [r["status"] for r in rows_of(dst, "x3-again")] == ["skipped_done"] * 2
+    assert rows_of(dst, "x3-again") == [] and summary_of(dst, "x3-again")["counts"] == {"skipped_done": 2}
     assert translate(src, dst, "--scale", "3", "--tile", "64", "--run-id", "x3-tiled") == 0
     assert [r["status"] for r in rows_of(dst, "x3-tiled")] == ["ok", "ok"]
 
@@ -194,12 +198,12 @@ def test_secrets_in_uris_are_never_printed(tmp_path, capsys, monkeypatch):
     def unreadable(*args, **kwargs):
         raise OSError(f"cannot list https://{key_id}:{secret}@host/_manifest")
 
-    monkeypatch.setattr(manifest, "read_all", unreadable)
+    monkeypatch.setattr(manifest, "shard_markers", unreadable)
     assert translate(src, tmp_path / "o", "--scale", "2") == 2
     out, err = capsys.readouterr()
     assert "cannot list https://host/_manifest" in err and secret not in out + err and key_id not in err
     # Any exception that escapes is printed redacted, traceback included.
-    monkeypatch.setattr(job, "plan", unreadable)
+    monkeypatch.setattr(job, "planner", unreadable)
     assert translate(src, tmp_path / "o", "--scale", "2") == 1
     out, err = capsys.readouterr()
     assert "Traceback" in err and "OSError: cannot list https://host/_manifest" in err
@@ -449,8 +453,10 @@ def test_sigterm_and_sigint_drain_record_every_output_and_leave_no_ray_process(s
     assert not _alive(tree), "Ray processes outlived the interrupted run"
     assert translate(src, dst, "--scale", "4") == 0                # the rerun finishes the rest
     assert written() == [f"img{i:03d}.png" for i in range(60)]
-    last = rows_of(dst)
-    assert len(last) == 60 and sum(r["status"] == "ok" for r in last) == 60 - len(ok)
+    last = rows_of(dst)                                              # only what was left to do
+    assert len(last) == 60 - len(ok) and all(r["status"] == "ok" for r in last)
+    assert json.loads(next(p for p in (dst / "_manifest").glob("*/summary.json") if p.parent.name == last[0][
+        "run_id"]).read_text())["counts"] == {"ok": 60 - len(ok), "skipped_done": len(ok)}
 
 
 # ----------------------------------------------------------------------------------- 10: one run at a time

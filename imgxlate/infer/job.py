@@ -22,7 +22,11 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 import imgxlate
+from imgxlate.infer.plan import PlanError, Planner, Shard
 from imgxlate.io import codec, listing, manifest, storage
 from imgxlate.io.lease import Lease, LeaseHeld
 from imgxlate.io.listing import redact
@@ -104,6 +108,8 @@ class TranslateConfig:
     manifest_every_rows: int = 1000
     max_model_retries: int = 3           # a batch whose model actor dies is retried this often, then model_error
     wait_for_lease_s: float = 0.0        # another run holds DST: wait this long for it, then stop (exit 2)
+    shard_size: int = 10_000             # inputs per shard: the unit of manifest parts and of resume
+    wave_inputs: int = 50_000            # shards are run through the pipeline in waves of about this many inputs
 
 
 def _log(msg: str) -> None:
@@ -157,86 +163,54 @@ def preflight_destination(dst: str, run_id: str) -> None:
         raise JobError(_bucket_problem(dst, e)) from e
 
 
-def existing_outputs(dst: str) -> set[str]:
-    """Every object under DST, as filesystem paths (see :func:`fs_path`), from one listing."""
-    fs, path = storage.filesystem(dst)
-    fs.invalidate_cache()
+def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
+    """Start listing SRC (in a background thread) into shards; see :mod:`imgxlate.infer.plan`."""
+    return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
+                   shard_size=cfg.shard_size, ready=max(2, cfg.wave_inputs // cfg.shard_size))
+
+
+def take(cfg: TranslateConfig, p: Planner, max_inputs: int, wait: bool = True) -> list[Shard] | None:
+    """The next ready shards (see :meth:`Planner.take`), with the plan's errors as JobError."""
     try:
-        return {fs_path(p if storage.is_local(dst) else f"{dst.split('://', 1)[0]}://{p}") for p in fs.find(path)}
-    except FileNotFoundError:
-        return set()
-
-
-def fs_path(uri: str) -> str:
-    """Comparable form of a URI: an absolute local path, or bucket/key."""
-    return os.path.abspath(uri) if storage.is_local(uri) else uri.split("://", 1)[1]
-
-
-@dataclass
-class Plan:
-    todo: list[dict]            # go through the pipeline
-    final: list[dict]           # rows known without processing (skipped_done, unsafe keys)
-    total: int
-    source_bytes: int
-
-
-def plan(cfg: TranslateConfig, meta: dict, run_id: str) -> Plan:
-    try:
-        items = listing.list_inputs(cfg.src, cfg.extensions, cfg.limit, exclude=cfg.dst)
-    except listing.SourceError as e:
-        raise JobError(str(e)) from e
-    except Exception as e:
-        raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e).__name__}: {e}") from e
-    keys = listing.output_keys([it.key for it in items], codec.EXTENSIONS[cfg.format], cfg.suffix,
-                               [it.source_uri for it in items])
-    dst = cfg.dst.rstrip("/")
-    this_recipe = recipe(cfg, meta)
-    try:
-        previous = manifest.read_all(dst, ["source_uri", "output_uri", "status", "recipe"]).to_pylist()
-        done = {(r["source_uri"], r["output_uri"]) for r in previous
-                if r["status"] in manifest.DONE and r["recipe"] == this_recipe}
-        present = existing_outputs(dst) if done else set()
-    except Exception as e:
-        raise JobError(_bucket_problem(dst, e, "read")) from e
-    attempts = Counter(r["source_uri"] for r in previous if r["status"] != "skipped_done")
-    todo, final = [], []
-    for it, key in zip(items, keys):
-        source = redact(it.source_uri)
-        row = {"source_uri": it.source_uri, "key": it.key, "run_id": run_id, "attempt": attempts[source] + 1,
-               "source_bytes": it.size if it.size >= 0 else None, "recipe": this_recipe}
-        if isinstance(key, Exception):
-            final.append({**row, "source_uri": source, "status": "write_error", "error": str(key),
-                          "output_uri": None})
-            continue
-        out = storage.join(dst, key)
-        row["output_uri"] = out
-        if (source, out) in done and fs_path(out) in present:
-            final.append({**row, "source_uri": source, "status": "skipped_done", "attempt": attempts[source],
-                          "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]})
-        else:
-            todo.append(row)
-    return Plan(todo, final, len(items), sum(max(it.size, 0) for it in items))
+        return p.take(max_inputs, wait)
+    except PlanError as e:
+        if e.where == "destination":
+            raise JobError(_bucket_problem(cfg.dst, e.error, "read")) from e
+        if isinstance(e.error, listing.SourceError):
+            raise JobError(str(e.error)) from e
+        raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e.error).__name__}: {e.error}") from e
 
 
 BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}
 
 
-def dry_run_report(cfg: TranslateConfig, meta: dict, p: Plan) -> dict:
-    sample = p.todo[:20]
+def dry_run_report(cfg: TranslateConfig, meta: dict, run_id: str) -> dict:
+    p = planner(cfg, meta, run_id)
+    try:
+        sample, to_process, done, refused = [], 0, 0, 0
+        while (shards := take(cfg, p, cfg.shard_size)) is not None:
+            for sh in shards:
+                done += sh.skipped
+                for block in sh.blocks:
+                    status = block.column("status").to_pylist()
+                    refused += sum(s == "write_error" for s in status)
+                    to_process += sum(s is None for s in status)
+                    sample += [u for u, s in zip(block.column("source_uri").to_pylist(), status)
+                               if s is None][:20 - len(sample)]
+    finally:
+        p.stop()
     pixels = []
-    for row in sample:
+    for uri in sample:
         try:
-            w, h, _, _ = codec.probe(storage.read_bytes(row["source_uri"]))
+            w, h, _, _ = codec.probe(storage.read_bytes(uri))
             pixels.append(w * h)
         except Exception:
             pass
     mean_px = sum(pixels) / len(pixels) if pixels else 0
     scale = meta["scale"]
-    est = len(p.todo) * mean_px * scale * scale * BYTES_PER_PIXEL_ESTIMATE[cfg.format]
-    report = {"inputs": p.total, "to_process": len(p.todo),
-              "already_done": sum(r["status"] == "skipped_done" for r in p.final),
-              "refused_keys": sum(r["status"] == "write_error" for r in p.final),
-              "source_bytes": p.source_bytes, "estimated_output_bytes": int(est),
+    est = to_process * mean_px * scale * scale * BYTES_PER_PIXEL_ESTIMATE[cfg.format]
+    report = {"inputs": p.listed, "to_process": to_process, "already_done": done, "refused_keys": refused,
+              "source_bytes": p.source_bytes, "estimated_output_bytes": int(est), "listing_s": round(p.listing_s, 3),
               "estimate_basis": f"{len(pixels)} sampled headers, mean {mean_px / 1e6:.2f} MP, x{scale:g}, "
                                 f"~{BYTES_PER_PIXEL_ESTIMATE[cfg.format]} bytes/px for {cfg.format}"}
     _log(f"dry run: {report['inputs']} inputs under {redact(cfg.src)}; {report['to_process']} to process, "
@@ -270,30 +244,117 @@ def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
 
 
 class Progress:
-    def __init__(self, total: int, every_s: float):
-        self.total, self.every_s = total, every_s
+    """One console line every ``every_s`` seconds; the total grows while SRC is still being listed."""
+
+    def __init__(self, plan: Planner, every_s: float):
+        self.plan, self.every_s = plan, every_s
         self.t0 = self.last = time.time()
-        self.counts: Counter = Counter()
         self.printed = -1
 
-    def update(self, statuses: list[str], force: bool = False) -> None:
-        self.counts.update(statuses)
+    def update(self, counts: Counter, force: bool = False) -> None:
         now = time.time()
         if not force and now - self.last < self.every_s:
             return
-        n = sum(self.counts.values())
+        n = sum(counts.values())
         if n == self.printed:
             return
         self.last, self.printed = now, n
-        skipped = self.counts["skipped_done"]
+        skipped = counts["skipped_done"]
         processed = n - skipped
         rate = processed / max(now - self.t0, 1e-9)
-        left = self.total - n
-        eta = left / rate if rate > 0 else None
-        eta_s = "0m00s" if left == 0 else "--" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        failed = processed - self.counts["ok"]
-        _log(f"{n}/{self.total} images  {rate:.2f} img/s  ok {self.counts['ok']}  skipped (done before) {skipped}"
+        total = self.plan.listed
+        left = total - n
+        eta = left / rate if rate > 0 and self.plan.listing_done else None
+        eta_s = "0m00s" if left == 0 and self.plan.listing_done else "--" if eta is None else \
+            f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        failed = processed - counts["ok"]
+        listed = f"{total}" if self.plan.listing_done else f"{total}+ (listing)"
+        _log(f"{n}/{listed} images  {rate:.2f} img/s  ok {counts['ok']}  skipped (done before) {skipped}"
              f"  failed {failed}  ETA {eta_s}")
+
+
+class ShardBook:
+    """The driver's bookkeeping: counters per open shard, and rows on their way to manifest parts. A shard's rows
+    are written as a part when a shard completes (or every ``every_rows`` rows, or ``every_s`` seconds), and its
+    marker is rewritten after each part, so that a killed run loses at most the rows not yet written."""
+
+    @dataclass
+    class Open:
+        shard: Shard
+        got: int = 0
+        parts: list = dataclasses.field(default_factory=list)
+        buffer: list = dataclasses.field(default_factory=list)
+        counts: Counter = dataclasses.field(default_factory=Counter)
+        seen: set = dataclasses.field(default_factory=set)
+
+    def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
+        self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
+        self.open: dict[str, ShardBook.Open] = {}
+        self.counts: Counter = Counter()
+        self.nbytes: Counter = Counter()
+        self.shards = 0
+        self.last_flush = time.time()
+
+    def add_shard(self, shard: Shard) -> None:
+        self.shards += 1
+        self.counts["skipped_done"] += shard.skipped
+        if shard.todo:
+            self.open[shard.id] = ShardBook.Open(shard, parts=list(shard.prev_parts))
+
+    def add(self, rows: pa.Table) -> None:
+        """Rows back from the pipeline (NOT_STARTED rows are left out by the caller)."""
+        ids = rows.column("shard")
+        for sid in pc.unique(ids).to_pylist():
+            mine = rows.filter(pc.equal(ids, sid))
+            o = self.open.get(sid)
+            if o is None:                       # rows of a shard already recorded (never expected): keep them
+                manifest.write_part(self.dst, self.run_id, f"{sid}-extra-{uuid.uuid4().hex[:8]}", mine)
+                for kv in pc.value_counts(mine.column("status")).to_pylist():
+                    self.counts[kv["values"]] += kv["counts"]
+                continue
+            o.buffer.append(mine)
+            o.got += mine.num_rows
+            o.seen.update(zip(mine.column("source_uri").to_pylist(), mine.column("output_uri").to_pylist()))
+            status = mine.column("status")
+            for kv in pc.value_counts(status).to_pylist():
+                o.counts[kv["values"]] += kv["counts"]
+                self.counts[kv["values"]] += kv["counts"]
+            self.nbytes["source"] += pc.sum(mine.column("source_bytes")).as_py() or 0
+            ok = mine.filter(pc.equal(status, "ok"))
+            self.nbytes["output"] += pc.sum(ok.column("output_bytes")).as_py() or 0
+            if o.got >= o.shard.todo:
+                self.flush(sid, complete=True)
+            elif sum(t.num_rows for t in o.buffer) >= self.every_rows:
+                self.flush(sid)
+        if time.time() - self.last_flush > self.every_s:
+            self.flush_all()
+
+    def flush(self, sid: str, complete: bool = False) -> None:
+        o = self.open[sid]
+        if o.buffer:
+            part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}",
+                                       pa.concat_tables(o.buffer))
+            o.parts.append(part)
+            o.buffer.clear()
+        counts = Counter(o.counts)
+        counts["ok"] += o.shard.prev_ok
+        manifest.write_shard_marker(self.dst, {
+            "shard": sid, "n": o.shard.n, "complete": complete, "recipe": self.recipe, "run_id": self.run_id,
+            "counts": {k: v for k, v in sorted(counts.items()) if v}, "parts": o.parts})
+        if complete:
+            del self.open[sid]
+
+    def flush_all(self) -> None:
+        for sid in list(self.open):
+            if self.open[sid].buffer:
+                self.flush(sid)
+        self.last_flush = time.time()
+
+    def dropped(self, sid: str) -> list[dict]:
+        """Inputs of an open shard that never came back from the pipeline (a batch dropped after its retries)."""
+        o = self.open[sid]
+        return [r for b in o.shard.blocks for r in b.to_pylist()
+                if (redact(r["source_uri"]), r["output_uri"]) not in o.seen]
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
@@ -314,6 +375,8 @@ def check(cfg: TranslateConfig) -> None:
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
                            f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
+    if cfg.shard_size < 1 or cfg.wave_inputs < 1:
+        raise JobError("--shard-size and --wave-inputs must be at least 1")
     if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
         raise JobError(f"--run-id {cfg.run_id!r} names a folder under DST/_manifest: use only letters, digits, "
                        f"'.', '_' and '-' (and not '.' or '..')")
@@ -338,7 +401,7 @@ def run(cfg: TranslateConfig) -> dict:
     preflight_destination(cfg.dst, run_id)
     if cfg.dry_run:
         try:
-            return {"dry_run": dry_run_report(cfg, meta, plan(cfg, meta, run_id)), "run_id": run_id}
+            return {"dry_run": dry_run_report(cfg, meta, run_id), "run_id": run_id}
         finally:
             _remove_empty_folders(cfg.dst, untouched)    # a dry run leaves no trace
     try:
@@ -363,10 +426,10 @@ def _remove_empty_folders(dst: str, created: bool) -> None:
             os.rmdir(root)                      # only succeeds on an empty folder
 
 
-def stream(cfg: TranslateConfig, todo: list[dict], meta: dict, drain: SignalDrain, lease: Lease, add) -> set[str]:
-    """Run ``todo`` through the Ray Data pipeline, handing manifest rows to ``add`` as they arrive; returns the
-    output URIs that came back (unique per input). A signal or a lost lease drains the pipeline."""
-    import ray
+def stream(cfg: TranslateConfig, blocks: list[pa.Table], meta: dict, stop, drain: SignalDrain, lease: Lease,
+           add) -> None:
+    """Run one wave of input blocks through the Ray Data pipeline, handing manifest rows (a pyarrow Table) to
+    ``add`` as they arrive. A signal or a lost lease drains the pipeline."""
     import ray.data
 
     from imgxlate.infer import pipeline
@@ -380,90 +443,97 @@ def stream(cfg: TranslateConfig, todo: list[dict], meta: dict, drain: SignalDrai
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
-    stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
-    drain.on_signal = stop.set.remote
-    if drain.signum is not None:                # signalled while Ray was starting
-        stop.set.remote()
-    seen: set[str] = set()
-    for batch in pipeline.build(todo, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                     prefetch_batches=1):
-        rows = batch.to_pylist()
-        seen.update(r["output_uri"] for r in rows)
-        add([r for r in rows if r["status"] != pipeline.NOT_STARTED])
+    for batch in pipeline.build(blocks, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                       prefetch_batches=1):
+        rows = batch.filter(pc.not_equal(batch.column("status"), pipeline.NOT_STARTED))
+        if rows.num_rows:
+            add(rows)
         if lease.lost and drain.signum is None:
             drain.signum = signal.SIGTERM
             _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
             stop.set.remote()
-    return seen
+
+
+def _dropped_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Table:
+    error = (f"this input's batch failed {cfg.max_model_retries + 1} times in the pipeline (a model actor or task "
+             f"died, e.g. out of memory); not retried further")
+    return manifest.to_table([{**r, "source_uri": redact(r["source_uri"]), "status": "model_error", "error": error,
+                               "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]}
+                              for r in rows])
 
 
 def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease) -> dict:
-    p = plan(cfg, meta, run_id)
-    if not p.total:
+    plan = planner(cfg, meta, run_id)
+    try:
+        return _run_waves(cfg, meta, run_id, t_start, lease, plan)
+    finally:
+        plan.stop()
+
+
+def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease, plan: Planner) -> dict:
+    """Take ready shards from the plan in waves and run each wave through the pipeline, until the listing is done
+    and every shard is recorded (or a signal drains the run)."""
+    dst = cfg.dst.rstrip("/")
+    book = ShardBook(dst, run_id, recipe(cfg, meta), cfg.manifest_every_rows)
+    progress = Progress(plan, cfg.progress_every_s)
+    ray_up, started_ray, stop, removed = False, False, None, None
+    drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
+    with drain:
+        while drain.signum is None and (wave := take(cfg, plan, cfg.wave_inputs)) is not None:
+            for shard in wave:
+                book.add_shard(shard)
+            if drain.signum is not None:        # signalled while the plan was listing: these are not started
+                break
+            blocks = [b for shard in wave for b in shard.blocks]
+            progress.update(book.counts)
+            if not blocks:
+                continue
+            if removed is None:
+                removed = storage.remove_stale_temporaries(cfg.dst)
+                _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
+                     f"listed so far, {book.counts['skipped_done']} of them done before)"
+                     + (f"; removed {removed} stale temporary files" if removed else ""))
+            if not ray_up:
+                from imgxlate import rayenv
+                from imgxlate.infer import pipeline
+
+                started_ray, ray_up = start_ray(cfg), True
+                drain.install()                 # after ray.init, which sets handlers of its own
+                ray_log = rayenv.log_path(f"translate-{run_id}")
+                _log(f"Ray's own messages: {ray_log}")
+                import ray
+
+                stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
+                drain.on_signal = stop.set.remote
+                if drain.signum is not None:    # signalled while Ray was starting
+                    stop.set.remote()
+
+            def add(rows: pa.Table) -> None:
+                book.add(rows)
+                progress.update(book.counts)
+
+            with rayenv.output_to(ray_log):
+                try:
+                    stream(cfg, blocks, meta, stop, drain, lease, add)
+                finally:
+                    book.flush_all()            # rows of outputs already written are recorded, whatever happens
+            if drain.signum is None:
+                for sid in list(book.open):     # every input of a finished wave has a row
+                    if lost := book.dropped(sid):
+                        book.add(_dropped_rows(cfg, meta, lost))
+    progress.update(book.counts, force=True)
+    if not plan.listed and drain.signum is None:
         # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
         _log(f"no inputs under {redact(cfg.src)} with extensions {', '.join(cfg.extensions)}: nothing to do")
         return {"run_id": run_id, "inputs": 0, "counts": {}, "failed": 0}
-    removed = storage.remove_stale_temporaries(cfg.dst)
-    _log(f"run {run_id}: {p.total} inputs, {len(p.todo)} to process, "
-         f"{sum(r['status'] == 'skipped_done' for r in p.final)} already done"
-         + (f", removed {removed} stale temporary files" if removed else ""))
+    return _finish(cfg, meta, run_id, t_start, plan, book, drain.signum, started_ray)
 
+
+def _finish(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, plan: Planner, book: ShardBook,
+            signum: int | None, started_ray: bool) -> dict:
+    """Write the summary (last: it marks the run finished) and report; raise Interrupted after a signal."""
     dst = cfg.dst.rstrip("/")
-    progress = Progress(p.total, cfg.progress_every_s)
-    # The driver keeps counters, not rows: rows go to manifest parts as they arrive.
-    parts, buffer, counts, nbytes = 0, list(p.final), Counter(), Counter()
-    seen: set[str] = set()                 # outputs that came back from the pipeline (to find dropped batches)
-    progress.update([r["status"] for r in p.final])
-
-    def flush():
-        nonlocal parts
-        if buffer:
-            manifest.write_part(dst, run_id, parts, buffer)
-            parts += 1
-            for r in buffer:
-                counts[r["status"]] += 1
-                if r["status"] != "skipped_done":
-                    nbytes["source"] += r.get("source_bytes") or 0
-                if r["status"] == "ok":
-                    nbytes["output"] += r.get("output_bytes") or 0
-            buffer.clear()
-
-    started_ray = False
-    drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
-    with drain:
-        if p.todo and drain.signum is None:
-            from imgxlate import rayenv
-
-            started_ray = start_ray(cfg)
-            drain.install()                     # after ray.init, which sets handlers of its own
-            ray_log = rayenv.log_path(f"translate-{run_id}")
-            _log(f"Ray's own messages: {ray_log}")
-            last_flush = [time.time()]
-
-            def add(rows: list[dict]) -> None:
-                buffer.extend(rows)
-                progress.update([r["status"] for r in rows])
-                if len(buffer) >= cfg.manifest_every_rows or time.time() - last_flush[0] > 10:
-                    flush()
-                    last_flush[0] = time.time()
-            with rayenv.output_to(ray_log):
-                try:
-                    seen = stream(cfg, p.todo, meta, drain, lease, add)
-                finally:
-                    flush()                     # rows of outputs already written are recorded, whatever happens
-            if drain.signum is None:
-                dropped = [r for r in p.todo if r["output_uri"] not in seen]
-                for r in dropped:
-                    buffer.append({**r, "source_uri": redact(r["source_uri"]), "status": "model_error",
-                                   "error": f"this input's batch failed {cfg.max_model_retries + 1} times in the "
-                                            f"pipeline (a model actor or task died, e.g. out of memory); not "
-                                            f"retried further",
-                                   "model_id": meta["model_id"], "model_sha256": meta["sha256"],
-                                   "task": meta["task"]})
-                progress.update(["model_error"] * len(dropped))
-        flush()
-    progress.update([], force=True)
-
+    counts = book.counts
     wall = time.time() - t_start
     processed = sum(v for k, v in counts.items() if k != "skipped_done")
     summary = {
@@ -475,11 +545,13 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
         "model_id": meta["model_id"],
         "model_sha256": meta["sha256"],
         "task": meta["task"],
-        "inputs": p.total,
-        "counts": dict(sorted(counts.items())),
+        "inputs": plan.listed,
+        "shards": book.shards,
+        "counts": {k: v for k, v in sorted(counts.items()) if v},
         "failed": sum(v for k, v in counts.items() if k not in manifest.DONE),
-        "source_bytes": nbytes["source"],
-        "output_bytes": nbytes["output"],
+        "source_bytes": book.nbytes["source"],
+        "output_bytes": book.nbytes["output"],
+        "listing_s": None if plan.listing_s is None else round(plan.listing_s, 3),
         "wall_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if wall > 0 else None,
         "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
@@ -488,18 +560,18 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)
     summary["config"]["model"] = redact(cfg.model)
-    if drain.signum is not None:
-        summary["interrupted"] = signal.Signals(drain.signum).name
-        summary["not_started"] = p.total - sum(counts.values())
+    if signum is not None:
+        summary["interrupted"] = signal.Signals(signum).name
+        summary["not_started"] = plan.listed - sum(counts.values())
     manifest.write_summary(dst, run_id, summary)
-    _log(f"{'interrupted' if drain.signum else 'done'} in {wall:.1f}s: "
+    _log(f"{'interrupted' if signum else 'done'} in {wall:.1f}s: "
          + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
-         + (f"; {summary['not_started']} not started (a rerun does them)" if drain.signum else ""))
+         + (f"; {summary['not_started']} not started (a rerun does them)" if signum else ""))
     _log(f"outputs under {redact(cfg.dst)}; manifest and summary in {summary['manifest']}")
-    if drain.signum is not None:
+    if signum is not None:
         if started_ray:
             import ray
 
             ray.shutdown()                 # no Ray process outlives an interrupted run
-        raise Interrupted(drain.signum, summary)
+        raise Interrupted(signum, summary)
     return summary

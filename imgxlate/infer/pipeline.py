@@ -225,14 +225,14 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     return _table(rows, manifest.SCHEMA)
 
 
-def build(items: list[dict], cfg, model_meta: dict, stop=None):
-    """The lazy Ray Dataset for ``items`` (dicts with source_uri, key, output_uri, attempt, run_id).
-    ``stop``: a :class:`StopFlag` actor handle; once set, no new input is read."""
+def build(blocks: list[pa.Table], cfg, model_meta: dict, stop=None):
+    """The lazy Ray Dataset for input ``blocks`` (manifest-schema tables with source_uri, key, output_uri, shard,
+    attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`). ``stop``: a :class:`StopFlag` actor handle; once
+    set, no new input is read."""
     import ray
 
-    n = len(items)
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(n, 256)))
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
                         fn_kwargs={"max_pixels": cfg.max_pixels, "env": env, "stop": stop})
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}

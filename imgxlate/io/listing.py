@@ -6,9 +6,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import posixpath
+import queue
 import re
+import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imgxlate.io import storage
@@ -167,6 +171,213 @@ def list_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, limit: int |
     return items[:limit] if limit else items
 
 
+def iter_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, exclude: str | None = None) -> Iterator[Item]:
+    """The inputs of :func:`list_inputs`, streamed page by page for the batch job, which never holds a whole
+    listing: a local folder is walked depth first with each folder's entries sorted by name; an ``s3://``
+    prefix is listed as 97 key ranges (by the first character after the prefix) paged in parallel threads and
+    yielded in key order. Either way every key that shares a prefix is yielded in one run, which is what lets
+    the job cut the stream into shards (see :mod:`imgxlate.infer.plan`). Manifest files and other
+    filesystems are listed whole and sorted by key. A manifest file is read in chunks, twice: the first pass finds
+    the common root of its entries and checks they are sorted; a sorted manifest is then streamed, an unsorted
+    one is held and sorted in memory (about 200 bytes an entry). Raises SourceError (at the first ``next``) for a
+    missing or unreadable source."""
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    if src.lower().endswith(MANIFEST_EXTS):
+        yield from _stream_manifest(src, exts)
+        return
+    if not (storage.is_local(src) or src.lower().startswith("s3://")):
+        yield from sorted(list_inputs(src, extensions, exclude=exclude), key=lambda it: it.key)
+        return
+    path = storage.location(src)
+    skip = storage.location(exclude) if exclude and storage.is_local(exclude) == storage.is_local(src) else None
+    walk = _walk_local(path, exts, skip) if storage.is_local(src) else _walk_s3(path, exts, skip)
+    yield from walk
+
+
+def _manifest_entries(uri: str) -> Iterator[str]:
+    """The entries of a manifest file, read in chunks: Parquet by record batches, CSV and text line by line."""
+    fs, path = storage.filesystem(uri)
+    low = uri.lower()
+    with fs.open(path, "rb") as f:
+        if low.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            col = next((c for c in URI_COLUMNS if c in names), names[0])
+            for batch in pf.iter_batches(batch_size=65536, columns=[col]):
+                yield from (str(v) for v in batch.column(0).to_pylist() if v)
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8-sig")
+        if low.endswith(".csv"):
+            rows = csv.reader(text)
+            first = next(rows, None)
+            if first is None:
+                return
+            header = [h.strip().lower() for h in first]
+            col = next((header.index(c) for c in URI_COLUMNS if c in header), None)
+            if col is None and first and first[0].strip():
+                yield first[0].strip()
+            for r in rows:
+                if r and len(r) > (col or 0) and r[col or 0].strip():
+                    yield r[col or 0].strip()
+            return
+        for line in text:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
+    def entries():
+        try:
+            for u in _manifest_entries(src):
+                if _path_of(u).lower().endswith(exts):
+                    yield u, redact(u).split("://", 1)[-1]
+        except FileNotFoundError as e:
+            raise SourceError(f"source {redact(src)} does not exist: {e}") from e
+
+    first, common, last, ordered, n = None, None, None, True, 0
+    for _, rel in entries():
+        n += 1
+        ordered = ordered and (last is None or rel >= last)
+        last = rel
+        if first is None:
+            first = common = rel
+        elif common:
+            try:
+                common = posixpath.commonpath([common, rel])
+            except ValueError:                  # absolute and relative paths mixed
+                common = ""
+    root = common if n > 1 else posixpath.dirname(first or "")
+    if not n:
+        return
+    if not ordered:
+        yield from sorted(list_inputs(src, exts), key=lambda it: it.key)
+        return
+    previous = None
+    for u, rel in entries():
+        if u == previous:                       # the same URI twice is one input (a sorted file has them together)
+            continue
+        previous = u
+        yield Item(u, posixpath.relpath(rel, root) if root and rel != root else
+                   (posixpath.basename(rel) if root else rel))
+
+
+def _walk_local(root: str, exts: tuple[str, ...], skip: str | None) -> Iterator[Item]:
+    if not os.path.isdir(root):
+        raise SourceError(f"source {root} is not a folder, prefix or manifest file, or does not exist")
+
+    def walk(folder: str, rel: str) -> Iterator[Item]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except PermissionError as e:
+            raise SourceError(f"source folder {folder}: access denied: {e}") from e
+        for e in entries:
+            if e.is_dir():
+                if skip is None or os.path.normpath(e.path) != skip:
+                    yield from walk(e.path, rel + e.name + "/")
+            elif e.name.lower().endswith(exts):
+                yield Item(e.path, rel + e.name, e.stat().st_size)
+
+    yield from walk(root, "")
+
+
+S3_PAGE = 1000
+
+
+def _walk_s3(location: str, exts: tuple[str, ...], skip: str | None, lookahead: int = 8) -> Iterator[Item]:
+    """Keys under bucket/prefix in key order. The key space is cut by the first character after the prefix:
+    control characters, each printable ASCII character, and everything above '~'. Up to ``lookahead`` ranges are
+    paged at once, each into a queue of a few pages, so memory stays a few pages whatever the bucket holds."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, prefix = location.partition("/")
+    prefix = prefix + "/" if prefix else ""
+    client = boto3.client("s3", endpoint_url=storage.endpoint_from_env())
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    # (Prefix, StartAfter, range): keys below ' ' after the prefix, then one range per printable character, then
+    # keys above '~' (StartAfter skips the rest; the filter drops a '~' key that sorts above the marker).
+    ranges = [(prefix, "", "low")] + [(prefix + c, "", None) for c in printable] + \
+             [(prefix, prefix + "~\U0010ffff", "high")]
+    seen = [0]                                  # objects of any kind: none at all means no such prefix
+
+    def pages(rng) -> Iterator[list[Item]]:
+        pre, start, edge = rng
+        kwargs = {"Bucket": bucket, "Prefix": pre, "MaxKeys": S3_PAGE, **({"StartAfter": start} if start else {})}
+        while True:
+            try:
+                resp = storage.retry(client.list_objects_v2, **kwargs)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchBucket", "AccessDenied", "403", "404"):
+                    raise SourceError(f"source s3://{location}: {code}: {e}") from e
+                raise
+            page, done = [], not resp.get("IsTruncated")
+            for obj in resp.get("Contents", []):
+                k = obj["Key"]
+                rest = k[len(prefix):]
+                first = rest[:1]
+                if edge == "low" and first >= " ":
+                    done = True                 # the control-character range ends here
+                    break
+                if edge == "high" and first <= "~":
+                    continue
+                seen[0] += 1
+                if k.endswith("/") or not k.lower().endswith(exts):
+                    continue
+                if skip and (f"{bucket}/{k}" == skip or f"{bucket}/{k}".startswith(skip + "/")):
+                    continue
+                page.append(Item(f"s3://{bucket}/{k}", rest, int(obj.get("Size", -1))))
+            yield page
+            if done:
+                return
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+    yield from _in_order(ranges, pages, lookahead)
+    if not seen[0]:
+        raise SourceError(f"source s3://{location} is not a prefix with objects under it, or does not exist")
+
+
+def _in_order(ranges: list, pages, lookahead: int, queued_pages: int = 4) -> Iterator[Item]:
+    """Run ``pages(range)`` for up to ``lookahead`` ranges at once in threads; yield their items in range order.
+    A consumer that stops early stops the threads (they give up on a full queue after ``stop`` is set)."""
+    stop = threading.Event()
+    queues: dict[int, queue.Queue] = {}
+
+    def fill(i: int, q: queue.Queue) -> None:
+        try:
+            for page in pages(ranges[i]):
+                while not stop.is_set():
+                    try:
+                        q.put(page, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    started = 0
+    try:
+        for i in range(len(ranges)):
+            while started < min(len(ranges), i + lookahead):
+                queues[started] = queue.Queue(queued_pages)
+                threading.Thread(target=fill, args=(started, queues[started]), daemon=True,
+                                 name=f"imgxlate-list-{started}").start()
+                started += 1
+            q = queues.pop(i)
+            while (page := q.get()) is not None:
+                if isinstance(page, BaseException):
+                    raise page
+                yield from page
+    finally:
+        stop.set()
+
+
 def safe_key(key: str) -> str:
     """Normalise a relative key so that it can never leave DST; raises ValueError when it cannot."""
     k = key.replace("\\", "/")
@@ -187,14 +398,15 @@ def _candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str
     return name + suffix + ext
 
 
-def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] | None = None
-                ) -> list[str | Exception]:
+def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] | None = None,
+                hashed: list[bool] | None = None) -> list[str | Exception]:
     """Output key per input: the same relative path with ``suffix`` before the new extension, and
     never the same key for two inputs. Inputs that would collide (``a.jpg`` and ``a.png``) keep their
     source extension (``a.jpg.png``, ``a.png.png``); if that collides too, a hash of the source URI
     (``sources``, default the keys) is added, until every key is unique. The result depends on the set
     of inputs, not on their order. Unsafe keys come back as the ValueError to record; keys under
-    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder."""
+    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder. Inputs marked in
+    ``hashed`` start at the hash level (the job does this for keys that a shard cannot see all rivals of)."""
     sources = keys if sources is None else sources
     out: list[str | Exception] = [""] * len(keys)
     safe, level = {}, {}
@@ -207,8 +419,8 @@ def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] 
         head, sep, tail = s.partition("/")
         if head == MANIFEST_DIR and sep:
             s = f"{head}_/{tail}"
-        safe[i], level[i] = s, 0
-    name = {i: _candidate(s, sources[i], 0, suffix, ext) for i, s in safe.items()}
+        safe[i], level[i] = s, 2 if hashed and hashed[i] else 0
+    name = {i: _candidate(s, sources[i], level[i], suffix, ext) for i, s in safe.items()}
     holders = defaultdict(set)
     for i, n in name.items():
         holders[n].add(i)

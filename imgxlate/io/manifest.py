@@ -1,5 +1,10 @@
-"""The run manifest: one row per input (failures included) as Parquet under DST/_manifest/<run_id>/,
-and a summary.json written last. Earlier runs' manifests tell a rerun what is already done."""
+"""The run manifest: one row per input (failures included) as Parquet under DST/_manifest/<run_id>/, one part
+per shard of inputs (or more for a large shard), and a summary.json written last.
+
+Each shard also has a marker, DST/_manifest/_shards/<shard>.json, rewritten after each of its parts: which parts
+hold its rows (this run's and earlier runs'), its counts, the recipe, and whether every input has a row. A
+rerun reads the markers, skips a complete shard whose inputs are all done without reading anything else, and
+reads only the parts of the other shards it meets: never all of DST, never every earlier manifest."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pyarrow.parquet as pq
 from imgxlate.io import storage
 
 MANIFEST_DIR = "_manifest"
+SHARD_DIR = "_shards"
 
 STATUSES = ("ok", "skipped_done", "read_error", "decode_error", "too_large", "model_error", "write_error")
 DONE = ("ok", "skipped_done")
@@ -44,6 +50,7 @@ SCHEMA = pa.schema([
     ("t_write_s", pa.float64()),
     ("node_id", pa.string()),
     ("worker_id", pa.string()),
+    ("shard", pa.string()),              # the shard of inputs this row belongs to (its marker: _shards/<shard>.json)
     ("attempt", pa.int32()),             # 1 on the first run that tried this input, 2 on the next, ...
     ("run_id", pa.string()),
     ("started_at", pa.timestamp("ms", tz="UTC")),
@@ -59,12 +66,43 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA)
 
 
-def write_part(dst: str, run_id: str, part: int, rows: list[dict]) -> str:
+def write_part(dst: str, run_id: str, name: str, rows: list[dict] | pa.Table) -> str:
+    """Write rows (dicts, or a table with SCHEMA's columns) as DST/_manifest/<run_id>/part-<name>.parquet."""
     buf = io.BytesIO()
-    pq.write_table(to_table(rows), buf)
-    uri = storage.join(manifest_root(dst), run_id, f"part-{part:05d}.parquet")
+    pq.write_table(rows.select(SCHEMA.names).cast(SCHEMA) if isinstance(rows, pa.Table) else to_table(rows), buf)
+    uri = storage.join(manifest_root(dst), run_id, f"part-{name}.parquet")
     storage.write_bytes(uri, buf.getvalue())
     return uri
+
+
+def shard_marker_uri(dst: str, shard: str) -> str:
+    return storage.join(manifest_root(dst), SHARD_DIR, f"{shard}.json")
+
+
+def write_shard_marker(dst: str, marker: dict) -> None:
+    storage.write_bytes(shard_marker_uri(dst, marker["shard"]), json.dumps(marker, sort_keys=True).encode())
+
+
+def shard_markers(dst: str) -> set[str]:
+    """Ids of the shards that have a marker under DST (one listing of the _shards folder)."""
+    fs, root = storage.filesystem(storage.join(manifest_root(dst), SHARD_DIR))
+    fs.invalidate_cache()
+    try:
+        return {posixpath.basename(p)[:-5] for p in fs.ls(root, detail=False) if p.endswith(".json")}
+    except FileNotFoundError:
+        return set()
+
+
+def read_shard_marker(dst: str, shard: str) -> dict:
+    return json.loads(storage.read_bytes(shard_marker_uri(dst, shard)))
+
+
+def read_parts(uris: list[str], columns: list[str]) -> pa.Table:
+    """``columns`` of the given parts (missing columns of older parts come back null)."""
+    tables = [_read_part(storage.read_bytes(u), columns) for u in uris]
+    if not tables:
+        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def write_summary(dst: str, run_id: str, summary: dict) -> str:

@@ -1,0 +1,153 @@
+"""The sharded plan: cuts never split rivals for an output key, the S3 listing pages key ranges in parallel and
+yields them in key order, processing starts before the listing ends, and a rerun resumes by shard markers."""
+
+import io
+import json
+import os
+import random
+import threading
+
+import boto3
+import pytest
+from PIL import Image
+
+from imgxlate.cli import main
+from imgxlate.infer import plan
+from imgxlate.io import listing, manifest
+
+from conftest import photo
+
+
+def _png(a) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _names_after_cuts(keys: list[str], size: int) -> list[str]:
+    """Every input's output key when ``keys`` (in listing order) are cut into shards, as the planner does."""
+    items = [listing.Item(f"/src/{k}", k) for k in keys]
+    names, seen = [], []
+    for shard, aside in plan.cut(items, size):
+        seen += [it.key for it in shard]
+        outs = listing.output_keys([it.key for it in shard], ".png", "", [it.source_uri for it in shard],
+                                   hashed=[plan.canonical(it.key) != it.key for it in shard] if aside else None)
+        names += [o for o in outs if isinstance(o, str)]
+    assert sorted(seen) == sorted(keys)                          # every input in exactly one shard
+    return names
+
+
+def test_cuts_never_split_rivals_for_an_output_key():
+    rng = random.Random(14)
+    parts = ["a", "a.png", "a.jpg", "a.jpg.png", "a.PNG", "a.b", ".", "", "_manifest", "_manifest_", "b c.png",
+             "ü.png", "a\\b.png", "a-0123456789.png", "a.png.png", "z.png", "0.jpg", "a.tar"]
+    for trial in range(600):
+        keys = {"/".join(rng.choice(parts) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(2, 40))}
+        keys = [k for k in keys if k.lower().endswith((".png", ".jpg"))]
+        for order in (sorted(keys, key=lambda k: k.encode()),              # S3: UTF-8 byte order
+                      sorted(keys, key=lambda k: k.split("/"))):           # a local walk, folder by folder
+            names = _names_after_cuts(order, rng.choice([1, 2, 3]))
+            assert len(set(names)) == len(names), (trial, order)
+    # Rivals are kept together even when the shard is full.
+    shards = [[it.key for it in s] for s, _ in plan.cut([listing.Item(k, k) for k in
+                                                         ["a.jpg", "a.jpg.png", "a.png", "b.png"]], 1)]
+    assert shards == [["a.jpg", "a.jpg.png", "a.png"], ["b.png"]]
+
+
+def test_s3_listing_pages_key_ranges_in_parallel_and_yields_key_order(bucket, s3_server, monkeypatch):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [" lead.png", "!.png", "0.png", "00.png", "A/b.png", "Z.png", "a.png", "a/b.png", "a.b/c.png", "é.png",
+             "日本.png", "~t.png", "~é.png", "z.txt", "out/x.png"] + [f"many/{i:03d}.png" for i in range(23)]
+    for k in names:
+        s3.put_object(Bucket=bucket, Key=f"in/{k}", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="other.png", Body=b"x")                # outside the prefix
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setattr(listing, "S3_PAGE", 4)                             # many pages per range
+    got = [it.key for it in listing.iter_inputs(f"s3://{bucket}/in", exclude=f"s3://{bucket}/in/out")]
+    want = sorted((k for k in names if k.endswith(".png") and not k.startswith("out/")), key=lambda k: k.encode())
+    assert got == want
+    assert sorted(got) == sorted(it.key for it in listing.list_inputs(f"s3://{bucket}/in", exclude=f"s3://{bucket}/in/out"))
+    with pytest.raises(listing.SourceError):
+        list(listing.iter_inputs(f"s3://{bucket}/missing"))
+
+
+def test_the_plan_hands_out_shards_before_the_listing_ends(tmp_path, monkeypatch):
+    release = threading.Event()
+
+    def slow_listing(src, extensions, exclude=None):
+        for i in range(12):
+            if i == 8:
+                release.wait(30)                     # the rest of the listing is still to come
+            yield listing.Item(f"{src}/{i:02d}.png", f"{i:02d}.png", 10)
+
+    monkeypatch.setattr(listing, "iter_inputs", slow_listing)
+    p = plan.Planner(str(tmp_path / "src"), str(tmp_path / "dst"), listing.IMAGE_EXTS, None, "png", "", "r1",
+                     "recipe", shard_size=3)
+    first = p.take(1)
+    assert [s.todo for s in first] == [3] and not p.listing_done and p.listed < 12
+    release.set()
+    rest = []
+    while (got := p.take(100)) is not None:
+        rest += got
+    assert sum(s.n for s in first + rest) == 12 and p.listing_done and p.listed == 12
+
+
+def translate(src, dst, *args):
+    return main(["translate", str(src), str(dst), "--model", "bicubic", "--scale", "2", *map(str, args)])
+
+
+def test_rerun_resumes_by_shard_markers_and_reads_only_unfinished_shards(tmp_path, ray_local, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    names = [f"{d}/{i:02d}.png" for d in ("a", "b", "c") for i in range(7)] + ["top.png", "z.png"]
+    for i, k in enumerate(names):
+        (src / k).parent.mkdir(parents=True, exist_ok=True)
+        (src / k).write_bytes(_png(photo(12, 10, seed=i)))
+    good = (src / "b/03.png").read_bytes()
+    (src / "b/03.png").write_bytes(good[:30])                       # truncated: decode_error
+    assert translate(src, dst, "--shard-size", 5, "--run-id", "r1") == 0
+    markers = [json.loads(p.read_text()) for p in (dst / "_manifest/_shards").glob("*.json")]
+    assert len(markers) == 5 and sum(m["n"] for m in markers) == len(names) and all(m["complete"] for m in markers)
+    parts = sorted(p.name for p in (dst / "_manifest/r1").glob("part-*.parquet"))
+    assert parts == sorted(f"part-{m['shard']}-000.parquet" for m in markers)     # one part per shard
+    rows = manifest.read_run(str(dst), "r1").to_pylist()
+    assert len(rows) == len(names) and {r["shard"] for r in rows} == {m["shard"] for m in markers}
+    failing = [m for m in markers if "decode_error" in m["counts"]]
+    assert len(failing) == 1 and failing[0]["counts"] == {"decode_error": 1, "ok": failing[0]["n"] - 1}
+
+    (src / "b/03.png").write_bytes(good)                            # fixed at the source
+    read = []
+    real = manifest.read_parts
+    monkeypatch.setattr(manifest, "read_parts", lambda uris, cols: read.append(list(uris)) or real(uris, cols))
+    assert translate(src, dst, "--shard-size", 5, "--run-id", "r2") == 0
+    assert read == [failing[0]["parts"]]                            # complete, all-done shards: not read at all
+    rows = manifest.read_run(str(dst), "r2").to_pylist()
+    assert [(r["key"], r["status"], r["attempt"]) for r in rows] == [("b/03.png", "ok", 2)]
+    summary = json.loads((dst / "_manifest/r2/summary.json").read_text())
+    assert summary["counts"] == {"ok": 1, "skipped_done": len(names) - 1} and summary["shards"] == 5
+    marker = json.loads((dst / f"_manifest/_shards/{failing[0]['shard']}.json").read_text())
+    assert marker["complete"] and marker["counts"] == {"ok": marker["n"]} and len(marker["parts"]) == 2
+
+    read.clear()
+    assert translate(src, dst, "--shard-size", 5, "--run-id", "r3") == 0
+    assert read == [] and json.loads((dst / "_manifest/r3/summary.json").read_text())["counts"] == \
+        {"skipped_done": len(names)}
+    assert sorted(os.listdir(dst / "b")) == [f"{i:02d}.png" for i in range(7)]
+
+
+def test_manifest_sources_stream_in_key_order_with_the_same_keys_as_before(tmp_path):
+    cases = {"sorted.txt": "s3://b/x/a.png\ns3://b/x/a.png\ns3://b/x/b/c.png\n# note\ns3://b/x/d.txt\n",
+             "unsorted.txt": "s3://b/x/z.png\ns3://b/x/a.png\nhttps://h/p/q.png?X-Amz-Signature=s\n",
+             "one.txt": "s3://b/x/a.png\n", "two-buckets.txt": "s3://b1/x/a.png\ns3://b2/y/a.png\n",
+             "header.csv": "id,uri\n1,s3://b/x/z.png\n2,s3://b/x/a.png\n", "bare.csv": "s3://b/x/z.png\ns3://b/x/a.png\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        streamed = [(it.source_uri, it.key) for it in listing.iter_inputs(str(tmp_path / name))]
+        whole = sorted(((it.source_uri, it.key) for it in listing.list_inputs(str(tmp_path / name))),
+                       key=lambda t: t[1])
+        assert streamed == whole and [k for _, k in streamed] == sorted(k for _, k in streamed), name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"n": [1, 2, 3], "source_uri": ["/d/a.png", "/d/b.png", "/d/c/x.jpg"]}),
+                   tmp_path / "m.parquet", row_group_size=1)
+    assert [it.key for it in listing.iter_inputs(str(tmp_path / "m.parquet"))] == ["a.png", "b.png", "c/x.jpg"]
