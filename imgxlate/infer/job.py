@@ -96,7 +96,8 @@ class TranslateConfig:
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None # torch threads in each actor; default: cpus_per_actor
     batch_size: int = 8                  # images per model-actor call
-    io_batch_size: int = 4               # images per read/decode and encode/write task
+    io_batch_size: int | None = None     # images per read/decode and encode/write call; None: a whole block (the
+                                         # plan sizes blocks by bytes: hundreds of tiny images, one large one)
     io_cpus: float = 0.25                # logical CPUs per read/decode and encode/write task
     ray_address: str | None = None       # None: start Ray in this process
     num_cpus: int | None = None          # logical CPUs when Ray is started here
@@ -169,16 +170,19 @@ def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
                    shard_size=cfg.shard_size, ready=max(2, cfg.wave_inputs // cfg.shard_size))
 
 
-def take(cfg: TranslateConfig, p: Planner, max_inputs: int, wait: bool = True) -> list[Shard] | None:
+def take(cfg: TranslateConfig, p: Planner, max_inputs: int, timeout: float | None = None) -> list[Shard] | None:
     """The next ready shards (see :meth:`Planner.take`), with the plan's errors as JobError."""
     try:
-        return p.take(max_inputs, wait)
+        return p.take(max_inputs, timeout)
     except PlanError as e:
         if e.where == "destination":
             raise JobError(_bucket_problem(cfg.dst, e.error, "read")) from e
         if isinstance(e.error, listing.SourceError):
             raise JobError(str(e.error)) from e
-        raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e.error).__name__}: {e.error}") from e
+        if e.where == "source":
+            raise JobError(f"source {redact(cfg.src)} cannot be listed: {type(e.error).__name__}: "
+                           f"{e.error}") from e
+        raise
 
 
 BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}
@@ -479,8 +483,8 @@ def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, le
     ray_up, started_ray, stop, removed = False, False, None, None
     drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
     with drain:
-        while drain.signum is None and (wave := take(cfg, plan, cfg.wave_inputs)) is not None:
-            for shard in wave:
+        while drain.signum is None and (wave := take(cfg, plan, cfg.wave_inputs, timeout=0.5)) is not None:
+            for shard in wave:                  # (an empty wave: none ready yet; a signal is seen within 0.5 s)
                 book.add_shard(shard)
             if drain.signum is not None:        # signalled while the plan was listing: these are not started
                 break

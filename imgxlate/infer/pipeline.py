@@ -102,12 +102,11 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
     ``not_started`` (no manifest row: the next run does them)."""
     _apply(env)
     rows = batch.to_pylist()
-    draining = _stopping(stop)
     for row in rows:
         row["started_at"] = _now()
         if row.get("status"):
             continue
-        if draining:
+        if _stopping(stop):
             row["status"] = NOT_STARTED
             continue
         t0 = time.perf_counter()
@@ -233,6 +232,7 @@ def build(blocks: list[pa.Table], cfg, model_meta: dict, stop=None):
 
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
     ds = ray.data.from_arrow(blocks)
+    # I/O tasks take whole input blocks (sized by bytes in the plan) unless io_batch_size says otherwise.
     ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
                         fn_kwargs={"max_pixels": cfg.max_pixels, "env": env, "stop": stop})
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}

@@ -17,10 +17,11 @@ Only the current shard's inputs and a few ready shards are in memory, whatever t
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import queue
+import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,14 +31,18 @@ from imgxlate.io import codec, listing, manifest, storage
 from imgxlate.io.listing import Item, redact
 
 SHARD_SIZE = 10_000
-BLOCK_ROWS = 32          # inputs per Ray Data block: the unit a read task takes
+# A Ray Data block of inputs is what one read/decode task takes: sized by the inputs' bytes, so that tiny images
+# go hundreds to a task (per-task costs spread thin) and large ones one to a task (memory, parallelism).
+BLOCK_BYTES = 1 << 20
+BLOCK_ROWS = 256         # at most
+UNKNOWN_SIZE = 32 << 10  # assumed for an input the listing gives no size for (a manifest entry)
 
 
 @dataclass
 class Shard:
     id: str
     n: int                      # inputs in the shard
-    blocks: list[pa.Table]      # the inputs to send through the pipeline, BLOCK_ROWS a table (rows with a status
+    blocks: list[pa.Table]      # the inputs to send through the pipeline, sized by bytes (rows with a status
                                 # set, e.g. a refused key, pass through untouched)
     skipped: int = 0            # inputs already done by an earlier run: no row, counted as skipped_done
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
@@ -48,10 +53,23 @@ class Shard:
         return sum(b.num_rows for b in self.blocks)
 
 
-def group_prefix(key: str) -> str:
-    """The prefix every possible rival of ``key`` starts with: its folder and its name up to the first '.'."""
-    folder, _, name = key.rpartition("/")
-    return (folder + "/" if folder else "") + name.split(".", 1)[0] + "."
+_HASHED = re.compile(r"-(?:[0-9a-f]{64}|[0-9a-f]{10})$")
+
+
+def group_of(key: str, exts: tuple[str, ...]) -> str:
+    """The name every possible rival of ``key`` for an output key has: ``folder/stem`` where the stem is the file
+    name without its extension, then without what output_keys may have added or kept under it (a hash
+    ``-<10 or 64 hex>`` after an image extension, image extensions): a.jpg.png, a.png and
+    a.png-0123456789.png are all of group 'a'. Every key of a group starts with the group and a '.'."""
+    stem = posixpath.splitext(key)[0]
+    while True:
+        m = _HASHED.search(stem)
+        if m and stem[:m.start()].lower().endswith(exts):
+            stem = stem[:m.start()]
+        elif stem.lower().endswith(exts) and posixpath.splitext(stem)[0] != stem:
+            stem = posixpath.splitext(stem)[0]
+        else:
+            return stem
 
 
 def canonical(key: str) -> str:
@@ -59,45 +77,80 @@ def canonical(key: str) -> str:
 
 
 def set_aside(key: str) -> bool:
-    """Keys whose rivals the listing may yield elsewhere: not in canonical form, or in _manifest(_)/."""
-    c = canonical(key)
-    return c != key or c.split("/", 1)[0] in (manifest.MANIFEST_DIR, manifest.MANIFEST_DIR + "_")
+    """Keys whose rivals the listing may yield elsewhere: not in canonical form ('//', './', a backslash), or a
+    file name starting with '.' (its rivals need not share a prefix): their outputs get hashed names."""
+    return canonical(key) != key or posixpath.basename(key).startswith(".")
 
 
-def cut(items: Iterable[Item], size: int = SHARD_SIZE) -> Iterator[tuple[list[Item], bool]]:
-    """Cut a listing into shards of at least ``size`` inputs (the last one may be smaller), only where no group of
-    rivals spans the cut. Yields (items, set_aside)."""
-    shard: list[Item] = []
-    aside: list[Item] = []
-    open_: list[str] = []          # group prefixes that the current key starts with (nested, shortest first)
+def in_manifest_folder(key: str) -> bool:
+    """Keys that output_keys moves from _manifest/ to _manifest_/, and their rivals there: kept in one shard."""
+    return key.split("/", 1)[0] in (manifest.MANIFEST_DIR, manifest.MANIFEST_DIR + "_") and "/" in key
+
+
+def _boundary(group: str, size: int) -> bool:
+    """Content-defined cut points: a shard ends before a group whose hash says so, so that adding or removing an
+    input changes only its own shard (and markers of the others still match)."""
+    h = int.from_bytes(hashlib.blake2b(group.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+    return h % max(1, size - size // 4) == 0
+
+
+def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = listing.IMAGE_EXTS
+        ) -> Iterator[tuple[list[Item], str]]:
+    """Cut a listing into shards, only where no group of rivals spans the cut. Yields (items, kind): kind is
+    'plain'; 'hashed' for the keys of :func:`set_aside` (their outputs get hashed names; chunks of ``size``); or
+    'manifest' for keys under _manifest(_)/ (one shard, at the end).
+
+    A cut is made before a key whose group hashes to a cut point (about every ``size`` inputs, never before
+    ``size // 4``), or at 4 x ``size``. Inputs of groups still open at a cut (the current key's prefix is theirs,
+    so a rival may follow) are held back into the next shard."""
+    exts = tuple(e.lower() for e in exts)
+    shard: list[tuple[Item, str]] = []
+    odd: list[Item] = []
+    manifest_keys: list[Item] = []
+    open_: list[str] = []          # prefixes ('folder/stem.') of groups a later key may still belong to
     for it in items:
         if set_aside(it.key):
-            aside.append(it)
+            odd.append(it)
+            if len(odd) >= size:
+                yield odd, "hashed"
+                odd = []
             continue
+        if in_manifest_folder(it.key):
+            manifest_keys.append(it)
+            continue
+        g = group_of(it.key, exts)
         while open_ and not it.key.startswith(open_[-1]):
             open_.pop()
-        if len(shard) >= size and not open_:
-            yield shard, False
-            shard = []
-        p = group_prefix(it.key)
-        if not open_ or open_[-1] != p:
-            open_.append(p)
-        shard.append(it)
+        if shard and g != shard[-1][1] and ((len(shard) >= size // 4 and _boundary(g, size)) or
+                                            len(shard) >= 4 * size):
+            held = set(open_)
+            keep = [(x, gx) for x, gx in shard if gx + "." in held]
+            out = [x for x, gx in shard if gx + "." not in held]
+            if out:
+                yield out, "plain"
+                shard = keep
+        if not open_ or open_[-1] != g + ".":
+            open_.append(g + ".")
+        shard.append((it, g))
     if shard:
-        yield shard, False
-    if aside:
-        yield aside, True
+        yield [x for x, _ in shard], "plain"
+    if odd:
+        yield odd, "hashed"
+    if manifest_keys:
+        yield manifest_keys, "manifest"
 
 
-def shard_id(items: list[Item]) -> str:
+def shard_id(items: list[Item], keys: list) -> str:
+    """Names a shard by its inputs and their output keys: a rerun finds the same shard only when both match."""
     h = hashlib.sha256()
-    for it in items:
-        h.update(it.source_uri.encode("utf-8", "surrogateescape") + b"\n")
+    for it, key in zip(items, keys):
+        h.update(f"{redact(it.source_uri)}\0{key}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
 
 
 class PlanError(RuntimeError):
-    """The plan could not go on: ``where`` is 'source' (listing SRC) or 'destination' (reading its markers)."""
+    """The plan could not go on: ``where`` is 'source' (listing SRC), 'destination' (reading its markers) or
+    'plan' (anything else)."""
 
     def __init__(self, where: str, error: BaseException):
         super().__init__(f"{where}: {type(error).__name__}: {error}")
@@ -111,6 +164,7 @@ class Planner:
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
                  recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3):
         self.src, self.dst, self.extensions, self.limit = src, dst.rstrip("/"), extensions, limit
+        self.exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.ext, self.suffix, self.run_id, self.recipe, self.shard_size = \
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
         self.queue: queue.Queue = queue.Queue(ready)
@@ -123,19 +177,21 @@ class Planner:
         self.thread.start()
 
     # ------------------------------------------------------------------------------------------ consumer side
-    def take(self, max_inputs: int, wait: bool = True) -> list[Shard] | None:
-        """At least one ready shard (waiting for it when ``wait``), then more while they are ready, up to
-        ``max_inputs`` inputs to process; None when the listing is done and every shard was taken."""
+    def take(self, max_inputs: int, timeout: float | None = None) -> list[Shard] | None:
+        """At least one ready shard (waiting up to ``timeout`` seconds for it: [] when none came), then more while
+        they are ready, up to ``max_inputs`` inputs to process; None once the listing is done and every shard was
+        taken. Raises the listing's error (PlanError)."""
         out, todo = [], 0
         while True:
             try:
-                got = self.queue.get(block=wait and not out, timeout=None)
+                got = self.queue.get(block=not out, timeout=timeout)
             except queue.Empty:
                 return out
             if got is None:
                 self.queue.put(None)             # stays at the end for the next call
                 return out or None
             if isinstance(got, BaseException):
+                self.queue.put(got)              # and so does an error
                 raise got
             out.append(got)
             todo += got.todo
@@ -170,58 +226,89 @@ class Planner:
     def _run(self) -> None:
         try:
             markers = None
-            shards = cut(self._items(), self.shard_size)
+            shards = cut(self._items(), self.shard_size, self.exts)
             while True:
                 try:
-                    items, aside = next(shards)
+                    items, kind = next(shards)
                 except StopIteration:
                     break
                 except Exception as e:
                     raise PlanError("source", e) from e
-                try:
-                    if markers is None:
+                if markers is None:
+                    try:
                         markers = manifest.shard_markers(self.dst)    # after the first page: SRC exists
-                    shard = self._shard(items, aside, markers)
-                except Exception as e:
-                    raise PlanError("destination", e) from e
-                if not self._put(shard):
+                    except Exception as e:
+                        raise PlanError("destination", e) from e
+                if not self._put(self._shard(items, kind, markers)):
                     return
             self.listing_s = time.time() - self.t0
             self._put(None)
         except BaseException as e:
             self.listing_s = time.time() - self.t0
-            self._put(e)
+            self._put(e if isinstance(e, PlanError) else PlanError("plan", e))
 
-    def _shard(self, items: list[Item], aside: bool, markers: set[str]) -> Shard:
-        sid = shard_id(items)
-        keys = listing.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],
-                                   hashed=[canonical(it.key) != it.key for it in items] if aside else None)
-        done, attempts, prev_parts, complete_and_done = set(), Counter(), [], False
-        if sid in markers:
+    def _previous(self, sid: str) -> tuple[dict, list[str]]:
+        """A shard's earlier rows, {source: (status, recipe, attempts)} with the latest row of each source (None
+        when the marker says the shard is complete and all done with this recipe), and its parts (names relative
+        to DST/_manifest). A part that is gone is left out, with a warning."""
+        try:
             marker = manifest.read_shard_marker(self.dst, sid)
-            prev_parts = marker.get("parts", [])
-            complete_and_done = (marker.get("complete") and marker.get("recipe") == self.recipe
-                                 and set(marker.get("counts", {})) <= set(manifest.DONE))
-            if not complete_and_done:
-                previous = manifest.read_parts(prev_parts, ["source_uri", "status", "recipe"]).to_pylist()
-                done = {r["source_uri"] for r in previous if r["status"] in manifest.DONE
-                        and r["recipe"] == self.recipe}
-                attempts = Counter(r["source_uri"] for r in previous if r["status"] != "skipped_done")
-        if complete_and_done:
+            parts = marker.get("parts", [])
+            if (marker.get("complete") and marker.get("recipe") == self.recipe
+                    and set(marker.get("counts", {})) <= set(manifest.DONE)):
+                return None, parts               # complete, every input done with this recipe: nothing to read
+            table, missing = manifest.read_parts(self.dst, parts, ["source_uri", "status", "recipe"])
+        except Exception as e:
+            raise PlanError("destination", e) from e
+        if missing:
+            print(f"[imgxlate] shard {sid}: {len(missing)} manifest part(s) its marker names are gone "
+                  f"({missing[0]}, ...): their inputs are done again", flush=True)
+        state: dict = {}
+        for src, status, rcp in zip(*(table.column(c).to_pylist() for c in ("source_uri", "status", "recipe"))):
+            seen = state.get(src, (None, None, 0))[2]
+            state[src] = (status, rcp, seen + (status != "skipped_done"))
+        return state, [p for p in parts if p not in missing]
+
+    def _shard(self, items: list[Item], kind: str, markers: set[str]) -> Shard:
+        keys = listing.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],
+                                   min_level=[3] * len(items) if kind == "hashed" else None)
+        sid = shard_id(items, keys)
+        state, prev_parts = ({}, []) if sid not in markers else self._previous(sid)
+        if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
         rows, skipped = [], 0
         for it, key in zip(items, keys):
             source = redact(it.source_uri)
-            if source in done and not isinstance(key, Exception):
+            status, rcp, attempts = state.get(source, (None, None, 0))
+            if status in manifest.DONE and rcp == self.recipe and not isinstance(key, Exception):
                 skipped += 1
                 continue
             row = {"source_uri": it.source_uri, "key": it.key, "run_id": self.run_id, "shard": sid,
-                   "attempt": attempts[source] + 1, "recipe": self.recipe,
-                   "source_bytes": it.size if it.size >= 0 else None}
-            if isinstance(key, Exception):
+                   "attempt": attempts + 1, "recipe": self.recipe, "source_bytes": it.size if it.size >= 0 else None}
+            if not _utf8(it.source_uri):
+                row.update(source_uri=_escaped(source), key=_escaped(it.key), status="read_error",
+                           error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
+            elif isinstance(key, Exception):
                 row.update(source_uri=source, status="write_error", error=str(key))
             else:
                 row["output_uri"] = storage.join(self.dst, key)
             rows.append(row)
-        blocks = [manifest.to_table(rows[i:i + BLOCK_ROWS]) for i in range(0, len(rows), BLOCK_ROWS)]
+        blocks, start, nbytes = [], 0, 0
+        for i, row in enumerate(rows):
+            nbytes += row["source_bytes"] or UNKNOWN_SIZE
+            if nbytes >= BLOCK_BYTES or i + 1 - start >= BLOCK_ROWS or i + 1 == len(rows):
+                blocks.append(manifest.to_table(rows[start:i + 1]))
+                start, nbytes = i + 1, 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -95,24 +95,7 @@ def _full_uri(uri: str, protocol: str | None, path: str) -> str:
 
 
 def _read_manifest(uri: str) -> list[str]:
-    data = storage.read_bytes(uri)
-    low = uri.lower()
-    if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(data))
-        col = next((c for c in URI_COLUMNS if c in table.column_names), table.column_names[0])
-        return [str(v) for v in table.column(col).to_pylist() if v]
-    text = data.decode("utf-8-sig")
-    if low.endswith(".csv"):
-        rows = list(csv.reader(io.StringIO(text)))
-        if not rows:
-            return []
-        header = [h.strip().lower() for h in rows[0]]
-        col = next((header.index(c) for c in URI_COLUMNS if c in header), None)
-        body = rows[1:] if col is not None else rows
-        return [r[col or 0].strip() for r in body if r and r[col or 0].strip()]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return list(_manifest_entries(uri))
 
 
 def _manifest_keys(uris: list[str]) -> list[str]:
@@ -229,19 +212,18 @@ def _manifest_entries(uri: str) -> Iterator[str]:
 
 
 def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
-    def entries():
+    """A manifest's inputs in key order, with the keys :func:`list_inputs` gives, streamed in three passes when the
+    file is in key order (the common root; the order of the keys; the items), else sorted in memory."""
+    def rels():
         try:
             for u in _manifest_entries(src):
-                if _path_of(u).lower().endswith(exts):
-                    yield u, redact(u).split("://", 1)[-1]
+                yield u, redact(u).split("://", 1)[-1]
         except FileNotFoundError as e:
             raise SourceError(f"source {redact(src)} does not exist: {e}") from e
 
-    first, common, last, ordered, n = None, None, None, True, 0
-    for _, rel in entries():
+    first, common, n = None, None, 0
+    for _, rel in rels():                       # the root, over every entry (as _manifest_keys)
         n += 1
-        ordered = ordered and (last is None or rel >= last)
-        last = rel
         if first is None:
             first = common = rel
         elif common:
@@ -249,36 +231,56 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
                 common = posixpath.commonpath([common, rel])
             except ValueError:                  # absolute and relative paths mixed
                 common = ""
-    root = common if n > 1 else posixpath.dirname(first or "")
     if not n:
         return
-    if not ordered:
-        yield from sorted(list_inputs(src, exts), key=lambda it: it.key)
-        return
-    previous = None
-    for u, rel in entries():
-        if u == previous:                       # the same URI twice is one input (a sorted file has them together)
-            continue
-        previous = u
-        yield Item(u, posixpath.relpath(rel, root) if root and rel != root else
-                   (posixpath.basename(rel) if root else rel))
+    root = common if n > 1 else posixpath.dirname(first)
+
+    def items():
+        previous = None
+        for u, rel in rels():
+            if u == previous or not _path_of(u).lower().endswith(exts):
+                continue                        # the same URI twice (next to each other) is one input
+            previous = u
+            yield Item(u, (posixpath.relpath(rel, root) if rel != root else posixpath.basename(rel)) if root else rel)
+
+    last = None
+    for it in items():
+        if last is not None and it.key < last:
+            yield from sorted(list_inputs(src, exts), key=lambda it: it.key)
+            return
+        last = it.key
+    yield from items()
 
 
 def _walk_local(root: str, exts: tuple[str, ...], skip: str | None) -> Iterator[Item]:
+    """Depth first, each folder's entries sorted by name (names only are held, a folder at a time). Links to
+    folders are not followed (as before: no loops, no trees outside SRC); a file that vanishes or a broken link
+    is still listed (its read fails and is recorded); an unreadable subfolder is reported and left out."""
     if not os.path.isdir(root):
         raise SourceError(f"source {root} is not a folder, prefix or manifest file, or does not exist")
 
     def walk(folder: str, rel: str) -> Iterator[Item]:
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            with os.scandir(folder) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
         except PermissionError as e:
-            raise SourceError(f"source folder {folder}: access denied: {e}") from e
-        for e in entries:
-            if e.is_dir():
-                if skip is None or os.path.normpath(e.path) != skip:
-                    yield from walk(e.path, rel + e.name + "/")
-            elif e.name.lower().endswith(exts):
-                yield Item(e.path, rel + e.name, e.stat().st_size)
+            if folder == root:
+                raise SourceError(f"source folder {folder}: access denied: {e}") from e
+            print(f"[imgxlate] warning: folder {folder} cannot be read ({e}): its files are not listed", flush=True)
+            return
+        except FileNotFoundError:
+            return                             # removed while the listing ran
+        for name, is_dir in entries:
+            path = os.path.join(folder, name)
+            if is_dir:
+                if skip is None or os.path.normpath(path) != skip:
+                    yield from walk(path, rel + name + "/")
+            elif name.lower().endswith(exts):
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    size = -1
+                yield Item(path, rel + name, size)
 
     yield from walk(root, "")
 
@@ -346,20 +348,23 @@ def _in_order(ranges: list, pages, lookahead: int, queued_pages: int = 4) -> Ite
     stop = threading.Event()
     queues: dict[int, queue.Queue] = {}
 
+    def put(q: queue.Queue, what) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(what, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def fill(i: int, q: queue.Queue) -> None:
         try:
             for page in pages(ranges[i]):
-                while not stop.is_set():
-                    try:
-                        q.put(page, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(q, page):
                     return
-            q.put(None)
+            put(q, None)
         except BaseException as e:  # handed to the consumer, which raises it
-            q.put(e)
+            put(q, e)
 
     started = 0
     try:
@@ -399,14 +404,15 @@ def _candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str
 
 
 def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] | None = None,
-                hashed: list[bool] | None = None) -> list[str | Exception]:
+                min_level: list[int] | None = None) -> list[str | Exception]:
     """Output key per input: the same relative path with ``suffix`` before the new extension, and
     never the same key for two inputs. Inputs that would collide (``a.jpg`` and ``a.png``) keep their
     source extension (``a.jpg.png``, ``a.png.png``); if that collides too, a hash of the source URI
     (``sources``, default the keys) is added, until every key is unique. The result depends on the set
     of inputs, not on their order. Unsafe keys come back as the ValueError to record; keys under
-    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder. Inputs marked in
-    ``hashed`` start at the hash level (the job does this for keys that a shard cannot see all rivals of)."""
+    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder. ``min_level`` (per
+    input, 0-3) starts an input at a later level: 3, all 64 hex digits of the hash, is what the job gives keys
+    whose rivals a shard cannot see."""
     sources = keys if sources is None else sources
     out: list[str | Exception] = [""] * len(keys)
     safe, level = {}, {}
@@ -419,7 +425,7 @@ def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] 
         head, sep, tail = s.partition("/")
         if head == MANIFEST_DIR and sep:
             s = f"{head}_/{tail}"
-        safe[i], level[i] = s, 2 if hashed and hashed[i] else 0
+        safe[i], level[i] = s, min_level[i] if min_level else 0
     name = {i: _candidate(s, sources[i], level[i], suffix, ext) for i, s in safe.items()}
     holders = defaultdict(set)
     for i, n in name.items():

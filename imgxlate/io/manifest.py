@@ -67,12 +67,12 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def write_part(dst: str, run_id: str, name: str, rows: list[dict] | pa.Table) -> str:
-    """Write rows (dicts, or a table with SCHEMA's columns) as DST/_manifest/<run_id>/part-<name>.parquet."""
+    """Write rows (dicts, or a table with SCHEMA's columns) as DST/_manifest/<run_id>/part-<name>.parquet; returns
+    its name relative to DST/_manifest."""
     buf = io.BytesIO()
     pq.write_table(rows.select(SCHEMA.names).cast(SCHEMA) if isinstance(rows, pa.Table) else to_table(rows), buf)
-    uri = storage.join(manifest_root(dst), run_id, f"part-{name}.parquet")
-    storage.write_bytes(uri, buf.getvalue())
-    return uri
+    storage.write_bytes(storage.join(manifest_root(dst), run_id, f"part-{name}.parquet"), buf.getvalue())
+    return part_name(run_id, name)
 
 
 def shard_marker_uri(dst: str, shard: str) -> str:
@@ -97,12 +97,24 @@ def read_shard_marker(dst: str, shard: str) -> dict:
     return json.loads(storage.read_bytes(shard_marker_uri(dst, shard)))
 
 
-def read_parts(uris: list[str], columns: list[str]) -> pa.Table:
-    """``columns`` of the given parts (missing columns of older parts come back null)."""
-    tables = [_read_part(storage.read_bytes(u), columns) for u in uris]
+def part_name(run_id: str, name: str) -> str:
+    """A part's name relative to DST/_manifest (what shard markers record, so that DST can move)."""
+    return f"{run_id}/part-{name}.parquet"
+
+
+def read_parts(dst: str, names: list[str], columns: list[str]) -> tuple[pa.Table, list[str]]:
+    """``columns`` of the given parts (names relative to DST/_manifest; missing columns of older parts come back
+    null), and the names of parts that are gone."""
+    tables, missing = [], []
+    for name in names:
+        try:
+            tables.append(_read_part(storage.read_bytes(storage.join(manifest_root(dst), *name.split("/"))),
+                                     columns))
+        except FileNotFoundError:
+            missing.append(name)
     if not tables:
-        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
-    return pa.concat_tables(tables, promote_options="default")
+        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table(), missing
+    return pa.concat_tables(tables, promote_options="default"), missing
 
 
 def write_summary(dst: str, run_id: str, summary: dict) -> str:
