@@ -249,7 +249,7 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                                       "(default: time + random)")
     run.add_argument("--shard-size", type=int, default=10_000,
                      help="inputs per shard, the unit of manifest parts and of resume (default %(default)s)")
-    run.add_argument("--wave-inputs", type=int, default=50_000,
+    run.add_argument("--wave-inputs", type=int, default=20_000,
                      help="shards go through the pipeline in waves of about this many inputs (default %(default)s)")
 
 

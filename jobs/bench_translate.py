@@ -259,7 +259,8 @@ def scale(args) -> int:
     naive_rate = float(next(x for x in r.stdout.splitlines() if x.startswith("RESULT")).split()[1])
     print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n}), flush=True)
     rows = []
-    base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus}
+    base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
+            **({"wave_inputs": args.wave_inputs} if args.wave_inputs else {})}
     for n in counts:
         dst = os.path.join(out, f"job_{n}_{int(time.time())}")
         s = _driver({**base, "src": tree, "dst": dst, "limit": n})
@@ -327,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-only", type=int, default=0, help="scale: also plan (dry run) this many inputs")
     ap.add_argument("--naive-n", type=int, default=3000, help="scale: images the naive loop times")
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
+    ap.add_argument("--wave-inputs", type=int, default=None, help="scale: the job's --wave-inputs (default: its own)")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)

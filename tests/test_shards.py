@@ -190,3 +190,29 @@ def test_resume_follows_outputs_not_just_sources(tmp_path, ray_local, monkeypatc
     assert counts("e", dst) == {"ok": 31} and Image.open(dst / "sub" / "001.png").size == (18, 24)
     assert translate(src, dst, "--shard-size", 5, "--run-id", "f") == 0
     assert counts("f", dst) == {"ok": 31} and Image.open(dst / "sub" / "001.png").size == (12, 16)
+
+
+def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
+    from imgxlate.infer import job
+
+    items = [listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(7)]
+    p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
+    p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = str(tmp_path / "dst"), ".png", "", "r1", "R", (".png",)
+    shard = p._shard(items, "plain", set())
+    shard.blocks = [ray_local.put(b) for b in shard.blocks]
+    book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
+    book.add_shard(shard)
+    rows = ray_local.get(shard.blocks[0]).to_pylist()[:4]       # 4 of 7 came back: 2 written to parts, 2 buffered
+    for r in rows:
+        r["status"] = "ok"
+    book.add(manifest.to_table(rows[:2]))
+    book.add(manifest.to_table(rows[2:3]))
+    lost = book.dropped(shard.id)
+    assert sorted(r["key"] for r in lost) == ["3.png", "4.png", "5.png", "6.png"]
+    book.add(job._dropped_rows(job.TranslateConfig("s", "d", "m"), {"model_id": "m", "sha256": "", "task": "sr"},
+                               lost))
+    assert shard.id not in book.open and +book.counts == {"ok": 3, "model_error": 4}
+    marker = json.loads((tmp_path / f"dst/_manifest/_shards/{shard.id}.json").read_text())
+    assert marker["complete"] and marker["counts"] == {"model_error": 4, "ok": 3}
+    assert sorted(r["status"] for r in manifest.read_run(str(tmp_path / "dst"), "r1").to_pylist()) == \
+        ["model_error"] * 4 + ["ok"] * 3

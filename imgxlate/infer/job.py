@@ -110,7 +110,7 @@ class TranslateConfig:
     max_model_retries: int = 3           # a batch whose model actor dies is retried this often, then model_error
     wait_for_lease_s: float = 0.0        # another run holds DST: wait this long for it, then stop (exit 2)
     shard_size: int = 10_000             # inputs per shard: the unit of manifest parts and of resume
-    wave_inputs: int = 50_000            # shards are run through the pipeline in waves of about this many inputs
+    wave_inputs: int = 20_000            # shards are run through the pipeline in waves of about this many inputs
 
 
 def _log(msg: str) -> None:
@@ -289,7 +289,6 @@ class ShardBook:
         parts: list = dataclasses.field(default_factory=list)
         buffer: list = dataclasses.field(default_factory=list)
         counts: Counter = dataclasses.field(default_factory=Counter)
-        seen: set = dataclasses.field(default_factory=set)
 
     def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
         self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
@@ -318,7 +317,6 @@ class ShardBook:
                 continue
             o.buffer.append(mine)
             o.got += mine.num_rows
-            o.seen.update(zip(mine.column("source_uri").to_pylist(), mine.column("output_uri").to_pylist()))
             status = mine.column("status")
             for kv in pc.value_counts(status).to_pylist():
                 o.counts[kv["values"]] += kv["counts"]
@@ -355,10 +353,18 @@ class ShardBook:
         self.last_flush = time.time()
 
     def dropped(self, sid: str) -> list[dict]:
-        """Inputs of an open shard that never came back from the pipeline (a batch dropped after its retries)."""
+        """Inputs of an open shard that never came back from the pipeline (a batch dropped after its retries):
+        its inputs (from the object store) less the rows this run has for it (buffered, and in its parts)."""
+        import ray
+
         o = self.open[sid]
-        return [r for b in o.shard.blocks for r in b.to_pylist()
-                if (redact(r["source_uri"]), r["output_uri"]) not in o.seen]
+        mine = [p for p in o.parts if p.startswith(self.run_id + "/")]
+        written, _ = manifest.read_parts(self.dst, mine, ["source_uri", "output_uri"])
+        seen = set()
+        for t in [written, *o.buffer]:
+            seen.update(zip(t.column("source_uri").to_pylist(), t.column("output_uri").to_pylist()))
+        return [r for b in ray.get(o.shard.blocks) for r in b.to_pylist()
+                if (redact(r["source_uri"]), r["output_uri"]) not in seen]
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
@@ -430,10 +436,10 @@ def _remove_empty_folders(dst: str, created: bool) -> None:
             os.rmdir(root)                      # only succeeds on an empty folder
 
 
-def stream(cfg: TranslateConfig, blocks: list[pa.Table], meta: dict, stop, drain: SignalDrain, lease: Lease,
+def stream(cfg: TranslateConfig, blocks: list, meta: dict, stop, drain: SignalDrain, lease: Lease,
            add) -> None:
-    """Run one wave of input blocks through the Ray Data pipeline, handing manifest rows (a pyarrow Table) to
-    ``add`` as they arrive. A signal or a lost lease drains the pipeline."""
+    """Run one wave of input blocks (object refs of tables) through the Ray Data pipeline, handing manifest rows
+    (a pyarrow Table) to ``add`` as they arrive. A signal or a lost lease drains the pipeline."""
     import ray.data
 
     from imgxlate.infer import pipeline
@@ -511,6 +517,12 @@ def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, le
                 drain.on_signal = stop.set.remote
                 if drain.signum is not None:    # signalled while Ray was starting
                     stop.set.remote()
+
+            import ray
+
+            for shard in wave:                  # the inputs live in the object store, not in the driver
+                shard.blocks = [ray.put(b) for b in shard.blocks]
+            blocks = [b for shard in wave for b in shard.blocks]
 
             def add(rows: pa.Table) -> None:
                 book.add(rows)

@@ -224,14 +224,14 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     return _table(rows, manifest.SCHEMA)
 
 
-def build(blocks: list[pa.Table], cfg, model_meta: dict, stop=None):
-    """The lazy Ray Dataset for input ``blocks`` (manifest-schema tables with source_uri, key, output_uri, shard,
-    attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`). ``stop``: a :class:`StopFlag` actor handle; once
-    set, no new input is read."""
+def build(blocks: list, cfg, model_meta: dict, stop=None):
+    """The lazy Ray Dataset for input ``blocks``: object refs of manifest-schema tables (source_uri, key,
+    output_uri, shard, attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`). ``stop``: a :class:`StopFlag`
+    actor handle; once set, no new input is read."""
     import ray
 
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow_refs(blocks)
     # I/O tasks take whole input blocks (sized by bytes in the plan) unless io_batch_size says otherwise.
     ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
                         fn_kwargs={"max_pixels": cfg.max_pixels, "env": env, "stop": stop})
