@@ -202,14 +202,24 @@ print("RESULT", len(paths) / (time.perf_counter() - t0))
 """
 
 DRIVER = r"""
-import datetime as dt, json, resource, sys, time
+import datetime as dt, json, resource, sys, threading, time
 from imgxlate.infer import job
+peak = {"RssAnon": 0, "RssShmem": 0}
+def sample():                     # the driver's own memory, apart from object-store pages it has touched
+    while True:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in peak:
+                peak[k] = max(peak[k], int(v.split()[0]) // 1024)
+        time.sleep(0.2)
+threading.Thread(target=sample, daemon=True).start()
 kw = json.loads(sys.argv[1])
 t0 = dt.datetime.now(dt.timezone.utc)
 s = job.run(job.TranslateConfig(**kw))
 s.pop("config", None)
 s["started_at"] = t0.isoformat()
 s["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+s["driver_peak_anon_mb"], s["driver_peak_shmem_mb"] = peak["RssAnon"], peak["RssShmem"]
 print("RESULT " + json.dumps(s, default=str))
 """
 
@@ -244,7 +254,8 @@ def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None) ->
     return {"source": label, "inputs": n, "listing_s": s.get("listing_s"), "first_output_s": first,
             "wall_s": s["wall_s"], "img_s": round(rate, 1), "naive_img_s": round(naive_rate, 1),
             "job_vs_naive": round(rate / naive_rate, 3) if naive_rate else None,
-            "driver_peak_rss_mb": s["driver_peak_rss_mb"], "ok": ok, "shards": s.get("shards")}
+            "driver_peak_rss_mb": s["driver_peak_rss_mb"], "driver_peak_anon_mb": s["driver_peak_anon_mb"],
+            "driver_peak_shmem_mb": s["driver_peak_shmem_mb"], "ok": ok, "shards": s.get("shards")}
 
 
 def scale(args) -> int:
@@ -271,17 +282,19 @@ def scale(args) -> int:
                      "dry_run": True})
         d = s["dry_run"]
         rows.append({"source": "local (plan only: dry run)", "inputs": d["inputs"], "listing_s": d["listing_s"],
-                     "driver_peak_rss_mb": s["driver_peak_rss_mb"]})
+                     "driver_peak_rss_mb": s["driver_peak_rss_mb"], "driver_peak_anon_mb": s["driver_peak_anon_mb"],
+                     "driver_peak_shmem_mb": s["driver_peak_shmem_mb"]})
         print(json.dumps(rows[-1]), flush=True)
     if args.s3:
         rows.append(_s3_arm(args, tree, naive_rate, base))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| source | inputs | listing s | first output s | wall s | img/s | vs naive loop | driver peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| source | inputs | listing s | first output s | wall s | img/s | vs naive loop | driver peak RSS MB "
+          "| of it, own (anon) / object-store pages MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for x in rows:
         print(f"| {x['source']} | {x['inputs']:,} | {x.get('listing_s')} | {x.get('first_output_s', '')} | "
               f"{x.get('wall_s', '')} | {x.get('img_s', '')} | {x.get('job_vs_naive', '')} | "
-              f"{x['driver_peak_rss_mb']} |")
+              f"{x['driver_peak_rss_mb']} | {x['driver_peak_anon_mb']} / {x['driver_peak_shmem_mb']} |")
     with open(os.path.join(out, "scale_results.json"), "w") as f:
         json.dump({"naive_loop_img_s": naive_rate, "machine": f"{os.cpu_count()} CPUs", "rows": rows}, f, indent=2)
     return 0

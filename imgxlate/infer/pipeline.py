@@ -40,25 +40,89 @@ def _now():
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _table(rows: list[dict], schema: pa.Schema = FLIGHT) -> pa.Table:
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+class Rows:
+    """A batch seen row by row without turning it into dicts (``to_pylist``) and back (``from_pylist``): a column
+    becomes a Python list only when a stage reads or sets it, pixels are read as zero-copy Arrow buffers, and
+    :meth:`table` reuses every column no stage touched."""
+
+    BINARY = ("pixels", "alpha")
+
+    def __init__(self, batch: pa.Table):
+        self.batch, self.n = batch, batch.num_rows
+        self.cols: dict[str, list] = {}
+        self.changed: set[str] = set()
+
+    def column(self, name: str) -> list:
+        c = self.cols.get(name)
+        if c is None:
+            if name not in self.batch.column_names:
+                c = [None] * self.n
+            elif name in self.BINARY:
+                c = [v.as_buffer() if v.is_valid else None for v in self.batch.column(name)]
+            else:
+                c = self.batch.column(name).to_pylist()
+            self.cols[name] = c
+        return c
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Row:
+        return Row(self, i)
+
+    def __iter__(self):
+        return (Row(self, i) for i in range(self.n))
+
+    def table(self, schema: pa.Schema = FLIGHT) -> pa.Table:
+        arrays = []
+        for f in schema:
+            if f.name in self.changed:
+                col = self.cols[f.name]
+                if f.name in self.BINARY:       # rows left as they came are still Arrow buffers
+                    col = [v.to_pybytes() if isinstance(v, pa.Buffer) else v for v in col]
+                arrays.append(pa.array(col, type=f.type))
+            elif f.name in self.batch.column_names:
+                arrays.append(self.batch.column(f.name).cast(f.type))
+            else:
+                arrays.append(pa.nulls(self.n, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _pack(row: dict, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
+class Row:
+    """One row of :class:`Rows`, read and set like a dict."""
+
+    __slots__ = ("rows", "i")
+
+    def __init__(self, rows: Rows, i: int):
+        self.rows, self.i = rows, i
+
+    def __getitem__(self, name: str):
+        return self.rows.column(name)[self.i]
+
+    def get(self, name: str, default=None):
+        v = self.rows.column(name)[self.i]
+        return default if v is None else v
+
+    def __setitem__(self, name: str, value) -> None:
+        self.rows.column(name)[self.i] = value
+        self.rows.changed.add(name)
+
+
+def _pack(row: Row, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
     row["pixels"] = np.ascontiguousarray(pixels).tobytes()
     row["alpha"] = None if alpha is None else np.ascontiguousarray(alpha).tobytes()
     row["px_shape"] = list(pixels.shape)
     row["px_dtype"] = pixels.dtype.str
 
 
-def _unpack(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+def _unpack(row: Row) -> tuple[np.ndarray, np.ndarray | None]:
     shape, dtype = tuple(row["px_shape"]), np.dtype(row["px_dtype"])
     pixels = np.frombuffer(row["pixels"], dtype).reshape(shape)
     alpha = None if row["alpha"] is None else np.frombuffer(row["alpha"], dtype).reshape(shape[:2])
     return pixels, alpha
 
 
-def _fail(row: dict, status: str, error: BaseException | str) -> None:
+def _fail(row: Row, status: str, error: BaseException | str) -> None:
     row["status"] = status
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     row["error"] = redact_text(msg)
@@ -101,7 +165,7 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
     """read + decode, on CPU tasks. Once the run is draining, inputs not yet read are passed on as
     ``not_started`` (no manifest row: the next run does them)."""
     _apply(env)
-    rows = batch.to_pylist()
+    rows = Rows(batch)
     for row in rows:
         row["started_at"] = _now()
         if row.get("status"):
@@ -131,7 +195,7 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
         row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
         row["icc"] = img.icc
         _pack(row, img.pixels, img.alpha)
-    return _table(rows)
+    return rows.table(FLIGHT)
 
 
 class ModelStage:
@@ -154,7 +218,7 @@ class ModelStage:
         self.max_output_pixels = max_output_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        rows = Rows(batch)
         todo = []
         draining = _stopping(self.stop)
         for i, row in enumerate(rows):
@@ -183,7 +247,7 @@ class ModelStage:
                 continue
             row["output_height"], row["output_width"] = res.pixels.shape[:2]
             _pack(row, res.pixels, res.alpha)
-        return _table(rows)
+        return rows.table(FLIGHT)
 
 
 def configured(settings: dict) -> type:
@@ -197,7 +261,7 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
          env: dict) -> pa.Table:
     """encode + write, on CPU tasks. Returns manifest rows (no pixels)."""
     _apply(env)
-    rows = batch.to_pylist()
+    rows = Rows(batch)
     for row in rows:
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
         if not row.get("status"):
@@ -221,7 +285,7 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
                     row["output_sha256"] = hashlib.sha256(data).hexdigest()
         row["finished_at"] = _now()
         row["source_uri"] = redact(row["source_uri"])
-    return _table(rows, manifest.SCHEMA)
+    return rows.table(manifest.SCHEMA)
 
 
 def build(blocks: list, cfg, model_meta: dict, stop=None):
