@@ -101,7 +101,7 @@ def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = l
     'manifest' for keys under _manifest(_)/ (one shard, at the end).
 
     A cut is made before a key whose group hashes to a cut point (about every ``size`` inputs, never before
-    ``size // 4``), or at 4 x ``size``. Inputs of groups still open at a cut (the current key's prefix is theirs,
+    ``size // 4``), or at 2 x ``size``. Inputs of groups still open at a cut (the current key's prefix is theirs,
     so a rival may follow) are held back into the next shard."""
     exts = tuple(e.lower() for e in exts)
     shard: list[tuple[Item, str]] = []
@@ -122,7 +122,7 @@ def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = l
         while open_ and not it.key.startswith(open_[-1]):
             open_.pop()
         if shard and g != shard[-1][1] and ((len(shard) >= size // 4 and _boundary(g, size)) or
-                                            len(shard) >= 4 * size):
+                                            len(shard) >= 2 * size):
             held = set(open_)
             keep = [(x, gx) for x, gx in shard if gx + "." in held]
             out = [x for x, gx in shard if gx + "." not in held]
@@ -276,30 +276,41 @@ class Planner:
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
-        rows, skipped = [], 0
-        for it, key in zip(items, keys):
+        blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
+        for n, (it, key) in enumerate(zip(items, keys), 1):
             source = redact(it.source_uri)
             status, rcp, attempts = state.get(source, (None, None, 0))
             if status in manifest.DONE and rcp == self.recipe and not isinstance(key, Exception):
                 skipped += 1
-                continue
-            row = {"source_uri": it.source_uri, "key": it.key, "run_id": self.run_id, "shard": sid,
-                   "attempt": attempts + 1, "recipe": self.recipe, "source_bytes": it.size if it.size >= 0 else None}
-            if not _utf8(it.source_uri):
-                row.update(source_uri=_escaped(source), key=_escaped(it.key), status="read_error",
-                           error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
-            elif isinstance(key, Exception):
-                row.update(source_uri=source, status="write_error", error=str(key))
             else:
-                row["output_uri"] = storage.join(self.dst, key)
-            rows.append(row)
-        blocks, start, nbytes = [], 0, 0
-        for i, row in enumerate(rows):
-            nbytes += row["source_bytes"] or UNKNOWN_SIZE
-            if nbytes >= BLOCK_BYTES or i + 1 - start >= BLOCK_ROWS or i + 1 == len(rows):
-                blocks.append(manifest.to_table(rows[start:i + 1]))
-                start, nbytes = i + 1, 0
+                row = {"source_uri": it.source_uri, "key": it.key, "attempt": attempts + 1,
+                       "source_bytes": it.size if it.size >= 0 else None}
+                if not _utf8(it.source_uri):
+                    row.update(source_uri=_escaped(source), key=_escaped(it.key), status="read_error",
+                               error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
+                elif isinstance(key, Exception):
+                    row.update(source_uri=source, status="write_error", error=str(key))
+                else:
+                    row["output_uri"] = storage.join(self.dst, key)
+                block.append(row)
+                nbytes += row["source_bytes"] or UNKNOWN_SIZE
+            if block and (nbytes >= BLOCK_BYTES or len(block) >= BLOCK_ROWS or n == len(items)):
+                blocks.append(_block(block, sid, self.run_id, self.recipe))
+                block, nbytes = [], 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
+
+
+_BLOCK_FIELDS = ("source_uri", "key", "output_uri", "status", "error", "source_bytes", "attempt")
+
+
+def _block(rows: list[dict], shard: str, run_id: str, recipe: str) -> pa.Table:
+    """Input rows as a manifest-schema table, built by column (the columns the pipeline fills start null)."""
+    n = len(rows)
+    given = {f: pa.array([r.get(f) for r in rows], type=manifest.SCHEMA.field(f).type) for f in _BLOCK_FIELDS}
+    given.update(shard=pa.array([shard] * n, pa.string()), run_id=pa.array([run_id] * n, pa.string()),
+                 recipe=pa.array([recipe] * n, pa.string()))
+    return pa.Table.from_arrays([given[f.name] if f.name in given else pa.nulls(n, f.type)
+                                 for f in manifest.SCHEMA], schema=manifest.SCHEMA)
 
 
 def _utf8(text: str) -> bool:
