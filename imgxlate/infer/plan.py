@@ -36,6 +36,8 @@ SHARD_SIZE = 10_000
 BLOCK_BYTES = 1 << 20
 BLOCK_ROWS = 256         # at most
 UNKNOWN_SIZE = 32 << 10  # assumed for an input the listing gives no size for (a manifest entry)
+MIN_BLOCKS = 64          # a shard is cut into at least this many blocks (as its inputs allow): model actors on
+                         # many nodes each need blocks to take, however few and small the inputs are
 
 
 @dataclass
@@ -277,6 +279,7 @@ class Planner:
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
+        max_rows = max(1, min(BLOCK_ROWS, -(-len(items) // MIN_BLOCKS)))
         for n, (it, key) in enumerate(zip(items, keys), 1):
             source = redact(it.source_uri)
             status, rcp, attempts = state.get(source, (None, None, 0))
@@ -294,7 +297,7 @@ class Planner:
                     row["output_uri"] = storage.join(self.dst, key)
                 block.append(row)
                 nbytes += row["source_bytes"] or UNKNOWN_SIZE
-            if block and (nbytes >= BLOCK_BYTES or len(block) >= BLOCK_ROWS or n == len(items)):
+            if block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items)):
                 blocks.append(_block(block, sid, self.run_id, self.recipe))
                 block, nbytes = [], 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
