@@ -202,11 +202,12 @@ def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
     shard.blocks = [ray_local.put(b) for b in shard.blocks]
     book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
     book.add_shard(shard)
-    rows = ray_local.get(shard.blocks[0]).to_pylist()[:4]       # 4 of 7 came back: 2 written to parts, 2 buffered
+    rows = [r for b in ray_local.get(shard.blocks) for r in b.to_pylist()][:3]
+    assert len(shard.blocks) == 7                                # 7 small inputs: a block each (MIN_BLOCKS)
     for r in rows:
         r["status"] = "ok"
-    book.add(manifest.to_table(rows[:2]))
-    book.add(manifest.to_table(rows[2:3]))
+    book.add(manifest.to_table(rows[:2]))                        # 3 of 7 came back: 2 written to a part,
+    book.add(manifest.to_table(rows[2:3]))                       # 1 still buffered
     lost = book.dropped(shard.id)
     assert sorted(r["key"] for r in lost) == ["3.png", "4.png", "5.png", "6.png"]
     book.add(job._dropped_rows(job.TranslateConfig("s", "d", "m"), {"model_id": "m", "sha256": "", "task": "sr"},
