@@ -503,6 +503,8 @@ def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, le
                 _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
                      f"listed so far, {book.counts['skipped_done']} of them done before)"
                      + (f"; removed {removed} stale temporary files" if removed else ""))
+            import ray
+
             if not ray_up:
                 from imgxlate import rayenv
                 from imgxlate.infer import pipeline
@@ -511,14 +513,10 @@ def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, le
                 drain.install()                 # after ray.init, which sets handlers of its own
                 ray_log = rayenv.log_path(f"translate-{run_id}")
                 _log(f"Ray's own messages: {ray_log}")
-                import ray
-
                 stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
                 drain.on_signal = stop.set.remote
                 if drain.signum is not None:    # signalled while Ray was starting
                     stop.set.remote()
-
-            import ray
 
             for shard in wave:                  # the inputs live in the object store, not in the driver
                 shard.blocks = [ray.put(b) for b in shard.blocks]

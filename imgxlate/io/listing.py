@@ -98,17 +98,25 @@ def _read_manifest(uri: str) -> list[str]:
     return list(_manifest_entries(uri))
 
 
+def _manifest_rel(uri: str) -> str:
+    return redact(uri).split("://", 1)[-1]
+
+
+def _manifest_key(rel: str, root: str) -> str:
+    """A manifest entry's key: relative to the entries' common root, or the whole bucket/host path when there is
+    none (two buckets, say), so that different inputs keep different keys."""
+    if not root:
+        return rel
+    return posixpath.relpath(rel, root) if rel != root else posixpath.basename(rel)
+
+
 def _manifest_keys(uris: list[str]) -> list[str]:
-    """Keys of manifest entries: relative to their common root, or the whole bucket/host path when
-    there is none (two buckets, say), so that different inputs keep different keys."""
-    rels = [redact(u).split("://", 1)[-1] for u in uris]
+    rels = [_manifest_rel(u) for u in uris]
     try:
         root = posixpath.commonpath(rels) if len(rels) > 1 else posixpath.dirname(rels[0])
     except ValueError:                          # absolute and relative paths mixed
         root = ""
-    if not root:
-        return rels
-    return [posixpath.relpath(r, root) if r != root else posixpath.basename(r) for r in rels]
+    return [_manifest_key(r, root) for r in rels]
 
 
 def _path_of(uri: str) -> str:
@@ -217,7 +225,7 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
     def rels():
         try:
             for u in _manifest_entries(src):
-                yield u, redact(u).split("://", 1)[-1]
+                yield u, _manifest_rel(u)
         except FileNotFoundError as e:
             raise SourceError(f"source {redact(src)} does not exist: {e}") from e
 
@@ -241,7 +249,7 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
             if u == previous or not _path_of(u).lower().endswith(exts):
                 continue                        # the same URI twice (next to each other) is one input
             previous = u
-            yield Item(u, (posixpath.relpath(rel, root) if rel != root else posixpath.basename(rel)) if root else rel)
+            yield Item(u, _manifest_key(rel, root))
 
     last = None
     for it in items():
