@@ -229,11 +229,13 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     rs = p.add_argument_group("resources")
     rs.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start Ray locally)")
     rs.add_argument("--num-cpus", type=int, help="logical CPUs when Ray is started locally (default: all)")
-    rs.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
+    rs.add_argument("--actors", type=int, help="model actors (default: one per GPU; on CPUs, one per "
+                    "--cpus-per-actor of the cluster with the fused pipeline, 1 with the split one)")
     rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
     rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
     rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
-    rs.add_argument("--batch-size", type=int, default=8, help="images per model-actor call (default 8)")
+    rs.add_argument("--batch-size", type=int, default=8, help="images per model-actor call in the split pipeline "
+                    "(default 8; the fused one takes whole input blocks)")
     rs.add_argument("--tile", type=int, default=None,
                     help="tile side in input pixels for large images (default: 256 on CPU, 1024 on GPU)")
     rs.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels")
@@ -249,8 +251,12 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                                       "(default: time + random)")
     run.add_argument("--shard-size", type=int, default=10_000,
                      help="inputs per shard, the unit of manifest parts and of resume (default %(default)s)")
-    run.add_argument("--wave-inputs", type=int, default=20_000,
-                     help="shards go through the pipeline in waves of about this many inputs (default %(default)s)")
+    run.add_argument("--queued-inputs", type=int, default=20_000,
+                     help="inputs handed to the pipeline ahead of what it has taken (default %(default)s)")
+    run.add_argument("--pipeline", choices=["auto", "fused", "split"], default="auto",
+                     help="fused: read, decode, model, encode and write in one model-actor call (no task hops; "
+                          "one actor per --cpus-per-actor); split: read/decode and encode/write tasks around the "
+                          "actors; auto (default): fused on CPU actors, split on GPU actors")
 
 
 def translate_config(args):
@@ -265,7 +271,7 @@ def translate_config(args):
         ray_address=args.ray_address, num_cpus=args.num_cpus, s3_endpoint=args.s3_endpoint,
         wait_for_lease_s=args.wait_for_lease, max_model_retries=args.max_model_retries,
         run_id=args.run_id, dry_run=args.dry_run, fail_on_error=args.fail_on_error, shard_size=args.shard_size,
-        wave_inputs=args.wave_inputs)
+        queued_inputs=args.queued_inputs, pipeline=args.pipeline)
 
 
 def cmd_translate(args) -> int:

@@ -150,12 +150,12 @@ print("RESULT", out.pixels.shape, resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 
 def _tiny_pngs(args) -> None:
-    root, start, stop, seed = args
+    root, start, stop, seed, lo, hi = args
     import numpy as np
 
     rng = np.random.default_rng(seed)
     for i in range(start, stop):
-        h, w = (int(v) for v in rng.integers(16, 33, size=2))
+        h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
         y, x = np.mgrid[:h, :w]
         img = ((x * 7 + y * 3 + i) % 256).astype(np.uint8)[..., None] + rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
         folder = os.path.join(root, f"d{i // 1000:04d}")
@@ -163,15 +163,16 @@ def _tiny_pngs(args) -> None:
         Image.fromarray(img.astype(np.uint8)).save(os.path.join(folder, f"i{i:07d}.png"), "PNG", compress_level=1)
 
 
-def make_tiny_tree(root: str, n: int) -> None:
-    """n tiny PNGs in folders of 1,000 (made once; a larger tree serves smaller N through --limit)."""
+def make_tiny_tree(root: str, n: int, px: tuple[int, int] = (16, 32)) -> None:
+    """n tiny PNGs (sides px[0]..px[1]) in folders of 1,000 (made once; a larger tree serves smaller N through
+    --limit)."""
     from multiprocessing import Pool
 
     have = sum(len(files) for _, _, files in os.walk(root)) if os.path.isdir(root) else 0
     if have >= n:
         return
     step = 5000
-    chunks = [(root, a, min(a + step, n), a) for a in range(have - have % step, n, step)]
+    chunks = [(root, a, min(a + step, n), a, *px) for a in range(have - have % step, n, step)]
     t0 = time.perf_counter()
     with Pool(os.cpu_count()) as pool:
         for k, _ in enumerate(pool.imap_unordered(_tiny_pngs, chunks), 1):
@@ -261,17 +262,18 @@ def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None) ->
 def scale(args) -> int:
     out = os.path.abspath(args.out)
     counts = [int(c) for c in args.counts.split(",") if c]
-    tree = os.path.join(out, "tiny")
+    px = tuple(int(v) for v in args.px.split("-"))
+    tree = os.path.join(out, "tiny" if px == (16, 32) else f"px{px[0]}-{px[1]}")
     biggest = max(counts + [args.s3, args.plan_only])
-    print(f"making {biggest} tiny inputs under {tree} ...", flush=True)
-    make_tiny_tree(tree, biggest)
+    print(f"making {biggest} {px[0]}-{px[1]} px inputs under {tree} ...", flush=True)
+    make_tiny_tree(tree, biggest, px)
     r = subprocess.run([sys.executable, "-c", NAIVE_TINY, tree, os.path.join(out, "naive"), str(args.naive_n)],
                        capture_output=True, text=True)
     naive_rate = float(next(x for x in r.stdout.splitlines() if x.startswith("RESULT")).split()[1])
     print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n}), flush=True)
     rows = []
     base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
-            **({"wave_inputs": args.wave_inputs} if args.wave_inputs else {})}
+            "pipeline": args.pipeline}
     for n in counts:
         dst = os.path.join(out, f"job_{n}_{int(time.time())}")
         s = _driver({**base, "src": tree, "dst": dst, "limit": n})
@@ -295,8 +297,9 @@ def scale(args) -> int:
         print(f"| {x['source']} | {x['inputs']:,} | {x.get('listing_s')} | {x.get('first_output_s', '')} | "
               f"{x.get('wall_s', '')} | {x.get('img_s', '')} | {x.get('job_vs_naive', '')} | "
               f"{x['driver_peak_rss_mb']} | {x['driver_peak_anon_mb']} / {x['driver_peak_shmem_mb']} |")
-    with open(os.path.join(out, "scale_results.json"), "w") as f:
-        json.dump({"naive_loop_img_s": naive_rate, "machine": f"{os.cpu_count()} CPUs", "rows": rows}, f, indent=2)
+    with open(os.path.join(out, f"scale_results_{os.path.basename(tree)}.json"), "w") as f:
+        json.dump({"naive_loop_img_s": naive_rate, "machine": f"{os.cpu_count()} CPUs", "px": args.px, "rows": rows},
+                  f, indent=2)
     return 0
 
 
@@ -339,9 +342,11 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", default="10000,100000", help="scale: local input counts to run")
     ap.add_argument("--s3", type=int, default=100_000, help="scale: inputs on the loopback S3 server (0: skip)")
     ap.add_argument("--plan-only", type=int, default=0, help="scale: also plan (dry run) this many inputs")
+    ap.add_argument("--px", default="16-32", help="scale: the inputs' sides, MIN-MAX pixels (default 16-32)")
     ap.add_argument("--naive-n", type=int, default=3000, help="scale: images the naive loop times")
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
-    ap.add_argument("--wave-inputs", type=int, default=None, help="scale: the job's --wave-inputs (default: its own)")
+    ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
+                    help="scale: the job's --pipeline")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)

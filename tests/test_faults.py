@@ -79,7 +79,7 @@ def model_actor_pids():
                 cmd = f.read().decode(errors="replace")
         except OSError:
             continue
-        if "ModelStage" in cmd:
+        if "ModelStage" in cmd or "FusedStage" in cmd:     # the split or the fused pipeline's model actor
             pids.append(int(pid))
     return pids
 

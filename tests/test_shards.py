@@ -193,16 +193,16 @@ def test_resume_follows_outputs_not_just_sources(tmp_path, ray_local, monkeypatc
 
 
 def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
-    from imgxlate.infer import job
+    from imgxlate.infer import job, pipeline
 
     items = [listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(7)]
     p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = str(tmp_path / "dst"), ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
-    shard.blocks = [ray_local.put(b) for b in shard.blocks]
+    shard.blocks = [ray_local.put(pipeline.seal(b)) for b in shard.blocks]     # as the job's Feeder puts them
     book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
     book.add_shard(shard)
-    rows = [r for b in ray_local.get(shard.blocks) for r in b.to_pylist()][:3]
+    rows = [r for b in ray_local.get(shard.blocks) for r in pipeline.unseal(b).to_pylist()][:3]
     assert len(shard.blocks) == 7                                # 7 small inputs: a block each (MIN_BLOCKS)
     for r in rows:
         r["status"] = "ok"

@@ -95,9 +95,7 @@ class TranslateConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None # torch threads in each actor; default: cpus_per_actor
-    batch_size: int = 8                  # images per model-actor call
-    io_batch_size: int | None = None     # images per read/decode and encode/write call; None: a whole block (the
-                                         # plan sizes blocks by bytes: hundreds of tiny images, one large one)
+    batch_size: int = 8                  # images per model run (a model-actor call takes a whole input block)
     io_cpus: float = 0.25                # logical CPUs per read/decode and encode/write task
     ray_address: str | None = None       # None: start Ray in this process
     num_cpus: int | None = None          # logical CPUs when Ray is started here
@@ -110,7 +108,9 @@ class TranslateConfig:
     max_model_retries: int = 3           # a batch whose model actor dies is retried this often, then model_error
     wait_for_lease_s: float = 0.0        # another run holds DST: wait this long for it, then stop (exit 2)
     shard_size: int = 10_000             # inputs per shard: the unit of manifest parts and of resume
-    wave_inputs: int = 20_000            # shards are run through the pipeline in waves of about this many inputs
+    queued_inputs: int = 20_000          # inputs handed to the pipeline ahead of what it has taken
+    pipeline: str = "auto"               # fused: read..write in the model actor's call; split: I/O tasks around
+                                         # the actors; auto: fused on CPU actors, split on GPU actors
 
 
 def _log(msg: str) -> None:
@@ -167,7 +167,7 @@ def preflight_destination(dst: str, run_id: str) -> None:
 def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
     """Start listing SRC (in a background thread) into shards; see :mod:`imgxlate.infer.plan`."""
     return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
-                   shard_size=cfg.shard_size, ready=max(2, cfg.wave_inputs // cfg.shard_size))
+                   shard_size=cfg.shard_size, ready=max(2, cfg.queued_inputs // cfg.shard_size))
 
 
 def take(cfg: TranslateConfig, p: Planner, max_inputs: int, timeout: float | None = None) -> list[Shard] | None:
@@ -239,12 +239,21 @@ def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = ray.cluster_resources().get("CPU", 1)
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
-    actors = cfg.actors or (max(1, int(gpus / gpa)) if gpa else 1)
-    if not gpa and actors * cfg.cpus_per_actor > cpus - cfg.io_cpus:
-        raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
-                       f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
+    mode = cfg.pipeline if cfg.pipeline != "auto" else ("split" if gpa else "fused")
+    if gpa:
+        actors = cfg.actors or max(1, int(gpus / gpa))
+    elif mode == "fused":           # the actors do all the work: one per cpus_per_actor
+        actors = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
+        if actors * cfg.cpus_per_actor > cpus:
+            raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs need more than the cluster's "
+                           f"{cpus:g} CPUs: lower --actors or --cpus-per-actor")
+    else:
+        actors = cfg.actors or 1
+        if actors * cfg.cpus_per_actor > cpus - cfg.io_cpus:
+            raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
+                           f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
     threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
-    return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads)
+    return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads, pipeline=mode)
 
 
 class Progress:
@@ -363,7 +372,9 @@ class ShardBook:
         seen = set()
         for t in [written, *o.buffer]:
             seen.update(zip(t.column("source_uri").to_pylist(), t.column("output_uri").to_pylist()))
-        return [r for b in ray.get(o.shard.blocks) for r in b.to_pylist()
+        from imgxlate.infer import pipeline
+
+        return [r for b in ray.get(o.shard.blocks) for r in pipeline.unseal(b).to_pylist()
                 if (redact(r["source_uri"]), r["output_uri"]) not in seen]
 
 
@@ -385,8 +396,10 @@ def check(cfg: TranslateConfig) -> None:
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
                            f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
-    if cfg.shard_size < 1 or cfg.wave_inputs < 1:
-        raise JobError("--shard-size and --wave-inputs must be at least 1")
+    if cfg.shard_size < 1 or cfg.queued_inputs < 1:
+        raise JobError("--shard-size and --queued-inputs must be at least 1")
+    if cfg.pipeline not in ("auto", "fused", "split"):
+        raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use auto, fused or split")
     if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
         raise JobError(f"--run-id {cfg.run_id!r} names a folder under DST/_manifest: use only letters, digits, "
                        f"'.', '_' and '-' (and not '.' or '..')")
@@ -436,9 +449,8 @@ def _remove_empty_folders(dst: str, created: bool) -> None:
             os.rmdir(root)                      # only succeeds on an empty folder
 
 
-def stream(cfg: TranslateConfig, blocks: list, meta: dict, stop, drain: SignalDrain, lease: Lease,
-           add) -> None:
-    """Run one wave of input blocks (object refs of tables) through the Ray Data pipeline, handing manifest rows
+def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add) -> None:
+    """Run the Ray Data pipeline over the input blocks put in ``feed`` until it is closed, handing manifest rows
     (a pyarrow Table) to ``add`` as they arrive. A signal or a lost lease drains the pipeline."""
     import ray.data
 
@@ -453,15 +465,64 @@ def stream(cfg: TranslateConfig, blocks: list, meta: dict, stop, drain: SignalDr
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
-    for batch in pipeline.build(blocks, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                       prefetch_batches=1):
+    # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
+    for batch in pipeline.build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                     prefetch_batches=0):
+        batch = pipeline.unseal(batch)
         rows = batch.filter(pc.not_equal(batch.column("status"), pipeline.NOT_STARTED))
         if rows.num_rows:
             add(rows)
         if lease.lost and drain.signum is None:
             drain.signum = signal.SIGTERM
             _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
-            stop.set.remote()
+            drain.on_signal()
+
+
+class Feeder(threading.Thread):
+    """The driver's side of the Feed: takes ready shards from the plan, records them in the book and puts their
+    input blocks in the object store and in the Feed, keeping about ``queued`` inputs waiting there; closes the
+    Feed when the plan is done. An error of the plan is kept in ``error`` for the driver to raise."""
+
+    def __init__(self, cfg: TranslateConfig, plan: Planner, book: ShardBook, feed, lock: threading.Lock):
+        super().__init__(name="imgxlate-feeder", daemon=True)
+        self.cfg, self.plan, self.book, self.feed, self.lock = cfg, plan, book, feed, lock
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def push(self, shards: list[Shard]) -> int | None:
+        """Returns the inputs now waiting in the Feed (None when nothing was put)."""
+        import ray
+
+        from imgxlate.infer import pipeline
+
+        blocks = []
+        for shard in shards:
+            with self.lock:
+                self.book.add_shard(shard)
+            # the inputs live in the object store, not in the driver; the book keeps the refs of open shards
+            shard.blocks = [ray.put(pipeline.seal(b)) for b in shard.blocks]
+            blocks += [([ref], n) for ref, n in zip(shard.blocks, shard.block_rows)]
+        return ray.get(self.feed.put.remote(blocks)) if blocks else None
+
+    def run(self) -> None:
+        import ray
+
+        cap, queued = self.cfg.queued_inputs, 0
+        try:
+            while not self.stopping.is_set():
+                if queued >= cap:
+                    time.sleep(0.2)
+                    queued = ray.get(self.feed.size.remote())
+                    continue
+                shards = take(self.cfg, self.plan, cap - queued, timeout=0.5)
+                if shards is None:
+                    break
+                queued = self.push(shards) or queued
+        except BaseException as e:
+            self.error = e
+        finally:
+            if not self.stopping.is_set():
+                self.feed.close.remote()        # readers end once the Feed is empty
 
 
 def _dropped_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Table:
@@ -475,64 +536,78 @@ def _dropped_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Tabl
 def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease) -> dict:
     plan = planner(cfg, meta, run_id)
     try:
-        return _run_waves(cfg, meta, run_id, t_start, lease, plan)
+        return _run_plan(cfg, meta, run_id, t_start, lease, plan)
     finally:
         plan.stop()
 
 
-def _run_waves(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease, plan: Planner) -> dict:
-    """Take ready shards from the plan in waves and run each wave through the pipeline, until the listing is done
-    and every shard is recorded (or a signal drains the run)."""
+def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease, plan: Planner) -> dict:
+    """Wait for the first shard with work (a run whose inputs were all done never starts Ray), then run one
+    pipeline for the whole plan, fed by a Feeder thread while the listing goes on, until every shard is recorded
+    (or a signal drains the run)."""
     dst = cfg.dst.rstrip("/")
     book = ShardBook(dst, run_id, recipe(cfg, meta), cfg.manifest_every_rows)
     progress = Progress(plan, cfg.progress_every_s)
-    ray_up, started_ray, stop, removed = False, False, None, None
+    lock = threading.Lock()
+    started_ray, feeder = False, None
     drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
     with drain:
-        while drain.signum is None and (wave := take(cfg, plan, cfg.wave_inputs, timeout=0.5)) is not None:
-            for shard in wave:                  # (an empty wave: none ready yet; a signal is seen within 0.5 s)
-                book.add_shard(shard)
-            if drain.signum is not None:        # signalled while the plan was listing: these are not started
-                break
-            blocks = [b for shard in wave for b in shard.blocks]
+        first: list[Shard] = []
+        while drain.signum is None and not first and (shards := take(cfg, plan, cfg.queued_inputs, 0.5)) is not None:
+            for shard in shards:                # (none ready yet: []; a signal is seen within 0.5 s)
+                if shard.todo:
+                    first.append(shard)
+                else:
+                    book.add_shard(shard)
             progress.update(book.counts)
-            if not blocks:
-                continue
-            if removed is None:
-                removed = storage.remove_stale_temporaries(cfg.dst)
-                _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
-                     f"listed so far, {book.counts['skipped_done']} of them done before)"
-                     + (f"; removed {removed} stale temporary files" if removed else ""))
+        if first and drain.signum is not None:  # signalled while the plan was listing: these are not started
+            for shard in first:
+                book.add_shard(shard)
+        elif first:
             import ray
 
-            if not ray_up:
-                from imgxlate import rayenv
-                from imgxlate.infer import pipeline
+            from imgxlate import rayenv
+            from imgxlate.infer import pipeline
 
-                started_ray, ray_up = start_ray(cfg), True
-                drain.install()                 # after ray.init, which sets handlers of its own
-                ray_log = rayenv.log_path(f"translate-{run_id}")
-                _log(f"Ray's own messages: {ray_log}")
-                stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
-                drain.on_signal = stop.set.remote
-                if drain.signum is not None:    # signalled while Ray was starting
-                    stop.set.remote()
+            removed = storage.remove_stale_temporaries(cfg.dst)
+            _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
+                 f"listed so far, {book.counts['skipped_done']} of them done before)"
+                 + (f"; removed {removed} stale temporary files" if removed else ""))
+            started_ray = start_ray(cfg)
+            drain.install()                     # after ray.init, which sets handlers of its own
+            ray_log = rayenv.log_path(f"translate-{run_id}")
+            _log(f"Ray's own messages: {ray_log}")
+            stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
+            feed = ray.remote(num_cpus=0)(pipeline.Feed).remote()
+            feeder = Feeder(cfg, plan, book, feed, lock)
 
-            for shard in wave:                  # the inputs live in the object store, not in the driver
-                shard.blocks = [ray.put(b) for b in shard.blocks]
-            blocks = [b for shard in wave for b in shard.blocks]
+            def on_signal():                    # no new input is read; inputs waiting in the Feed are left
+                feeder.stopping.set()
+                stop.set.remote()
+                feed.close.remote(drop=True)
+
+            drain.on_signal = on_signal
+            if drain.signum is not None:        # signalled while Ray was starting
+                on_signal()
+            feeder.push(first)
+            feeder.start()
 
             def add(rows: pa.Table) -> None:
-                book.add(rows)
-                progress.update(book.counts)
+                with lock:
+                    book.add(rows)
+                    progress.update(book.counts)
 
             with rayenv.output_to(ray_log):
                 try:
-                    stream(cfg, blocks, meta, stop, drain, lease, add)
+                    stream(cfg, feed, meta, stop, drain, lease, add)
                 finally:
-                    book.flush_all()            # rows of outputs already written are recorded, whatever happens
+                    feeder.stopping.set()
+                    with lock:
+                        book.flush_all()        # rows of outputs already written are recorded, whatever happens
+            if feeder.error is not None:
+                raise feeder.error
             if drain.signum is None:
-                for sid in list(book.open):     # every input of a finished wave has a row
+                for sid in list(book.open):     # every input of a finished run has a row
                     if lost := book.dropped(sid):
                         book.add(_dropped_rows(cfg, meta, lost))
     progress.update(book.counts, force=True)

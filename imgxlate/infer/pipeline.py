@@ -1,18 +1,26 @@
-"""The Ray Data pipeline of the batch job:
+"""The Ray Data pipeline of the batch job, one dataset for the whole run:
 
-    items (source_uri, key, output_uri)
-      -> load:    read bytes + decode                  CPU tasks
-      -> predict: Predictor, loaded once per actor      actor pool (GPU when there is one)
-      -> save:    encode + write to the output key      CPU tasks
+    Feed (an actor the driver puts the plan's input blocks in, as shards become ready)
+      -> read:    PlanSource's reader tasks pull blocks from the Feed until it is closed
+      -> load:    read bytes + decode                  CPU tasks          } split: GPU actors
+      -> predict: Predictor, loaded once per actor      actor pool         }
+      -> save:    encode + write to the output key      CPU tasks          }
+         or all three in the model actor's one call (fused: the default on CPU, where the actor's CPU
+         does the model's work anyway and a tiny image costs less than a task hop)
       -> one manifest row per input
 
 Each stage takes and returns a pyarrow Table with FLIGHT's columns, so failures travel as rows:
 a row whose status is set is passed through untouched by later stages. Pixels travel as raw bytes
 with their shape and dtype beside them.
+
+Between stages a block travels sealed: one row holding the table as Arrow IPC bytes (:func:`seal`). Ray Data
+then neither merges the plan's blocks (sized by the images' bytes) nor splits them, and passes each one on as
+soon as it is made: see :func:`build`.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import os
@@ -106,6 +114,33 @@ class Row:
     def __setitem__(self, name: str, value) -> None:
         self.rows.column(name)[self.i] = value
         self.rows.changed.add(name)
+
+
+SEALED = pa.schema([pa.field("block", pa.large_binary())])
+
+
+def seal(table: pa.Table) -> pa.Table:
+    """``table`` as one row of Arrow IPC bytes."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    data = sink.getvalue()
+    offsets = pa.py_buffer(np.array([0, data.size], np.int64).tobytes())
+    return pa.Table.from_arrays([pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])], schema=SEALED)
+
+
+def unseal(sealed: pa.Table) -> pa.Table:
+    """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes)."""
+    tables = [pa.ipc.open_stream(v.as_buffer()).read_all() for v in sealed.column("block")]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def sealed(fn):
+    """A stage function that takes and returns sealed blocks."""
+    def call(block: pa.Table, **kw) -> pa.Table:
+        return seal(fn(unseal(block), **kw))
+    call.__name__ = fn.__name__
+    return call
 
 
 def _pack(row: Row, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
@@ -202,9 +237,9 @@ class ModelStage:
     """The actor: the model is loaded once, then every batch goes through it."""
 
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
-                 max_output_pixels: int, env: dict, stop=None):
+                 max_output_pixels: int, batch_size: int, env: dict, stop=None):
         _apply(env)
-        self.stop = stop
+        self.stop, self.batch_size = stop, batch_size
         import ray
         import torch
 
@@ -237,7 +272,9 @@ class ModelStage:
                 continue
             todo.append((i, px, alpha))
         t0 = time.perf_counter()
-        results = self.predictor.run([(px, alpha) for _, px, alpha in todo]) if todo else []
+        results = []
+        for j in range(0, len(todo), self.batch_size):
+            results += self.predictor.run([(px, alpha) for _, px, alpha in todo[j:j + self.batch_size]])
         per_image = (time.perf_counter() - t0) / max(1, len(todo))
         for (i, _, _), res in zip(todo, results):
             row = rows[i]
@@ -250,11 +287,24 @@ class ModelStage:
         return rows.table(FLIGHT)
 
 
-def configured(settings: dict) -> type:
-    """ModelStage with its settings in the class itself: they travel with the actor's definition, not as
-    constructor arguments in the object store (which a restarted actor could lose, and which Ray warns about
-    on every run)."""
-    return type("ModelStage", (ModelStage,), {"__init__": lambda self: ModelStage.__init__(self, **settings)})
+class FusedStage(ModelStage):
+    """load, the model and save in one actor call: no task hop and no pixels through the object store between
+    them. The default when the actors run on CPUs, whose time the model, the codecs and the I/O share anyway."""
+
+    def __init__(self, load_kw: dict, save_kw: dict, **settings):
+        super().__init__(**settings)
+        self.load_kw, self.save_kw = load_kw, save_kw
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return save(super().__call__(load(batch, stop=self.stop, **self.load_kw)), **self.save_kw)
+
+
+def configured(stage: type, settings: dict) -> type:
+    """``stage`` taking and returning sealed blocks, with its settings in the class itself: they travel with the
+    actor's definition, not as constructor arguments in the object store (which a restarted actor could lose,
+    and which Ray warns about on every run)."""
+    return type(stage.__name__, (stage,), {"__init__": lambda self: stage.__init__(self, **settings),
+                                           "__call__": lambda self, block: seal(stage.__call__(self, unseal(block)))})
 
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
@@ -288,22 +338,93 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     return rows.table(manifest.SCHEMA)
 
 
-def build(blocks: list, cfg, model_meta: dict, stop=None):
-    """The lazy Ray Dataset for input ``blocks``: object refs of manifest-schema tables (source_uri, key,
-    output_uri, shard, attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`). ``stop``: a :class:`StopFlag`
-    actor handle; once set, no new input is read."""
+class Feed:
+    """An actor between the driver and the pipeline: the driver puts input blocks (object refs) in as the plan's
+    shards become ready; PlanSource's readers take them. One dataset serves the whole run, however long the
+    listing goes on, and the model actors stay loaded from the first block to the last."""
+
+    def __init__(self):
+        self.blocks: collections.deque = collections.deque()   # (ref, rows)
+        self.queued = 0
+        self.closed = False
+
+    def put(self, blocks: list) -> int:
+        """``blocks``: [(ref, rows)], each ref in a list so that it travels as a ref. Returns the rows queued."""
+        for ref, rows in blocks:
+            self.blocks.append((ref[0], rows))
+            self.queued += rows
+        return self.queued
+
+    def close(self, drop: bool = False) -> int:
+        """No more blocks: readers end once the queue is empty (``drop``: at once; a drain's queued inputs are
+        left for the next run). Returns the rows dropped."""
+        self.closed = True
+        dropped = self.queued if drop else 0
+        if drop:
+            self.blocks.clear()
+            self.queued = 0
+        return dropped
+
+    def size(self) -> int:
+        return self.queued
+
+    def take(self):
+        """[ref] of the next block; [] when none is queued yet; None once closed and empty."""
+        if self.blocks:
+            ref, rows = self.blocks.popleft()
+            self.queued -= rows
+            return [ref]
+        return None if self.closed else []
+
+
+def _pull(feed):
     import ray
 
+    while (got := ray.get(feed.take.remote())) is not None:
+        if got:
+            yield ray.get(got[0])         # a sealed block
+        else:
+            time.sleep(0.05)
+
+
+def plan_source(feed, readers: int):
+    """A Ray Data datasource of ``readers`` read tasks, each pulling blocks from ``feed`` until it is closed."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask  # ray: Ray Data's datasource API
+
+    class PlanSource(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+            return [ReadTask(lambda: _pull(feed), meta) for _ in range(readers)]
+
+    return PlanSource()
+
+
+def build(feed, cfg, model_meta: dict, stop=None):
+    """The lazy Ray Dataset of the run: sealed input blocks (manifest-schema tables: source_uri, key, output_uri,
+    shard, attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`) come from ``feed`` (a :class:`Feed` actor
+    handle); sealed manifest rows come out. ``stop``: a :class:`StopFlag` actor handle; once set, no new input is
+    read."""
+    import ray
+
+    # Every block is one sealed row, and a target block size of 1 byte makes Ray Data pass each on as it is made
+    # (by default a reader's blocks are merged up to 128 MB first, which would hold a streamed plan back).
+    ray.data.DataContext.get_current().target_max_block_size = 1        # ray: the dataset takes this context
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
-    ds = ray.data.from_arrow_refs(blocks)
-    # I/O tasks take whole input blocks (sized by bytes in the plan) unless io_batch_size says otherwise.
-    ds = ds.map_batches(load, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
-                        fn_kwargs={"max_pixels": cfg.max_pixels, "env": env, "stop": stop})
+    # Readers only pass blocks on (0 CPUs: an actor pool that takes every CPU must not starve them).
+    readers = max(2, 2 * cfg.actors)
+    ds = ray.data.read_datasource(plan_source(feed, readers), override_num_blocks=readers,
+                                  ray_remote_args={"num_cpus": 0})
+    load_kw = {"max_pixels": cfg.max_pixels, "env": env}
+    save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
+               "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env}
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
-                "max_output_pixels": cfg.max_output_pixels, "env": env, "stop": stop}
-    ds = ds.map_batches(
-        configured(settings), batch_format="pyarrow", batch_size=cfg.batch_size,
+                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
+    actor_kw = dict(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         scheduling_strategy="SPREAD",             # model actors over as many nodes as there are
@@ -312,6 +433,12 @@ def build(blocks: list, cfg, model_meta: dict, stop=None):
         # every actor it reaches is dropped after that, and the driver gives its inputs model_error rows.
         max_restarts=-1, max_task_retries=cfg.max_model_retries,
     )
-    return ds.map_batches(save, batch_format="pyarrow", batch_size=cfg.io_batch_size, num_cpus=cfg.io_cpus,
-                          fn_kwargs={"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
-                                     "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env})
+    # Each call takes one input block (sized by bytes in the plan); the model runs batch_size images at a time.
+    if cfg.pipeline == "fused":
+        return ds.map_batches(configured(FusedStage, {**settings, "load_kw": load_kw, "save_kw": save_kw}),
+                              batch_format="pyarrow", batch_size=1, **actor_kw)
+    ds = ds.map_batches(sealed(load), batch_format="pyarrow", batch_size=1, num_cpus=cfg.io_cpus,
+                        fn_kwargs={**load_kw, "stop": stop})
+    ds = ds.map_batches(configured(ModelStage, settings), batch_format="pyarrow", batch_size=1, **actor_kw)
+    return ds.map_batches(sealed(save), batch_format="pyarrow", batch_size=1, num_cpus=cfg.io_cpus,
+                          fn_kwargs=save_kw)

@@ -2,7 +2,7 @@
 what is left to do from its marker (see :mod:`imgxlate.io.manifest`).
 
     listing (paged; S3 in parallel key ranges) -> shards of ~10,000 inputs -> per shard: output keys, resume
-    -> a bounded queue of ready shards, which the job takes in waves while the listing goes on
+    -> a bounded queue of ready shards, which the job takes while the listing goes on
 
 A shard is the unit of key assignment, of manifest parts and of resume. Output keys are unique within a shard
 by construction (:func:`imgxlate.io.listing.output_keys`); across shards they are unique because a cut is only
@@ -50,9 +50,11 @@ class Shard:
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0
     todo: int = 0               # rows in blocks (set at creation: the job swaps blocks for object refs)
+    block_rows: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.todo = sum(b.num_rows for b in self.blocks)
+        self.block_rows = [b.num_rows for b in self.blocks]
+        self.todo = sum(self.block_rows)
 
 
 _HASHED = re.compile(r"-(?:[0-9a-f]{64}|[0-9a-f]{10})$")
