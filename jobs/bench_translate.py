@@ -262,7 +262,7 @@ def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None) ->
 def scale(args) -> int:
     out = os.path.abspath(args.out)
     counts = [int(c) for c in args.counts.split(",") if c]
-    px = tuple(int(v) for v in args.px.split("-"))
+    px = tuple(int(v) for v in (args.px.split("-") * 2)[:2])
     tree = os.path.join(out, "tiny" if px == (16, 32) else f"px{px[0]}-{px[1]}")
     biggest = max(counts + [args.s3, args.plan_only])
     print(f"making {biggest} {px[0]}-{px[1]} px inputs under {tree} ...", flush=True)

@@ -210,10 +210,44 @@ def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
     book.add(manifest.to_table(rows[2:3]))                       # 1 still buffered
     lost = book.dropped(shard.id)
     assert sorted(r["key"] for r in lost) == ["3.png", "4.png", "5.png", "6.png"]
-    book.add(job._dropped_rows(job.TranslateConfig("s", "d", "m"), {"model_id": "m", "sha256": "", "task": "sr"},
+    book.add(job._lost_rows(job.TranslateConfig("s", "d", "m"), {"model_id": "m", "sha256": "", "task": "sr"},
                                lost))
     assert shard.id not in book.open and +book.counts == {"ok": 3, "model_error": 4}
     marker = json.loads((tmp_path / f"dst/_manifest/_shards/{shard.id}.json").read_text())
     assert marker["complete"] and marker["counts"] == {"model_error": 4, "ok": 3}
     assert sorted(r["status"] for r in manifest.read_run(str(tmp_path / "dst"), "r1").to_pylist()) == \
         ["model_error"] * 4 + ["ok"] * 3
+
+
+def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
+    """A block lost in the pipeline (its actor died every retry, or its reader died) is not failed whole: its
+    inputs go through the pipeline once more, one a block, after the run; only what is lost again fails."""
+    import types
+
+    from imgxlate.infer import job, pipeline
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i}.png").write_bytes(_png(photo(20 + i, 16)))
+    items = [listing.Item(str(src / f"{i}.png"), f"{i}.png", 10) for i in range(6)]
+    dst = str(tmp_path / "dst")
+    p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
+    p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
+    shard = p._shard(items, "plain", set())
+    blocks = shard.blocks
+    shard.blocks = [ray_local.put(pipeline.seal(b)) for b in blocks]
+    book = job.ShardBook(dst, "r1", "R", every_rows=100)
+    book.add_shard(shard)
+    done = [r for b in blocks[:2] for r in b.to_pylist()]       # 2 came back; the other 4 were lost
+    for r in done:
+        r["status"] = "ok"
+    book.add(manifest.to_table(done))
+    cfg = job.TranslateConfig(str(src), dst, "bicubic", scale=2)
+    meta = job.model_info(cfg)
+    job._retry_lost(cfg, meta, book, None, job.SignalDrain(lambda: None), types.SimpleNamespace(lost=False),
+                    book.add)
+    assert shard.id not in book.open and +book.counts == {"ok": 6}
+    assert sorted(os.listdir(dst)) == ["2.png", "3.png", "4.png", "5.png", "_manifest"]     # (0 and 1: pretend)
+    rows = manifest.read_run(dst, "r1").to_pylist()
+    assert sorted(r["key"] for r in rows) == [f"{i}.png" for i in range(6)]

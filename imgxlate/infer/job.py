@@ -396,8 +396,10 @@ def check(cfg: TranslateConfig) -> None:
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
                            f"through the environment (AWS_ACCESS_KEY_ID, ...), a profile or an instance role")
-    if cfg.shard_size < 1 or cfg.queued_inputs < 1:
-        raise JobError("--shard-size and --queued-inputs must be at least 1")
+    if cfg.shard_size < 1 or cfg.queued_inputs < 1 or cfg.batch_size < 1:
+        raise JobError("--shard-size, --queued-inputs and --batch-size must be at least 1")
+    if cfg.cpus_per_actor <= 0 or cfg.io_cpus <= 0:
+        raise JobError("--cpus-per-actor and --io-cpus must be more than 0")
     if cfg.pipeline not in ("auto", "fused", "split"):
         raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use auto, fused or split")
     if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
@@ -449,48 +451,61 @@ def _remove_empty_folders(dst: str, created: bool) -> None:
             os.rmdir(root)                      # only succeeds on an empty folder
 
 
-def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add) -> None:
+def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add) -> TranslateConfig:
     """Run the Ray Data pipeline over the input blocks put in ``feed`` until it is closed, handing manifest rows
-    (a pyarrow Table) to ``add`` as they arrive. A signal or a lost lease drains the pipeline."""
+    (a pyarrow Table) to ``add`` as they arrive. A signal or a lost lease drains the pipeline. Returns the config
+    with the resources it ran with."""
     import ray.data
 
     from imgxlate.infer import pipeline
 
     rcfg = resolve_resources(cfg)
     # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
-    # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
-    for batch in pipeline.build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                     prefetch_batches=0):
-        batch = pipeline.unseal(batch)
-        rows = batch.filter(pc.not_equal(batch.column("status"), pipeline.NOT_STARTED))
-        if rows.num_rows:
-            add(rows)
-        if lease.lost and drain.signum is None:
-            drain.signum = signal.SIGTERM
-            _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
-            drain.on_signal()
+    saved, ctx.target_max_block_size = ctx.target_max_block_size, 1     # ray: see pipeline.build
+    try:
+        # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
+        for batch in pipeline.build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                         prefetch_batches=0):
+            batch = pipeline.unseal(batch)
+            rows = batch.filter(pc.not_equal(batch.column("status"), pipeline.NOT_STARTED))
+            if rows.num_rows:
+                add(rows)
+            _check_lease(lease, drain)
+    finally:
+        ctx.target_max_block_size = saved
+    return rcfg
+
+
+def _check_lease(lease: Lease, drain: SignalDrain) -> None:
+    if lease.lost and drain.signum is None:
+        drain.signum = signal.SIGTERM
+        _log("the lease on DST was lost (taken over, or not renewed in time): stopping")
+        drain.on_signal()
 
 
 class Feeder(threading.Thread):
     """The driver's side of the Feed: takes ready shards from the plan, records them in the book and puts their
-    input blocks in the object store and in the Feed, keeping about ``queued`` inputs waiting there; closes the
-    Feed when the plan is done. An error of the plan is kept in ``error`` for the driver to raise."""
+    input blocks in the object store and in the Feed, keeping about ``queued_inputs`` waiting there; closes the
+    Feed when the plan is done (``done``). An error of the plan is kept in ``error``, and the Feed is closed so
+    that the pipeline finishes what it has and ends."""
 
-    def __init__(self, cfg: TranslateConfig, plan: Planner, book: ShardBook, feed, lock: threading.Lock):
+    def __init__(self, cfg: TranslateConfig, plan: Planner, book: ShardBook, progress: Progress, feed,
+                 lock: threading.Lock, lease: Lease, drain: SignalDrain):
         super().__init__(name="imgxlate-feeder", daemon=True)
-        self.cfg, self.plan, self.book, self.feed, self.lock = cfg, plan, book, feed, lock
+        self.cfg, self.plan, self.book, self.progress, self.feed, self.lock = cfg, plan, book, progress, feed, lock
+        self.lease, self.drain = lease, drain
         self.stopping = threading.Event()
+        self.queued = 0
+        self.done = False
         self.error: BaseException | None = None
 
-    def push(self, shards: list[Shard]) -> int | None:
-        """Returns the inputs now waiting in the Feed (None when nothing was put)."""
+    def push(self, shards: list[Shard]) -> None:
         import ray
 
         from imgxlate.infer import pipeline
@@ -499,35 +514,44 @@ class Feeder(threading.Thread):
         for shard in shards:
             with self.lock:
                 self.book.add_shard(shard)
+                self.progress.update(self.book.counts)
+            if self.stopping.is_set():          # drained: recorded as listed, not started
+                continue
             # the inputs live in the object store, not in the driver; the book keeps the refs of open shards
             shard.blocks = [ray.put(pipeline.seal(b)) for b in shard.blocks]
             blocks += [([ref], n) for ref, n in zip(shard.blocks, shard.block_rows)]
-        return ray.get(self.feed.put.remote(blocks)) if blocks else None
+        if blocks:
+            self.queued = ray.get(self.feed.put.remote(blocks))
 
     def run(self) -> None:
         import ray
 
-        cap, queued = self.cfg.queued_inputs, 0
+        cap = self.cfg.queued_inputs
         try:
             while not self.stopping.is_set():
-                if queued >= cap:
+                _check_lease(self.lease, self.drain)
+                if self.queued >= cap:
                     time.sleep(0.2)
-                    queued = ray.get(self.feed.size.remote())
+                    self.queued = ray.get(self.feed.size.remote())
                     continue
-                shards = take(self.cfg, self.plan, cap - queued, timeout=0.5)
+                shards = take(self.cfg, self.plan, cap - self.queued, timeout=0.5)
                 if shards is None:
+                    self.done = True
                     break
-                queued = self.push(shards) or queued
+                self.push(shards)
         except BaseException as e:
             self.error = e
+            if not self.stopping.is_set():
+                _log(f"{e}: finishing the inputs already queued, then stopping")
         finally:
             if not self.stopping.is_set():
                 self.feed.close.remote()        # readers end once the Feed is empty
 
 
-def _dropped_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Table:
-    error = (f"this input's batch failed {cfg.max_model_retries + 1} times in the pipeline (a model actor or task "
-             f"died, e.g. out of memory); not retried further")
+def _lost_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Table:
+    error = ("this input's block was lost in the pipeline twice: its model actor died "
+             f"{cfg.max_model_retries + 1} times (e.g. out of memory) or its reader died, and it failed again when "
+             "retried on its own")
     return manifest.to_table([{**r, "source_uri": redact(r["source_uri"]), "status": "model_error", "error": error,
                                "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]}
                               for r in rows])
@@ -541,6 +565,14 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
         plan.stop()
 
 
+def _here():
+    """Scheduling on the driver's node: the Feed and the stop flag live and die with the driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)   # ray:
+
+
 def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease, plan: Planner) -> dict:
     """Wait for the first shard with work (a run whose inputs were all done never starts Ray), then run one
     pipeline for the whole plan, fed by a Feeder thread while the listing goes on, until every shard is recorded
@@ -549,7 +581,7 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
     book = ShardBook(dst, run_id, recipe(cfg, meta), cfg.manifest_every_rows)
     progress = Progress(plan, cfg.progress_every_s)
     lock = threading.Lock()
-    started_ray, feeder = False, None
+    started_ray, resources = False, None
     drain = SignalDrain(lambda: None)           # until the pipeline exists, a signal only marks the run
     with drain:
         first: list[Shard] = []
@@ -560,26 +592,29 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
                 else:
                     book.add_shard(shard)
             progress.update(book.counts)
-        if first and drain.signum is not None:  # signalled while the plan was listing: these are not started
-            for shard in first:
-                book.add_shard(shard)
-        elif first:
+        if first:
             import ray
 
             from imgxlate import rayenv
             from imgxlate.infer import pipeline
 
-            removed = storage.remove_stale_temporaries(cfg.dst)
-            _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
-                 f"listed so far, {book.counts['skipped_done']} of them done before)"
-                 + (f"; removed {removed} stale temporary files" if removed else ""))
-            started_ray = start_ray(cfg)
-            drain.install()                     # after ray.init, which sets handlers of its own
+            if drain.signum is None:
+                removed = storage.remove_stale_temporaries(cfg.dst)
+                _log(f"run {run_id}: processing started while listing {redact(cfg.src)} ({plan.listed} inputs "
+                     f"listed so far, {book.counts['skipped_done']} of them done before)"
+                     + (f"; removed {removed} stale temporary files" if removed else ""))
+                started_ray = start_ray(cfg)
+                drain.install()                 # after ray.init, which sets handlers of its own
+            if drain.signum is not None:        # signalled while the plan was listing or Ray was starting
+                for shard in first:
+                    book.add_shard(shard)
+                first = []
+        if first:
             ray_log = rayenv.log_path(f"translate-{run_id}")
             _log(f"Ray's own messages: {ray_log}")
-            stop = ray.remote(num_cpus=0)(pipeline.StopFlag).remote()
-            feed = ray.remote(num_cpus=0)(pipeline.Feed).remote()
-            feeder = Feeder(cfg, plan, book, feed, lock)
+            stop = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.StopFlag).remote()
+            feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
+            feeder = Feeder(cfg, plan, book, progress, feed, lock, lease, drain)
 
             def on_signal():                    # no new input is read; inputs waiting in the Feed are left
                 feeder.stopping.set()
@@ -587,7 +622,7 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
                 feed.close.remote(drop=True)
 
             drain.on_signal = on_signal
-            if drain.signum is not None:        # signalled while Ray was starting
+            if drain.signum is not None:        # signalled in between
                 on_signal()
             feeder.push(first)
             feeder.start()
@@ -599,27 +634,58 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
 
             with rayenv.output_to(ray_log):
                 try:
-                    stream(cfg, feed, meta, stop, drain, lease, add)
+                    resources = stream(cfg, feed, meta, stop, drain, lease, add)
                 finally:
                     feeder.stopping.set()
+                    feeder.join(30)             # it checks every 0.5 s; nothing touches Ray after this
                     with lock:
                         book.flush_all()        # rows of outputs already written are recorded, whatever happens
-            if feeder.error is not None:
-                raise feeder.error
-            if drain.signum is None:
-                for sid in list(book.open):     # every input of a finished run has a row
-                    if lost := book.dropped(sid):
-                        book.add(_dropped_rows(cfg, meta, lost))
+                if drain.signum is None:
+                    if feeder.error is not None:
+                        raise feeder.error
+                    if not feeder.done:         # e.g. the Feed actor died: the readers ended early
+                        raise JobError("the pipeline ended before every input was handed to it (see Ray's "
+                                       f"messages in {ray_log}); a rerun goes on from what was recorded")
+                    _retry_lost(cfg, meta, book, stop, drain, lease, add)
+            if feeder.error is not None:        # a drain is reported as such; the plan's error is in the log
+                _log(f"(while draining, the plan failed: {feeder.error})")
     progress.update(book.counts, force=True)
     if not plan.listed and drain.signum is None:
         # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
         _log(f"no inputs under {redact(cfg.src)} with extensions {', '.join(cfg.extensions)}: nothing to do")
         return {"run_id": run_id, "inputs": 0, "counts": {}, "failed": 0}
-    return _finish(cfg, meta, run_id, t_start, plan, book, drain.signum, started_ray)
+    return _finish(cfg, meta, run_id, t_start, plan, book, drain.signum, started_ray, resources)
+
+
+def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: SignalDrain, lease: Lease,
+                add) -> None:
+    """Inputs of blocks lost in the pipeline (a block whose model actor died every retry, or whose reader died)
+    go through it once more, one input a block, so that one input that kills its actor does not take the rest
+    of its block with it; what is lost again gets model_error rows."""
+    import ray
+
+    from imgxlate.infer import pipeline
+
+    lost = [r for sid in list(book.open) for r in book.dropped(sid)]
+    if lost:
+        _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
+             f"at a time")
+        feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
+        feed.put.remote([([ray.put(pipeline.seal(manifest.to_table([r])))], 1) for r in lost])
+        feed.close.remote()
+        try:
+            stream(cfg, feed, meta, stop, drain, lease, add)
+        finally:
+            book.flush_all()
+        if drain.signum is not None:
+            return
+    for sid in list(book.open):                 # every input of a finished run has a row
+        if lost := book.dropped(sid):
+            book.add(_lost_rows(cfg, meta, lost))
 
 
 def _finish(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, plan: Planner, book: ShardBook,
-            signum: int | None, started_ray: bool) -> dict:
+            signum: int | None, started_ray: bool, resources: TranslateConfig | None = None) -> dict:
     """Write the summary (last: it marks the run finished) and report; raise Interrupted after a signal."""
     dst = cfg.dst.rstrip("/")
     counts = book.counts
@@ -645,6 +711,8 @@ def _finish(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, plan:
         "images_per_s": round(processed / wall, 3) if wall > 0 else None,
         "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
         "config": dataclasses.asdict(cfg),
+        "resources": None if resources is None else {k: getattr(resources, k) for k in (
+            "pipeline", "actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)

@@ -182,18 +182,22 @@ class StopFlag:
         return self.stopped
 
 
-_stop_seen = {"at": 0.0, "value": False}
+_stop_seen = {"flag": None, "at": 0.0, "value": False}      # per worker process, for the run of that flag
 
 
 def _stopping(stop) -> bool:
-    """Whether the run is draining; asks the flag actor at most once a second per worker process."""
-    if stop is None or _stop_seen["value"]:
-        return _stop_seen["value"]
-    if time.monotonic() - _stop_seen["at"] > 1.0:
+    """Whether the run is draining; asks the flag actor at most once a second per worker process (a process
+    reused by a later run in the same Ray session asks that run's flag)."""
+    if stop is None:
+        return False
+    seen = _stop_seen
+    if seen["flag"] != stop:
+        seen.update(flag=stop, at=0.0, value=False)
+    if not seen["value"] and time.monotonic() - seen["at"] > 1.0:
         import ray
 
-        _stop_seen["value"], _stop_seen["at"] = ray.get(stop.is_set.remote()), time.monotonic()
-    return _stop_seen["value"]
+        seen["value"], seen["at"] = ray.get(stop.is_set.remote()), time.monotonic()
+    return seen["value"]
 
 
 def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
@@ -339,23 +343,33 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
 
 
 class Feed:
-    """An actor between the driver and the pipeline: the driver puts input blocks (object refs) in as the plan's
-    shards become ready; PlanSource's readers take them. One dataset serves the whole run, however long the
-    listing goes on, and the model actors stay loaded from the first block to the last."""
+    """An actor between the driver and the pipeline: the driver puts sealed input blocks (object refs) in as the
+    plan's shards become ready; PlanSource's readers take them. One dataset serves the whole run, however long
+    the listing goes on, and the model actors stay loaded from the first block to the last. Async: a reader's
+    ``take`` waits for a block without holding the actor."""
 
     def __init__(self):
         self.blocks: collections.deque = collections.deque()   # (ref, rows)
         self.queued = 0
         self.closed = False
+        self.changed = None                                   # an asyncio.Event, made on the actor's loop
 
-    def put(self, blocks: list) -> int:
+    def _event(self):
+        import asyncio
+
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        return self.changed
+
+    async def put(self, blocks: list) -> int:
         """``blocks``: [(ref, rows)], each ref in a list so that it travels as a ref. Returns the rows queued."""
         for ref, rows in blocks:
             self.blocks.append((ref[0], rows))
             self.queued += rows
+        self._event().set()
         return self.queued
 
-    def close(self, drop: bool = False) -> int:
+    async def close(self, drop: bool = False) -> int:
         """No more blocks: readers end once the queue is empty (``drop``: at once; a drain's queued inputs are
         left for the next run). Returns the rows dropped."""
         self.closed = True
@@ -363,13 +377,24 @@ class Feed:
         if drop:
             self.blocks.clear()
             self.queued = 0
+        self._event().set()
         return dropped
 
-    def size(self) -> int:
+    async def size(self) -> int:
         return self.queued
 
-    def take(self):
-        """[ref] of the next block; [] when none is queued yet; None once closed and empty."""
+    async def take(self, wait_s: float = 1.0):
+        """[ref] of the next block, waiting up to ``wait_s`` for one ([] when none came); None once closed and
+        empty."""
+        import asyncio
+
+        if not self.blocks and not self.closed:
+            ev = self._event()
+            ev.clear()
+            try:
+                await asyncio.wait_for(ev.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
         if self.blocks:
             ref, rows = self.blocks.popleft()
             self.queued -= rows
@@ -383,8 +408,6 @@ def _pull(feed):
     while (got := ray.get(feed.take.remote())) is not None:
         if got:
             yield ray.get(got[0])         # a sealed block
-        else:
-            time.sleep(0.05)
 
 
 def plan_source(feed, readers: int):
@@ -411,13 +434,15 @@ def build(feed, cfg, model_meta: dict, stop=None):
     import ray
 
     # Every block is one sealed row, and a target block size of 1 byte makes Ray Data pass each on as it is made
-    # (by default a reader's blocks are merged up to 128 MB first, which would hold a streamed plan back).
-    ray.data.DataContext.get_current().target_max_block_size = 1        # ray: the dataset takes this context
+    # (by default a reader's blocks are merged up to 128 MB first, which would hold a streamed plan back). The
+    # caller sets DataContext.target_max_block_size = 1 (see job.stream).
     env = {"AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", "")}
-    # Readers only pass blocks on (0 CPUs: an actor pool that takes every CPU must not starve them).
-    readers = max(2, 2 * cfg.actors)
+    # Readers only pass blocks on (0 CPUs: an actor pool that takes every CPU must not starve them). They are not
+    # retried: a block taken from the Feed cannot be taken again, so a reader that died lost its block, and the
+    # driver retries the inputs of lost blocks one at a time after the run (see job.py).
+    readers = min(16, max(2, 2 * cfg.actors))
     ds = ray.data.read_datasource(plan_source(feed, readers), override_num_blocks=readers,
-                                  ray_remote_args={"num_cpus": 0})
+                                  ray_remote_args={"num_cpus": 0, "max_retries": 0})
     load_kw = {"max_pixels": cfg.max_pixels, "env": env}
     save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
                "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env}
