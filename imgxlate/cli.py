@@ -234,8 +234,9 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
     rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
     rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
-    rs.add_argument("--batch-size", type=int, default=8, help="images per model-actor call in the split pipeline "
-                    "(default 8; the fused one takes whole input blocks)")
+    rs.add_argument("--batch-size", type=int, default=8,
+                    help="images per model run within an input block (default 8; small images of one size are "
+                         "batched up to a pixel budget inside a run)")
     rs.add_argument("--tile", type=int, default=None,
                     help="tile side in input pixels for large images (default: 256 on CPU, 1024 on GPU)")
     rs.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels")

@@ -269,3 +269,15 @@ def test_redaction_of_urls_in_messages():
     assert redact_text(msg) == "ClientError: GET https://host:9000/b/k.jpg failed"
     assert redact("https://h/k.jpg?X-Amz-Signature=1") == "https://h/k.jpg" and redact("/tmp/a b.png") == "/tmp/a b.png"
     assert redact("s3://bucket/q?x=1.png") == "s3://bucket/q?x=1.png"    # outside http(s), '?' is part of a key
+
+
+def test_split_pipeline_writes_what_the_fused_one_writes(local_run, tmp_path):
+    """The split pipeline (I/O tasks around the model actors: the GPU default) and the fused one (the CPU default,
+    which local_run used) give every input the same status and the same output bytes."""
+    src, _, fused, fused_rows = local_run
+    split = run(src, tmp_path / "split", scale=2, pipeline="split")
+    assert fused["resources"]["pipeline"] == "fused" and split["resources"]["pipeline"] == "split"
+    split_rows = rows_by_key(tmp_path / "split", split)
+    assert split_rows.keys() == fused_rows.keys()
+    for key, r in split_rows.items():
+        assert (r["status"], r["output_sha256"]) == (fused_rows[key]["status"], fused_rows[key]["output_sha256"]), key

@@ -91,7 +91,7 @@ class TranslateConfig:
     overlap: int = 32
     amp: str = "bf16"
     cutout: bool = False
-    actors: int | None = None            # default: one per GPU, else 1
+    actors: int | None = None            # default: one per GPU; on CPUs one per cpus_per_actor (fused)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None # torch threads in each actor; default: cpus_per_actor

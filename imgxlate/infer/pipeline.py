@@ -132,6 +132,8 @@ def seal(table: pa.Table) -> pa.Table:
 def unseal(sealed: pa.Table) -> pa.Table:
     """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes)."""
     tables = [pa.ipc.open_stream(v.as_buffer()).read_all() for v in sealed.column("block")]
+    if not tables:
+        raise ValueError("no sealed block in an empty table")
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
