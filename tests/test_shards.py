@@ -193,16 +193,15 @@ def test_resume_follows_outputs_not_just_sources(tmp_path, ray_local, monkeypatc
 
 
 def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
-    from imgxlate.infer import job, pipeline
+    from imgxlate.infer import job
 
     items = [listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(7)]
     p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = str(tmp_path / "dst"), ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
-    shard.blocks = [ray_local.put(pipeline.seal(b)) for b in shard.blocks]     # as the job's Feeder puts them
     book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
     book.add_shard(shard)
-    rows = [r for b in ray_local.get(shard.blocks) for r in pipeline.unseal(b).to_pylist()][:3]
+    rows = [r for b in shard.blocks for r in b.to_pylist()][:3]
     assert len(shard.blocks) == 7                                # 7 small inputs: a block each (MIN_BLOCKS)
     for r in rows:
         r["status"] = "ok"
@@ -224,7 +223,7 @@ def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     inputs go through the pipeline once more, one a block, after the run; only what is lost again fails."""
     import types
 
-    from imgxlate.infer import job, pipeline
+    from imgxlate.infer import job
 
     src = tmp_path / "src"
     src.mkdir()
@@ -236,7 +235,6 @@ def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
     blocks = shard.blocks
-    shard.blocks = [ray_local.put(pipeline.seal(b)) for b in blocks]
     book = job.ShardBook(dst, "r1", "R", every_rows=100)
     book.add_shard(shard)
     done = [r for b in blocks[:2] for r in b.to_pylist()]       # 2 came back; the other 4 were lost

@@ -362,19 +362,16 @@ class ShardBook:
         self.last_flush = time.time()
 
     def dropped(self, sid: str) -> list[dict]:
-        """Inputs of an open shard that never came back from the pipeline (a batch dropped after its retries):
-        its inputs (from the object store) less the rows this run has for it (buffered, and in its parts)."""
-        import ray
-
+        """Inputs of an open shard that never came back from the pipeline (a block lost after its retries): its
+        inputs (the book keeps open shards' input blocks) less the rows this run has for it (buffered, and in its
+        parts)."""
         o = self.open[sid]
         mine = [p for p in o.parts if p.startswith(self.run_id + "/")]
         written, _ = manifest.read_parts(self.dst, mine, ["source_uri", "output_uri"])
         seen = set()
         for t in [written, *o.buffer]:
             seen.update(zip(t.column("source_uri").to_pylist(), t.column("output_uri").to_pylist()))
-        from imgxlate.infer import pipeline
-
-        return [r for b in ray.get(o.shard.blocks) for r in pipeline.unseal(b).to_pylist()
+        return [r for b in o.shard.blocks for r in b.to_pylist()
                 if (redact(r["source_uri"]), r["output_uri"]) not in seen]
 
 
@@ -451,10 +448,11 @@ def _remove_empty_folders(dst: str, created: bool) -> None:
             os.rmdir(root)                      # only succeeds on an empty folder
 
 
-def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add) -> TranslateConfig:
+def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add,
+           back=None) -> TranslateConfig:
     """Run the Ray Data pipeline over the input blocks put in ``feed`` until it is closed, handing manifest rows
-    (a pyarrow Table) to ``add`` as they arrive. A signal or a lost lease drains the pipeline. Returns the config
-    with the resources it ran with."""
+    (a pyarrow Table) to ``add`` as they arrive, and the number of every row that came back to ``back``. A signal
+    or a lost lease drains the pipeline. Returns the config with the resources it ran with."""
     import ray.data
 
     from imgxlate.infer import pipeline
@@ -476,6 +474,8 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lea
             rows = batch.filter(pc.not_equal(batch.column("status"), pipeline.NOT_STARTED))
             if rows.num_rows:
                 add(rows)
+            if back is not None:
+                back(batch.num_rows)
             _check_lease(lease, drain)
     finally:
         ctx.target_max_block_size = saved
@@ -491,9 +491,13 @@ def _check_lease(lease: Lease, drain: SignalDrain) -> None:
 
 class Feeder(threading.Thread):
     """The driver's side of the Feed: takes ready shards from the plan, records them in the book and puts their
-    input blocks in the object store and in the Feed, keeping about ``queued_inputs`` waiting there; closes the
-    Feed when the plan is done (``done``). An error of the plan is kept in ``error``, and the Feed is closed so
-    that the pipeline finishes what it has and ends."""
+    input blocks in the Feed while fewer than ``queued_inputs`` inputs are in flight (put in, not yet back from
+    the pipeline: Ray Data's own backpressure is by bytes, and input blocks are only names, so it would read a
+    whole listing ahead); closes the Feed when the plan is done (``done``). An error of the plan is kept in
+    ``error``, and the Feed is closed so that the pipeline finishes what it has and ends."""
+
+    STALL_S = 60.0          # nothing came back for this long while full: let one more shard in (a lost block's
+                            # inputs never come back, and must not hold the run forever)
 
     def __init__(self, cfg: TranslateConfig, plan: Planner, book: ShardBook, progress: Progress, feed,
                  lock: threading.Lock, lease: Lease, drain: SignalDrain):
@@ -501,9 +505,15 @@ class Feeder(threading.Thread):
         self.cfg, self.plan, self.book, self.progress, self.feed, self.lock = cfg, plan, book, progress, feed, lock
         self.lease, self.drain = lease, drain
         self.stopping = threading.Event()
-        self.queued = 0
+        self.pushed = self.returned = 0
+        self.last_back = time.monotonic()
         self.done = False
         self.error: BaseException | None = None
+
+    def back(self, rows: int) -> None:
+        """Rows came back from the pipeline (every row, not_started included)."""
+        self.returned += rows
+        self.last_back = time.monotonic()
 
     def push(self, shards: list[Shard]) -> None:
         import ray
@@ -517,27 +527,33 @@ class Feeder(threading.Thread):
                 self.progress.update(self.book.counts)
             if self.stopping.is_set():          # drained: recorded as listed, not started
                 continue
-            # the inputs live in the object store, not in the driver; the book keeps the refs of open shards
-            shard.blocks = [ray.put(pipeline.seal(b)) for b in shard.blocks]
-            blocks += [([ref], n) for ref, n in zip(shard.blocks, shard.block_rows)]
-        if blocks:
-            self.queued = ray.get(self.feed.put.remote(blocks))
+            blocks += [(pipeline.seal(b), b.num_rows) for b in shard.blocks]
+            self.pushed += shard.todo
+        # by value, in calls of at most ~64 KB (inline: larger arguments would go through the object store)
+        calls, size = [[]], 0
+        for b in blocks:
+            if size + b[0].nbytes > 64 * 1024 and calls[-1]:
+                calls.append([])
+                size = 0
+            calls[-1].append(b)
+            size += b[0].nbytes
+        ray.get([self.feed.put.remote(c) for c in calls if c])
 
     def run(self) -> None:
-        import ray
-
         cap = self.cfg.queued_inputs
         try:
             while not self.stopping.is_set():
                 _check_lease(self.lease, self.drain)
-                if self.queued >= cap:
-                    time.sleep(0.2)
-                    self.queued = ray.get(self.feed.size.remote())
+                room = cap - (self.pushed - self.returned)
+                if room <= 0 and time.monotonic() - self.last_back < self.STALL_S:
+                    time.sleep(0.1)
                     continue
-                shards = take(self.cfg, self.plan, cap - self.queued, timeout=0.5)
+                shards = take(self.cfg, self.plan, max(1, room), timeout=0.5)
                 if shards is None:
                     self.done = True
                     break
+                if shards and room <= 0:
+                    self.last_back = time.monotonic()       # one shard per stall
                 self.push(shards)
         except BaseException as e:
             self.error = e
@@ -634,7 +650,7 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
 
             with rayenv.output_to(ray_log):
                 try:
-                    resources = stream(cfg, feed, meta, stop, drain, lease, add)
+                    resources = stream(cfg, feed, meta, stop, drain, lease, add, feeder.back)
                 finally:
                     feeder.stopping.set()
                     feeder.join(30)             # it checks every 0.5 s; nothing touches Ray after this
@@ -671,7 +687,7 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
         _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
              f"at a time")
         feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
-        feed.put.remote([([ray.put(pipeline.seal(manifest.to_table([r])))], 1) for r in lost])
+        feed.put.remote([(pipeline.seal(manifest.to_table([r])), 1) for r in lost])
         feed.close.remote()
         try:
             stream(cfg, feed, meta, stop, drain, lease, add)

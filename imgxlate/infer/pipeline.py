@@ -202,26 +202,50 @@ def _stopping(stop) -> bool:
     return seen["value"]
 
 
+IO_THREADS = 16     # concurrent reads / writes of one block's objects on an object store (latency-bound)
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args), time.perf_counter() - t0
+    except Exception as e:
+        return e, time.perf_counter() - t0
+
+
+def _each(fn, args: list[tuple], remote: bool) -> list:
+    """``fn(*a)`` for each of ``args`` as (result or exception, seconds): in threads when the objects are remote
+    (an S3 GET or PUT waits on the network far longer than it works), one after the other on local disk."""
+    if remote and len(args) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(IO_THREADS, len(args))) as pool:
+            return list(pool.map(lambda a: _timed(fn, *a), args))
+    return [_timed(fn, *a) for a in args]
+
+
 def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
-    """read + decode, on CPU tasks. Once the run is draining, inputs not yet read are passed on as
-    ``not_started`` (no manifest row: the next run does them)."""
+    """read + decode. Once the run is draining, inputs not yet decoded are passed on as ``not_started`` (no
+    manifest row: the next run does them)."""
     _apply(env)
     rows = Rows(batch)
-    for row in rows:
+    todo = []
+    for i, row in enumerate(rows):
         row["started_at"] = _now()
-        if row.get("status"):
-            continue
+        if not row.get("status"):
+            todo.append(i)
+    uris = [rows[i]["source_uri"] for i in todo]
+    got = _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))
+    for i, (data, t_read) in zip(todo, got):
+        row = rows[i]
         if _stopping(stop):
             row["status"] = NOT_STARTED
             continue
-        t0 = time.perf_counter()
-        try:
-            data = storage.read_bytes(row["source_uri"])
-        except Exception as e:
-            _fail(row, "read_error", e)
+        if isinstance(data, Exception):
+            _fail(row, "read_error", data)
             continue
         t1 = time.perf_counter()
-        row["t_read_s"], row["source_bytes"] = t1 - t0, len(data)
+        row["t_read_s"], row["source_bytes"] = t_read, len(data)
         w, h, mode, _ = codec.probe(data)
         row["source_width"], row["source_height"], row["source_mode"] = w, h, mode
         try:
@@ -315,10 +339,11 @@ def configured(stage: type, settings: dict) -> type:
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
          env: dict) -> pa.Table:
-    """encode + write, on CPU tasks. Returns manifest rows (no pixels)."""
+    """encode + write. Returns manifest rows (no pixels)."""
     _apply(env)
     rows = Rows(batch)
-    for row in rows:
+    out = []                                       # (row index, encoded bytes)
+    for i, row in enumerate(rows):
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
         if not row.get("status"):
             row["output_format"] = fmt
@@ -329,29 +354,35 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
             except Exception as e:
                 _fail(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
             else:
-                t1 = time.perf_counter()
-                row["t_encode_s"] = t1 - t0
-                try:
-                    storage.write_bytes(row["output_uri"], data)
-                except Exception as e:
-                    _fail(row, "write_error", e)
-                else:
-                    row["t_write_s"] = time.perf_counter() - t1
-                    row["status"], row["output_bytes"] = "ok", len(data)
-                    row["output_sha256"] = hashlib.sha256(data).hexdigest()
+                row["t_encode_s"] = time.perf_counter() - t0
+                row["pixels"] = row["alpha"] = None        # encoded: the pixels can go
+                out.append((i, data))
+    uris = [rows[i]["output_uri"] for i, _ in out]
+    wrote = _each(storage.write_bytes, [(u, d) for u, (_, d) in zip(uris, out)],
+                  not all(storage.is_local(u) for u in uris))
+    for (i, data), (res, t_write) in zip(out, wrote):
+        row = rows[i]
+        if isinstance(res, Exception):
+            _fail(row, "write_error", res)
+        else:
+            row["t_write_s"] = t_write
+            row["status"], row["output_bytes"] = "ok", len(data)
+            row["output_sha256"] = hashlib.sha256(data).hexdigest()
+    for row in rows:
         row["finished_at"] = _now()
         row["source_uri"] = redact(row["source_uri"])
     return rows.table(manifest.SCHEMA)
 
 
 class Feed:
-    """An actor between the driver and the pipeline: the driver puts sealed input blocks (object refs) in as the
-    plan's shards become ready; PlanSource's readers take them. One dataset serves the whole run, however long
-    the listing goes on, and the model actors stay loaded from the first block to the last. Async: a reader's
-    ``take`` waits for a block without holding the actor."""
+    """An actor between the driver and the pipeline: the driver puts sealed input blocks in as the plan's shards
+    become ready; PlanSource's readers take them. One dataset serves the whole run, however long the listing
+    goes on, and the model actors stay loaded from the first block to the last. Input blocks are small (names,
+    not pixels) and travel by value, inline in the calls: the driver does not touch the object store for them.
+    Async: a reader's ``take`` waits for a block without holding the actor."""
 
     def __init__(self):
-        self.blocks: collections.deque = collections.deque()   # (ref, rows)
+        self.blocks: collections.deque = collections.deque()   # (sealed block, rows)
         self.queued = 0
         self.closed = False
         self.changed = None                                   # an asyncio.Event, made on the actor's loop
@@ -364,9 +395,9 @@ class Feed:
         return self.changed
 
     async def put(self, blocks: list) -> int:
-        """``blocks``: [(ref, rows)], each ref in a list so that it travels as a ref. Returns the rows queued."""
-        for ref, rows in blocks:
-            self.blocks.append((ref[0], rows))
+        """``blocks``: [(sealed block, rows)]. Returns the rows queued."""
+        for block, rows in blocks:
+            self.blocks.append((block, rows))
             self.queued += rows
         self._event().set()
         return self.queued
@@ -386,7 +417,7 @@ class Feed:
         return self.queued
 
     async def take(self, wait_s: float = 1.0):
-        """[ref] of the next block, waiting up to ``wait_s`` for one ([] when none came); None once closed and
+        """[the next sealed block], waiting up to ``wait_s`` for one ([] when none came); None once closed and
         empty."""
         import asyncio
 
@@ -398,9 +429,9 @@ class Feed:
             except asyncio.TimeoutError:
                 pass
         if self.blocks:
-            ref, rows = self.blocks.popleft()
+            block, rows = self.blocks.popleft()
             self.queued -= rows
-            return [ref]
+            return [block]
         return None if self.closed else []
 
 
@@ -409,7 +440,7 @@ def _pull(feed):
 
     while (got := ray.get(feed.take.remote())) is not None:
         if got:
-            yield ray.get(got[0])         # a sealed block
+            yield got[0]                  # a sealed block
 
 
 def plan_source(feed, readers: int):

@@ -49,12 +49,10 @@ class Shard:
     skipped: int = 0            # inputs already done by an earlier run: no row, counted as skipped_done
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0
-    todo: int = 0               # rows in blocks (set at creation: the job swaps blocks for object refs)
-    block_rows: list[int] = field(default_factory=list)
+    todo: int = 0               # rows in blocks
 
     def __post_init__(self):
-        self.block_rows = [b.num_rows for b in self.blocks]
-        self.todo = sum(self.block_rows)
+        self.todo = sum(b.num_rows for b in self.blocks)
 
 
 _HASHED = re.compile(r"-(?:[0-9a-f]{64}|[0-9a-f]{10})$")
