@@ -273,7 +273,8 @@ def scale(args) -> int:
     print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n}), flush=True)
     rows = []
     base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
-            "pipeline": args.pipeline}
+            "pipeline": args.pipeline,
+            **({"queued_inputs": args.queued_inputs} if args.queued_inputs else {})}
     for n in counts:
         dst = os.path.join(out, f"job_{n}_{int(time.time())}")
         s = _driver({**base, "src": tree, "dst": dst, "limit": n})
@@ -347,6 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
     ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
                     help="scale: the job's --pipeline")
+    ap.add_argument("--queued-inputs", type=int, default=None, help="scale: the job's --queued-inputs")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)
