@@ -529,7 +529,7 @@ class Feeder(threading.Thread):
                 continue
             blocks += [(pipeline.seal(b), b.num_rows) for b in shard.blocks]
             self.pushed += shard.todo
-        # by value, in calls of at most ~64 KB (inline: larger arguments would go through the object store)
+        # by value, in calls of at most ~64 KB (a larger argument goes through the object store)
         calls, size = [[]], 0
         for b in blocks:
             if size + b[0].nbytes > 64 * 1024 and calls[-1]:
@@ -552,8 +552,8 @@ class Feeder(threading.Thread):
                 if shards is None:
                     self.done = True
                     break
-                if shards and room <= 0:
-                    self.last_back = time.monotonic()       # one shard per stall
+                if room <= 0 and any(sh.todo for sh in shards):
+                    self.last_back = time.monotonic()       # one shard with work per stall
                 self.push(shards)
         except BaseException as e:
             self.error = e

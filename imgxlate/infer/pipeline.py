@@ -234,6 +234,10 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
         row["started_at"] = _now()
         if not row.get("status"):
             todo.append(i)
+    if todo and _stopping(stop):                # draining: nothing of this block is read
+        for i in todo:
+            rows[i]["status"] = NOT_STARTED
+        todo = []
     uris = [rows[i]["source_uri"] for i in todo]
     got = _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))
     for i, (data, t_read) in zip(todo, got):
@@ -355,7 +359,6 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
                 _fail(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
             else:
                 row["t_encode_s"] = time.perf_counter() - t0
-                row["pixels"] = row["alpha"] = None        # encoded: the pixels can go
                 out.append((i, data))
     uris = [rows[i]["output_uri"] for i, _ in out]
     wrote = _each(storage.write_bytes, [(u, d) for u, (_, d) in zip(uris, out)],
@@ -378,7 +381,8 @@ class Feed:
     """An actor between the driver and the pipeline: the driver puts sealed input blocks in as the plan's shards
     become ready; PlanSource's readers take them. One dataset serves the whole run, however long the listing
     goes on, and the model actors stay loaded from the first block to the last. Input blocks are small (names,
-    not pixels) and travel by value, inline in the calls: the driver does not touch the object store for them.
+    not pixels) and travel by value: inline in the calls when under Ray's inline limit (100 KB), through the
+    object store when over it.
     Async: a reader's ``take`` waits for a block without holding the actor."""
 
     def __init__(self):
@@ -395,8 +399,8 @@ class Feed:
         return self.changed
 
     async def put(self, blocks: list) -> int:
-        """``blocks``: [(sealed block, rows)]. Returns the rows queued."""
-        for block, rows in blocks:
+        """``blocks``: [(sealed block, rows)]. Returns the rows queued. Once closed (a drain), blocks are ignored."""
+        for block, rows in blocks if not self.closed else []:
             self.blocks.append((block, rows))
             self.queued += rows
         self._event().set()
