@@ -687,7 +687,8 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
         _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
              f"at a time")
         feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
-        feed.put.remote([(pipeline.seal(manifest.to_table([r])), 1) for r in lost])
+        # (an async actor may run calls out of order: the put must be done before the close)
+        ray.get(feed.put.remote([(pipeline.seal(manifest.to_table([r])), 1) for r in lost]))
         feed.close.remote()
         try:
             stream(cfg, feed, meta, stop, drain, lease, add)
