@@ -581,12 +581,14 @@ def _run(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: L
         plan.stop()
 
 
-def _here():
-    """Scheduling on the driver's node: the Feed and the stop flag live and die with the driver."""
+def _on_this_node(cls):
+    """An actor of ``cls`` on the driver's node (0 CPUs): the Feed and the stop flag live and die with the
+    driver."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)   # ray:
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)   # ray:
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote()
 
 
 def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lease: Lease, plan: Planner) -> dict:
@@ -609,7 +611,6 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
                     book.add_shard(shard)
             progress.update(book.counts)
         if first:
-            import ray
 
             from imgxlate import rayenv
             from imgxlate.infer import pipeline
@@ -628,8 +629,8 @@ def _run_plan(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, lea
         if first:
             ray_log = rayenv.log_path(f"translate-{run_id}")
             _log(f"Ray's own messages: {ray_log}")
-            stop = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.StopFlag).remote()
-            feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
+            stop = _on_this_node(pipeline.StopFlag)
+            feed = _on_this_node(pipeline.Feed)
             feeder = Feeder(cfg, plan, book, progress, feed, lock, lease, drain)
 
             def on_signal():                    # no new input is read; inputs waiting in the Feed are left
@@ -686,7 +687,7 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
     if lost:
         _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
              f"at a time")
-        feed = ray.remote(num_cpus=0, scheduling_strategy=_here())(pipeline.Feed).remote()
+        feed = _on_this_node(pipeline.Feed)
         # (an async actor may run calls out of order: the put must be done before the close)
         ray.get(feed.put.remote([(pipeline.seal(manifest.to_table([r])), 1) for r in lost]))
         feed.close.remote()

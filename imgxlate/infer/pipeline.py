@@ -417,9 +417,6 @@ class Feed:
         self._event().set()
         return dropped
 
-    async def size(self) -> int:
-        return self.queued
-
     async def take(self, wait_s: float = 1.0):
         """[the next sealed block], waiting up to ``wait_s`` for one ([] when none came); None once closed and
         empty."""
