@@ -201,7 +201,7 @@ def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
     shard = p._shard(items, "plain", set())
     book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
     book.add_shard(shard)
-    rows = [r for b in shard.blocks for r in b.to_pylist()][:3]
+    rows = [r for b in shard.tables() for r in b.to_pylist()][:3]
     assert len(shard.blocks) == 7                                # 7 small inputs: a block each (MIN_BLOCKS)
     for r in rows:
         r["status"] = "ok"
@@ -234,7 +234,7 @@ def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
-    blocks = shard.blocks
+    blocks = list(shard.tables())
     book = job.ShardBook(dst, "r1", "R", every_rows=100)
     book.add_shard(shard)
     done = [r for b in blocks[:2] for r in b.to_pylist()]       # 2 came back; the other 4 were lost

@@ -167,7 +167,7 @@ def preflight_destination(dst: str, run_id: str) -> None:
 def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
     """Start listing SRC (in a background thread) into shards; see :mod:`imgxlate.infer.plan`."""
     return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
-                   shard_size=cfg.shard_size, ready=max(2, cfg.queued_inputs // cfg.shard_size))
+                   shard_size=cfg.shard_size, ready=max(1, cfg.queued_inputs // (2 * cfg.shard_size)))
 
 
 def take(cfg: TranslateConfig, p: Planner, max_inputs: int, timeout: float | None = None) -> list[Shard] | None:
@@ -195,7 +195,7 @@ def dry_run_report(cfg: TranslateConfig, meta: dict, run_id: str) -> dict:
         while (shards := take(cfg, p, cfg.shard_size)) is not None:
             for sh in shards:
                 done += sh.skipped
-                for block in sh.blocks:
+                for block in sh.tables():
                     status = block.column("status").to_pylist()
                     refused += sum(s == "write_error" for s in status)
                     to_process += sum(s is None for s in status)
@@ -371,7 +371,7 @@ class ShardBook:
         seen = set()
         for t in [written, *o.buffer]:
             seen.update(zip(t.column("source_uri").to_pylist(), t.column("output_uri").to_pylist()))
-        return [r for b in o.shard.blocks for r in b.to_pylist()
+        return [r for b in o.shard.tables() for r in b.to_pylist()
                 if (redact(r["source_uri"]), r["output_uri"]) not in seen]
 
 
@@ -518,7 +518,6 @@ class Feeder(threading.Thread):
     def push(self, shards: list[Shard]) -> None:
         import ray
 
-        from imgxlate.infer import pipeline
 
         blocks = []
         for shard in shards:
@@ -527,7 +526,7 @@ class Feeder(threading.Thread):
                 self.progress.update(self.book.counts)
             if self.stopping.is_set():          # drained: recorded as listed, not started
                 continue
-            blocks += [(pipeline.seal(b), b.num_rows) for b in shard.blocks]
+            blocks += shard.blocks
             self.pushed += shard.todo
         # by value, in calls of at most ~64 KB (a larger argument goes through the object store)
         calls, size = [[]], 0

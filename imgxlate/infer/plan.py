@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from imgxlate.infer import pipeline
 from imgxlate.io import codec, listing, manifest, storage
 from imgxlate.io.listing import Item, redact
 
@@ -44,15 +45,21 @@ MIN_BLOCKS = 64          # a shard is cut into at least this many blocks (as its
 class Shard:
     id: str
     n: int                      # inputs in the shard
-    blocks: list[pa.Table]      # the inputs to send through the pipeline, sized by bytes (rows with a status
-                                # set, e.g. a refused key, pass through untouched)
+    blocks: list[tuple[pa.Table, int]]   # the inputs to send through the pipeline, sized by bytes (rows with a
+                                # status set, e.g. a refused key, pass through untouched), as (sealed block, rows):
+                                # compressed, as the driver holds them until they are back (see pipeline.seal)
     skipped: int = 0            # inputs already done by an earlier run: no row, counted as skipped_done
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0
     todo: int = 0               # rows in blocks
 
     def __post_init__(self):
-        self.todo = sum(b.num_rows for b in self.blocks)
+        self.todo = sum(rows for _, rows in self.blocks)
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The input blocks as tables (manifest schema)."""
+        for sealed, _ in self.blocks:
+            yield pipeline.unseal(sealed)
 
 
 _HASHED = re.compile(r"-(?:[0-9a-f]{64}|[0-9a-f]{10})$")
@@ -160,7 +167,8 @@ class PlanError(RuntimeError):
 
 
 class Planner:
-    """Lists SRC in a background thread and keeps up to ``ready`` shards waiting. :meth:`take` hands them out.
+    """Lists SRC in a background thread and keeps up to ``ready`` shards waiting (it reads no further until one
+    is taken, so that the driver holds only those and the current shard's inputs). :meth:`take` hands them out.
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
@@ -169,7 +177,9 @@ class Planner:
         self.exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.ext, self.suffix, self.run_id, self.recipe, self.shard_size = \
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
-        self.queue: queue.Queue = queue.Queue(ready)
+        self.queue: queue.Queue = queue.Queue()
+        self.room = threading.Semaphore(ready)    # shards built and not yet taken (a listing waits for room
+                                                  # before it reads the next shard's inputs)
         self.listed = 0                   # inputs listed so far
         self.listing_s: float | None = None   # seconds the listing took, once it is done
         self.source_bytes = 0
@@ -195,6 +205,7 @@ class Planner:
             if isinstance(got, BaseException):
                 self.queue.put(got)              # and so does an error
                 raise got
+            self.room.release()
             out.append(got)
             todo += got.todo
             if todo >= max_inputs:
@@ -208,13 +219,10 @@ class Planner:
         self.stopped.set()
 
     # ------------------------------------------------------------------------------------------ producer side
-    def _put(self, what) -> bool:
+    def _wait_for_room(self) -> bool:
         while not self.stopped.is_set():
-            try:
-                self.queue.put(what, timeout=0.5)
+            if self.room.acquire(timeout=0.5):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _items(self) -> Iterator[Item]:
@@ -230,6 +238,8 @@ class Planner:
             markers = None
             shards = cut(self._items(), self.shard_size, self.exts)
             while True:
+                if not self._wait_for_room():
+                    return
                 try:
                     items, kind = next(shards)
                 except StopIteration:
@@ -241,13 +251,12 @@ class Planner:
                         markers = manifest.shard_markers(self.dst)    # after the first page: SRC exists
                     except Exception as e:
                         raise PlanError("destination", e) from e
-                if not self._put(self._shard(items, kind, markers)):
-                    return
+                self.queue.put(self._shard(items, kind, markers))
             self.listing_s = time.time() - self.t0
-            self._put(None)
+            self.queue.put(None)
         except BaseException as e:
             self.listing_s = time.time() - self.t0
-            self._put(e if isinstance(e, PlanError) else PlanError("plan", e))
+            self.queue.put(e if isinstance(e, PlanError) else PlanError("plan", e))
 
     def _previous(self, sid: str) -> tuple[dict, list[str]]:
         """A shard's earlier rows, {source: (status, recipe, attempts)} with the latest row of each source (None
@@ -298,7 +307,7 @@ class Planner:
                 block.append(row)
                 nbytes += row["source_bytes"] or UNKNOWN_SIZE
             if block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items)):
-                blocks.append(_block(block, sid, self.run_id, self.recipe))
+                blocks.append((pipeline.seal(_block(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
                 block, nbytes = [], 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
 

@@ -27,7 +27,7 @@ class SourceError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     source_uri: str      # where to read (full URI, credentials never embedded)
     key: str             # relative key under SRC, e.g. "scans/1901/page 3.jpg"
