@@ -518,7 +518,6 @@ class Feeder(threading.Thread):
     def push(self, shards: list[Shard]) -> None:
         import ray
 
-
         blocks = []
         for shard in shards:
             with self.lock:
