@@ -304,17 +304,40 @@ def scale(args) -> int:
     return 0
 
 
+def _moto_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in its own process on 127.0.0.1 (in the benchmark's process it would share its GIL)."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return server, endpoint
+        except urllib.error.HTTPError:           # it answers
+            return server, endpoint
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {server.returncode}") from None
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("moto_server did not answer within 30 s")
+
+
 def _s3_arm(args, tree: str, naive_rate: float, base: dict) -> dict:
-    """N tiny inputs uploaded to a moto S3 server on 127.0.0.1 (stopped at the end), S3 to S3."""
+    """N tiny inputs uploaded to a moto S3 server on 127.0.0.1 (its own process, stopped at the end), S3 to S3."""
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server, endpoint = _moto_server()
     try:
-        endpoint = f"http://127.0.0.1:{server._server.server_port}"
         env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(env)
@@ -334,7 +357,8 @@ def _s3_arm(args, tree: str, naive_rate: float, base: dict) -> dict:
         s = _driver({**base, "src": "s3://bench/in", "dst": "s3://bench/out", "s3_endpoint": endpoint}, env)
         return _row("loopback S3 (moto)", len(files), s, naive_rate, _first_output_s("s3://bench/out", s))
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(30)
 
 
 def main(argv=None) -> int:

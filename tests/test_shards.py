@@ -7,6 +7,7 @@ import json
 import os
 import random
 import threading
+import time
 
 import boto3
 import pytest
@@ -99,6 +100,57 @@ def test_the_plan_hands_out_shards_before_the_listing_ends(tmp_path, monkeypatch
     while (got := p.take(100)) is not None:
         rest += got
     assert sum(s.n for s in first + rest) == 12 and p.listing_done and p.listed == 12
+
+
+def test_the_plan_reads_no_further_than_its_ready_shard(tmp_path, monkeypatch):
+    """The driver holds the ready shard and the one being cut, not the listing: the listing waits for a take."""
+    monkeypatch.setattr(listing, "iter_inputs", lambda src, extensions, exclude=None: (
+        listing.Item(f"{src}/{i:02d}.png", f"{i:02d}.png", 10) for i in range(40)))
+    p = plan.Planner(str(tmp_path / "src"), str(tmp_path / "dst"), listing.IMAGE_EXTS, None, "png", "", "r1",
+                     "recipe", shard_size=3, ready=1)
+    seen = []
+    for _ in range(3):
+        for _ in range(100):
+            if p.queue.qsize():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)                              # time to read on, were it not waiting
+        seen.append(p.listed)
+        assert p.take(1)
+    assert seen[0] <= 7 and seen[1] - seen[0] <= 7 and seen[2] - seen[1] <= 7   # a shard is at most 2 x 3 (+ 1)
+    rest = []
+    while (got := p.take(100)) is not None:
+        rest += got
+    assert p.listed == 40
+
+
+def test_ray_data_per_block_stats_stay_bounded(ray_local):
+    """Ray Data keeps a stats record per output block for a dataset's life (ray-project/ray#66016); the job's
+    execution callback trims them. This also fails if a Ray upgrade moves the fields it trims."""
+    import ray.data
+
+    from imgxlate.infer import pipeline
+
+    seen = []
+
+    class Probe(pipeline.bounded_block_stats()):
+        KEEP = 5
+
+        def on_execution_step(self, executor):
+            super().on_execution_step(executor)
+            seen.append([len(op._output_blocks_stats) for op in executor._topology
+                         if hasattr(op, "_output_blocks_stats")])
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.custom_execution_callback_classes
+    ctx.custom_execution_callback_classes = [*saved, Probe]
+    try:
+        ds = ray.data.range(400, override_num_blocks=200).map_batches(lambda b: b)
+        rows = sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    finally:
+        ctx.custom_execution_callback_classes = saved
+    assert rows == 400 and seen and all(seen)                  # the map operator has the field, every step
+    assert max(max(s) for s in seen) <= 2 * Probe.KEEP         # 200 blocks went through, 10 at most were kept
 
 
 def translate(src, dst, *args):

@@ -466,6 +466,8 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lea
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
     saved, ctx.target_max_block_size = ctx.target_max_block_size, 1     # ray: see pipeline.build
+    callbacks = ctx.custom_execution_callback_classes
+    ctx.custom_execution_callback_classes = [*callbacks, pipeline.bounded_block_stats()]   # ray: flat driver memory
     try:
         # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
         for batch in pipeline.build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
@@ -478,7 +480,7 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lea
                 back(batch.num_rows)
             _check_lease(lease, drain)
     finally:
-        ctx.target_max_block_size = saved
+        ctx.target_max_block_size, ctx.custom_execution_callback_classes = saved, callbacks
     return rcfg
 
 
@@ -516,8 +518,6 @@ class Feeder(threading.Thread):
         self.last_back = time.monotonic()
 
     def push(self, shards: list[Shard]) -> None:
-        import ray
-
         blocks = []
         for shard in shards:
             with self.lock:
@@ -527,15 +527,7 @@ class Feeder(threading.Thread):
                 continue
             blocks += shard.blocks
             self.pushed += shard.todo
-        # by value, in calls of at most ~64 KB (a larger argument goes through the object store)
-        calls, size = [[]], 0
-        for b in blocks:
-            if size + b[0].nbytes > 64 * 1024 and calls[-1]:
-                calls.append([])
-                size = 0
-            calls[-1].append(b)
-            size += b[0].nbytes
-        ray.get([self.feed.put.remote(c) for c in calls if c])
+        put_blocks(self.feed, blocks)
 
     def run(self) -> None:
         cap = self.cfg.queued_inputs
@@ -560,6 +552,22 @@ class Feeder(threading.Thread):
         finally:
             if not self.stopping.is_set():
                 self.feed.close.remote()        # readers end once the Feed is empty
+
+
+def put_blocks(feed, blocks: list[tuple[pa.Table, int]]) -> None:
+    """Put (sealed block, rows) pairs in ``feed`` and wait until they are in: by value, in calls of at most ~64 KB
+    (a larger argument would go through the object store). An async actor may run calls out of order, so a
+    close must come after the wait."""
+    import ray
+
+    calls, size = [[]], 0
+    for b in blocks:
+        if size + b[0].nbytes > 64 * 1024 and calls[-1]:
+            calls.append([])
+            size = 0
+        calls[-1].append(b)
+        size += b[0].nbytes
+    ray.get([feed.put.remote(c) for c in calls if c])
 
 
 def _lost_rows(cfg: TranslateConfig, meta: dict, rows: list[dict]) -> pa.Table:
@@ -677,8 +685,6 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
     """Inputs of blocks lost in the pipeline (a block whose model actor died every retry, or whose reader died)
     go through it once more, one input a block, so that one input that kills its actor does not take the rest
     of its block with it; what is lost again gets model_error rows."""
-    import ray
-
     from imgxlate.infer import pipeline
 
     lost = [r for sid in list(book.open) for r in book.dropped(sid)]
@@ -686,8 +692,7 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
         _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
              f"at a time")
         feed = _on_this_node(pipeline.Feed)
-        # (an async actor may run calls out of order: the put must be done before the close)
-        ray.get(feed.put.remote([(pipeline.seal(manifest.to_table([r])), 1) for r in lost]))
+        put_blocks(feed, [(pipeline.seal(manifest.to_table([r]), "zstd"), 1) for r in lost])
         feed.close.remote()
         try:
             stream(cfg, feed, meta, stop, drain, lease, add)

@@ -461,6 +461,27 @@ def plan_source(feed, readers: int):
     return PlanSource()
 
 
+def bounded_block_stats():
+    """A Ray Data execution callback class that keeps the per-block stats of each operator bounded.
+
+    Ray Data keeps one stats record per output block of every operator for the dataset's whole life
+    (ray-project/ray#66016, open in Ray 2.58). The job runs one dataset for the whole run, so a billion tiny
+    inputs would be millions of blocks, and the driver would grow with every one of them. The records only feed
+    the stats summary Ray Data logs at the end; after each execution step, each operator keeps its last ``KEEP``."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback  # ray: internal hook
+
+    class BoundedBlockStats(ExecutionCallback):
+        KEEP = 1000
+
+        def on_execution_step(self, executor) -> None:
+            for op in getattr(executor, "_topology", None) or ():        # ray: private fields, checked
+                stats = getattr(op, "_output_blocks_stats", None)
+                if isinstance(stats, list) and len(stats) > 2 * self.KEEP:
+                    del stats[:-self.KEEP]
+
+    return BoundedBlockStats
+
+
 def build(feed, cfg, model_meta: dict, stop=None):
     """The lazy Ray Dataset of the run: sealed input blocks (manifest-schema tables: source_uri, key, output_uri,
     shard, attempt, run_id, recipe; see :mod:`imgxlate.infer.plan`) come from ``feed`` (a :class:`Feed` actor
