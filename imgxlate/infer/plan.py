@@ -11,7 +11,8 @@ name up to its first '.', i.e. a key prefix, and the listing yields every key wi
 Keys that the listing may not yield next to their rivals (a key with '//' or './' in it, or under _manifest/)
 are set aside into a last shard, and the non-canonical ones among them get hashed names.
 
-Only the current shard's inputs and a few ready shards are in memory, whatever the number of inputs.
+Only the current shard's inputs and the ready shard(s) are in memory, whatever the number of inputs: the
+listing waits while they are not taken. Their input blocks are kept sealed and compressed.
 """
 
 from __future__ import annotations
