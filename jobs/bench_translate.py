@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -279,6 +280,8 @@ def scale(args) -> int:
         dst = os.path.join(out, f"job_{n}_{int(time.time())}")
         s = _driver({**base, "src": tree, "dst": dst, "limit": n})
         rows.append(_row("local", n, s, naive_rate, _first_output_s(dst, s)))
+        if not args.keep_outputs:
+            shutil.rmtree(dst, ignore_errors=True)          # a 1M run writes about 6 GB
         print(json.dumps(rows[-1]), flush=True)
     if args.plan_only:
         s = _driver({**base, "src": tree, "dst": os.path.join(out, "plan_only"), "limit": args.plan_only,
@@ -318,7 +321,7 @@ def _moto_server() -> tuple[subprocess.Popen, str]:
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
-            urllib.request.urlopen(endpoint, timeout=1)
+            urllib.request.urlopen(endpoint, timeout=1).close()
             return server, endpoint
         except urllib.error.HTTPError:           # it answers
             return server, endpoint
@@ -358,7 +361,10 @@ def _s3_arm(args, tree: str, naive_rate: float, base: dict) -> dict:
         return _row("loopback S3 (moto)", len(files), s, naive_rate, _first_output_s("s3://bench/out", s))
     finally:
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def main(argv=None) -> int:
@@ -373,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
                     help="scale: the job's --pipeline")
     ap.add_argument("--queued-inputs", type=int, default=None, help="scale: the job's --queued-inputs")
+    ap.add_argument("--keep-outputs", action="store_true", help="scale: keep each local job's outputs (removed "
+                    "once measured by default)")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)

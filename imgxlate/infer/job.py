@@ -465,10 +465,10 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lea
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = -1                 # a batch that failed every retry is dropped; the caller gives rows
-    saved, ctx.target_max_block_size = ctx.target_max_block_size, 1     # ray: see pipeline.build
-    callbacks = ctx.custom_execution_callback_classes
-    ctx.custom_execution_callback_classes = [*callbacks, pipeline.bounded_block_stats()]   # ray: flat driver memory
+    saved, callbacks = ctx.target_max_block_size, ctx.custom_execution_callback_classes
     try:
+        ctx.target_max_block_size = 1                                   # ray: see pipeline.build
+        ctx.custom_execution_callback_classes = [*callbacks, pipeline.bounded_block_stats()]   # ray: flat memory
         # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
         for batch in pipeline.build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
                                                                          prefetch_batches=0):

@@ -126,12 +126,14 @@ def seal(table: pa.Table, compression: str | None = None) -> pa.Table:
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
         w.write_table(table)
     data = sink.getvalue()
+    if compression:             # a block that is kept: the stream's buffer has up to twice the capacity it needs
+        data = pa.py_buffer(data.to_pybytes())
     offsets = pa.py_buffer(np.array([0, data.size], np.int64).tobytes())
     return pa.Table.from_arrays([pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])], schema=SEALED)
 
 
 def unseal(sealed: pa.Table) -> pa.Table:
-    """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes)."""
+    """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes unless they are compressed)."""
     tables = [pa.ipc.open_stream(v.as_buffer()).read_all() for v in sealed.column("block")]
     if not tables:
         raise ValueError("no sealed block in an empty table")
