@@ -123,6 +123,39 @@ def test_the_plan_reads_no_further_than_its_ready_shard(tmp_path, monkeypatch):
     assert p.listed == 40 and sum(s.n for s in taken) == 40
 
 
+def test_a_resume_walks_past_done_shards_while_the_ready_slot_is_full(tmp_path, monkeypatch):
+    """Shards complete from an earlier run hold no inputs: they wait apart (up to DONE_READY), so a resume's
+    walk past done work does not go one shard per take while the Feeder is full."""
+    monkeypatch.setattr(listing, "iter_inputs", lambda src, extensions, exclude=None: (
+        listing.Item(f"{src}/{i:02d}.png", f"{i:02d}.png", 10) for i in range(60)))
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+
+    def planner(ready):
+        return plan.Planner(src, dst, listing.IMAGE_EXTS, None, "png", "", "r1", "recipe", shard_size=3,
+                            ready=ready)
+
+    first, shards = planner(3), []
+    while (got := first.take(100)) is not None:
+        shards += got
+    assert len(shards) > 10
+    for sh in shards[:8]:                        # an earlier run finished the first 8 shards
+        manifest.write_shard_marker(dst, {"shard": sh.id, "n": sh.n, "complete": True, "recipe": "recipe",
+                                          "run_id": "r0", "counts": {"ok": sh.n}, "parts": []})
+    p = planner(1)
+    deadline = time.monotonic() + 30
+    while p.queue.qsize() < 9 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)                              # time to read on, were it not waiting
+    assert p.queue.qsize() == 9                  # 8 done shards and the one ready shard, none taken yet
+    got = p.take(1)
+    assert p.listed <= sum(s.n for s in got) + 2 * 3 + 1     # and the listing waits for the ready slot
+    assert [s.todo for s in got] == [0] * 8 + [got[8].n] and [s.skipped for s in got[:8]] == [s.n for s in shards[:8]]
+    rest = []
+    while (more := p.take(100)) is not None:
+        rest += more
+    assert [s.id for s in got + rest] == [s.id for s in shards] and p.listed == 60
+
+
 def test_ray_data_per_block_stats_stay_bounded(ray_local):
     """Ray Data keeps a stats record per output block for a dataset's life (ray-project/ray#66016); the job's
     execution callback trims them. This also fails if a Ray upgrade moves the fields it trims."""

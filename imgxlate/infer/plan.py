@@ -38,6 +38,8 @@ SHARD_SIZE = 10_000
 BLOCK_BYTES = 1 << 20
 BLOCK_ROWS = 256         # at most
 UNKNOWN_SIZE = 32 << 10  # assumed for an input the listing gives no size for (a manifest entry)
+DONE_READY = 64          # shards done in an earlier run, kept waiting apart from the ready ones: they hold no
+                         # inputs, and a resume walks past them while the Feeder is full
 MIN_BLOCKS = 64          # a shard is cut into at least this many blocks (as its inputs allow): model actors on
                          # many nodes each need blocks to take, however few and small the inputs are
 
@@ -169,7 +171,8 @@ class PlanError(RuntimeError):
 
 class Planner:
     """Lists SRC in a background thread and keeps up to ``ready`` shards waiting (it reads no further until one
-    is taken, so that the driver holds only those and the current shard's inputs). :meth:`take` hands them out.
+    is taken, so that the driver holds only those and the current shard's inputs), and up to DONE_READY shards
+    done before (a resume). :meth:`take` hands them out.
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
@@ -181,6 +184,7 @@ class Planner:
         self.queue: queue.Queue = queue.Queue()
         self.room = threading.Semaphore(ready)    # shards built and not yet taken (a listing waits for room
                                                   # before it reads the next shard's inputs)
+        self.done_room = threading.Semaphore(DONE_READY)  # shards with nothing to do wait apart (see DONE_READY)
         self.listed = 0                   # inputs listed so far
         self.listing_s: float | None = None   # seconds the listing took, once it is done
         self.source_bytes = 0
@@ -206,7 +210,7 @@ class Planner:
             if isinstance(got, BaseException):
                 self.queue.put(got)              # and so does an error
                 raise got
-            self.room.release()
+            (self.room if got.todo else self.done_room).release()
             out.append(got)
             todo += got.todo
             if todo >= max_inputs:
@@ -220,9 +224,9 @@ class Planner:
         self.stopped.set()
 
     # ------------------------------------------------------------------------------------------ producer side
-    def _wait_for_room(self) -> bool:
+    def _wait_for_room(self, room: threading.Semaphore | None = None) -> bool:
         while not self.stopped.is_set():
-            if self.room.acquire(timeout=0.5):
+            if (room or self.room).acquire(timeout=0.5):
                 return True
         return False
 
@@ -252,7 +256,12 @@ class Planner:
                         markers = manifest.shard_markers(self.dst)    # after the first page: SRC exists
                     except Exception as e:
                         raise PlanError("destination", e) from e
-                self.queue.put(self._shard(items, kind, markers))
+                shard = self._shard(items, kind, markers)
+                if not shard.todo:              # done before: it holds no inputs, and waits apart
+                    self.room.release()
+                    if not self._wait_for_room(self.done_room):
+                        return
+                self.queue.put(shard)
             self.listing_s = time.time() - self.t0
             self.queue.put(None)
         except BaseException as e:
