@@ -188,6 +188,51 @@ def test_ray_data_per_block_stats_stay_bounded(ray_local):
     assert ctx.custom_execution_callback_classes == saved
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the knobs are glibc's")
+def test_the_driver_heap_hands_mid_sized_blocks_back_when_freed():
+    """heap.steady() fixes glibc's mmap threshold at 64 KB: a 100 KB block the heap has no room for is mapped on
+    its own and unmapped when freed (glibc's default, once a 1 MB block was freed, grows the heap for it, where
+    such blocks fragment), and heap.trim() trims at most once per every_s."""
+    import subprocess
+    import sys
+
+    script = """
+import ctypes
+from imgxlate.infer import heap
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+libc.malloc.argtypes = [ctypes.c_size_t]
+big = libc.malloc(1 << 20)            # freeing an mmapped 1 MB block raises glibc's dynamic threshold to 1 MB
+libc.free(big)
+
+def grow():                           # a 100 KB block once the heap has no free room (as after a trim)
+    libc.malloc_trim(0)
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(100 << 10)
+    mapped = libc.mallinfo2().hblkhd - before
+    libc.free(p)
+    return mapped, libc.mallinfo2().hblkhd == before
+
+print("default", *grow())
+print("steady", heap.steady())
+for _ in range(3):
+    print("mapped", *grow())
+print("trim", heap.trim(every_s=0.0), heap.trim(every_s=3600.0))
+"""
+    # in a fresh process: no other thread allocates between two readings
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "default 0 True"                           # glibc grew the heap for it
+    assert out[1] == "steady True"
+    assert all(line.startswith("mapped ") and int(line.split()[1]) >= 100 << 10 and line.endswith(" True")
+               for line in out[2:5]), out                      # its own mapping, handed back when freed
+    assert out[5] == "trim True False"                          # trims at most once per every_s
+
+
 def translate(src, dst, *args):
     return main(["translate", str(src), str(dst), "--model", "bicubic", "--scale", "2", *map(str, args)])
 

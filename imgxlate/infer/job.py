@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imgxlate
+from imgxlate.infer import heap
 from imgxlate.infer.plan import PlanError, Planner, Shard
 from imgxlate.io import codec, listing, manifest, storage
 from imgxlate.io.lease import Lease, LeaseHeld
@@ -414,6 +415,7 @@ def run(cfg: TranslateConfig) -> dict:
     """Run the job; returns the summary. Raises JobError when the job cannot run, Interrupted when a signal
     stopped it (after recording every output it wrote and writing the summary)."""
     check(cfg)
+    heap.steady()                               # before the run's threads start (flat driver memory)
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
@@ -440,10 +442,17 @@ def run(cfg: TranslateConfig) -> dict:
 
 
 def _remove_empty_folders(dst: str, created: bool) -> None:
-    """Remove the local folders this run created under DST (its probe, its lease) if they stayed empty."""
+    """Remove a local DST that this run created and left without a file (a dry run, an empty SRC: only its
+    probe and lease folders are there). The walk stops at the first file: a run with outputs keeps DST as it is,
+    and a million outputs' names are never listed at once (they were, at the end of every run: +40 MB)."""
     if not created or not os.path.isdir(dst):
         return
-    for root, _, _ in sorted(os.walk(dst), key=lambda t: -len(t[0])):
+    folders = []
+    for root, _, files in os.walk(dst):
+        if files:
+            return
+        folders.append(root)
+    for root in reversed(folders):              # a folder's subfolders before it
         with contextlib.suppress(OSError):
             os.rmdir(root)                      # only succeeds on an empty folder
 
@@ -479,6 +488,7 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lea
             if back is not None:
                 back(batch.num_rows)
             _check_lease(lease, drain)
+            heap.trim()
     finally:
         ctx.target_max_block_size, ctx.custom_execution_callback_classes = saved, callbacks
     return rcfg
@@ -687,22 +697,29 @@ def _retry_lost(cfg: TranslateConfig, meta: dict, book: ShardBook, stop, drain: 
     of its block with it; what is lost again gets model_error rows."""
     from imgxlate.infer import pipeline
 
-    lost = [r for sid in list(book.open) for r in book.dropped(sid)]
-    if lost:
-        _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
-             f"at a time")
-        feed = _on_this_node(pipeline.Feed)
-        put_blocks(feed, [(pipeline.seal(manifest.to_table([r]), "zstd"), 1) for r in lost])
-        feed.close.remote()
-        try:
-            stream(cfg, feed, meta, stop, drain, lease, add)
-        finally:
-            book.flush_all()
-        if drain.signum is not None:
-            return
-    for sid in list(book.open):                 # every input of a finished run has a row
-        if lost := book.dropped(sid):
-            book.add(_lost_rows(cfg, meta, lost))
+    lost = [r for sid in list(book.open) for r in book.dropped(sid)]     # (reads the open shards' parts once)
+    if not lost:
+        return
+    _log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
+         f"at a time")
+    feed = _on_this_node(pipeline.Feed)
+    put_blocks(feed, [(pipeline.seal(manifest.to_table([r]), "zstd"), 1) for r in lost])
+    feed.close.remote()
+    came_back: set = set()
+
+    def add_retried(rows: pa.Table) -> None:
+        came_back.update(zip(rows.column("source_uri").to_pylist(), rows.column("output_uri").to_pylist()))
+        add(rows)
+
+    try:
+        stream(cfg, feed, meta, stop, drain, lease, add_retried)
+    finally:
+        book.flush_all()
+    if drain.signum is not None:
+        return
+    lost = [r for r in lost if (redact(r["source_uri"]), r["output_uri"]) not in came_back]
+    if lost:                                    # every input of a finished run has a row
+        book.add(_lost_rows(cfg, meta, lost))
 
 
 def _finish(cfg: TranslateConfig, meta: dict, run_id: str, t_start: float, plan: Planner, book: ShardBook,
