@@ -1,11 +1,12 @@
 """The driver's C heap, kept from creeping up over a long run.
 
 A run's driver handles a steady churn of small and mid-sized allocations (Ray's core worker receiving blocks,
-Arrow, the book's manifest parts) across some forty threads. With glibc's defaults its heap grows by about
-5 MB a minute while what is in use stays flat: freed space fragments across per-thread arenas, and glibc's
-dynamic mmap threshold moves blocks of ~64 KB-32 MB into the heap once one such block has been freed. Measured
-on a 300k-input run: RssAnon rose 504 -> 520 MB with the defaults and stayed at 497 -> 505 MB with the
-settings below (``jobs/bench_translate.py --mode scale`` shows it from 10k to 1M inputs).
+Arrow, the book's manifest parts) across some forty threads. With glibc's defaults its heap grew by about
+5 MB per 100 s while what was in use stayed flat (``mallinfo2``: in use 182-184 MB, free 9 -> 22 MB over a
+300k-input run): freed space fragments across per-thread arenas, and glibc's dynamic mmap threshold moves
+blocks of up to 32 MB into the heap once one such block has been freed. With the settings below the same run's
+RssAnon stayed at 497-509 MB (504 -> 520 with the defaults), and a 1M run's at 499-515 MB for its whole
+length (``jobs/bench_translate.py --mode scale`` measures it from 10k to 1M inputs).
 
 Only glibc has these knobs; elsewhere both functions do nothing. They change this process only: Ray's workers
 keep their own allocator settings."""
