@@ -225,13 +225,56 @@ for _ in range(3):
 print("trim", heap.trim(every_s=0.0), heap.trim(every_s=3600.0))
 """
     # in a fresh process: no other thread allocates between two readings
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=env).stdout.split("\n")                 # glibc's defaults, whatever the caller set
     assert out[0] == "default 0 True"                           # glibc grew the heap for it
     assert out[1] == "steady True"
     assert all(line.startswith("mapped ") and int(line.split()[1]) >= 100 << 10 and line.endswith(" True")
                for line in out[2:5]), out                      # its own mapping, handed back when freed
     assert out[5] == "trim True False"                          # trims at most once per every_s
 
+
+
+def test_an_untouched_dst_left_without_files_is_removed_and_one_with_outputs_is_not_listed(tmp_path, monkeypatch):
+    from imgxlate.infer import job
+
+    empty = tmp_path / "empty"
+    (empty / "_manifest" / "run" / "probe").mkdir(parents=True)
+    (empty / "a" / "b").mkdir(parents=True)
+    job._remove_empty_folders(str(empty), created=True)
+    assert not empty.exists()
+    flat = tmp_path / "flat"                    # a flat DST: outputs next to the run's own folders
+    (flat / "_manifest" / "run").mkdir(parents=True)
+    for i in range(50):
+        (flat / f"{i:03d}.png").write_bytes(b"x")
+    read = []                                   # entries read from each folder
+    real = os.scandir
+
+    class Counting:
+        def __init__(self, path):
+            self.it, self.n = real(path), len(read)
+            read.append(0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            e = next(self.it)
+            read[self.n] += 1
+            return e
+
+    monkeypatch.setattr(os, "scandir", Counting)
+    job._remove_empty_folders(str(flat), created=True)
+    assert (flat / "_manifest" / "run").is_dir() and len(list(flat.iterdir())) == 51
+    assert read and sum(read) <= 3              # stopped at the first file: DST's 51 names never read at once
+    job._remove_empty_folders(str(tmp_path / "never"), created=True)        # no DST: nothing to do
 
 def translate(src, dst, *args):
     return main(["translate", str(src), str(dst), "--model", "bicubic", "--scale", "2", *map(str, args)])

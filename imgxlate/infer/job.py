@@ -443,18 +443,30 @@ def run(cfg: TranslateConfig) -> dict:
 
 def _remove_empty_folders(dst: str, created: bool) -> None:
     """Remove a local DST that this run created and left without a file (a dry run, an empty SRC: only its
-    probe and lease folders are there). The walk stops at the first file: a run with outputs keeps DST as it is,
-    and a million outputs' names are never listed at once (they were, at the end of every run: +40 MB)."""
+    probe and lease folders are there). The scan stops at the first entry that is not a folder: a run with
+    outputs keeps DST as it is, and its outputs' names are never listed at once (they were, at the end of every
+    run: +40 MB at a million outputs)."""
     if not created or not os.path.isdir(dst):
         return
-    folders = []
-    for root, _, files in os.walk(dst):
-        if files:
-            return
-        folders.append(root)
-    for root in reversed(folders):              # a folder's subfolders before it
+    folders = _only_folders(dst)
+    for root in reversed(folders or []):        # a folder's subfolders before it
         with contextlib.suppress(OSError):
             os.rmdir(root)                      # only succeeds on an empty folder
+
+
+def _only_folders(path: str) -> list[str] | None:
+    """``path`` and the folders under it, top-down, if there is nothing else under it (links are not followed);
+    None at the first file or link."""
+    out = [path]
+    try:
+        with os.scandir(path) as entries:
+            for e in entries:
+                if not e.is_dir(follow_symlinks=False) or (sub := _only_folders(e.path)) is None:
+                    return None
+                out += sub
+    except OSError:
+        return None
+    return out
 
 
 def stream(cfg: TranslateConfig, feed, meta: dict, stop, drain: SignalDrain, lease: Lease, add,
