@@ -1,22 +1,21 @@
-"""What to process: list a source (folder, s3:// prefix or manifest file) and map each input to a
-safe, deterministic output key under DST."""
+"""What to process: list a source (folder, s3:// prefix or manifest file) as a stream of inputs in key order.
+The one lister of imgxlate: the batch job streams it (:func:`iter_inputs`), training and eval take it whole
+(:func:`list_inputs`). Output keys are :mod:`imgxlate.io.keys`."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import posixpath
 import queue
 import re
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imgxlate.io import storage
-from imgxlate.io.manifest import MANIFEST_DIR
+from imgxlate.log import log
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTS = (".parquet", ".csv", ".txt", ".lst")
@@ -126,10 +125,17 @@ def _path_of(uri: str) -> str:
 
 def list_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, limit: int | None = None,
                 exclude: str | None = None) -> list[Item]:
-    """Inputs under a folder / prefix (recursive, filtered by extension, sorted), or listed in a
-    manifest file (.parquet / .csv / .txt), each with its key relative to the source root. Nothing
-    under ``exclude`` (the job's DST, when it lies inside SRC) is listed."""
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    """Inputs under a folder / prefix (recursive, filtered by extension, sorted by key), or listed in a
+    manifest file (.parquet / .csv / .txt), each with its key relative to the source root: the whole of
+    :func:`iter_inputs`, for training and eval, which hold their inputs anyway. Nothing under ``exclude`` (the
+    job's DST, when it lies inside SRC) is listed."""
+    items = sorted(iter_inputs(src, extensions, exclude), key=lambda it: it.key)
+    return items[:limit] if limit else items
+
+
+def _find(src: str, exts: tuple[str, ...], exclude: str | None) -> list[Item]:
+    """A manifest file read whole, or an fsspec filesystem other than local disk and S3 (which
+    :func:`iter_inputs` pages itself) listed whole with ``find``."""
     if src.lower().endswith(MANIFEST_EXTS):
         uris = list(dict.fromkeys(_read_manifest(src)))        # the same URI twice is one input
         items = [Item(u, k) for u, k in zip(uris, _manifest_keys(uris))] if uris else []
@@ -159,25 +165,25 @@ def list_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, limit: int |
             rel = rel[1:] if rel.startswith("/") else rel             # keep a '//' in a key as it is
             items.append(Item(_full_uri(src, protocol, p), rel.replace("\\", "/"), int(info.get("size") or -1)))
     items = [it for it in items if _path_of(it.source_uri).lower().endswith(exts)]
-    return items[:limit] if limit else items
+    return items
 
 
 def iter_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, exclude: str | None = None) -> Iterator[Item]:
-    """The inputs of :func:`list_inputs`, streamed page by page for the batch job, which never holds a whole
-    listing: a local folder is walked depth first with each folder's entries sorted by name; an ``s3://``
-    prefix is listed as 97 key ranges (by the first character after the prefix) paged in parallel threads and
-    yielded in key order. Either way every key that shares a prefix is yielded in one run, which is what lets
-    the job cut the stream into shards (see :mod:`imgxlate.infer.plan`). Manifest files and other
-    filesystems are listed whole and sorted by key. A manifest file is read in chunks, twice: the first pass finds
-    the common root of its entries and checks they are sorted; a sorted manifest is then streamed, an unsorted
-    one is held and sorted in memory (about 200 bytes an entry). Raises SourceError (at the first ``next``) for a
-    missing or unreadable source."""
+    """The inputs under ``src``, streamed page by page (the batch job never holds a whole listing): a local
+    folder is walked depth first with each folder's entries sorted by name; an ``s3://`` prefix is listed as 97
+    key ranges (by the first character after the prefix) paged in parallel threads and yielded in key order.
+    Either way every key that shares a prefix is yielded in one run, which is what lets the job cut the stream
+    into shards (see :mod:`imgxlate.infer.plan`). Manifest files and other filesystems are listed whole and
+    sorted by key. A manifest file is read in chunks, twice: the first pass finds the common root of its
+    entries and checks they are sorted; a sorted manifest is then streamed, an unsorted one is held and sorted
+    in memory (about 200 bytes an entry). Raises SourceError (at the first ``next``) for a missing or unreadable
+    source."""
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if src.lower().endswith(MANIFEST_EXTS):
         yield from _stream_manifest(src, exts)
         return
     if not (storage.is_local(src) or src.lower().startswith("s3://")):
-        yield from sorted(list_inputs(src, extensions, exclude=exclude), key=lambda it: it.key)
+        yield from sorted(_find(src, exts, exclude), key=lambda it: it.key)
         return
     path = storage.location(src)
     skip = storage.location(exclude) if exclude and storage.is_local(exclude) == storage.is_local(src) else None
@@ -220,7 +226,7 @@ def _manifest_entries(uri: str) -> Iterator[str]:
 
 
 def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
-    """A manifest's inputs in key order, with the keys :func:`list_inputs` gives, streamed in three passes when the
+    """A manifest's inputs in key order, with the keys :func:`_find` gives, streamed in three passes when the
     file is in key order (the common root; the order of the keys; the items), else sorted in memory."""
     def rels():
         try:
@@ -254,7 +260,7 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
     last = None
     for it in items():
         if last is not None and it.key < last:
-            yield from sorted(list_inputs(src, exts), key=lambda it: it.key)
+            yield from sorted(_find(src, exts, None), key=lambda it: it.key)
             return
         last = it.key
     yield from items()
@@ -274,7 +280,7 @@ def _walk_local(root: str, exts: tuple[str, ...], skip: str | None) -> Iterator[
         except PermissionError as e:
             if folder == root:
                 raise SourceError(f"source folder {folder}: access denied: {e}") from e
-            print(f"[imgxlate] warning: folder {folder} cannot be read ({e}): its files are not listed", flush=True)
+            log(f"warning: folder {folder} cannot be read ({e}): its files are not listed")
             return
         except FileNotFoundError:
             return                             # removed while the listing ran
@@ -389,70 +395,3 @@ def _in_order(ranges: list, pages, lookahead: int, queued_pages: int = 4) -> Ite
                 yield from page
     finally:
         stop.set()
-
-
-def safe_key(key: str) -> str:
-    """Normalise a relative key so that it can never leave DST; raises ValueError when it cannot."""
-    k = key.replace("\\", "/")
-    if any(ord(ch) < 32 for ch in k):
-        raise ValueError(f"unsafe output key {key!r}: control characters")
-    parts = [p for p in k.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        raise ValueError(f"unsafe output key {key!r}: it would leave the destination")
-    return "/".join(parts)
-
-
-def _candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str:
-    """The output key at each level of collision resolution, for a/b.jpg -> .png: a/b.png, then
-    a/b.jpg.png, then a/b.jpg-<10 hex of sha256(source)>.png, then all 64 hex digits."""
-    name = posixpath.splitext(safe)[0] if level == 0 else safe
-    if level >= 2:
-        name += "-" + hashlib.sha256(source.encode()).hexdigest()[:10 if level == 2 else 64]
-    return name + suffix + ext
-
-
-def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] | None = None,
-                min_level: list[int] | None = None) -> list[str | Exception]:
-    """Output key per input: the same relative path with ``suffix`` before the new extension, and
-    never the same key for two inputs. Inputs that would collide (``a.jpg`` and ``a.png``) keep their
-    source extension (``a.jpg.png``, ``a.png.png``); if that collides too, a hash of the source URI
-    (``sources``, default the keys) is added, until every key is unique. The result depends on the set
-    of inputs, not on their order. Unsafe keys come back as the ValueError to record; keys under
-    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder. ``min_level`` (per
-    input, 0-3) starts an input at a later level: 3, all 64 hex digits of the hash, is what the job gives keys
-    whose rivals a shard cannot see."""
-    sources = keys if sources is None else sources
-    out: list[str | Exception] = [""] * len(keys)
-    safe, level = {}, {}
-    for i, k in enumerate(keys):
-        try:
-            s = safe_key(k)
-        except ValueError as e:
-            out[i] = e
-            continue
-        head, sep, tail = s.partition("/")
-        if head == MANIFEST_DIR and sep:
-            s = f"{head}_/{tail}"
-        safe[i], level[i] = s, min_level[i] if min_level else 0
-    name = {i: _candidate(s, sources[i], level[i], suffix, ext) for i, s in safe.items()}
-    holders = defaultdict(set)
-    for i, n in name.items():
-        holders[n].add(i)
-    clash = {i for group in holders.values() if len(group) > 1 for i in group}
-    while clash := {i for i in clash if level[i] < 3}:
-        touched = set()
-        for i in clash:                      # every member of a clash moves on, so order never matters
-            holders[name[i]].discard(i)
-            level[i] += 1
-            name[i] = _candidate(safe[i], sources[i], level[i], suffix, ext)
-            holders[name[i]].add(i)
-            touched.add(name[i])
-        clash = {i for n in touched if len(holders[n]) > 1 for i in holders[n]}
-    for n, group in holders.items():         # left: the same key and source twice, i.e. one input
-        if not group:
-            continue
-        first, *rest = sorted(group)
-        out[first] = n
-        for i in rest:
-            out[i] = ValueError(f"input {keys[i]!r} ({redact(sources[i])}) is listed more than once")
-    return out

@@ -8,9 +8,11 @@ reads only the parts of the other shards it meets: never all of DST, never every
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,8 +81,34 @@ def shard_marker_uri(dst: str, shard: str) -> str:
     return storage.join(manifest_root(dst), SHARD_DIR, f"{shard}.json")
 
 
-def write_shard_marker(dst: str, marker: dict) -> None:
-    storage.write_bytes(shard_marker_uri(dst, marker["shard"]), json.dumps(marker, sort_keys=True).encode())
+@dataclass
+class ShardMarker:
+    """DST/_manifest/_shards/<shard>.json: what is recorded of a shard. Rewritten after each of its parts is
+    written, so that a killed run loses at most the rows not yet in a part; ``complete`` once every input of the
+    shard has a row. A rerun skips a complete shard made with its ``recipe`` whose ``counts`` are all done."""
+
+    shard: str                   # the shard's id (imgxlate.infer.plan.shard_id)
+    n: int                       # inputs in the shard
+    complete: bool
+    recipe: str
+    run_id: str                  # the run that wrote it last
+    counts: dict[str, int]       # rows by status, over every run (ok includes earlier runs' ok rows)
+    parts: list[str]             # the parts holding its rows, relative to DST/_manifest (DST can move)
+
+    def all_done(self, recipe: str) -> bool:
+        """Complete, made with ``recipe``, and every input done: nothing of the shard is left to read."""
+        return self.complete and self.recipe == recipe and set(self.counts) <= set(DONE)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ShardMarker:
+        d = json.loads(data)
+        return cls(shard=d["shard"], n=d["n"], complete=bool(d.get("complete")), recipe=d.get("recipe", ""),
+                   run_id=d.get("run_id", ""), counts=dict(d.get("counts", {})), parts=list(d.get("parts", [])))
+
+
+def write_shard_marker(dst: str, marker: ShardMarker) -> None:
+    storage.write_bytes(shard_marker_uri(dst, marker.shard),
+                        json.dumps(dataclasses.asdict(marker), sort_keys=True).encode())
 
 
 def shard_markers(dst: str) -> set[str]:
@@ -93,8 +121,8 @@ def shard_markers(dst: str) -> set[str]:
         return set()
 
 
-def read_shard_marker(dst: str, shard: str) -> dict:
-    return json.loads(storage.read_bytes(shard_marker_uri(dst, shard)))
+def read_shard_marker(dst: str, shard: str) -> ShardMarker:
+    return ShardMarker.from_json(storage.read_bytes(shard_marker_uri(dst, shard)))
 
 
 def part_name(run_id: str, name: str) -> str:

@@ -7,6 +7,7 @@ workers. Credentials come from the usual AWS environment / profile / instance ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import random
@@ -18,6 +19,16 @@ import fsspec
 TMP_MARK = ".imgxlate-tmp-"
 TRANSIENT_MARKERS = ("SlowDown", "503", "ServiceUnavailable", "Service Unavailable", "RequestTimeout", "500 ",
                      "InternalError", "Throttl", "reset by peer", "Connection reset", "timed out", "Broken pipe")
+
+
+# Storage settings (never credentials) that the driver passes on to Ray's workers and to submitted jobs:
+# workers started elsewhere must reach the same store. Credentials come from each machine's own environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables that are set here."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def endpoint_from_env() -> str | None:
@@ -117,3 +128,31 @@ def remove_stale_temporaries(uri: str) -> int:
                 os.remove(os.path.join(root, f))
                 n += 1
     return n
+
+
+def remove_empty_tree(path: str) -> None:
+    """Remove a local folder that holds nothing but folders (the batch job: a DST it created and left without a
+    file, after a dry run or on an empty SRC). The scan stops at the first entry that is not a folder: a DST with
+    outputs is kept as it is, and its outputs' names are never listed at once (they were, at the end of every
+    run: +40 MB at a million outputs)."""
+    if not os.path.isdir(path):
+        return
+    folders = _only_folders(path)
+    for root in reversed(folders or []):        # a folder's subfolders before it
+        with contextlib.suppress(OSError):
+            os.rmdir(root)                      # only succeeds on an empty folder
+
+
+def _only_folders(path: str) -> list[str] | None:
+    """``path`` and the folders under it, top-down, if there is nothing else under it (links are not followed);
+    None at the first file or link."""
+    out = [path]
+    try:
+        with os.scandir(path) as entries:
+            for e in entries:
+                if not e.is_dir(follow_symlinks=False) or (sub := _only_folders(e.path)) is None:
+                    return None
+                out += sub
+    except OSError:
+        return None
+    return out
