@@ -5,7 +5,7 @@ what is left to do from its marker (see :mod:`imgxlate.io.manifest`).
     -> a bounded queue of ready shards, which the job takes while the listing goes on
 
 A shard is the unit of key assignment, of manifest parts and of resume. Output keys are unique within a shard
-by construction (:func:`imgxlate.io.listing.output_keys`); across shards they are unique because a cut is only
+by construction (:func:`imgxlate.io.keys.output_keys`); across shards they are unique because a cut is only
 made where no two inputs on either side could ever get the same key: rival inputs share their folder and their
 name up to its first '.', i.e. a key prefix, and the listing yields every key with a given prefix in one run.
 Keys that the listing may not yield next to their rivals (a key with '//' or './' in it, or under _manifest/)
@@ -18,9 +18,7 @@ listing waits while they are not taken. Their input blocks are kept sealed and c
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -28,9 +26,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from imgxlate.infer import pipeline
-from imgxlate.io import codec, listing, manifest, storage
+from imgxlate.infer.stages import seal, unseal
+from imgxlate.io import codec, keys, listing, manifest, storage
 from imgxlate.io.listing import Item, redact
+from imgxlate.log import log
 
 SHARD_SIZE = 10_000
 # A Ray Data block of inputs is what one read/decode task takes: sized by the inputs' bytes, so that tiny images
@@ -50,7 +49,7 @@ class Shard:
     n: int                      # inputs in the shard
     blocks: list[tuple[pa.Table, int]]   # the inputs to send through the pipeline, sized by bytes (rows with a
                                 # status set, e.g. a refused key, pass through untouched), as (sealed block, rows):
-                                # compressed, as the driver holds them until they are back (see pipeline.seal)
+                                # compressed, as the driver holds them until they are back (see stages.seal)
     skipped: int = 0            # inputs already done by an earlier run: no row, counted as skipped_done
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0
@@ -62,41 +61,7 @@ class Shard:
     def tables(self) -> Iterator[pa.Table]:
         """The input blocks as tables (manifest schema)."""
         for sealed, _ in self.blocks:
-            yield pipeline.unseal(sealed)
-
-
-_HASHED = re.compile(r"-(?:[0-9a-f]{64}|[0-9a-f]{10})$")
-
-
-def group_of(key: str, exts: tuple[str, ...]) -> str:
-    """The name every possible rival of ``key`` for an output key has: ``folder/stem`` where the stem is the file
-    name without its extension, then without what output_keys may have added or kept under it (a hash
-    ``-<10 or 64 hex>`` after an image extension, image extensions): a.jpg.png, a.png and
-    a.png-0123456789.png are all of group 'a'. Every key of a group starts with the group and a '.'."""
-    stem = posixpath.splitext(key)[0]
-    while True:
-        m = _HASHED.search(stem)
-        if m and stem[:m.start()].lower().endswith(exts):
-            stem = stem[:m.start()]
-        elif stem.lower().endswith(exts) and posixpath.splitext(stem)[0] != stem:
-            stem = posixpath.splitext(stem)[0]
-        else:
-            return stem
-
-
-def canonical(key: str) -> str:
-    return "/".join(p for p in key.replace("\\", "/").split("/") if p not in ("", "."))
-
-
-def set_aside(key: str) -> bool:
-    """Keys whose rivals the listing may yield elsewhere: not in canonical form ('//', './', a backslash), or a
-    file name starting with '.' (its rivals need not share a prefix): their outputs get hashed names."""
-    return canonical(key) != key or posixpath.basename(key).startswith(".")
-
-
-def in_manifest_folder(key: str) -> bool:
-    """Keys that output_keys moves from _manifest/ to _manifest_/, and their rivals there: kept in one shard."""
-    return key.split("/", 1)[0] in (manifest.MANIFEST_DIR, manifest.MANIFEST_DIR + "_") and "/" in key
+            yield unseal(sealed)
 
 
 def _boundary(group: str, size: int) -> bool:
@@ -109,8 +74,8 @@ def _boundary(group: str, size: int) -> bool:
 def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = listing.IMAGE_EXTS
         ) -> Iterator[tuple[list[Item], str]]:
     """Cut a listing into shards, only where no group of rivals spans the cut. Yields (items, kind): kind is
-    'plain'; 'hashed' for the keys of :func:`set_aside` (their outputs get hashed names; chunks of ``size``); or
-    'manifest' for keys under _manifest(_)/ (one shard, at the end).
+    'plain'; 'hashed' for the keys of :func:`~imgxlate.io.keys.set_aside` (their outputs get hashed names; chunks
+    of ``size``); or 'manifest' for keys under _manifest(_)/ (one shard, at the end).
 
     A cut is made before a key whose group hashes to a cut point (about every ``size`` inputs, never before
     ``size // 4``), or at 2 x ``size``. Inputs of groups still open at a cut (the current key's prefix is theirs,
@@ -121,16 +86,16 @@ def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = l
     manifest_keys: list[Item] = []
     open_: list[str] = []          # prefixes ('folder/stem.') of groups a later key may still belong to
     for it in items:
-        if set_aside(it.key):
+        if keys.set_aside(it.key):
             odd.append(it)
             if len(odd) >= size:
                 yield odd, "hashed"
                 odd = []
             continue
-        if in_manifest_folder(it.key):
+        if keys.in_manifest_folder(it.key):
             manifest_keys.append(it)
             continue
-        g = group_of(it.key, exts)
+        g = keys.group_of(it.key, exts)
         while open_ and not it.key.startswith(open_[-1]):
             open_.pop()
         if shard and g != shard[-1][1] and ((len(shard) >= size // 4 and _boundary(g, size)) or
@@ -152,10 +117,10 @@ def cut(items: Iterable[Item], size: int = SHARD_SIZE, exts: tuple[str, ...] = l
         yield manifest_keys, "manifest"
 
 
-def shard_id(items: list[Item], keys: list) -> str:
+def shard_id(items: list[Item], out_keys: list) -> str:
     """Names a shard by its inputs and their output keys: a rerun finds the same shard only when both match."""
     h = hashlib.sha256()
-    for it, key in zip(items, keys):
+    for it, key in zip(items, out_keys):
         h.update(f"{redact(it.source_uri)}\0{key}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
 
@@ -274,16 +239,15 @@ class Planner:
         to DST/_manifest). A part that is gone is left out, with a warning."""
         try:
             marker = manifest.read_shard_marker(self.dst, sid)
-            parts = marker.get("parts", [])
-            if (marker.get("complete") and marker.get("recipe") == self.recipe
-                    and set(marker.get("counts", {})) <= set(manifest.DONE)):
+            parts = marker.parts
+            if marker.all_done(self.recipe):
                 return None, parts               # complete, every input done with this recipe: nothing to read
             table, missing = manifest.read_parts(self.dst, parts, ["source_uri", "status", "recipe"])
         except Exception as e:
             raise PlanError("destination", e) from e
         if missing:
-            print(f"[imgxlate] shard {sid}: {len(missing)} manifest part(s) its marker names are gone "
-                  f"({missing[0]}, ...): their inputs are done again", flush=True)
+            log(f"shard {sid}: {len(missing)} manifest part(s) its marker names are gone ({missing[0]}, ...): "
+                f"their inputs are done again")
         state: dict = {}
         for src, status, rcp in zip(*(table.column(c).to_pylist() for c in ("source_uri", "status", "recipe"))):
             seen = state.get(src, (None, None, 0))[2]
@@ -291,15 +255,15 @@ class Planner:
         return state, [p for p in parts if p not in missing]
 
     def _shard(self, items: list[Item], kind: str, markers: set[str]) -> Shard:
-        keys = listing.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],
-                                   min_level=[3] * len(items) if kind == "hashed" else None)
-        sid = shard_id(items, keys)
+        outs = keys.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],
+                                min_level=[3] * len(items) if kind == "hashed" else None)
+        sid = shard_id(items, outs)
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
         max_rows = max(1, min(BLOCK_ROWS, -(-len(items) // MIN_BLOCKS)))
-        for n, (it, key) in enumerate(zip(items, keys), 1):
+        for n, (it, key) in enumerate(zip(items, outs), 1):
             source = redact(it.source_uri)
             status, rcp, attempts = state.get(source, (None, None, 0))
             if status in manifest.DONE and rcp == self.recipe and not isinstance(key, Exception):
@@ -317,7 +281,7 @@ class Planner:
                 block.append(row)
                 nbytes += row["source_bytes"] or UNKNOWN_SIZE
             if block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items)):
-                blocks.append((pipeline.seal(_block(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
+                blocks.append((seal(_block(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
                 block, nbytes = [], 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
 

@@ -1,0 +1,117 @@
+"""The driver's book of a run: which shards are open, their counters, and the rows on their way to manifest
+parts. The one place that writes manifest parts and shard markers (:mod:`imgxlate.io.manifest` says what they
+hold)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from imgxlate.infer.plan import Shard
+from imgxlate.io import manifest
+from imgxlate.io.listing import redact
+
+
+class ShardBook:
+    """The driver's bookkeeping: counters per open shard, and rows on their way to manifest parts. A shard's rows
+    are written as a part when a shard completes (or every ``every_rows`` rows, or ``every_s`` seconds), and its
+    marker is rewritten after each part, so that a killed run loses at most the rows not yet written."""
+
+    @dataclass
+    class Open:
+        shard: Shard
+        got: int = 0
+        parts: list = dataclasses.field(default_factory=list)
+        buffer: list = dataclasses.field(default_factory=list)
+        counts: Counter = dataclasses.field(default_factory=Counter)
+
+    def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
+        self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
+        self.open: dict[str, ShardBook.Open] = {}
+        self.counts: Counter = Counter()
+        self.nbytes: Counter = Counter()
+        self.shards = 0
+        self.last_flush = time.time()
+
+    def add_shard(self, shard: Shard) -> None:
+        self.shards += 1
+        self.counts["skipped_done"] += shard.skipped
+        if shard.todo:
+            self.open[shard.id] = ShardBook.Open(shard, parts=list(shard.prev_parts))
+
+    def add(self, rows: pa.Table) -> None:
+        """Rows back from the pipeline (NOT_STARTED rows are left out by the caller)."""
+        ids = rows.column("shard")
+        for sid in pc.unique(ids).to_pylist():
+            mine = rows.filter(pc.equal(ids, sid))
+            o = self.open.get(sid)
+            if o is None:                       # rows of a shard already recorded (never expected): keep them
+                manifest.write_part(self.dst, self.run_id, f"{sid}-extra-{uuid.uuid4().hex[:8]}", mine)
+                for kv in pc.value_counts(mine.column("status")).to_pylist():
+                    self.counts[kv["values"]] += kv["counts"]
+                continue
+            o.buffer.append(mine)
+            o.got += mine.num_rows
+            status = mine.column("status")
+            for kv in pc.value_counts(status).to_pylist():
+                o.counts[kv["values"]] += kv["counts"]
+                self.counts[kv["values"]] += kv["counts"]
+            self.nbytes["source"] += pc.sum(mine.column("source_bytes")).as_py() or 0
+            ok = mine.filter(pc.equal(status, "ok"))
+            self.nbytes["output"] += pc.sum(ok.column("output_bytes")).as_py() or 0
+            if o.got >= o.shard.todo:
+                self.flush(sid, complete=True)
+            elif sum(t.num_rows for t in o.buffer) >= self.every_rows:
+                self.flush(sid)
+        if time.time() - self.last_flush > self.every_s:
+            self.flush_all()
+
+    def flush(self, sid: str, complete: bool = False) -> None:
+        o = self.open[sid]
+        if o.buffer:
+            part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}",
+                                       pa.concat_tables(o.buffer))
+            o.parts.append(part)
+            o.buffer.clear()
+        counts = Counter(o.counts)
+        counts["ok"] += o.shard.prev_ok
+        manifest.write_shard_marker(self.dst, manifest.ShardMarker(
+            shard=sid, n=o.shard.n, complete=complete, recipe=self.recipe, run_id=self.run_id,
+            counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts)))
+        if complete:
+            del self.open[sid]
+
+    def flush_all(self) -> None:
+        for sid in list(self.open):
+            if self.open[sid].buffer:
+                self.flush(sid)
+        self.last_flush = time.time()
+
+    def dropped(self, sid: str) -> list[dict]:
+        """Inputs of an open shard that never came back from the pipeline (a block lost after its retries): its
+        inputs (the book keeps open shards' input blocks) less the rows this run has for it (buffered, and in its
+        parts)."""
+        o = self.open[sid]
+        mine = [p for p in o.parts if p.startswith(self.run_id + "/")]
+        written, _ = manifest.read_parts(self.dst, mine, ["source_uri", "output_uri"])
+        seen = set()
+        for t in [written, *o.buffer]:
+            seen.update(zip(t.column("source_uri").to_pylist(), t.column("output_uri").to_pylist()))
+        return [r for b in o.shard.tables() for r in b.to_pylist()
+                if (redact(r["source_uri"]), r["output_uri"]) not in seen]
+
+
+def lost_rows(meta: dict, rows: list[dict], max_model_retries: int) -> pa.Table:
+    """model_error rows for inputs whose block was lost in the pipeline twice (see job.retry_lost)."""
+    error = ("this input's block was lost in the pipeline twice: its model actor died "
+             f"{max_model_retries + 1} times (e.g. out of memory) or its reader died, and it failed again when "
+             "retried on its own")
+    return manifest.to_table([{**r, "source_uri": redact(r["source_uri"]), "status": "model_error", "error": error,
+                               "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]}
+                              for r in rows])

@@ -1,0 +1,347 @@
+"""The batch job's stages, per block and with no Ray in them (:mod:`imgxlate.infer.raydata` wires them into
+one Ray Data dataset for the whole run):
+
+    Feed (an actor the driver puts the plan's input blocks in, as shards become ready)
+      -> read:    PlanSource's reader tasks pull blocks from the Feed until it is closed
+      -> load:    read bytes + decode                  CPU tasks          } split: GPU actors
+      -> predict: Predictor, loaded once per actor      actor pool         }
+      -> save:    encode + write to the output key      CPU tasks          }
+         or all three in the model actor's one call (fused: the default on CPU, where the actor's CPU
+         does the model's work anyway and a tiny image costs less than a task hop)
+      -> one manifest row per input
+
+Each stage takes and returns a pyarrow Table with FLIGHT's columns, so failures travel as rows:
+a row whose status is set is passed through untouched by later stages. Pixels travel as raw bytes
+with their shape and dtype beside them.
+
+Between stages a block travels sealed: one row holding the table as Arrow IPC bytes (:func:`seal`). Ray Data
+then neither merges the plan's blocks (sized by the images' bytes) nor splits them, and passes each one on as
+soon as it is made: see :func:`imgxlate.infer.raydata.build`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from imgxlate.io import codec, manifest, storage
+from imgxlate.io.listing import redact, redact_text
+
+FLIGHT = pa.schema(list(manifest.SCHEMA) + [
+    pa.field("pixels", pa.large_binary()),
+    pa.field("alpha", pa.large_binary()),
+    pa.field("px_shape", pa.list_(pa.int32())),
+    pa.field("px_dtype", pa.string()),
+    pa.field("icc", pa.large_binary()),
+])
+
+
+NOT_STARTED = "not_started"       # drained on a signal: no manifest row, left for the next run
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Rows:
+    """A batch seen row by row without turning it into dicts (``to_pylist``) and back (``from_pylist``): a column
+    becomes a Python list only when a stage reads or sets it, pixels are read as zero-copy Arrow buffers, and
+    :meth:`table` reuses every column no stage touched."""
+
+    BINARY = ("pixels", "alpha")
+
+    def __init__(self, batch: pa.Table):
+        self.batch, self.n = batch, batch.num_rows
+        self.cols: dict[str, list] = {}
+        self.changed: set[str] = set()
+
+    def column(self, name: str) -> list:
+        c = self.cols.get(name)
+        if c is None:
+            if name not in self.batch.column_names:
+                c = [None] * self.n
+            elif name in self.BINARY:
+                c = [v.as_buffer() if v.is_valid else None for v in self.batch.column(name)]
+            else:
+                c = self.batch.column(name).to_pylist()
+            self.cols[name] = c
+        return c
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Row:
+        return Row(self, i)
+
+    def __iter__(self):
+        return (Row(self, i) for i in range(self.n))
+
+    def table(self, schema: pa.Schema = FLIGHT) -> pa.Table:
+        arrays = []
+        for f in schema:
+            if f.name in self.changed:
+                col = self.cols[f.name]
+                if f.name in self.BINARY:       # rows left as they came are still Arrow buffers
+                    col = [v.to_pybytes() if isinstance(v, pa.Buffer) else v for v in col]
+                arrays.append(pa.array(col, type=f.type))
+            elif f.name in self.batch.column_names:
+                arrays.append(self.batch.column(f.name).cast(f.type))
+            else:
+                arrays.append(pa.nulls(self.n, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class Row:
+    """One row of :class:`Rows`, read and set like a dict."""
+
+    __slots__ = ("rows", "i")
+
+    def __init__(self, rows: Rows, i: int):
+        self.rows, self.i = rows, i
+
+    def __getitem__(self, name: str):
+        return self.rows.column(name)[self.i]
+
+    def get(self, name: str, default=None):
+        v = self.rows.column(name)[self.i]
+        return default if v is None else v
+
+    def __setitem__(self, name: str, value) -> None:
+        self.rows.column(name)[self.i] = value
+        self.rows.changed.add(name)
+
+
+SEALED = pa.schema([pa.field("block", pa.large_binary())])
+
+
+def seal(table: pa.Table, compression: str | None = None) -> pa.Table:
+    """``table`` as one row of Arrow IPC bytes (``compression``: e.g. 'zstd', for the plan's input blocks, which
+    the driver holds while they are in flight: a row of names takes ~55 bytes instead of ~350)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        w.write_table(table)
+    data = sink.getvalue()
+    if compression:             # a block that is kept: the stream's buffer has up to twice the capacity it needs
+        data = pa.py_buffer(data.to_pybytes())
+    offsets = pa.py_buffer(np.array([0, data.size], np.int64).tobytes())
+    return pa.Table.from_arrays([pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])], schema=SEALED)
+
+
+def unseal(sealed: pa.Table) -> pa.Table:
+    """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes unless they are compressed)."""
+    tables = [pa.ipc.open_stream(v.as_buffer()).read_all() for v in sealed.column("block")]
+    if not tables:
+        raise ValueError("no sealed block in an empty table")
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def sealed(fn):
+    """A stage function that takes and returns sealed blocks."""
+    def call(block: pa.Table, **kw) -> pa.Table:
+        return seal(fn(unseal(block), **kw))
+    call.__name__ = fn.__name__
+    return call
+
+
+def _pack(row: Row, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
+    row["pixels"] = np.ascontiguousarray(pixels).tobytes()
+    row["alpha"] = None if alpha is None else np.ascontiguousarray(alpha).tobytes()
+    row["px_shape"] = list(pixels.shape)
+    row["px_dtype"] = pixels.dtype.str
+
+
+def _unpack(row: Row) -> tuple[np.ndarray, np.ndarray | None]:
+    shape, dtype = tuple(row["px_shape"]), np.dtype(row["px_dtype"])
+    pixels = np.frombuffer(row["pixels"], dtype).reshape(shape)
+    alpha = None if row["alpha"] is None else np.frombuffer(row["alpha"], dtype).reshape(shape[:2])
+    return pixels, alpha
+
+
+def _fail(row: Row, status: str, error: BaseException | str) -> None:
+    row["status"] = status
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    row["error"] = redact_text(msg)
+    row["pixels"] = row["alpha"] = row["icc"] = None
+
+
+def _apply(env: dict) -> None:
+    """Storage settings from the driver (the S3 endpoint), for workers started before they were set."""
+    os.environ.update({k: v for k, v in env.items() if v})
+
+
+def _stopping(stop) -> bool:
+    """Whether the run is draining. ``stop``: None, or an object whose ``is_set()`` says so (the run's stop flag,
+    :class:`imgxlate.infer.raydata.StopCheck`, which asks the driver's flag actor at most once a second)."""
+    return stop is not None and stop.is_set()
+
+
+IO_THREADS = 16     # concurrent reads / writes of one block's objects on an object store (latency-bound)
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args), time.perf_counter() - t0
+    except Exception as e:
+        return e, time.perf_counter() - t0
+
+
+def _each(fn, args: list[tuple], remote: bool) -> list:
+    """``fn(*a)`` for each of ``args`` as (result or exception, seconds): in threads when the objects are remote
+    (an S3 GET or PUT waits on the network far longer than it works), one after the other on local disk."""
+    if remote and len(args) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(IO_THREADS, len(args))) as pool:
+            return list(pool.map(lambda a: _timed(fn, *a), args))
+    return [_timed(fn, *a) for a in args]
+
+
+def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
+    """read + decode. Once the run is draining, inputs not yet decoded are passed on as ``not_started`` (no
+    manifest row: the next run does them)."""
+    _apply(env)
+    rows = Rows(batch)
+    todo = []
+    for i, row in enumerate(rows):
+        row["started_at"] = _now()
+        if not row.get("status"):
+            todo.append(i)
+    if todo and _stopping(stop):                # draining: nothing of this block is read
+        for i in todo:
+            rows[i]["status"] = NOT_STARTED
+        todo = []
+    uris = [rows[i]["source_uri"] for i in todo]
+    got = _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))
+    for i, (data, t_read) in zip(todo, got):
+        row = rows[i]
+        if _stopping(stop):
+            row["status"] = NOT_STARTED
+            continue
+        if isinstance(data, Exception):
+            _fail(row, "read_error", data)
+            continue
+        t1 = time.perf_counter()
+        row["t_read_s"], row["source_bytes"] = t_read, len(data)
+        w, h, mode, _ = codec.probe(data)
+        row["source_width"], row["source_height"], row["source_mode"] = w, h, mode
+        try:
+            img = codec.decode(data, max_pixels)
+        except codec.DecodeError as e:
+            _fail(row, e.status, str(e))
+            continue
+        except Exception as e:  # a decoder bug must not take the batch down
+            _fail(row, "decode_error", e)
+            continue
+        row["t_decode_s"] = time.perf_counter() - t1
+        row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
+        row["icc"] = img.icc
+        _pack(row, img.pixels, img.alpha)
+    return rows.table(FLIGHT)
+
+
+class ModelStage:
+    """The actor: the model is loaded once, then every batch goes through it."""
+
+    def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
+                 max_output_pixels: int, batch_size: int, env: dict, stop=None,
+                 where: tuple[str | None, str | None] = (None, None)):
+        """``where``: (node id, worker id) of the process the stage runs in, recorded in every row."""
+        _apply(env)
+        self.stop, self.batch_size = stop, batch_size
+        import torch
+
+        from imgxlate.infer.predictor import PredictOptions, Predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.predictor = Predictor(model, scale, options=PredictOptions(**options))
+        self.node_id, self.worker_id = where
+        self.max_output_pixels = max_output_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = Rows(batch)
+        todo = []
+        draining = _stopping(self.stop)
+        for i, row in enumerate(rows):
+            row["node_id"], row["worker_id"] = self.node_id, self.worker_id
+            if row.get("status"):
+                continue
+            if draining:                  # read but not yet run: nothing was written, the next run does it
+                row["status"], row["pixels"], row["alpha"], row["icc"] = NOT_STARTED, None, None, None
+                continue
+            px, alpha = _unpack(row)
+            s = self.predictor.scale
+            out_px = round(px.shape[0] * s) * round(px.shape[1] * s)
+            if out_px > self.max_output_pixels:
+                _fail(row, "too_large", f"output of {out_px / 1e6:.1f} MP exceeds the max-output-pixels "
+                                        f"limit of {self.max_output_pixels / 1e6:.1f} MP")
+                continue
+            todo.append((i, px, alpha))
+        t0 = time.perf_counter()
+        results = []
+        for j in range(0, len(todo), self.batch_size):
+            results += self.predictor.run([(px, alpha) for _, px, alpha in todo[j:j + self.batch_size]])
+        per_image = (time.perf_counter() - t0) / max(1, len(todo))
+        for (i, _, _), res in zip(todo, results):
+            row = rows[i]
+            row["t_model_s"] = per_image
+            if isinstance(res, Exception):
+                _fail(row, "model_error", res)
+                continue
+            row["output_height"], row["output_width"] = res.pixels.shape[:2]
+            _pack(row, res.pixels, res.alpha)
+        return rows.table(FLIGHT)
+
+
+class FusedStage(ModelStage):
+    """load, the model and save in one actor call: no task hop and no pixels through the object store between
+    them. The default when the actors run on CPUs, whose time the model, the codecs and the I/O share anyway."""
+
+    def __init__(self, load_kw: dict, save_kw: dict, **settings):
+        super().__init__(**settings)
+        self.load_kw, self.save_kw = load_kw, save_kw
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return save(super().__call__(load(batch, stop=self.stop, **self.load_kw)), **self.save_kw)
+
+
+def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
+         env: dict) -> pa.Table:
+    """encode + write. Returns manifest rows (no pixels)."""
+    _apply(env)
+    rows = Rows(batch)
+    out = []                                       # (row index, encoded bytes)
+    for i, row in enumerate(rows):
+        row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
+        if not row.get("status"):
+            row["output_format"] = fmt
+            px, alpha = _unpack(row)
+            t0 = time.perf_counter()
+            try:
+                data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
+            except Exception as e:
+                _fail(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
+            else:
+                row["t_encode_s"] = time.perf_counter() - t0
+                out.append((i, data))
+    uris = [rows[i]["output_uri"] for i, _ in out]
+    wrote = _each(storage.write_bytes, [(u, d) for u, (_, d) in zip(uris, out)],
+                  not all(storage.is_local(u) for u in uris))
+    for (i, data), (res, t_write) in zip(out, wrote):
+        row = rows[i]
+        if isinstance(res, Exception):
+            _fail(row, "write_error", res)
+        else:
+            row["t_write_s"] = t_write
+            row["status"], row["output_bytes"] = "ok", len(data)
+            row["output_sha256"] = hashlib.sha256(data).hexdigest()
+    for row in rows:
+        row["finished_at"] = _now()
+        row["source_uri"] = redact(row["source_uri"])
+    return rows.table(manifest.SCHEMA)
