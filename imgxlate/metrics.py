@@ -33,8 +33,12 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def _contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (out_len, P) and 0-based source indices (out_len, P) for one axis.
+def resize_taps(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The bicubic taps of one axis (MATLAB's ``contributions``): weights (out_len, P), each row summing
+    to 1, and 0-based source indices (out_len, P); output sample i is ``sum(w[i] * in[idx[i]])``.
+
+    Shared by :func:`imresize` (through :func:`resize_matrix`) and the ``bicubic`` model, so the two resize
+    alike. The arrays are cached: read them, do not write to them.
 
     As MATLAB: sample coordinate u = x/s + 0.5*(1 - 1/s) (x 1-based); when shrinking, the kernel is
     stretched by 1/s (antialiasing); out-of-range taps take the edge pixel (replicate).
@@ -61,7 +65,7 @@ def _contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray,
 
 def resize_matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
     """Dense (out_len, in_len) matrix M with out = M @ in along one axis (float64)."""
-    w, idx = _contributions(in_len, out_len, scale)
+    w, idx = resize_taps(in_len, out_len, scale)
     m = np.zeros((out_len, in_len), dtype=np.float64)
     np.add.at(m, (np.repeat(np.arange(out_len), idx.shape[1]), idx.ravel()), w.ravel())
     return m

@@ -15,13 +15,14 @@ import ray
 
 def start_or_join(address: str | None = None, num_cpus: int | None = None, env: dict | None = None) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS, which `ray job submit` sets), or start Ray in this
-    process with ``num_cpus`` logical CPUs. ``env``: settings (not credentials) the workers need, e.g. the
+    process with ``num_cpus`` logical CPUs; ``address="local"`` starts Ray here whatever RAY_ADDRESS says
+    (the test session and the benchmarks). ``env``: settings (not credentials) the workers need, e.g. the
     S3 endpoint; inside a Ray job the submission's runtime_env already carries them. True when this call
     started or joined Ray, False when the caller had."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=address, runtime_env={"env_vars": env} if env and not in_job else None,  # ray:
                  logging_level=logging.WARNING)

@@ -411,6 +411,8 @@ def main(argv=None) -> int:
 
     import ray
 
+    from imgxlate import rayenv
+
     for name, n, size in (("small", args.n_small, (256, 192)), ("large", args.n_large, (3000, 2000))):
         src = os.path.join(out, f"photos_{name}")
         paths = make_photos(photos, src, n, size)
@@ -419,7 +421,7 @@ def main(argv=None) -> int:
         status, naive_rate, naive_rss = naive(model_uri, paths, os.path.join(out, f"naive_{name}"), args.threads,
                                               int(args.naive_mem_limit_gb * 2**30))
         t0 = time.perf_counter()                 # Ray runs only while the job does: it would compete
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        rayenv.start_or_join("local")
         results[f"ray_start_s_{name}"] = round(time.perf_counter() - t0, 2)
         job_rate = run_job(model_uri, src, os.path.join(out, f"job_{name}_{int(time.time())}"), args.tile, args.batch)
         ray.shutdown()

@@ -12,9 +12,10 @@ What it adds to `ray job submit --working-dir . --runtime-env cluster/runtime_en
   the batch job skips inputs its manifest has done, training resumes from the latest checkpoint of the
   same --name and --storage.
 - The runtime_env: this checkout as the working_dir, minus data, `.git`, virtual environments and
-  outputs (cluster/runtime_env.yaml), plus the non-secret S3 settings of this shell (AWS_ENDPOINT_URL,
-  AWS_REGION, AWS_DEFAULT_REGION). Credentials are never shipped: the cluster's nodes use their own
-  environment or instance role, and an entrypoint that carries a secret is refused.
+  outputs (cluster/runtime_env.yaml), plus the non-secret S3 settings of this shell
+  (``imgxlate.io.storage.FORWARDED_ENV``: AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION). Credentials are
+  never shipped: the cluster's nodes use their own environment or instance role, and an entrypoint that carries
+  a secret is refused.
 - It follows the job: prints its logs as they come and exits 0 when it SUCCEEDED (1 otherwise);
   ``--no-wait`` returns after submitting.
 """
@@ -30,7 +31,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 SECRET = re.compile(r"(AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret_access_key|secret[_-]?key|"
                     r"X-Amz-Signature|X-Amz-Credential|password)", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -46,10 +46,12 @@ def submission_id(entrypoint: list[str]) -> str:
 def runtime_env(working_dir: str = ROOT) -> dict:
     import yaml
 
+    from imgxlate.io import storage  # lazily: a client without fsspec can still run --help
+
     with open(os.path.join(ROOT, "cluster", "runtime_env.yaml")) as f:
         env = yaml.safe_load(f) or {}
     env["working_dir"] = working_dir
-    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    forwarded = storage.forwarded_env()
     if forwarded:
         env.setdefault("env_vars", {}).update(forwarded)
     return env

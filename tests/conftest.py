@@ -64,10 +64,10 @@ def photo(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the test session, started the way the job starts it."""
-    import logging
-
     import ray
 
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    from imgxlate import rayenv
+
+    rayenv.start_or_join("local")
     yield ray
     ray.shutdown()

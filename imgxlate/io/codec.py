@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -112,6 +113,18 @@ def probe(data: bytes) -> tuple[int, int, str, str]:
         return 0, 0, "", ""
 
 
+# EXIF orientations that swap width and height (decode applies them).
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+def header_size(f: typing.BinaryIO) -> tuple[int, int]:
+    """(height, width) as :func:`decode` would give them (EXIF orientation applied), from an open file's
+    header: Pillow reads only as far as the header and the EXIF block."""
+    with Image.open(f) as im:
+        w, h = im.size
+        return (w, h) if im.getexif().get(0x0112) in _TRANSPOSED else (h, w)
+
+
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode one image file; raises DecodeError / TooLarge with a message fit for a manifest row."""
     if not data:
@@ -179,7 +192,9 @@ def _to_arrays(im: Image.Image, source_mode: str, icc: bytes | None) -> Decoded:
     return Decoded(np.asarray(im.convert("RGB")), None, source_mode, icc if _icc_space(icc) == "RGB" else None)
 
 
-def _to_8bit(a: np.ndarray) -> np.ndarray:
+def to_8bit(a: np.ndarray) -> np.ndarray:
+    """uint8 as is; uint16 to uint8 rounded to nearest (65535 -> 255, 257 * v -> v). The one 16-bit rule:
+    the encoder for 8-bit formats and the training / eval readers (imgxlate.io.images) both use it."""
     return a if a.dtype == np.uint8 else ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
@@ -197,7 +212,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png"
     if fmt == "png" and pixels.dtype == np.uint16:
         im = Image.fromarray(pixels)                           # 16-bit gray: I;16
     else:
-        p8, a8 = _to_8bit(pixels), None if alpha is None else _to_8bit(alpha)
+        p8, a8 = to_8bit(pixels), None if alpha is None else to_8bit(alpha)
         if a8 is not None and fmt == "jpeg":
             a = a8.astype(np.float32)[..., None] / 255
             base = p8[..., None] if p8.ndim == 2 else p8

@@ -1,18 +1,20 @@
-"""Read an image URI (local path or any fsspec URI) to a uint8 array, through the batch job's own
-storage and codec: the readers training and evaluation share, so they accept every format the job does."""
+"""Read an image URI (local path or any fsspec URI) to a uint8 array, or its size from the header,
+through the batch job's own storage and codec: the readers training and evaluation share, so they accept
+every format the job does."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from imgxlate.io import codec, storage
+from imgxlate.io import codec, listing, storage
+
+_SIZES: dict[str, tuple[int, int]] = {}
 
 
 def read_image(uri: str) -> np.ndarray:
-    """uint8 HxW (grayscale files) or HxWx3 (alpha dropped); 16-bit reduced to 8 bits, rounded down."""
-    d = codec.decode(storage.read_bytes(uri))
-    px = d.pixels if d.bits == 8 else (d.pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-    return px
+    """uint8 HxW (grayscale files) or HxWx3 (alpha dropped); 16-bit reduced to 8 bits as the encoder does
+    (:func:`imgxlate.io.codec.to_8bit`, rounded to nearest)."""
+    return codec.to_8bit(codec.decode(storage.read_bytes(uri)).pixels)
 
 
 def read_rgb(uri: str) -> np.ndarray:
@@ -26,3 +28,19 @@ def read_mask(uri: str) -> np.ndarray:
     d = codec.decode(storage.read_bytes(uri))
     px = d.pixels if d.pixels.ndim == 2 else d.pixels[..., 0]
     return (px > 0).astype(np.uint8)
+
+
+def image_size(uri: str) -> tuple[int, int]:
+    """(height, width) as :func:`read_image` would give them (EXIF orientation applied), from the file's
+    header only (read through storage in 64 KB blocks: a header usually costs one); remembered per
+    process, so later stages ask again for free."""
+    if uri not in _SIZES:
+        def probe():
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb", block_size=1 << 16) as f:
+                return codec.header_size(f)
+        try:
+            _SIZES[uri] = storage.retry(probe)
+        except Exception as e:
+            raise ValueError(f"{listing.redact(uri)}: cannot read the image's header: {e}") from e
+    return _SIZES[uri]

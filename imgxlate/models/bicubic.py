@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imgxlate.metrics import _contributions, output_size
+from imgxlate.metrics import output_size, resize_taps
 
 
 @dataclass
@@ -26,7 +26,7 @@ class BicubicConfig:
 
 def _resize_axis(x: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
     n = x.shape[dim]
-    w, idx = _contributions(n, output_size(n, scale), scale)        # (out, P) each
+    w, idx = resize_taps(n, output_size(n, scale), scale)           # (out, P) each
     w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
     idx = torch.as_tensor(idx, device=x.device)
     taps = x.index_select(dim, idx.reshape(-1))                     # out*P samples along dim

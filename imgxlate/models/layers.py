@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ImageNet channel statistics (RGB in [0, 1]) that torchvision's pretrained encoders expect: the U-Net
+# encoder and the perceptual loss's VGG both normalise with them, so they live here where both may import.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def conv(ni: int, nf: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
          bias: bool = True) -> nn.Conv2d:

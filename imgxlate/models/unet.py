@@ -18,10 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet34
 
-from imgxlate.models.layers import StdUpsample, UnetBlock, pad_to_multiple
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from imgxlate.models.layers import IMAGENET_MEAN, IMAGENET_STD, StdUpsample, UnetBlock, pad_to_multiple
 
 
 @dataclass

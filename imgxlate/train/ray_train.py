@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from imgxlate.errors import CannotRun
 from imgxlate.io import storage
 from imgxlate.train import tasks
 from imgxlate.train.loop import Trainer
@@ -30,80 +31,112 @@ from imgxlate.train.loop import Trainer
 CKPT = "state.pt"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Worker:
+    """Where this Train worker runs: its rank among ``world`` workers, and its torch device."""
+    rank: int
+    world: int
+    device: str
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: resume from the run's latest checkpoint, if any, then train every stage left."""
     cfg = tasks.RunConfig.from_dict(config)
     task = tasks.task_of(cfg)
+    worker = _join(cfg)
+    stages = task.stages(cfg)
+    start_stage, state, model, new = _resume(cfg, stages, worker.rank)
+    for si in range(start_stage, len(stages)):
+        resuming = state is not None
+        if not resuming:
+            model, new = task.build_model(cfg, stages[si], model)
+        trainer = _stage_trainer(cfg, task, stages, si, model, new, worker)
+        if resuming:
+            trainer.load_state_dict(state)
+        trainer.fit()
+        state = None
+
+
+def _join(cfg: tasks.RunConfig) -> _Worker:
+    """This worker's place in the run; torch seeded, and on CPUs one thread per CPU the worker holds."""
     ctx = ray.train.get_context()                                        # ray:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()             # ray:
     device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"  # ray:
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))   # one thread per CPU the worker holds
-    stages = task.stages(cfg)
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    return _Worker(rank, world, device)
 
-    start_stage, state, model, new = 0, None, None, []
+
+def _resume(cfg: tasks.RunConfig, stages: list, rank: int) -> tuple[int, dict | None, torch.nn.Module | None, list]:
+    """(first stage to train, the trainer state to resume it from or None, the model so far or None, the
+    names of its new parameters) from the run's latest checkpoint; (0, None, None, []) on a fresh run."""
     ckpt = ray.train.get_checkpoint()                                    # ray: latest checkpoint, if any
-    if ckpt:
-        saved = read_checkpoint(ckpt)
-        start_stage, state, new = saved["stage"], saved["trainer"], saved.get("new_params", [])
-        model_cfg = saved["model_config"]
-        from imgxlate.models import build
+    if not ckpt:
+        return 0, None, None, []
+    saved = read_checkpoint(ckpt)
+    start_stage, state, new = saved["stage"], saved["trainer"], saved.get("new_params", [])
+    from imgxlate.models import build
 
-        model = build(saved["arch"], model_cfg)
-        model.load_state_dict(state["model"])
-        # A stage is done when its epochs (as configured now: a rerun may extend them) are done.
-        if state["epoch"] >= tasks.stage_loop(cfg, stages[start_stage]).epochs and not state.get("epoch_step"):
-            start_stage, state, new = start_stage + 1, None, []
-        if rank == 0:
-            print(f"[imgxlate] resuming run '{cfg.name}' from its latest checkpoint: stage {saved['stage']}, "
-                  f"epoch {saved['trainer']['epoch']}, step {saved['trainer']['step']}", flush=True)
+    model = build(saved["arch"], saved["model_config"])
+    model.load_state_dict(state["model"])
+    # A stage is done when its epochs (as configured now: a rerun may extend them) are done.
+    if state["epoch"] >= tasks.stage_loop(cfg, stages[start_stage]).epochs and not state.get("epoch_step"):
+        start_stage, state, new = start_stage + 1, None, []
+    if rank == 0:
+        print(f"[imgxlate] resuming run '{cfg.name}' from its latest checkpoint: stage {saved['stage']}, "
+              f"epoch {saved['trainer']['epoch']}, step {saved['trainer']['step']}", flush=True)
+    return start_stage, state, model, new
 
-    for si in range(start_stage, len(stages)):
-        stage = stages[si]
-        resuming = state is not None
-        if not resuming:
-            model, new = task.build_model(cfg, stage, model)
-        groups = tasks.trainable_groups(model, stage, new)
-        td = task.stage_data(cfg, stage, device)
-        sampler = DistributedSampler(td.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-        loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
-                            cfg.batch_size * world, num_workers=0)
-        ddp_model = ray.train.torch.prepare_model(model, move_to_device=device,  # ray: DDP + device
-                                                  parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
-                                                                            stage.train == "new"})
-        loop_cfg = tasks.stage_loop(cfg, stage)
 
-        def set_epoch(e, sampler=sampler, dataset=td.train):
-            sampler.set_epoch(e)
-            dataset.set_epoch(e)
+def _stage_trainer(cfg: tasks.RunConfig, task, stages: list, si: int, model, new: list, worker: _Worker) -> Trainer:
+    """The plain-PyTorch Trainer of stage ``si`` on this worker: its share of the data (DistributedSampler),
+    the model in DDP, and a checkpoint reported to Ray Train at each of the loop's checkpoints."""
+    stage = stages[si]
+    groups = tasks.trainable_groups(model, stage, new)
+    td = task.stage_data(cfg, stage, worker.device)
+    sampler = DistributedSampler(td.train, num_replicas=worker.world, rank=worker.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
+                        cfg.batch_size * worker.world, num_workers=0)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=worker.device,  # ray: DDP + device
+                                              parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
+                                                                        stage.train == "new"})
 
-        def on_checkpoint(trainer: Trainer, metrics: dict, si=si, stage=stage, model=model, new=new, td=td):
-            done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
-            rss = _gather(_peak_rss_mb())                                # every rank calls this together
-            metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step, **td.plan.metrics(),
-                       "worker_peak_rss_mb": rss, "worker_peak_rss_mb_max": max(rss)}
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
-                                "arch": model.arch, "model_config": dataclasses.asdict(model.config),
-                                "stage_spec": dataclasses.asdict(stage), "new_params": new,
-                                "contract": td.contract.to_dict(), "data": td.plan.provenance()},
-                               os.path.join(d, CKPT))
-                    checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
-                ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
-            if rank == 0 and not metrics.get("partial_epoch"):
-                _append_metrics(cfg, metrics)
-                print(progress_line(metrics, len(stages), trainer.cfg.epochs), flush=True)
+    def set_epoch(e):
+        sampler.set_epoch(e)
+        td.train.set_epoch(e)
 
-        trainer = Trainer(ddp_model, td.objective, loader, loop_cfg, groups=groups,
-                          global_batch=cfg.batch_size * world, device=device,
-                          evaluate=td.evaluate if rank == 0 else None, on_checkpoint=on_checkpoint,
-                          set_epoch=set_epoch)
-        if resuming:
-            trainer.load_state_dict(state)
-        trainer.fit()
-        state = None
+    return Trainer(ddp_model, td.objective, loader, tasks.stage_loop(cfg, stage), groups=groups,
+                   global_batch=cfg.batch_size * worker.world, device=worker.device,
+                   evaluate=td.evaluate if worker.rank == 0 else None,
+                   on_checkpoint=_reporter(cfg, stages, si, model, new, td, worker.rank), set_epoch=set_epoch)
+
+
+def _reporter(cfg: tasks.RunConfig, stages: list, si: int, model, new: list, td, rank: int):
+    """The loop's on_checkpoint for stage ``si``: every rank reports its metrics (with every rank's peak RSS)
+    to Ray Train, rank 0 with the checkpoint; rank 0 then appends the epoch to metrics.jsonl and prints it."""
+    stage = stages[si]
+
+    def on_checkpoint(trainer: Trainer, metrics: dict) -> None:
+        done = trainer.epoch >= trainer.cfg.epochs and not metrics.get("partial_epoch")
+        rss = _gather(_peak_rss_mb())                                # every rank calls this together
+        metrics = {**metrics, "stage": si, "stage_done": done, "global_step": trainer.step, **td.plan.metrics(),
+                   "worker_peak_rss_mb": rss, "worker_peak_rss_mb_max": max(rss)}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"stage": si, "stage_done": done, "trainer": trainer.state_dict(),
+                            "arch": model.arch, "model_config": dataclasses.asdict(model.config),
+                            "stage_spec": dataclasses.asdict(stage), "new_params": new,
+                            "contract": td.contract.to_dict(), "data": td.plan.provenance()},
+                           os.path.join(d, CKPT))
+                checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
+            ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
+        if rank == 0 and not metrics.get("partial_epoch"):
+            _append_metrics(cfg, metrics)
+            print(progress_line(metrics, len(stages), trainer.cfg.epochs), flush=True)
+
+    return on_checkpoint
 
 
 def progress_line(m: dict, n_stages: int, epochs: int) -> str:
@@ -180,7 +213,7 @@ def git_revision() -> str | None:
         return None
 
 
-class ResourceError(RuntimeError):
+class ResourceError(CannotRun, RuntimeError):
     """The Ray cluster cannot place the run's workers (and did not grow to within the wait)."""
 
 
@@ -235,7 +268,7 @@ def fit(cfg: tasks.RunConfig):
     """Train on Ray Train; returns the ray.train.Result. Same name + storage resumes."""
     cfg = tasks.absolute_paths(cfg)
     path, fs = _storage(cfg)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
+    env = storage.forwarded_env()
     trainer = ray.train.torch.TorchTrainer(                                  # ray:
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
 from imgxlate import plots, rayenv
 from imgxlate.io import storage
+from imgxlate.log import log
 from imgxlate.train import ray_train, tasks
-
-
-def _log(msg: str) -> None:
-    print(f"[imgxlate] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
@@ -36,11 +32,11 @@ def check_data(cfg: tasks.RunConfig) -> None:
     here, and a plan with nothing to train on stops the run with tasks.DataError."""
     plans = tasks.task_of(cfg).check(cfg)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
-        _log(f"warning: {warning}")
+        log(f"warning: {warning}")
     first = plans[0]
-    _log(f"data: {len(first.train)} training images" + (f", {len(first.val)} held out for validation "
-                                                        f"(seed {cfg.seed}), never trained on" if first.held_out
-                                                        else f", {len(first.val)} for validation"))
+    log(f"data: {len(first.train)} training images" + (f", {len(first.val)} held out for validation "
+                                                       f"(seed {cfg.seed}), never trained on" if first.held_out
+                                                       else f", {len(first.val)} for validation"))
 
 
 def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resources: float = 0) -> dict:
@@ -53,12 +49,12 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     check_data(cfg)
     started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     log_path = ray_log_path(cfg)
-    _log(f"Ray's own messages: {log_path}")
+    log(f"Ray's own messages: {log_path}")
     try:
         with rayenv.output_to(log_path):
-            ray_train.check_resources(cfg, wait_for_resources, log=_log)
-            _log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
-                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
+            ray_train.check_resources(cfg, wait_for_resources, log=log)
+            log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
+                f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
             result = ray_train.fit(cfg)
             if started:
                 ray.shutdown()                  # while Ray's output still goes to the log
@@ -79,7 +75,7 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     if history:
         storage.write_bytes(curves, plots.training_curves(history, f"{cfg.task} run {cfg.name}"))
     last = history[-1] if history else {}
-    _log(f"model artifact: {out}; curves: {curves}")
-    _log("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()
-                                      if isinstance(v, float) and (k.startswith("val_") or k == "train_loss")))
+    log(f"model artifact: {out}; curves: {curves}")
+    log("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()
+                                     if isinstance(v, float) and (k.startswith("val_") or k == "train_loss")))
     return {"artifact": out, "curves": curves, "history": history, "metrics": result.metrics}
