@@ -5,7 +5,10 @@
     eval_seg    per-image Dice / IoU / pixel accuracy of a segmentation model against its masks
     eval_style  per-image content loss and per-layer style losses of a style model
 
-Each returns rows (dataclasses) that the CLI prints, saves as CSV and turns into pictures (imgxlate.plots).
+Each returns rows (dataclasses) that imgxlate.eval_report prints, saves as CSV and Parquet and turns into
+pictures (imgxlate.plots); training validation scores with the same functions. What they share with training
+(degradations, segmentation pairing, the style loss) lives beside both: imgxlate.degrade, imgxlate.pairing,
+imgxlate.losses. Nothing here imports imgxlate.train.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from imgxlate import metrics
+from imgxlate import degrade, losses, metrics, pairing
 from imgxlate.infer.predictor import PredictOptions, Predictor, model_device, to_tensor
 from imgxlate.io import images, listing
 from imgxlate.models import build
@@ -72,12 +75,10 @@ def eval_sr(predictor: Predictor, hr_images: Iterable[Named], scale: int, y_chan
     of the scale, LR by MATLAB bicubic, the model run by ``predictor`` (its contract, tiles and
     self-ensemble: the batch job's outputs for the same LR files), outputs quantised to uint8.
     ``crop`` > 0 keeps a ``crop``-pixel square of bicubic / model / HR from the same region of each image.
-    ``degradations`` (a preset of imgxlate.train.degrade, e.g. 'restore') degrades each LR image as training
+    ``degradations`` (a preset of imgxlate.degrade, e.g. 'restore') degrades each LR image as training
     did (JPEG, noise, blur), drawn from a generator seeded by (``seed``, image index): model and bicubic see
     the same degraded input, and the reference is the clean HR."""
-    from imgxlate.train.degrade import PRESETS, apply
-
-    sampler = PRESETS[degradations]
+    sampler = degrade.PRESETS[degradations]
     bicubic = Predictor(build("bicubic", scale=scale), device="cpu", options=PredictOptions(tile=1 << 30))
     rows = []
     for i, (name, img) in enumerate(hr_images):
@@ -85,7 +86,7 @@ def eval_sr(predictor: Predictor, hr_images: Iterable[Named], scale: int, y_chan
         rgb = np.repeat(hr[..., None], 3, axis=2) if hr.ndim == 2 else hr
         lr = metrics.imresize(rgb, 1 / scale) if scale > 1 else rgb
         if sampler.active:
-            lr = apply(lr, sampler.sample(np.random.default_rng([seed, i])))
+            lr = degrade.apply(lr, sampler.sample(np.random.default_rng([seed, i])))
         sr, bic = predictor.predict(lr), bicubic.predict(lr)
         row = SrRow(
             image=name, height=hr.shape[0], width=hr.shape[1],
@@ -118,12 +119,10 @@ class SegRow:
 def seg_pairs(folder: str, split: str = "all", val_fraction: float = 0.2, seed: int = 0) -> list[tuple[str, str]]:
     """(image, mask) pairs under ``folder`` (training's pairing rules); ``split='val'`` keeps only the groups
     (Carvana: cars) that training with the same ``val_fraction`` and ``seed`` held out."""
-    from imgxlate.train import data
-
-    pairs = data.pair_segmentation(data.list_images(folder))
+    pairs = pairing.pair_segmentation([it.source_uri for it in list_images(folder)])
     if split == "all":
         return pairs
-    train, val = data.grouped_split(pairs, val_fraction, seed=seed)
+    train, val = pairing.grouped_split(pairs, val_fraction, seed=seed)
     return val if split == "val" else train
 
 
@@ -185,34 +184,33 @@ def centre_square(img: np.ndarray, size: int) -> np.ndarray:
 
 @torch.inference_mode()
 def eval_style(predictor: Predictor, content_images: Iterable[Named], style_image: np.ndarray, size: int = 256,
-               vgg_weights: str = "imagenet", content_weight: float = 1e4, objective=None,
+               vgg_weights: str = "imagenet", content_weight: float = 1e4, loss: losses.StyleLoss | None = None,
                style_size: int | None = None) -> list[StyleRow]:
     """Content loss and per-layer style (Gram) losses of each stylised image, with the weights the training
     objective uses (lower is better for all); the style image's Gram targets at ``style_size`` as training
-    computed them (see imgxlate.train.objectives.style_target). The stylised image is what ``predictor``
-    writes (its contract: the batch job's output); the losses are measured on its centre ``size`` square."""
-    from imgxlate.train.objectives import StyleObjective
-
-    own = objective is None
+    computed them (imgxlate.losses.style_loss; training validation passes its own ``loss``). The stylised
+    image is what ``predictor`` writes (its contract: the batch job's output); the losses are measured on
+    its centre ``size`` square."""
+    own = loss is None
     if own:
         with torch.random.fork_rng():
             torch.manual_seed(0)            # 'random' VGG weights: the same loss network on every run
-            objective = StyleObjective(style_image, style_size, vgg_weights, content_weight)
-    names = objective.loss.names
+            loss = losses.style_loss(style_image, style_size, vgg_weights, content_weight)
+    names = loss.names
     rows = []
     try:
         for name, img in content_images:
             img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
             out = predictor.predict(img)
-            device = model_device(objective.loss)
+            device = model_device(loss)
             content = to_tensor(centre_square(img, size)).to(device)
             stylised = to_tensor(centre_square(out, size)).to(device)
-            terms = [t.item() for t in objective.loss(stylised, content, sum_layers=False)]
+            terms = [t.item() for t in loss(stylised, content, sum_layers=False)]
             rows.append(StyleRow(image=name, loss=float(sum(terms)), terms=dict(zip(names, terms)),
                                  pictures={"content": img, "stylised": out}))
     finally:
         if own:
-            objective.loss.close()
+            loss.close()
     return rows
 
 

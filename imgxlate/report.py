@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from imgxlate.errors import CannotRun
 from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact
 
 TIMES = ("t_read_s", "t_decode_s", "t_model_s", "t_encode_s", "t_write_s")
+
+
+class NotARun(CannotRun, FileNotFoundError):
+    """The folder is neither a training run nor a batch job's DST: there is nothing to report."""
 
 
 def kind(uri: str) -> str:
@@ -18,7 +23,7 @@ def kind(uri: str) -> str:
         return "training"
     if manifest.all_runs(uri):
         return "batch"
-    raise FileNotFoundError(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
+    raise NotARun(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
                             f"batch DST with a manifest (_manifest/<run_id>/)")
 
 
@@ -32,6 +37,26 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |" for r in rows]
     return out
+
+
+def write(run: str, out: str | None = None, slowest: int = 10) -> tuple[str, str | None]:
+    """The Markdown report of ``run`` (a training run folder or a batch DST) and where it was written:
+    ``out``/report.md, for a training run by default RUN/imgxlate, beside its curves.png."""
+    from imgxlate import plots
+
+    if kind(run) == "training":
+        text, history = training(run)
+        out = out or storage.join(run, "imgxlate")
+        if history:
+            storage.write_bytes(storage.join(out, "curves.png"),
+                                plots.training_curves(history, f"run {run.rstrip('/').split('/')[-1]}"))
+    else:
+        text = batch(run, slowest=slowest)
+    if not out:
+        return text, None
+    path = storage.join(out, "report.md")
+    storage.write_bytes(path, text.encode())
+    return text, path
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -88,12 +113,9 @@ def latest_rows(rows: list[dict]) -> dict[str, dict]:
     return state
 
 
-def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
-    """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
-    where the time went, the slowest inputs and sample errors."""
-    run_ids = manifest.all_runs(dst)
+def _summaries(dst: str, run_ids: list[str], rows: list[dict]) -> list[dict]:
+    """Each run's summary.json; a killed run (no summary) summarised from the parts it wrote."""
     finished = set(manifest.runs(dst))
-    rows = manifest.read_all(dst).to_pylist()
     summaries = []
     for r in run_ids:
         if r in finished:
@@ -107,6 +129,15 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
                           "output_bytes": sum(x.get("output_bytes") or 0 for x in mine),
                           "dst": redact(dst), "src": "?", "model_id": first.get("model_id"),
                           "task": first.get("task")})
+    return summaries
+
+
+def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
+    """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
+    where the time went, the slowest inputs and sample errors."""
+    run_ids = manifest.all_runs(dst)
+    rows = manifest.read_all(dst).to_pylist()
+    summaries = _summaries(dst, run_ids, rows)
     state = latest_rows(rows)
     counts = Counter(r["status"] for r in state.values())
     last = summaries[-1]
@@ -122,31 +153,41 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     done = [r for r in rows if r["status"] == "ok"]
     worked = [s for s in summaries if any(k != "skipped_done" for k in s["counts"])]
     if done and worked:
-        w = worked[-1]          # the latest run that processed anything (a resumed run may only skip)
-        mpix = sum((r["source_width"] or 0) * (r["source_height"] or 0) for r in done if r["run_id"] == w["run_id"])
-        lines += ["", f"## Throughput (run {w['run_id']}, the latest that processed inputs)", "",
-                  f"- {w['images_per_s']} images/s, {mpix / 1e6 / w['wall_s']:.2f} input megapixels/s "
-                  f"over {w['wall_s']} s wall (Ray start-up included)" if w["wall_s"] else "- no wall time recorded"]
-        totals = {t: sum(r[t] or 0 for r in done) for t in TIMES}
-        whole = sum(totals.values()) or 1
-        lines += ["- where the time went (all ok rows, summed over workers): " +
-                  ", ".join(f"{t[2:-2]} {100 * v / whole:.0f}%" for t, v in totals.items())]
-        nodes = Counter(r["node_id"] for r in done if r["node_id"])
-        if nodes:
-            lines += ["- model work by node: " + ", ".join(f"`{n[:12]}` {c}" for n, c in nodes.most_common())]
-        lines += ["", f"## Slowest {min(slowest, len(done))} inputs", ""]
-        slow = sorted(done, key=lambda r: -sum(r[t] or 0 for t in TIMES))[:slowest]
-        lines += _table(["key", "size", "total_s", *[t[2:-2] for t in TIMES]],
-                        [[r["key"], f"{r['source_width']}x{r['source_height']}", sum(r[t] or 0 for t in TIMES),
-                          *[r[t] for t in TIMES]] for r in slow])
-    failed = [r for r in state.values() if r["status"] not in manifest.DONE]
-    if failed:
-        lines += ["", "## Sample errors", ""]
-        by_status: dict[str, list] = {}
-        for r in failed:
-            by_status.setdefault(r["status"], []).append(r)
-        table = []
-        for status, rs in sorted(by_status.items()):
-            table += [[status, r["key"], (r["error"] or "")[:160]] for r in rs[:errors_per_status]]
-        lines += _table(["status", "key", "error"], table)
+        # the latest run that processed anything (a resumed run may only skip)
+        lines += _throughput(done, worked[-1], slowest)
+    lines += _sample_errors([r for r in state.values() if r["status"] not in manifest.DONE], errors_per_status)
     return "\n".join(lines) + "\n"
+
+
+def _throughput(done: list[dict], w: dict, slowest: int) -> list[str]:
+    """Throughput of run ``w``, where the time of every ok row went, and the slowest inputs."""
+    mpix = sum((r["source_width"] or 0) * (r["source_height"] or 0) for r in done if r["run_id"] == w["run_id"])
+    lines = ["", f"## Throughput (run {w['run_id']}, the latest that processed inputs)", "",
+             f"- {w['images_per_s']} images/s, {mpix / 1e6 / w['wall_s']:.2f} input megapixels/s "
+             f"over {w['wall_s']} s wall (Ray start-up included)" if w["wall_s"] else "- no wall time recorded"]
+    totals = {t: sum(r[t] or 0 for r in done) for t in TIMES}
+    whole = sum(totals.values()) or 1
+    lines += ["- where the time went (all ok rows, summed over workers): " +
+              ", ".join(f"{t[2:-2]} {100 * v / whole:.0f}%" for t, v in totals.items())]
+    nodes = Counter(r["node_id"] for r in done if r["node_id"])
+    if nodes:
+        lines += ["- model work by node: " + ", ".join(f"`{n[:12]}` {c}" for n, c in nodes.most_common())]
+    lines += ["", f"## Slowest {min(slowest, len(done))} inputs", ""]
+    slow = sorted(done, key=lambda r: -sum(r[t] or 0 for t in TIMES))[:slowest]
+    lines += _table(["key", "size", "total_s", *[t[2:-2] for t in TIMES]],
+                    [[r["key"], f"{r['source_width']}x{r['source_height']}", sum(r[t] or 0 for t in TIMES),
+                      *[r[t] for t in TIMES]] for r in slow])
+    return lines
+
+
+def _sample_errors(failed: list[dict], per_status: int) -> list[str]:
+    """Up to ``per_status`` inputs of each failing status, with their errors."""
+    if not failed:
+        return []
+    by_status: dict[str, list] = {}
+    for r in failed:
+        by_status.setdefault(r["status"], []).append(r)
+    table = []
+    for status, rs in sorted(by_status.items()):
+        table += [[status, r["key"], (r["error"] or "")[:160]] for r in rs[:per_status]]
+    return ["", "## Sample errors", "", *_table(["status", "key", "error"], table)]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgxlate import metrics
+from imgxlate import metrics, pairing
+from imgxlate.degrade import Degradation, DegradationSampler, apply
 from imgxlate.train import data
-from imgxlate.train.degrade import Degradation, DegradationSampler, apply
 
 from conftest import photo
 
@@ -25,12 +25,12 @@ def test_pairing_rules_and_grouped_split(tmp_path):
     (tmp_path / "beside").mkdir()
     Image.fromarray(photo(8, 8)).save(tmp_path / "beside/x_1.jpg")
     Image.new("L", (8, 8)).save(tmp_path / "beside/x_1_mask.png")
-    pairs = data.pair_segmentation(data.list_images(str(tmp_path)))
+    pairs = pairing.pair_segmentation(data.list_images(str(tmp_path)))
     names = {(p[0].split("/")[-1], p[1].split("/")[-1]) for p in pairs}
     assert names == {("car1_01.jpg", "car1_01_mask.gif"), ("car1_02.jpg", "car1_02_mask.gif"),
                      ("car2_01.jpg", "car2_01_mask.gif"), ("0.png", "0.png"), ("x_1.jpg", "x_1_mask.png")}
     cars = [p for p in pairs if "carvana" in p[0]]
-    train, val = data.grouped_split(cars, 0.5)
+    train, val = pairing.grouped_split(cars, 0.5)
     assert {p[0].split("/")[-1][:4] for p in train}.isdisjoint({p[0].split("/")[-1][:4] for p in val})
 
 
@@ -126,7 +126,7 @@ def test_limit_counts_image_mask_pairs(tmp_path):
     from imgxlate.train.tasks import RunConfig, SegTask, Stage
 
     _write_pairs(tmp_path, "folders", 6)
-    pairs = data.pair_segmentation(data.list_images(str(tmp_path)), limit=3)
+    pairs = pairing.pair_segmentation(data.list_images(str(tmp_path)), limit=3)
     assert [(p[0].split("/")[-2:], p[1].split("/")[-2:]) for p in pairs] == [
         (["images", f"p{i}.png"], ["masks", f"p{i}.png"]) for i in range(3)]
     cfg = RunConfig(task="seg", data=str(tmp_path), limit=3, val_fraction=0.34)
@@ -137,10 +137,10 @@ def test_limit_counts_image_mask_pairs(tmp_path):
 def test_kaggle_carvana_layout_pairs(tmp_path):
     stems = _write_pairs(tmp_path, "kaggle", 4)
     (tmp_path / "train_masks.csv").write_text("img,rle_mask\n")
-    pairs = data.pair_segmentation(data.list_images(str(tmp_path)))
+    pairs = pairing.pair_segmentation(data.list_images(str(tmp_path)))
     assert [(p[0].split("/")[-2:], p[1].split("/")[-2:]) for p in pairs] == [
         (["train", f"{s}.jpg"], ["train_masks", f"{s}_mask.gif"]) for s in stems]
-    train, val = data.grouped_split(pairs, 0.5)              # grouped by car id, as Carvana's own names
+    train, val = pairing.grouped_split(pairs, 0.5)              # grouped by car id, as Carvana's own names
     assert {p[0].split("/")[-1][:4] for p in train}.isdisjoint({p[0].split("/")[-1][:4] for p in val})
 
 
@@ -263,8 +263,9 @@ def test_style_gram_targets_are_computed_at_the_style_size_in_training_and_eval(
     from imgxlate.artifact import save
     from imgxlate.cli import main
     from imgxlate.infer.predictor import Predictor
+    from imgxlate.losses import style_size_of, style_target
     from imgxlate.models import build
-    from imgxlate.train.objectives import StyleObjective, style_size_of, style_target
+    from imgxlate.train.objectives import StyleObjective
     from imgxlate.train.tasks import RunConfig, Stage, StyleTask
 
     stripes = np.zeros((96, 160, 3), np.uint8)

@@ -13,22 +13,20 @@ only (:func:`image_size`).
 
 from __future__ import annotations
 
-import posixpath
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from imgxlate import metrics
 from imgxlate.augment import dihedral
-from imgxlate.io import listing, storage
+from imgxlate.degrade import DegradationSampler, apply
+from imgxlate.io import listing
+from imgxlate.io.images import image_size as image_size  # re-exported: the tasks ask data for sizes
 from imgxlate.io.images import read_mask, read_rgb
-from imgxlate.train.degrade import DegradationSampler, apply
 
 DEFAULT_CACHE_MB = 1024
 
@@ -50,27 +48,6 @@ def held_out_split(items: list, fraction: float, seed: int) -> tuple[list, list]
     n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
     held = set(np.random.default_rng(seed).permutation(len(items))[:n_val].tolist())
     return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
-
-
-# EXIF orientations that swap width and height (the codec applies them on decode).
-_TRANSPOSED = (5, 6, 7, 8)
-_SIZES: dict[str, tuple[int, int]] = {}
-
-
-def image_size(uri: str) -> tuple[int, int]:
-    """(height, width) as decoding would give them (EXIF orientation applied), from the file's header
-    only; remembered per process, so later stages ask again for free."""
-    if uri not in _SIZES:
-        def probe():
-            fs, path = storage.filesystem(uri)
-            with fs.open(path, "rb", block_size=1 << 16) as f, Image.open(f) as im:
-                w, h = im.size
-                return (w, h) if im.getexif().get(0x0112) in _TRANSPOSED else (h, w)
-        try:
-            _SIZES[uri] = storage.retry(probe)
-        except Exception as e:
-            raise ValueError(f"{listing.redact(uri)}: cannot read the image's header: {e}") from e
-    return _SIZES[uri]
 
 
 class ImageCache:
@@ -197,76 +174,6 @@ class CropDataset(_Crops):
             t = torch.nn.functional.interpolate(t[None], size=(self.size, self.size), mode="bilinear",
                                                 antialias=True, align_corners=False)[0]
         return (dihedral(t, int(rng.integers(2)) * 4),)   # left-right flip only: photos stay upright
-
-
-CARVANA_MASK = r"(?P<stem>.+)_mask\.(gif|png)$"
-CARVANA_GROUP = r"^(?P<group>[^_/]+)_"
-
-
-SIBLING_FOLDERS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
-
-
-def _mask_folders(folder: str) -> list[str]:
-    """Sibling folders that may hold the masks of the images in ``folder``: ``masks/`` for ``images/``,
-    ``label/`` for ``image/`` (SIBLING_FOLDERS), and ``<name>_masks/`` for ``<name>/`` (Kaggle's Carvana:
-    ``train/`` + ``train_masks/``)."""
-    parent, name = posixpath.split(folder)
-    return [posixpath.join(parent, m) for m in [m for i, m in SIBLING_FOLDERS if i == name] + [f"{name}_masks"]]
-
-
-def _is_mask_folder(folder: str) -> bool:
-    name = posixpath.basename(folder)
-    return name.endswith("_masks") or any(name == m for _, m in SIBLING_FOLDERS)
-
-
-def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK, limit: int | None = None
-                      ) -> list[tuple[str, str]]:
-    """(image, mask) pairs matched by file name, in listing order (at most ``limit``): a mask is
-    ``<stem>_mask.gif|png`` (Carvana's ``<id>_<angle>.jpg`` / ``<id>_<angle>_mask.gif``), beside the image
-    or in a sibling folder (``images/`` + ``masks/``, Kaggle's ``train/`` + ``train_masks/``), or has the
-    image's own name in a sibling ``label/`` / ``labels/`` / ``masks/`` folder (ISBI)."""
-    rx = re.compile(mask_pattern)
-    by_stem = {posixpath.splitext(u)[0]: u for u in uris}
-    masks, images = {}, []
-    for u in uris:
-        m = rx.search(posixpath.basename(u))
-        if m:
-            masks[posixpath.join(posixpath.dirname(u), m.group("stem"))] = u
-        elif not _is_mask_folder(posixpath.dirname(u)):
-            images.append(u)
-    pairs = []
-    for u in images:
-        stem = posixpath.splitext(u)[0]
-        folder, name = posixpath.split(stem)
-        candidates = [masks.get(stem)]
-        for mask_folder in _mask_folders(folder):
-            alt = posixpath.join(mask_folder, name)
-            candidates += [masks.get(alt), by_stem.get(alt)]
-        mask = next((c for c in candidates if c), None)
-        if mask is not None:
-            pairs.append((u, mask))
-            if limit and len(pairs) == limit:
-                break
-    if not pairs:
-        raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
-                         "train/ + train_masks/, or image/ + label/)")
-    return pairs
-
-
-def grouped_split(pairs: list[tuple[str, str]], val_fraction: float, group_pattern: str = CARVANA_GROUP,
-                  seed: int = 0) -> tuple[list, list]:
-    """Train/validation split by group (e.g. the car id), so no group is in both."""
-    rx = re.compile(group_pattern)
-
-    def group(p):
-        m = rx.search(posixpath.basename(p[0]))
-        return m.group("group") if m else posixpath.basename(p[0])
-    groups = sorted({group(p) for p in pairs})
-    rng = np.random.default_rng(seed)
-    rng.shuffle(groups)
-    n_val = max(1, round(len(groups) * val_fraction)) if len(groups) > 1 else 0
-    val_groups = set(groups[:n_val])
-    return [p for p in pairs if group(p) not in val_groups], [p for p in pairs if group(p) in val_groups]
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgxlate import losses
@@ -29,40 +27,15 @@ class SrObjective(nn.Module):
         return loss, {"loss": loss.item()}
 
 
-def style_target(style: np.ndarray, size: int | None) -> torch.Tensor:
-    """The style image the Gram targets are computed from, (1, 3, H, W) in [0, 1]: resized (bilinear,
-    antialiased) so that its shorter side is ``size``, as the lesson resizes the painting to the training
-    size first. Gram matrices describe the brush strokes at the scale VGG sees them, so a painting scanned
-    at full resolution has strokes far finer than the training crops can learn. None: as it is."""
-    t = torch.from_numpy(np.array(style[..., :3])).permute(2, 0, 1).float()[None] / 255
-    h, w = t.shape[-2:]
-    if size and size != min(h, w):
-        k = size / min(h, w)
-        t = F.interpolate(t, size=(max(1, round(h * k)), max(1, round(w * k))), mode="bilinear", antialias=True,
-                          align_corners=False).clamp_(0, 1)
-    return t
-
-
-def style_size_of(config: dict) -> int | None:
-    """The style size a run config says (a RunConfig as a dict, or the one recorded in an artifact's
-    provenance): ``style_size``, by default the content size. A config from before the setting existed
-    trained on the painting at full resolution: None."""
-    if "style_size" not in config:
-        return None
-    return config["style_size"] or config.get("content_size", 256)
-
-
 class StyleObjective(nn.Module):
     """Content + per-layer Gram losses against one fixed style image (uint8 HxWx3), whose Gram targets
-    are computed once at ``style_size`` (:func:`style_target`): training and ``eval style`` both build
-    their loss here."""
+    are computed once at ``style_size``: :func:`imgxlate.losses.style_loss`, which ``eval style`` builds too."""
 
     def __init__(self, style_image: np.ndarray, style_size: int | None, vgg_weights: str = "imagenet",
                  content_weight: float = 1e4, style_weights: tuple[float, ...] = (0.025, 0.275, 5.0, 0.2)):
         super().__init__()
         self.style_size = style_size
-        self.loss = losses.StyleLoss(style_target(style_image, style_size), content_weight=content_weight,
-                                     style_weights=style_weights, vgg_weights=vgg_weights)
+        self.loss = losses.style_loss(style_image, style_size, vgg_weights, content_weight, style_weights)
 
     def forward(self, model, batch):
         (content,) = batch

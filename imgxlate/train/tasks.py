@@ -16,15 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgxlate import evaluate, pretrained
+from imgxlate import evaluate, pairing, pretrained
+from imgxlate.degrade import PRESETS as DEGRADATIONS
+from imgxlate.errors import CannotRun
 from imgxlate.infer.contract import Contract, for_task
 from imgxlate.infer.predictor import Predictor
 from imgxlate.io import images as image_io
+from imgxlate.losses import style_size_of
 from imgxlate.models import build, grow, make_config
 from imgxlate.train import data
-from imgxlate.train.degrade import PRESETS as DEGRADATIONS
 from imgxlate.train.loop import LoopConfig
-from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective, style_size_of
+from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective
 
 
 @dataclass
@@ -69,14 +71,14 @@ class RunConfig:
     # SR
     hr_crop: int = 96
     samples_per_image: int = 8
-    degradations: str = "none"                  # see imgxlate.train.degrade.PRESETS
+    degradations: str = "none"                  # see imgxlate.degrade.PRESETS
     loss: str = "l1"                            # 'l1', 'mse' or 'perceptual'
     vgg_weights: str = "imagenet"
     # style
     style_image: str | None = None
     content_size: int = 256
     style_size: int | None = None               # style image resized to this shorter side for its Gram targets
-                                                # (None: content_size; see objectives.style_target)
+                                                # (None: content_size; see losses.style_target)
     content_weight: float = 1e4
     # seg
     val_fraction: float = 0.2
@@ -111,7 +113,7 @@ def stage_loop(cfg: RunConfig, stage: Stage) -> LoopConfig:
 HELD_OUT = 0.1                                  # SR, style without --val: the fraction held out for validation
 
 
-class DataError(ValueError):
+class DataError(CannotRun, ValueError):
     """The training data cannot make a run (nothing left to train on); the message says what to change."""
 
 
@@ -285,7 +287,7 @@ class StyleTask(Task):
 
         def validate(predictor):
             rows = evaluate.eval_style(predictor, ((u, image_io.read_rgb(u)) for u in plan.val), style,
-                                       cfg.content_size, objective=objective)
+                                       cfg.content_size, loss=objective.loss)
             terms = {n: float(np.mean([r.terms[n] for r in rows])) for n in rows[0].terms}
             return {"val_loss": float(sum(terms.values())), **{f"val_{n}": v for n, v in terms.items()}}
         return StageData(train, objective, self.contract(cfg, stage), validate, device, plan)
@@ -317,8 +319,8 @@ class SegTask(Task):
         spaced training images (the median, so a few odd sizes do not move it)."""
         items = data.list_items(cfg.data)
         keys = {it.source_uri: it.key for it in items}
-        pairs = data.pair_segmentation([it.source_uri for it in items], limit=cfg.limit)
-        train, val = data.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
+        pairs = pairing.pair_segmentation([it.source_uri for it in items], limit=cfg.limit)
+        train, val = pairing.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
         probe = train[:: max(1, len(train) // 64)][:64]
         source = tuple(int(v) for v in np.median([data.image_size(i) for i, _ in probe], axis=0)) if probe else None
         return DataPlan(train, val or train[:1], keys, [keys[i] for i, _ in val], source_size=source)

@@ -1,4 +1,5 @@
-"""Degradations for restoration models, as deterministic functions of explicit parameters.
+"""Degradations for restoration models, as deterministic functions of explicit parameters: what
+restoration training applies to its LR crops and ``imgxlate eval sr --degradations`` to its LR images.
 
 A :class:`DegradationSampler` draws the parameters from a seeded generator; :func:`apply` is pure.
 """

@@ -1,0 +1,60 @@
+"""The one error mask of every ``imgxlate`` command: what it prints on failure and its exit status.
+
+    0      the command ran
+    1      an unexpected error (its traceback, redacted), or translate --fail-on-error with failed inputs
+    2      the command could not run (one line: ``imgxlate COMMAND: error: ...``)
+    128+n  stopped by signal n (130 SIGINT, 143 SIGTERM): what was done is recorded; rerun to finish
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imgxlate.errors import CannotRun, Stopped
+
+# Commands whose unexpected errors reach their caller as raised: an in-process caller of `eval` gets the
+# library's exception itself (tests/test_cli.py holds it).
+RAISES = ("eval",)
+
+
+def _secrets(args: argparse.Namespace) -> set[str]:
+    """Credentials given inside any URI argument (the commands refuse them), whole and as user / password."""
+    from imgxlate.io.listing import userinfo
+
+    values = [v for x in vars(args).values() for v in (x if isinstance(x, list) else [x]) if isinstance(v, str)]
+    return {part for v in values for part in (userinfo(v), *userinfo(v).split(":", 1)) if len(part) >= 4}
+
+
+def guarded(command: str, func, args: argparse.Namespace) -> int:
+    """``func(args)``'s exit status, through the mask every command shares. Whatever it prints goes through
+    redaction: URLs lose their user info and signed query strings, and credentials given inside any URI
+    argument are masked wherever they appear. An error that means the command could not run prints
+    ``imgxlate COMMAND: error: ...`` (exit 2); a SIGINT/SIGTERM stop, what is left (exit 128 + the signal);
+    any other exception, its traceback (exit 1)."""
+    import traceback
+
+    from imgxlate.io.listing import redact_text
+
+    secrets = _secrets(args)
+
+    def clean(text: str) -> str:
+        text = redact_text(text)
+        for part in sorted(secrets, key=len, reverse=True):
+            text = text.replace(part, "***")
+        return text
+
+    try:
+        return func(args)
+    except Exception as e:
+        if isinstance(e, CannotRun):
+            print(clean(f"imgxlate {command}: error: {e}"), file=sys.stderr)
+            return 2
+        if isinstance(e, Stopped):
+            print(f"imgxlate {command}: {e}: {e.not_started} inputs not started; rerun the same "
+                  f"command to finish", file=sys.stderr)
+            return 128 + e.signum           # 130 for SIGINT, 143 for SIGTERM
+        if command in RAISES:
+            raise
+        print(clean(traceback.format_exc()), file=sys.stderr)
+        return 1
