@@ -1,13 +1,18 @@
-"""Generated input files for pipeline tests, named by what they are."""
+"""What the pipeline tests share: generated input files, named by what they are; encoding a fixture image and
+writing a SRC tree; running `imgxlate translate` and reading a run's rows and summary; and waiting for an event
+with a deadline."""
 
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import numpy as np
 from PIL import Image, ImageCms
 
-from imgxlate.io import png16
+from imgxlate.cli import main
+from imgxlate.io import manifest, png16, storage
 
 from conftest import photo
 
@@ -68,3 +73,50 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "animated.gif": (buf.getvalue(), "decode_error"),
         "100mp.png": (huge, "too_large"),
     }
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpg(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tree(root, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def translate(*argv) -> int:
+    """`imgxlate translate ARGV`, with the bicubic model unless ARGV names one."""
+    args = [str(a) for a in argv]
+    return main(["translate", *args] + ([] if "--model" in args else ["--model", "bicubic"]))
+
+
+def rows_of(dst, run_id=None) -> list[dict]:
+    """The manifest rows of run ``run_id`` (default: the latest finished run) in ``dst``."""
+    dst = str(dst)
+    return manifest.read_run(dst, run_id or manifest.runs(dst)[-1]).to_pylist()
+
+
+def summary_of(dst, run_id) -> dict:
+    return json.loads(storage.read_bytes(storage.join(manifest.manifest_root(str(dst)), run_id, "summary.json")))
+
+
+def wait_for(condition, what: str, timeout_s: float, every_s: float = 0.05):
+    """Poll ``condition()`` until it returns a true value, and return that value; fail the test, naming ``what``,
+    once ``timeout_s`` seconds have passed first. For waiting on an event (a file appears, a process is gone,
+    a thread waits), never for something not to happen: a deadline is no proof that it had its chance."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(every_s)
+    return got

@@ -22,6 +22,7 @@ from imgxlate.io import manifest
 from imgxlate.models import build
 
 from conftest import photo
+from fixtures import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = os.path.join(ROOT, "cluster", "dev-cluster.sh")
@@ -156,10 +157,12 @@ def _endpoint() -> str:
 
 def _alive_nodes(cluster) -> set[str]:
     code = (f"import ray, json; ray.init(address={cluster['address']!r}, logging_level='ERROR'); "
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+            "print('alive:', json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cluster["env"],
                          timeout=60, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    # Ray may print after it (a dead node's "lagging heartbeats" notice, say)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("alive: "))
+    return set(json.loads(line.removeprefix("alive: ")))
 
 
 def test_batch_job_runs_model_actors_on_both_nodes(dev_cluster, bucket, s3_server):
@@ -217,13 +220,17 @@ def test_training_across_two_nodes_survives_losing_the_worker_node(dev_cluster, 
     # Wait until Ray Train has registered a checkpoint (its snapshot is written after that): a checkpoint
     # still being reported when the node dies is lost, and the run would restart from scratch.
     snapshot = "runs/two-nodes/checkpoint_manager_snapshot.json"
-    while time.time() < deadline and snapshot not in _s3_keys(s3, bucket, "runs/two-nodes/"):
+
+    def checkpointed():
         assert client.get_job_status(sid).value in ("PENDING", "RUNNING"), client.get_job_logs(sid)[-3000:]
-        time.sleep(0.5)
+        return snapshot in _s3_keys(s3, bucket, "runs/two-nodes/")
+    wait_for(checkpointed, "Ray Train's first checkpoint", 300, every_s=0.5)
     assert client.get_job_status(sid).value == "RUNNING", "the run ended before it could be interrupted"
     killed = dev_cluster["dev"]("kill-worker", "1")
     assert "killed worker node 1" in killed.stdout
-    time.sleep(4)                                         # the head notices the node is gone
+    # The head notices the node is gone (about 3 s with dev-cluster.sh's health checks) and is left alone.
+    wait_for(lambda: len(_alive_nodes(dev_cluster)) == 1, "the head to notice the worker node is gone", 180,
+             every_s=1)
     dev_cluster["dev"]("add-worker", "1")
     while time.time() < deadline + 300 and client.get_job_status(sid).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(1)

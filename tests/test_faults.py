@@ -17,6 +17,7 @@ from imgxlate.io import manifest
 from imgxlate.models import build
 
 from conftest import photo
+from fixtures import wait_for
 
 
 def make_inputs(src, n, size=96):
@@ -54,10 +55,8 @@ def test_driver_killed_midway_then_rerun(tmp_path, ray_local):
     cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--model", str(model),
            "--batch-size", "2"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and len(outputs(dst)) < 5 and proc.poll() is None:
-            time.sleep(0.05)
+        wait_for(lambda: len(outputs(dst)) >= 5 or proc.poll() is not None, "the job's first 5 outputs", 240)
         assert proc.poll() is None, "the job finished before it could be killed"
         written = len(outputs(dst))
     finally:

@@ -9,6 +9,8 @@ import pytest
 from imgxlate.io import storage
 from imgxlate.io.lease import Lease, LeaseHeld
 
+from fixtures import wait_for
+
 
 @pytest.fixture(params=["local", "s3"])
 def dst(request, tmp_path):
@@ -37,7 +39,9 @@ def test_an_empty_or_garbled_lease_does_not_lock_dst_forever(dst):
 def test_a_killed_runs_lease_expires_and_is_taken_over(dst):
     dead = Lease(dst, "killed", ttl_s=0.5).acquire()
     dead._stop.set()                           # its heartbeat stops, as when the process is killed
-    time.sleep(0.8)
+    dead._thread.join()                        # (a renewal it had begun is written)
+    expires = json.loads(storage.read_bytes(dead.uri))["expires"]
+    wait_for(lambda: time.time() > expires, "the lease's expiry", 30)
     with Lease(dst, "next") as lease:
         holder = json.loads(storage.read_bytes(lease.uri))
         assert holder["run_id"] == "next"
@@ -46,23 +50,25 @@ def test_a_killed_runs_lease_expires_and_is_taken_over(dst):
 
 def test_a_waiting_run_starts_when_the_holder_finishes(dst):
     first = Lease(dst, "first").acquire()
-    threading.Timer(0.5, first.release).start()
-    t0 = time.time()
+    released = []                              # when the holder began to release
+
+    def finish():
+        released.append(time.time())
+        first.release()
+    threading.Timer(0.5, finish).start()
     with Lease(dst, "second", wait_s=10, poll_s=0.1):
-        assert 0.3 < time.time() - t0 < 5
+        assert released and time.time() - released[0] < 5     # not before the release, and soon after it
 
 
 def test_the_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(dst):
     lease = Lease(dst, "long", ttl_s=2.0).acquire()     # heartbeat every 0.5 s
-    time.sleep(2.5)                            # longer than the ttl: the heartbeat renewed it
+    expires = json.loads(storage.read_bytes(lease.uri))["expires"]
+    wait_for(lambda: time.time() > expires, "the first ttl to pass", 30)   # only the heartbeat holds it now
     with pytest.raises(LeaseHeld):
         Lease(dst, "other").acquire()
     storage.write_bytes(lease.uri, json.dumps({"run_id": "thief", "token": "x", "heartbeat": time.time(),
                                                "expires": time.time() + 60}).encode())
-    deadline = time.time() + 5
-    while not lease.lost and time.time() < deadline:
-        time.sleep(0.1)
-    assert lease.lost
+    wait_for(lambda: lease.lost, "the heartbeat to notice the takeover", 30, every_s=0.1)
     lease.release()
     assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "thief"
 

@@ -5,9 +5,9 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import random
 import threading
-import time
 
 import boto3
 import pytest
@@ -16,8 +16,10 @@ from PIL import Image
 from imgxlate.cli import main
 from imgxlate.infer import plan
 from imgxlate.io import listing, manifest
+from imgxlate.io.keys import output_keys
 
 from conftest import photo
+from fixtures import wait_for
 
 
 def _png(a) -> bytes:
@@ -32,8 +34,8 @@ def _names_after_cuts(keys: list[str], size: int) -> list[str]:
     names, seen = [], []
     for shard, kind in plan.cut(items, size):
         seen += [it.key for it in shard]
-        outs = listing.output_keys([it.key for it in shard], ".png", "", [it.source_uri for it in shard],
-                                   min_level=[3] * len(shard) if kind == "hashed" else None)
+        outs = output_keys([it.key for it in shard], ".png", "", [it.source_uri for it in shard],
+                           min_level=[3] * len(shard) if kind == "hashed" else None)
         names += [o for o in outs if isinstance(o, str)]
     assert sorted(seen) == sorted(keys)                          # every input in exactly one shard
     return names
@@ -102,19 +104,43 @@ def test_the_plan_hands_out_shards_before_the_listing_ends(tmp_path, monkeypatch
     assert sum(s.n for s in first + rest) == 12 and p.listing_done and p.listed == 12
 
 
+class WatchedRoom:
+    """Stands in for a Planner's ``room`` (the semaphore its listing thread takes before it reads a shard's
+    inputs), to see the listing wait: ``waiting`` is true from when the thread asks for room and finds none
+    until it gets some. That is the point past which it would have read on, were it not waiting for a take."""
+
+    def __init__(self, room):
+        self.room, self.waiting = room, False
+
+    def acquire(self, blocking=True, timeout=None):
+        got = self.room.acquire(blocking=False)
+        if not got:
+            self.waiting = True
+            got = self.room.acquire(blocking, timeout)
+        if got:
+            self.waiting = False
+        return got
+
+    def release(self, n=1):
+        self.room.release(n)
+
+
+def watch_room(p: plan.Planner) -> WatchedRoom:
+    p.room = watched = WatchedRoom(p.room)     # the thread looks its room up on each try
+    return watched
+
+
 def test_the_plan_reads_no_further_than_its_ready_shard(tmp_path, monkeypatch):
     """The driver holds the ready shard and the one being cut, not the listing: the listing waits for a take."""
     monkeypatch.setattr(listing, "iter_inputs", lambda src, extensions, exclude=None: (
         listing.Item(f"{src}/{i:02d}.png", f"{i:02d}.png", 10) for i in range(40)))
     p = plan.Planner(str(tmp_path / "src"), str(tmp_path / "dst"), listing.IMAGE_EXTS, None, "png", "", "r1",
                      "recipe", shard_size=3, ready=1)
+    room = watch_room(p)
     taken = []
     for _ in range(3):
-        deadline = time.monotonic() + 30
-        while not p.queue.qsize() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: p.queue.qsize() and room.waiting, "the listing to wait for a take", 30)
         assert p.queue.qsize() == 1
-        time.sleep(0.3)                              # time to read on, were it not waiting
         # beyond what was taken: the ready shard and what the cut read ahead, each at most 2 x 3 + 1
         assert p.listed - sum(s.n for s in taken) <= 14
         taken += p.take(1)
@@ -139,13 +165,11 @@ def test_a_resume_walks_past_done_shards_while_the_ready_slot_is_full(tmp_path, 
         shards += got
     assert len(shards) > 10
     for sh in shards[:8]:                        # an earlier run finished the first 8 shards
-        manifest.write_shard_marker(dst, {"shard": sh.id, "n": sh.n, "complete": True, "recipe": "recipe",
-                                          "run_id": "r0", "counts": {"ok": sh.n}, "parts": []})
+        manifest.write_shard_marker(dst, manifest.ShardMarker(shard=sh.id, n=sh.n, complete=True, recipe="recipe",
+                                                              run_id="r0", counts={"ok": sh.n}, parts=[]))
     p = planner(1)
-    deadline = time.monotonic() + 30
-    while p.queue.qsize() < 9 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)                              # time to read on, were it not waiting
+    room = watch_room(p)
+    wait_for(lambda: room.waiting, "the listing to wait for the ready slot", 30)
     assert p.queue.qsize() == 9                  # 8 done shards and the one ready shard, none taken yet
     got = p.take(1)
     assert p.listed <= sum(s.n for s in got) + 2 * 3 + 1     # and the listing waits for the ready slot
@@ -161,11 +185,11 @@ def test_ray_data_per_block_stats_stay_bounded(ray_local):
     execution callback trims them. This also fails if a Ray upgrade moves the fields it trims."""
     import ray.data
 
-    from imgxlate.infer import pipeline
+    from imgxlate.infer import raydata
 
     seen = []
 
-    class Probe(pipeline.bounded_block_stats()):
+    class Probe(raydata.bounded_block_stats()):
         KEEP = 5
 
         def on_execution_step(self, executor):
@@ -237,12 +261,12 @@ print("trim", heap.trim(every_s=0.0), heap.trim(every_s=3600.0))
 
 
 def test_an_untouched_dst_left_without_files_is_removed_and_one_with_outputs_is_not_listed(tmp_path, monkeypatch):
-    from imgxlate.infer import job
+    from imgxlate.io import storage
 
     empty = tmp_path / "empty"
     (empty / "_manifest" / "run" / "probe").mkdir(parents=True)
     (empty / "a" / "b").mkdir(parents=True)
-    job._remove_empty_folders(str(empty), created=True)
+    storage.remove_empty_tree(str(empty))
     assert not empty.exists()
     flat = tmp_path / "flat"                    # a flat DST: outputs next to the run's own folders
     (flat / "_manifest" / "run").mkdir(parents=True)
@@ -271,10 +295,10 @@ def test_an_untouched_dst_left_without_files_is_removed_and_one_with_outputs_is_
             return e
 
     monkeypatch.setattr(os, "scandir", Counting)
-    job._remove_empty_folders(str(flat), created=True)
+    storage.remove_empty_tree(str(flat))
     assert (flat / "_manifest" / "run").is_dir() and len(list(flat.iterdir())) == 51
     assert read and sum(read) <= 3              # stopped at the first file: DST's 51 names never read at once
-    job._remove_empty_folders(str(tmp_path / "never"), created=True)        # no DST: nothing to do
+    storage.remove_empty_tree(str(tmp_path / "never"))        # no DST: nothing to do
 
 def translate(src, dst, *args):
     return main(["translate", str(src), str(dst), "--model", "bicubic", "--scale", "2", *map(str, args)])
@@ -291,8 +315,17 @@ def test_rerun_resumes_by_shard_markers_and_reads_only_unfinished_shards(tmp_pat
     assert translate(src, dst, "--shard-size", 5, "--run-id", "r1") == 0
     markers = [json.loads(p.read_text()) for p in (dst / "_manifest/_shards").glob("*.json")]
     assert len(markers) >= 3 and sum(m["n"] for m in markers) == len(names) and all(m["complete"] for m in markers)
+    # A shard's rows are in one part or several (the book also writes a part every ShardBook.every_s while the
+    # shard is open, so a slow run writes -000, -001, ...): its marker names them all, and together they hold
+    # each of its inputs exactly once.
     parts = sorted(p.name for p in (dst / "_manifest/r1").glob("part-*.parquet"))
-    assert parts == sorted(f"part-{m['shard']}-000.parquet" for m in markers)     # one part per shard
+    assert parts == sorted(posixpath.basename(p) for m in markers for p in m["parts"])
+    for m in markers:
+        assert m["parts"] and all(p.startswith(f"r1/part-{m['shard']}-") for p in m["parts"])
+        table, missing = manifest.read_parts(str(dst), m["parts"], ["key", "shard"])
+        keys = table.column("key").to_pylist()
+        assert not missing and len(keys) == len(set(keys)) == m["n"] and set(table.column("shard").to_pylist()) \
+            == {m["shard"]}
     rows = manifest.read_run(str(dst), "r1").to_pylist()
     assert len(rows) == len(names) and {r["shard"] for r in rows} == {m["shard"] for m in markers}
     failing = [m for m in markers if "decode_error" in m["counts"]]
@@ -310,7 +343,8 @@ def test_rerun_resumes_by_shard_markers_and_reads_only_unfinished_shards(tmp_pat
     summary = json.loads((dst / "_manifest/r2/summary.json").read_text())
     assert summary["counts"] == {"ok": 1, "skipped_done": len(names) - 1} and summary["shards"] == len(markers)
     marker = json.loads((dst / f"_manifest/_shards/{failing[0]['shard']}.json").read_text())
-    assert marker["complete"] and marker["counts"] == {"ok": marker["n"]} and len(marker["parts"]) == 2
+    assert marker["complete"] and marker["counts"] == {"ok": marker["n"]}
+    assert marker["parts"][:-1] == failing[0]["parts"] and marker["parts"][-1].startswith("r2/")  # r1's, and one
 
     read.clear()
     assert translate(src, dst, "--shard-size", 5, "--run-id", "r3") == 0
@@ -327,8 +361,8 @@ def test_manifest_sources_stream_in_key_order_with_the_same_keys_as_before(tmp_p
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         streamed = [(it.source_uri, it.key) for it in listing.iter_inputs(str(tmp_path / name))]
-        whole = sorted(((it.source_uri, it.key) for it in listing.list_inputs(str(tmp_path / name))),
-                       key=lambda t: t[1])
+        whole = sorted(((it.source_uri, it.key) for it in listing._find(str(tmp_path / name), listing.IMAGE_EXTS,
+                                                                         None)), key=lambda t: t[1])   # read whole
         assert streamed == whole and [k for _, k in streamed] == sorted(k for _, k in streamed), name
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -368,13 +402,13 @@ def test_resume_follows_outputs_not_just_sources(tmp_path, ray_local, monkeypatc
 
 
 def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
-    from imgxlate.infer import job
+    from imgxlate.infer.book import ShardBook, lost_rows
 
     items = [listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(7)]
     p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = str(tmp_path / "dst"), ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
-    book = job.ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
+    book = ShardBook(str(tmp_path / "dst"), "r1", "R", every_rows=2)
     book.add_shard(shard)
     rows = [r for b in shard.tables() for r in b.to_pylist()][:3]
     assert len(shard.blocks) == 7                                # 7 small inputs: a block each (MIN_BLOCKS)
@@ -384,8 +418,7 @@ def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
     book.add(manifest.to_table(rows[2:3]))                       # 1 still buffered
     lost = book.dropped(shard.id)
     assert sorted(r["key"] for r in lost) == ["3.png", "4.png", "5.png", "6.png"]
-    book.add(job._lost_rows(job.TranslateConfig("s", "d", "m"), {"model_id": "m", "sha256": "", "task": "sr"},
-                               lost))
+    book.add(lost_rows({"model_id": "m", "sha256": "", "task": "sr"}, lost, max_model_retries=3))
     assert shard.id not in book.open and +book.counts == {"ok": 3, "model_error": 4}
     marker = json.loads((tmp_path / f"dst/_manifest/_shards/{shard.id}.json").read_text())
     assert marker["complete"] and marker["counts"] == {"model_error": 4, "ok": 3}
@@ -396,9 +429,12 @@ def test_inputs_of_a_dropped_batch_get_model_error_rows(tmp_path, ray_local):
 def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     """A block lost in the pipeline (its actor died every retry, or its reader died) is not failed whole: its
     inputs go through the pipeline once more, one a block, after the run; only what is lost again fails."""
+    import time
     import types
 
     from imgxlate.infer import job
+    from imgxlate.infer.book import ShardBook
+    from imgxlate.infer.run import Progress, Run, SignalDrain
 
     src = tmp_path / "src"
     src.mkdir()
@@ -410,7 +446,7 @@ def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
     shard = p._shard(items, "plain", set())
     blocks = list(shard.tables())
-    book = job.ShardBook(dst, "r1", "R", every_rows=100)
+    book = ShardBook(dst, "r1", "R", every_rows=100)
     book.add_shard(shard)
     done = [r for b in blocks[:2] for r in b.to_pylist()]       # 2 came back; the other 4 were lost
     for r in done:
@@ -418,8 +454,10 @@ def test_inputs_of_lost_blocks_are_retried_one_at_a_time(tmp_path, ray_local):
     book.add(manifest.to_table(done))
     cfg = job.TranslateConfig(str(src), dst, "bicubic", scale=2)
     meta = job.model_info(cfg)
-    job._retry_lost(cfg, meta, book, None, job.SignalDrain(lambda: None), types.SimpleNamespace(lost=False),
-                    book.add)
+    listed = types.SimpleNamespace(listed=6, listing_done=True)        # the plan, as the progress line reads it
+    run = Run(cfg, meta, "r1", time.time(), types.SimpleNamespace(lost=False), plan=listed, book=book,
+              progress=Progress(listed, 5.0), drain=SignalDrain(lambda: None))
+    job.retry_lost(run, stop=None)
     assert shard.id not in book.open and +book.counts == {"ok": 6}
     assert sorted(os.listdir(dst)) == ["2.png", "3.png", "4.png", "5.png", "_manifest"]     # (0 and 1: pretend)
     rows = manifest.read_run(dst, "r1").to_pylist()
