@@ -1,8 +1,10 @@
-r"""The benchmark suite in one command: runs the benchmarks, then writes results.json and a Markdown table.
+r"""The benchmark suite in one command: runs the benchmarks, then writes OUT/results.json and the table of
+jobs/RESULTS.md (only the part between its bench_suite markers; the rest of that file is written by hand).
 
     python jobs/bench_suite.py --data ../shared/data --out out/bench
     python jobs/bench_suite.py --data ../shared/data --out out/bench --sr-model out/models/sr-x2 --only sr-eval
     python jobs/bench_suite.py --out out/bench --only render        # re-render the table from the JSON files
+    python jobs/bench_suite.py --out out/bench --only render --results /tmp/RESULTS.md   # elsewhere
 
 Steps (each a separate process, so each gets a fresh Ray):
 
@@ -14,7 +16,8 @@ Steps (each a separate process, so each gets a fresh Ray):
   seg          U-Net against the upsample head on Carvana 512 (long: run it with --only seg)
 
 The table is built from every result file under --out, so steps run on different days (or by hand) show up
-together, each with the machine it ran on. On a Ray cluster, submit it as a job (see jobs/README.md):
+together, each with the machine it ran on. On a Ray cluster, submit it as a job (see jobs/README.md); the
+job's jobs/RESULTS.md is in its own copy of the working directory, so copy OUT back and run --only render here:
 
     python jobs/submit.py --address http://HEAD:8265 -- \
         python jobs/bench_suite.py --data /data --out /tmp/bench --only throughput,sr-eval --sr-model s3://runs/x/model
@@ -36,6 +39,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_STEPS = ("translate", "throughput", "scaling", "sr-eval")
 SRCNN = {"Set5": 36.66, "Set14": 32.42}
+BEGIN, END = "<!-- bench_suite: begin -->", "<!-- bench_suite: end -->"
 
 
 def machine() -> str:
@@ -97,11 +101,13 @@ def _load(path: str) -> dict | None:
 
 def render(out: str) -> str:
     """The Markdown table from the result files under ``out``."""
-    rows, machines = [], set()
+    rows, machines, dates = [], set(), set()
 
     def add(name, measured, target, met, source):
         rows.append((name, measured, target, "yes" if met else ("**no**" if met is not None else "")))
         machines.add(source.get("machine_detail") or source.get("machine") or "?")
+        if source.get("finished_at"):
+            dates.add(source["finished_at"][:10])
 
     t = _load(os.path.join(out, "translate", "results.json"))
     if t:
@@ -147,7 +153,29 @@ def render(out: str) -> str:
     lines = ["| benchmark | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines += ["", "Machine: " + "; ".join(sorted(machines)) if machines else "No results yet."]
+    if dates:
+        lines += ["", "Measured: " + ", ".join(sorted(dates))]
     return "\n".join(lines) + "\n"
+
+
+def write_results(path: str, table: str) -> None:
+    """Put ``table`` between the BEGIN and END markers of the Markdown file ``path``, keeping the rest of the file
+    as it was written by hand (a file without the markers gets them, with the table, at its end)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Results\n"
+    block = f"{BEGIN}\n{table}{END}"
+    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -159,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sr-minutes", type=float, default=60, help="training budget when --sr-model is not given")
     ap.add_argument("--n-large", type=int, default=6, help="translate: large (3000x2000) photos")
     ap.add_argument("--scaling-samples", type=int, default=40000)
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
+                    help="Markdown file whose bench_suite section gets the table (default: jobs/RESULTS.md)")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
@@ -191,15 +221,14 @@ def main(argv=None) -> int:
         elif step != "render":
             ap.error(f"unknown step {step!r}")
     table = render(out)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
+    write_results(args.results, table)
     results = {name: _load(os.path.join(out, p)) for name, p in (
         ("translate", "translate/results.json"), ("throughput", "train/throughput.json"),
         ("scaling", "train/scaling.json"), ("sr_eval", "sr_eval.json"), ("seg", "train/seg.json"))}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({k: v for k, v in results.items() if v}, f, indent=2)
     print(table)
-    print(f"[bench] {os.path.join(out, 'results.md')} and results.json")
+    print(f"[bench] {args.results} and {os.path.join(out, 'results.json')}")
     return 0
 
 
