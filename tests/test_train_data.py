@@ -250,9 +250,9 @@ def test_image_size_reads_the_header_and_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                                                    # rotate 90: width and height swap
     Image.fromarray(photo(20, 30)).save(tmp_path / "rotated.jpg", exif=exif)
-    from imgxlate.io.images import read_rgb
-    assert data.image_size(str(tmp_path / "rotated.jpg")) == read_rgb(str(tmp_path / "rotated.jpg")).shape[:2]
-    assert data.image_size(str(tmp_path / "rotated.jpg")) == (30, 20)
+    from imgxlate.io.images import image_size, read_rgb
+    assert image_size(str(tmp_path / "rotated.jpg")) == read_rgb(str(tmp_path / "rotated.jpg")).shape[:2]
+    assert image_size(str(tmp_path / "rotated.jpg")) == (30, 20)
 
 
 def test_style_gram_targets_are_computed_at_the_style_size_in_training_and_eval(tmp_path, capsys):

@@ -8,7 +8,7 @@ once. Every epoch draws fresh random crops, symmetries and degradations from a g
 (seed, epoch, index): the samples are reproducible, independent of the number of workers and of what
 is cached, and an epoch resumes exactly from a checkpoint. Decisions that need every image's size
 (which are too small for the crop, the median size of the segmentation images) read image headers
-only (:func:`image_size`).
+only (:func:`imgxlate.io.images.image_size`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from imgxlate import metrics
 from imgxlate.augment import dihedral
 from imgxlate.degrade import DegradationSampler, apply
 from imgxlate.io import listing
-from imgxlate.io.images import image_size as image_size  # re-exported: the tasks ask data for sizes
 from imgxlate.io.images import read_mask, read_rgb
 
 DEFAULT_CACHE_MB = 1024

@@ -243,7 +243,7 @@ class SrTask(Task):
         """Training images smaller than the stage's HR crop are skipped (a batch stacks crops of one size)."""
         plan = super().plan(cfg, stage)
         crop = data.sr_crop(cfg.hr_crop, stage.scale or 2)
-        side = {u: min(data.image_size(u)) for u in plan.train}          # headers only
+        side = {u: min(image_io.image_size(u)) for u in plan.train}          # headers only
         small = [u for u in plan.train if side[u] < crop]
         if small:
             plan.train = [u for u in plan.train if side[u] >= crop]
@@ -322,7 +322,7 @@ class SegTask(Task):
         pairs = pairing.pair_segmentation([it.source_uri for it in items], limit=cfg.limit)
         train, val = pairing.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
         probe = train[:: max(1, len(train) // 64)][:64]
-        source = tuple(int(v) for v in np.median([data.image_size(i) for i, _ in probe], axis=0)) if probe else None
+        source = tuple(int(v) for v in np.median([image_io.image_size(i) for i, _ in probe], axis=0)) if probe else None
         return DataPlan(train, val or train[:1], keys, [keys[i] for i, _ in val], source_size=source)
 
     def stage_data(self, cfg, stage, device):
