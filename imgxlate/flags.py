@@ -69,6 +69,10 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--dry-run", action="store_true", help="list and count inputs, estimate output size, stop")
     run.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input failed")
+    run.add_argument("--lease", choices=("on", "off"), default="on",
+                     help="on (default): hold DST/_manifest/LEASE so that two runs never write one DST; needs a store "
+                          "that enforces conditional writes (checked). off: no lease, at your risk (the summary "
+                          "says so)")
     run.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS", dest="wait_for_lease_s",
                      help="when another run holds DST, wait up to this long for it (default: stop at once, exit 2)")
     rs.add_argument("--max-model-retries", type=int, default=3,

@@ -18,12 +18,17 @@ DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Cod
 
 class FaultProxy:
     def __init__(self, upstream: str, every: int = 0, max_faults: int = 0, resets: bool = False,
-                 deny_write_buckets: tuple[str, ...] = ()):
+                 deny_write_buckets: tuple[str, ...] = (), answer=None, strip_headers: tuple[str, ...] = ()):
+        """``answer(method, path, headers)`` may return (status, body) to answer a request itself (a store that
+        is full, or that answers 501); ``strip_headers`` are removed from requests before they go upstream (a store
+        that ignores conditional writes)."""
         u = urllib.parse.urlsplit(upstream)
         assert u.hostname in ("127.0.0.1", "localhost"), "the fault proxy only fronts a loopback server"
         self.upstream = (u.hostname, u.port)
         self.every, self.max_faults, self.resets = every, max_faults, resets
         self.deny_write_buckets = deny_write_buckets
+        self.answer, self.strip_headers = answer, {h.lower() for h in strip_headers}
+        self.answered = 0
         self.requests = self.faults_503 = self.faults_reset = self.denied = 0
         self.lock = threading.Lock()
         proxy = self
@@ -42,6 +47,10 @@ class FaultProxy:
                     with proxy.lock:
                         proxy.denied += 1
                     return self._reply(403, DENIED)
+                if proxy.answer is not None and (res := proxy.answer(self.command, self.path, self.headers)):
+                    with proxy.lock:
+                        proxy.answered += 1
+                    return self._reply(*res)
                 fault = None
                 with proxy.lock:
                     proxy.requests += 1
@@ -60,7 +69,8 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"
+                           and k.lower() not in proxy.strip_headers}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

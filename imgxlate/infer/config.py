@@ -62,6 +62,8 @@ class TranslateConfig:
     manifest_every_rows: int = 1000
     max_model_retries: int = 3           # a batch whose model actor dies is retried this often, then model_error
     wait_for_lease_s: float = 0.0        # another run holds DST: wait this long for it, then stop (exit 2)
+    lease: str = "on"                    # off: no lease on DST (a store without conditional writes), at the
+                                         # user's risk; the summary says so
     shard_size: int = 10_000             # inputs per shard: the unit of manifest parts and of resume
     queued_inputs: int = 20_000          # inputs handed to the pipeline ahead of what it has taken
     pipeline: str = "auto"               # fused: read..write in the model actor's call; split: I/O tasks around

@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("output_uri", pa.string()),         # where the output went (or would go)
     ("status", pa.string()),             # one of STATUSES
     ("error", pa.string()),              # why, when status is not ok / skipped_done
+    ("warning", pa.string()),            # what an ok output lost or had changed (a profile it could not use, ...)
     ("source_bytes", pa.int64()),
     ("source_width", pa.int32()),
     ("source_height", pa.int32()),

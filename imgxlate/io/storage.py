@@ -8,6 +8,7 @@ workers. Credentials come from the usual AWS environment / profile / instance ro
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import random
@@ -64,6 +65,28 @@ def join(base: str, *parts: str) -> str:
     if is_local(base):
         return os.path.join(base, *parts)
     return posixpath.join(base, *parts)
+
+
+# The start of a row's error when DST itself failed (full, over quota, read-only, an I/O error, a store that kept
+# failing after retries), not the input: the driver drains the run on such a row (imgxlate.infer).
+DST_FAILURE = "DST storage failure: "
+_DST_ERRNOS = {errno.ENOSPC: "no space left on DST", errno.EDQUOT: "disk quota exceeded on DST",
+               errno.EIO: "I/O error on DST", errno.EROFS: "DST is read-only"}
+_DST_CODES = ("QuotaExceeded", "InsufficientStorage", "507", "StorageFull", "XMinioStorageFull")
+
+
+def dst_failure(e: BaseException) -> str | None:
+    """A short reason when ``e`` (raised by a write to DST, after its retries) means DST itself is failing, so
+    that every later write would fail too; None when it is about this one output (a bad name, for example)."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.errno in _DST_ERRNOS:
+            return _DST_ERRNOS[x.errno]
+    text = f"{type(e).__name__} {e}"
+    if any(c in text for c in _DST_CODES):
+        return "the store refused the write (quota or storage full)"
+    if is_transient(e):
+        return "the store kept failing after retries"
+    return None
 
 
 def is_transient(e: BaseException) -> bool:
