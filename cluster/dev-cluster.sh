@@ -7,6 +7,9 @@
 #   bash cluster/dev-cluster.sh status
 #   bash cluster/dev-cluster.sh kill-worker I  # SIGKILL worker node I (1..N) and its processes: a node failure
 #   bash cluster/dev-cluster.sh add-worker I   # start worker node I (again)
+#   bash cluster/dev-cluster.sh kill-head      # SIGKILL the head node: its GCS, raylet and what runs there (the
+#                                              # drivers of jobs); the worker nodes lose the cluster (stop them)
+#   bash cluster/dev-cluster.sh pids I         # node I's processes (0: the head's raylet and what it started)
 #   bash cluster/dev-cluster.sh stop           # stops this cluster only (never `ray stop`, which would
 #                                              # also stop every other Ray on the machine)
 #
@@ -120,6 +123,19 @@ case "${1:-}" in
     kill -9 $pids 2>/dev/null || true
     echo "dev-cluster: killed worker node $k (pids: $(echo $pids | tr '\n' ' '))"
     ;;
+  kill-head)
+    # Everything of this cluster but the worker nodes (their raylets and what they started).
+    workers=" $(for k in $(seq 1 32); do node_pids "$k"; done | tr '\n' ' ') "
+    pids=""
+    for p in $(cluster_pids); do [[ "$workers" == *" $p "* ]] || pids="$pids $p"; done
+    [[ -n "$pids" ]] || { echo "dev-cluster: the head is not running" >&2; exit 1; }
+    # shellcheck disable=SC2086
+    kill -9 $pids 2>/dev/null || true
+    echo "dev-cluster: killed the head node (pids:$pids)"
+    ;;
+  pids)
+    node_pids "${2:?node index (0: head)}"
+    ;;
   status)
     RAY_ADDRESS="127.0.0.1:$PORT" "$RAY" status 2>/dev/null || { echo "dev-cluster: not running"; exit 1; }
     ;;
@@ -137,7 +153,7 @@ case "${1:-}" in
     echo "dev-cluster: stopped"
     ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

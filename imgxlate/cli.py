@@ -5,6 +5,7 @@ every command the same error lines and exit statuses.
     imgxlate translate SRC DST --model M     the batch job (imgxlate.infer.job)
     imgxlate train sr|style|seg DATA ...     Ray Train (imgxlate.train.run)
     imgxlate eval sr|seg|style ...           quality under the standard protocols (imgxlate.eval_report)
+    imgxlate verify DST [--checksums] [--redo]   prove a run complete from its manifest (imgxlate.infer.verify)
     imgxlate report RUN | lr-find | models | info | sample-photos
 """
 
@@ -48,6 +49,19 @@ def run_translate(args) -> int:
 def cmd_translate(args) -> int:
     """`imgxlate translate` through the mask (jobs/translate.py calls it with its own parser's arguments)."""
     return guarded("translate", run_translate, args)
+
+
+def run_verify(args) -> int:
+    """Exit 1 (with one line) when DST has problems: verify is a check, and a failed check is not a crash."""
+    from imgxlate.infer import verify
+
+    result = verify.verify(config_from(verify.VerifyConfig, args))
+    print(verify.report(result))
+    line = verify.verdict(result)
+    if line:
+        print(line, file=sys.stderr)
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -159,8 +173,9 @@ def cmd_sample_photos(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
-HANDLERS = {"translate": run_translate, "train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval,
-            "report": cmd_report, "models": cmd_models, "info": cmd_info, "sample-photos": cmd_sample_photos}
+HANDLERS = {"translate": run_translate, "verify": run_verify, "train": cmd_train, "lr-find": cmd_lr_find,
+            "eval": cmd_eval, "report": cmd_report, "models": cmd_models, "info": cmd_info,
+            "sample-photos": cmd_sample_photos}
 
 
 def main(argv: list[str] | None = None) -> int:

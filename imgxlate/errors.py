@@ -1,6 +1,7 @@
 """The two kinds of failure every command reports the same way (imgxlate.guard): a command that could not run
-(exit 2, one line) and a run stopped by a signal (exit 128 + the signal). Each error class lives beside the
-concept that raises it and says which kind it is by subclassing one of these."""
+(exit 2, one line) and a run stopped before its end, by a signal (exit 128 + the signal) or because DST failed
+(exit 75). Each error class lives beside the concept that raises it and says which kind it is by subclassing
+one of these."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ class CannotRun(Exception):
 
 
 class Stopped(Exception):
-    """A SIGTERM / SIGINT stopped the run after recording what it did; ``signum`` is the signal and
-    ``not_started`` how many inputs a rerun still has to do."""
+    """The run stopped before its end after recording what it did: a SIGTERM / SIGINT, or DST failing (full, over
+    quota, read-only, ...). The message says what was done and what is left; ``not_started``: how many inputs a
+    rerun still has to do; ``exit_code``: the command's exit status; ``advice``: what to do, ending the command's
+    one line."""
 
-    def __init__(self, message: str, signum: int, not_started: int):
+    def __init__(self, message: str, not_started: int, exit_code: int,
+                 advice: str = "rerun the same command to finish"):
         super().__init__(message)
-        self.signum, self.not_started = signum, not_started
+        self.not_started, self.exit_code, self.advice = not_started, exit_code, advice

@@ -255,6 +255,18 @@ def _info_flags(i: argparse.ArgumentParser) -> None:
     i.add_argument("model", help="artifact path/URI, shipped model name, or a .pth/.ckpt/.safetensors file/URI")
 
 
+def _verify_flags(v: argparse.ArgumentParser) -> None:
+    v.add_argument("dst", help="a translate run's DST (s3://bucket/prefix or a local folder)")
+    v.add_argument("--checksums", action="store_true",
+                   help="also read every output and compare its sha256 with its manifest row's (default: sizes)")
+    v.add_argument("--redo", action="store_true",
+                   help="mark the inputs whose output is missing or damaged, so that the next translate with the "
+                        "same SRC, DST and options redoes exactly those (takes DST's lease)")
+    v.add_argument("--lease", choices=("on", "off"), default="on",
+                   help="--redo holds DST/_manifest/LEASE as translate does (default on); off: at your risk")
+    v.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store (else AWS_ENDPOINT_URL)")
+
+
 def _sample_photos_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("dst")
     s.add_argument("--max-side", type=int, default=None, help="downscale photos larger than this")
@@ -284,6 +296,12 @@ COMMANDS = {
                "curves.png and report.md into RUN/imgxlate/. Or RUN is a batch job's DST: summarises its "
                "manifest (counts by status, throughput, time per stage, slowest inputs, sample errors). "
                "The Markdown is printed; --out also writes it (and the curves) to a folder.", _report_flags),
+    "verify": ("check that a translate run's outputs are all there, as its manifest records them",
+               "Read DST's manifest shard by shard and check that each input's latest row is ok and its output "
+               "exists with the recorded size (--checksums: and sha256). Prints the counts, writes the problems "
+               "to DST/_manifest/_verify/<id>.parquet. Exit status: 0 when every input is proven done, 1 when "
+               "there are problems, 2 when DST cannot be verified. --redo makes the next translate with the same "
+               "SRC, DST and options redo exactly the inputs whose output is bad.", _verify_flags),
     "models": ("list shipped models (with scores) and model families, configs, presets", None, None),
     "info": ("print a model artifact's config.json", None, _info_flags),
     "sample-photos": ("write scikit-image's sample photos to a folder (for demos)", None, _sample_photos_flags),

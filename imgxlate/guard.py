@@ -3,6 +3,8 @@
     0      the command ran
     1      an unexpected error (its traceback, redacted), or translate --fail-on-error with failed inputs
     2      the command could not run (one line: ``imgxlate COMMAND: error: ...``)
+    75     translate stopped because DST failed (full, over quota, read-only, an I/O error, a store failing
+           after retries; EX_TEMPFAIL): what was done is recorded; fix DST and rerun to finish
     128+n  stopped by signal n (130 SIGINT, 143 SIGTERM): what was done is recorded; rerun to finish
 """
 
@@ -30,8 +32,8 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
     """``func(args)``'s exit status, through the mask every command shares. Whatever it prints goes through
     redaction: URLs lose their user info and signed query strings, and credentials given inside any URI
     argument are masked wherever they appear. An error that means the command could not run prints
-    ``imgxlate COMMAND: error: ...`` (exit 2); a SIGINT/SIGTERM stop, what is left (exit 128 + the signal);
-    any other exception, its traceback (exit 1)."""
+    ``imgxlate COMMAND: error: ...`` (exit 2); a run stopped by a signal or by DST failing, what is left and what
+    to do (exit 128 + the signal, or 75); any other exception, its traceback (exit 1)."""
     import traceback
 
     from imgxlate.io.listing import redact_text
@@ -51,9 +53,8 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
             print(clean(f"imgxlate {command}: error: {e}"), file=sys.stderr)
             return 2
         if isinstance(e, Stopped):
-            print(f"imgxlate {command}: {e}: {e.not_started} inputs not started; rerun the same "
-                  f"command to finish", file=sys.stderr)
-            return 128 + e.signum           # 130 for SIGINT, 143 for SIGTERM
+            print(clean(f"imgxlate {command}: {e}; {e.advice}"), file=sys.stderr)
+            return e.exit_code              # 130 for SIGINT, 143 for SIGTERM, 75 when DST failed
         if command in RAISES:
             raise
         print(clean(traceback.format_exc()), file=sys.stderr)

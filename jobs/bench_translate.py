@@ -276,13 +276,16 @@ def scale(args) -> int:
     base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
             "pipeline": args.pipeline,
             **({"queued_inputs": args.queued_inputs} if args.queued_inputs else {})}
+    arms = [a for a in args.durable.split(",") if a]     # IMGXLATE_DURABLE values (imgxlate.io.storage.sync_mode)
     for n in counts:
-        dst = os.path.join(out, f"job_{n}_{int(time.time())}")
-        s = _driver({**base, "src": tree, "dst": dst, "limit": n})
-        rows.append(_row("local", n, s, naive_rate, _first_output_s(dst, s)))
-        if not args.keep_outputs:
-            shutil.rmtree(dst, ignore_errors=True)          # a 1M run writes about 6 GB
-        print(json.dumps(rows[-1]), flush=True)
+        for arm in arms:
+            dst = os.path.join(out, f"job_{n}_{arm}_{int(time.time())}")
+            s = _driver({**base, "src": tree, "dst": dst, "limit": n}, {"IMGXLATE_DURABLE": arm})
+            label = "local" if arms == ["1"] else f"local, IMGXLATE_DURABLE={arm}"
+            rows.append(_row(label, n, s, naive_rate, _first_output_s(dst, s)))
+            if not args.keep_outputs:
+                shutil.rmtree(dst, ignore_errors=True)          # a 1M run writes about 6 GB
+            print(json.dumps(rows[-1]), flush=True)
     if args.plan_only:
         s = _driver({**base, "src": tree, "dst": os.path.join(out, "plan_only"), "limit": args.plan_only,
                      "dry_run": True})
@@ -378,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
     ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
                     help="scale: the job's --pipeline")
+    ap.add_argument("--durable", default="1", help="scale: local arms, comma-separated IMGXLATE_DURABLE values "
+                    "('1' durable writes, the default; '0' none, to measure their cost; 'fsync' one per file)")
     ap.add_argument("--queued-inputs", type=int, default=None, help="scale: the job's --queued-inputs")
     ap.add_argument("--keep-outputs", action="store_true", help="scale: keep each local job's outputs (removed "
                     "once measured by default)")

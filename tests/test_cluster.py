@@ -2,6 +2,7 @@
 jobs submitted through the Ray Jobs API with a working_dir (jobs/submit.py), data in the S3 test server."""
 
 import copy
+import datetime
 import io
 import json
 import os
@@ -247,3 +248,184 @@ def test_training_across_two_nodes_survives_losing_the_worker_node(dev_cluster, 
     # Submitting the same command again finds the finished job; nothing is retrained.
     again = submit(dev_cluster, *entry)
     assert "already SUCCEEDED" in again.stdout
+
+
+# ---------------------------------------------------------------------------------- a node taken away
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _put_inputs(s3, bucket: str, n: int) -> list[str]:
+    """``n`` PNGs under src/ (96 x 128); returns their keys relative to src/."""
+    keys = [f"set {i // 10}/img_{i:02d}.png" for i in range(n)]
+    for i, key in enumerate(keys):
+        buf = io.BytesIO()
+        Image.fromarray(photo(96, 128, seed=200 + i)).save(buf, "PNG")
+        s3.put_object(Bucket=bucket, Key=f"src/{key}", Body=buf.getvalue())
+    return keys
+
+
+def _put_model(s3, bucket: str) -> str:
+    """A random-weights SR model in the bucket; returns its URI."""
+    local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"model-{bucket}")
+    save(build("sr", nf=32, n_blocks=4, scale=2), local, provenance={"note": "random weights (test)"})
+    for name in os.listdir(local):
+        s3.upload_file(os.path.join(local, name), bucket, f"models/sr/{name}")
+    return f"s3://{bucket}/models/sr"
+
+
+def _translate_entry(bucket: str, model: str, *extra: str) -> list[str]:
+    # One actor of 1.5 CPUs per node of 2 CPUs (see test_batch_job_runs_model_actors_on_both_nodes).
+    return ["python", "jobs/translate.py", f"s3://{bucket}/src", f"s3://{bucket}/dst", "--model", model,
+            "--actors", "2", "--cpus-per-actor", "1.5", "--batch-size", "1", *extra]
+
+
+def _outputs(s3, bucket) -> list[str]:
+    return [k for k in _s3_keys(s3, bucket, "dst/") if not k.startswith("dst/_manifest/")]
+
+
+def _rows(s3, bucket) -> list[dict]:
+    """Every manifest row under dst/, read from the store itself (no client-side listing cache)."""
+    import pyarrow.parquet as pq
+
+    parts = [k for k in _s3_keys(s3, bucket, "dst/_manifest/") if k.rsplit("/", 1)[-1].startswith("part-")]
+    return [r for k in parts for r in pq.read_table(io.BytesIO(
+        s3.get_object(Bucket=bucket, Key=k)["Body"].read())).to_pylist()]
+
+
+def _check_outputs(s3, bucket, rows: list[dict]) -> None:
+    """Each ok row's output is in the bucket with the size and checksum the row records."""
+    import hashlib
+
+    for r in rows:
+        body = s3.get_object(Bucket=bucket, Key=r["output_uri"].removeprefix(f"s3://{bucket}/"))["Body"].read()
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (r["output_bytes"], r["output_sha256"]), r["key"]
+
+
+def _model_actor_titles(cluster, node: int) -> list[str]:
+    """Process titles of the model actors on dev node ``node`` (Ray's: `ray::<actor>.<method>` while in a call)."""
+    titles = []
+    for pid in cluster["dev"]("pids", str(node)).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "FusedStage" in title:
+            titles.append(title)
+    return titles
+
+
+def _job_ended(client, sid: str):
+    status = client.get_job_status(sid).value
+    return status if status in TERMINAL else None
+
+
+def test_batch_job_finishes_after_losing_the_worker_node(dev_cluster, bucket, s3_server):
+    """A worker node dies (spot preemption, a failed host) while its model actor holds blocks, and nothing
+    replaces it. Either Ray's retries of those blocks fail at once (the node is gone) and the driver retries
+    their inputs on what is left of the cluster, which cannot hold --actors 2 any more; or the actor is
+    restarted on the head once the head's own actor is let go, and runs them there. Either way every input
+    ends with exactly one ok row and its output."""
+    from ray.job_submission import JobSubmissionClient
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    n = 32
+    keys = _put_inputs(s3, bucket, n)
+    entry = _translate_entry(bucket, _put_model(s3, bucket))
+    r = submit(dev_cluster, *entry, extra=("--no-wait",))
+    assert r.returncode == 0, r.stdout + r.stderr
+    sid = r.stdout.strip().split()[-1]
+    client = JobSubmissionClient(dev_cluster["dashboard"])
+    nodes = _alive_nodes(dev_cluster)
+
+    def worker_actor_busy():
+        assert not _job_ended(client, sid), client.get_job_logs(sid)[-3000:]
+        in_call = any(t.split("\0")[0].endswith(".submit") for t in _model_actor_titles(dev_cluster, 1))
+        return in_call and len(_outputs(s3, bucket)) >= 2
+    wait_for(worker_actor_busy, "the worker node's model actor in a call, after the first outputs", 240,
+             every_s=0.2)
+    killed = dev_cluster["dev"]("kill-worker", "1")
+    written = len(_outputs(s3, bucket))
+    assert "killed worker node 1" in killed.stdout
+    try:
+        status = wait_for(lambda: _job_ended(client, sid), "the job to end", 300, every_s=1)
+        logs = client.get_job_logs(sid)
+        assert status == "SUCCEEDED", logs[-4000:]
+        lost = nodes - _alive_nodes(dev_cluster)
+    finally:
+        dev_cluster["dev"]("add-worker", "1")      # for the tests after this one
+    assert written < n, "the run was over before the node was lost"
+    rows = _rows(s3, bucket)
+    assert sorted(r["key"] for r in rows) == sorted(keys)           # one row per input, none twice
+    assert {r["status"] for r in rows} == {"ok"}
+    assert len(lost) == 1 and lost <= {r["node_id"] for r in rows}  # the lost node had done part of the work
+    assert sorted(_outputs(s3, bucket)) == sorted(f"dst/{k}" for k in keys)
+    _check_outputs(s3, bucket, rows)
+    run_id = rows[0]["run_id"]
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"dst/_manifest/{run_id}/summary.json")["Body"].read())
+    assert summary["counts"] == {"ok": n} and summary["failed"] == 0
+
+
+def _drivers_of(bucket: str) -> list[int]:
+    """PIDs of this machine's processes that run a translate job on ``bucket``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "jobs/translate.py" in argv and f"s3://{bucket}/src" in argv:
+            pids.append(int(pid))
+    return pids
+
+
+def test_batch_job_driver_node_lost_then_rerun_finishes_the_rest(dev_cluster, bucket, s3_server):
+    """The head node dies mid-run with the job's driver on it (and with it the cluster: its GCS is there). The
+    cluster is started again and the same command submitted: the killed run's lease is taken over at once (its
+    holder's process is gone from this machine), and the rerun does exactly the inputs the killed run had not
+    recorded."""
+    from ray.job_submission import JobSubmissionClient
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    n = 36
+    keys = _put_inputs(s3, bucket, n)
+    entry = _translate_entry(bucket, _put_model(s3, bucket), "--shard-size", "6")
+    r = submit(dev_cluster, *entry, extra=("--no-wait",))
+    assert r.returncode == 0, r.stdout + r.stderr
+    sid = r.stdout.strip().split()[-1]
+    client = JobSubmissionClient(dev_cluster["dashboard"])
+
+    def a_shard_recorded():                 # a shard's part and its complete marker are in DST
+        assert not _job_ended(client, sid), client.get_job_logs(sid)[-3000:]
+        markers = _s3_keys(s3, bucket, "dst/_manifest/_shards/")
+        return any(json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read())["complete"] for k in markers)
+    wait_for(a_shard_recorded, "the first shard to be recorded", 240, every_s=0.2)
+    drivers = _drivers_of(bucket)
+    assert len(drivers) == 1, drivers
+    killed = dev_cluster["dev"]("kill-head")
+    assert "killed the head node" in killed.stdout
+    wait_for(lambda: not _drivers_of(bucket), "the driver to be gone", 30)
+    before = _rows(s3, bucket)              # what the killed run recorded
+    recorded = {r["key"] for r in before}
+    assert {r["status"] for r in before} == {"ok"} and len(recorded) == len(before)
+    assert 0 < len(recorded) < n, "the run was over before its node was lost"
+    lease = json.loads(s3.get_object(Bucket=bucket, Key="dst/_manifest/LEASE")["Body"].read())
+    assert lease["pid"] == drivers[0] and lease["expires"] > time.time() + 30   # left behind, far from expiry
+
+    dev_cluster["dev"]("stop")              # the worker node (it would end by itself once the GCS is gone)
+    dev_cluster["dev"]("start", "1")
+    again = submit(dev_cluster, *entry)
+    assert again.returncode == 0 and "SUCCEEDED" in again.stdout, again.stdout[-4000:] + again.stderr[-2000:]
+    rows = _rows(s3, bucket)
+    first, second = sorted({r["run_id"] for r in rows})
+    redone = [r for r in rows if r["run_id"] == second]
+    assert sorted(r["key"] for r in redone) == sorted(set(keys) - recorded)   # the rest, each once; no more
+    assert {r["status"] for r in redone} == {"ok"}
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"dst/_manifest/{second}/summary.json")["Body"].read())
+    assert summary["counts"] == {"ok": n - len(recorded), "skipped_done": len(recorded)}
+    started = datetime.datetime.fromisoformat(summary["finished_at"]).timestamp() - summary["wall_s"]
+    assert started < lease["expires"]       # the killed run's lease was taken over, not waited out
+    assert sorted(_outputs(s3, bucket)) == sorted(f"dst/{k}" for k in keys)
+    _check_outputs(s3, bucket, rows)
+

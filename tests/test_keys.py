@@ -7,12 +7,13 @@ import random
 
 import pytest
 
-from imgxlate.io import keys
+from imgxlate.io import keys, listing
 from imgxlate.io.listing import IMAGE_EXTS
 
 EXTS = tuple(e.lower() for e in IMAGE_EXTS)
 PARTS = ["a", "a.png", "a.jpg", "a.jpg.png", "a.PNG", "a.b", "b c.png", "ü.png", "a-0123456789.png", "a.png.png",
-         "z.png", "0.jpg", "a.tar", ".png.png", "v1.0.png", "v1.1", "a.jpg.jpg", "x.tif", "x.tiff"]
+         "z.png", "0.jpg", "a.tar", ".png.png", "v1.0.png", "v1.1", "a.jpg.jpg", "x.tif", "x.tiff",
+         "a.png ", "a.png .png", "a.jpg .png", "a.png -0123456789.png"]     # a trailing space is an input too
 
 
 def _random_keys(rng: random.Random, n: int) -> list[str]:
@@ -22,7 +23,7 @@ def _random_keys(rng: random.Random, n: int) -> list[str]:
 
 
 def _canonical_image_keys(ks: list[str]) -> list[str]:
-    return [k for k in ks if k.lower().endswith(EXTS) and not keys.set_aside(k)]
+    return [k for k in ks if listing.has_ext(k, EXTS) and not keys.set_aside(k)]
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".webp"])

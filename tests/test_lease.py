@@ -1,15 +1,22 @@
-"""The DST lease: one run at a time, on a local folder and on the S3 test server (conditional writes)."""
+"""The DST lease: one run at a time, on a local folder and on the S3 test server (conditional writes); a store
+that does not enforce conditional writes is refused, and --lease off runs without a lease, saying so."""
 
 import json
 import threading
 import time
 
+import boto3
 import pytest
 
 from imgxlate.io import storage
-from imgxlate.io.lease import Lease, LeaseHeld
+from imgxlate.io.lease import Lease, LeaseHeld, LeaseUnsafe
 
-from fixtures import wait_for
+from conftest import photo
+from faultproxy import FaultProxy
+from fixtures import png, summary_of, translate, wait_for, write_tree
+
+NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                   b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -73,6 +80,21 @@ def test_the_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(dst):
     assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "thief"
 
 
+def test_a_renewal_never_overwrites_a_lease_another_run_took_meanwhile(dst, monkeypatch):
+    lease = Lease(dst, "slow", ttl_s=600).acquire()            # its heartbeat waits 150 s: this renewal is the test's
+    body, taken = lease._body, []
+    thief = json.dumps({"run_id": "thief", "token": "x", "heartbeat": time.time(), "expires": time.time() + 60})
+
+    def body_while_taken():                                     # while the renewal is under way, another run takes it
+        if not taken:
+            taken.append(storage.write_bytes(lease.uri, thief.encode()))
+        return body()
+    monkeypatch.setattr(lease, "_body", body_while_taken)
+    assert lease._renew() is False                              # lost, and the other run's lease is left as it was
+    assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "thief"
+    lease.release()
+
+
 def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(dst):
     import socket
     import subprocess
@@ -84,3 +106,63 @@ def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(dst):
          "heartbeat": time.time(), "expires": time.time() + 600}).encode())
     with Lease(dst, "rerun") as lease:                          # no 10-minute wait
         assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "rerun"
+
+
+def test_the_lease_says_what_kind_it_is_and_leaves_no_probe(dst):
+    with Lease(dst, "run-one") as lease:
+        assert lease.kind == ("s3-conditional" if dst.startswith("s3://") else "local-link")
+        _, root = storage.filesystem(storage.join(dst, "_manifest"))
+        fs, _ = storage.filesystem(dst)
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(root)] == ["LEASE"]        # the store's probe is gone
+
+
+def _keys(s3_server, bucket, prefix="out/") -> list[str]:
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+@pytest.mark.parametrize("store, answered", [
+    ({"strip_headers": ("If-None-Match", "If-Match")}, "a second PUT of s3://{bucket}/out/_manifest/.lease-probe-r1-"),
+    ({"answer": lambda method, path, headers: (501, NOT_IMPLEMENTED) if method == "PUT" and "If-None-Match" in headers
+      else None}, "answered 501 NotImplemented"),
+], ids=["ignores-conditional-headers", "answers-501"])
+def test_a_store_that_does_not_enforce_conditional_writes_is_refused_before_any_output(
+        store, answered, tmp_path, bucket, s3_server, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)           # restored after the run points it at the proxy
+    write_tree(tmp_path / "src", {f"{i}.png": png(photo(12, 16, seed=i)) for i in range(2)})
+    with FaultProxy(s3_server, **store) as proxy:
+        assert translate(tmp_path / "src", f"s3://{bucket}/out", "--scale", 2, "--s3-endpoint", proxy.url,
+                         "--run-id", "r1") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "conditional writes" in line]
+    assert len(lines) == 1 and answered.format(bucket=bucket) in lines[0], lines
+    assert "--lease off" in lines[0] and lines[0].startswith("imgxlate translate: error: ")
+    if "strip_headers" in store:
+        assert "answered 200 (the write was made)" in lines[0]
+    assert _keys(s3_server, bucket) == []                       # no output, no lease, no probe left
+
+
+def test_a_store_that_ignores_only_if_match_is_refused(bucket, s3_server, monkeypatch):
+    with FaultProxy(s3_server, strip_headers=("If-Match",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(LeaseUnsafe, match=r"a PUT of \S+ with If-Match on a wrong ETag was answered 200"):
+            Lease(f"s3://{bucket}/out", "r1").acquire()
+    assert _keys(s3_server, bucket) == []                       # the probe is deleted, no lease was taken
+
+
+def test_lease_off_runs_on_such_a_store_and_the_summary_says_so(tmp_path, bucket, s3_server, ray_local, monkeypatch,
+                                                                capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    write_tree(tmp_path / "src", {f"{i}.png": png(photo(12, 16, seed=i)) for i in range(2)})
+    dst = f"s3://{bucket}/out"
+    with FaultProxy(s3_server, strip_headers=("If-None-Match", "If-Match")) as proxy:
+        assert translate(tmp_path / "src", dst, "--scale", 2, "--s3-endpoint", proxy.url, "--run-id", "off",
+                         "--lease", "off") == 0
+    assert "--lease off: no lease on DST; two runs on this DST would both write it" in capsys.readouterr().err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert summary_of(dst, "off")["lease"] == "off (unchecked: at the user's risk)"
+    assert {"out/0.png", "out/1.png"} <= set(_keys(s3_server, bucket))
+    assert not any(k.startswith("out/_manifest/LEASE") for k in _keys(s3_server, bucket))
+    # The same DST on a store that enforces conditional writes: the probe passes, the lease is taken and said.
+    assert translate(tmp_path / "src", dst, "--scale", 2, "--s3-endpoint", s3_server, "--run-id", "on") == 0
+    assert summary_of(dst, "on")["lease"] == "s3-conditional"
+    assert not any(".lease-probe-" in k for k in _keys(s3_server, bucket))

@@ -1,17 +1,23 @@
 """What a user is told when a run cannot go ahead: an invalid --run-id or a missing SRC exits 2 with a message
 naming it (an SRC with no images exits 0); credentials in a URI are refused and never printed, nor in a storage
-error or a traceback; access denied on DST exits 2 naming the bucket, before anything is written."""
+error or a traceback; access denied on DST exits 2 naming the bucket, before anything is written. Options that would
+give wrong pixels (a tile under twice the overlap, a quality out of the codec's range, ...) and a model that cannot
+load (weights that fail their checksum, a config that does not fit them, a scale or task that does not fit the
+options) exit 2 with one line that states the rule, before Ray starts."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import boto3
 import requests
 
+from imgxlate.artifact import save
 from imgxlate.infer import job
 from imgxlate.io import manifest
+from imgxlate.models import build
 
 from conftest import photo
 from fixtures import png, translate, write_tree
@@ -94,3 +100,95 @@ def test_access_denied_on_dst_exits_2_naming_the_bucket(tmp_path, bucket, s3_ser
         assert r.returncode == 2, (user, r.stderr[-3000:])
         assert f"access denied on bucket '{bucket}'" in r.stderr and "Traceback" not in r.stderr, (user, r.stderr)
     assert boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+
+
+def _refused(capsys, src, dst, *argv) -> str:
+    """The one error line of a translate that must stop before any work (exit 2, nothing written)."""
+    assert translate(src, dst, *argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgxlate translate: error: "), (argv, err)
+    assert not dst.exists(), argv
+    return err[0]
+
+
+def test_options_that_would_give_wrong_pixels_are_refused_with_the_rule(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"a.png": png(photo(8, 8))})
+    cases = {("--tile", "48"): "--tile 48 must be at least twice --overlap (32)",
+             ("--tile", "48", "--overlap", "32"): "give --overlap 24 or less, or a --tile of at least 64",
+             ("--format", "jpeg", "--quality", "0"): "--quality 0 is out of range: JPEG and WebP quality runs from 1",
+             ("--format", "webp", "--quality", "101"): "--quality 101 is out of range",
+             ("--quality", "-5"): "PNG is lossless and takes none",
+             ("--overlap", "-8"): "--overlap -8 is too small: tiles must overlap by at least 8 px",
+             ("--overlap", "0"): "--overlap 0 is too small",
+             ("--tile", "0"): "--tile 0 is too small: a tile must be at least 16 px",
+             ("--tile", "-64", "--overlap", "8"): "--tile -64 is too small",
+             ("--overlap", "200"): "--overlap 200 is more than half the tile the job picks by itself on CPU (256 px)",
+             ("--scale", "1.5"): "--scale 1.5: the scale must be a whole number",
+             ("--scale", "0"): "--scale 0: the scale must be a whole number",
+             ("--cutout",): "--cutout writes a segmentation model's cut-out, but bicubic is a sr model",
+             ("--limit", "0"): "--limit 0: give at least 1"}
+    for argv, rule in cases.items():
+        scale = () if "--scale" in argv else ("--scale", "2")
+        assert rule in _refused(capsys, src, dst, *scale, *argv), argv
+    assert translate(src, dst, "--scale", "2", "--tile", "64", "--overlap", "32", "--dry-run") == 0   # the limit
+    capsys.readouterr()
+    # A style model must be run in tiles of its training crop: another --tile, or an overlap over half of it, is
+    # refused; the default overlap is cut to a quarter of the crop, as the Predictor does.
+    style = tmp_path / "style"
+    save(build("style", n_blocks=1, norm="instance"), str(style), provenance={"config": {"content_size": 48}})
+    assert "must be run in tiles of 48 px (its training crop" in \
+        _refused(capsys, src, dst, "--model", style, "--tile", "64")
+    assert f"{style}'s tile of 48 px must be at least twice --overlap (30)" in \
+        _refused(capsys, src, dst, "--model", style, "--overlap", "30")
+    assert translate(src, dst, "--model", style, "--dry-run") == 0
+    assert translate(src, dst, "--model", style, "--tile", "48", "--overlap", "24", "--dry-run") == 0
+
+
+def _tiny_sr(path) -> str:
+    save(build("sr", preset="tiny", scale=2), str(path))
+    return str(path)
+
+
+def test_a_model_that_cannot_load_stops_at_once_with_one_line_and_no_ray(tmp_path):
+    """Weights that no longer match the checksum in config.json: exit 2 with one line, in seconds, Ray never
+    started (before, every model actor died with its traceback and the run exited 1 after 29 s)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"a.png": png(photo(8, 8))})
+    model = _tiny_sr(tmp_path / "model")
+    weights = tmp_path / "model/weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[-20] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code = ("import sys, ray; from imgxlate.cli import main; rc = main(sys.argv[1:]); "
+            "print('ray started' if ray.is_initialized() else 'no ray'); sys.exit(rc)")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code, "translate", str(src), str(dst), "--model", model],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"imgxlate translate: error: model {model}: weights do not match the checksum in config.json (corrupt or "
+        f"replaced)"], r.stderr[-3000:]
+    assert r.stdout.strip() == "no ray" and not dst.exists()
+    assert elapsed < 30, elapsed             # python and torch start-up, the load itself: no Ray, no actors
+
+
+def test_a_model_whose_config_scale_or_task_does_not_fit_is_refused_in_the_driver(tmp_path, capsys, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"a.png": png(photo(8, 8))})
+    started = []
+    monkeypatch.setattr(job, "planner", lambda *a, **k: started.append(1) or (_ for _ in ()).throw(AssertionError))
+    model = _tiny_sr(tmp_path / "model")
+    config = tmp_path / "model/config.json"
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "config": {**meta["config"], "n_blocks": meta["config"]["n_blocks"] + 1}}))
+    line = _refused(capsys, src, dst, "--model", model)      # config.json and weights no longer fit each other
+    assert f"error: model {model}: Error(s) in loading state_dict for SrResnet: Missing key(s)" in line, line
+    config.write_text(json.dumps(meta))
+    assert f"model {model} is x2, but --scale 4 was given" in _refused(capsys, src, dst, "--model", model,
+                                                                       "--scale", "4")
+    assert f"but {model} is a sr model: leave --cutout out" in _refused(capsys, src, dst, "--model", model,
+                                                                        "--cutout")
+    assert not started

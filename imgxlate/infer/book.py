@@ -1,10 +1,12 @@
 """The driver's book of a run: which shards are open, their counters, and the rows on their way to manifest
 parts. The one place that writes manifest parts and shard markers (:mod:`imgxlate.io.manifest` says what they
-hold)."""
+hold), and that keeps room for them on a local DST (the reserve)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 import uuid
 from collections import Counter
@@ -14,14 +16,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer.plan import Shard
-from imgxlate.io import manifest
+from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact
+from imgxlate.log import log
+
+RESERVE = "_reserve-"           # DST/_manifest/_reserve-<run id>
+RESERVE_BYTES = 4 << 20         # room for the last parts, markers and summary of a run whose DST filled up
 
 
 class ShardBook:
     """The driver's bookkeeping: counters per open shard, and rows on their way to manifest parts. A shard's rows
     are written as a part when a shard completes (or every ``every_rows`` rows, or ``every_s`` seconds), and its
-    marker is rewritten after each part, so that a killed run loses at most the rows not yet written."""
+    marker is rewritten after each part, so that a killed run loses at most the rows not yet written.
+
+    When DST refuses a part or a marker because DST itself fails (:func:`storage.dst_failure`: full, over quota,
+    ...), ``failure`` says why and the book writes nothing more, keeping the rows, until :meth:`last_try` (the
+    driver stops the run, and frees the reserve first)."""
 
     @dataclass
     class Open:
@@ -30,6 +40,8 @@ class ShardBook:
         parts: list = dataclasses.field(default_factory=list)
         buffer: list = dataclasses.field(default_factory=list)
         counts: Counter = dataclasses.field(default_factory=Counter)
+        complete: bool = False          # every input has its row (its marker says so once written)
+        dirty: bool = False             # its marker is behind (rows or a part it does not list yet)
 
     def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
         self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
@@ -38,6 +50,7 @@ class ShardBook:
         self.nbytes: Counter = Counter()
         self.shards = 0
         self.last_flush = time.time()
+        self.failure: str | None = None
 
     def add_shard(self, shard: Shard) -> None:
         self.shards += 1
@@ -58,6 +71,7 @@ class ShardBook:
                 continue
             o.buffer.append(mine)
             o.got += mine.num_rows
+            o.dirty = True
             status = mine.column("status")
             for kv in pc.value_counts(status).to_pylist():
                 o.counts[kv["values"]] += kv["counts"]
@@ -74,6 +88,22 @@ class ShardBook:
 
     def flush(self, sid: str, complete: bool = False) -> None:
         o = self.open[sid]
+        o.complete = o.complete or complete
+        if self.failure is not None:            # DST failed: kept for the last try
+            return
+        try:
+            self._write(sid, o)
+        except Exception as e:
+            if (why := storage.dst_failure(e)) is None:
+                raise
+            self.failure = why
+            log(f"{why}: manifest rows of {self.unrecorded()} outputs are kept until the run stops "
+                f"({type(e).__name__}: {e})")
+            return
+        if o.complete:
+            del self.open[sid]
+
+    def _write(self, sid: str, o: Open) -> None:
         if o.buffer:
             part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}",
                                        pa.concat_tables(o.buffer))
@@ -82,16 +112,59 @@ class ShardBook:
         counts = Counter(o.counts)
         counts["ok"] += o.shard.prev_ok
         manifest.write_shard_marker(self.dst, manifest.ShardMarker(
-            shard=sid, n=o.shard.n, complete=complete, recipe=self.recipe, run_id=self.run_id,
+            shard=sid, n=o.shard.n, complete=o.complete, recipe=self.recipe, run_id=self.run_id,
             counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts)))
-        if complete:
-            del self.open[sid]
+        o.dirty = False
 
     def flush_all(self) -> None:
         for sid in list(self.open):
-            if self.open[sid].buffer:
+            if self.open[sid].dirty:
                 self.flush(sid)
         self.last_flush = time.time()
+
+    def unrecorded(self) -> int:
+        """Rows not yet in a manifest part."""
+        return sum(t.num_rows for o in self.open.values() for t in o.buffer)
+
+    def last_try(self) -> int:
+        """After DST failed and the run stopped: try each shard's parts and marker once more (a small one may fit
+        where a large one did not); returns how many rows are still not recorded (a rerun does their inputs
+        again)."""
+        why = self.failure
+        for sid in [sid for sid, o in self.open.items() if o.dirty]:
+            self.failure = None
+            self.flush(sid)
+        self.failure = self.failure or why
+        return self.unrecorded()
+
+    # ---------------------------------------------------------------- the reserve
+    def reserve_uri(self) -> str:
+        return storage.join(manifest.manifest_root(self.dst), f"{RESERVE}{self.run_id}")
+
+    def reserve(self) -> None:
+        """On a local DST, set ``RESERVE_BYTES`` aside (a file of random bytes, which no filesystem compresses
+        away) for this run's last manifest parts, markers and summary, once DST is full; reserves that killed
+        runs left are removed (the caller holds DST's lease). Raises OSError when DST has no room for it."""
+        if not storage.is_local(self.dst):
+            return
+        root = manifest.manifest_root(self.dst)
+        with contextlib.suppress(OSError), os.scandir(root) as entries:
+            for e in entries:
+                if e.name.startswith(RESERVE) and e.is_file(follow_symlinks=False):
+                    os.remove(e.path)
+        os.makedirs(root, exist_ok=True)
+        try:
+            with open(self.reserve_uri(), "wb") as f:
+                f.write(os.urandom(RESERVE_BYTES))
+                os.fsync(f.fileno())
+        except BaseException:
+            self.free_reserve()
+            raise
+
+    def free_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if storage.is_local(self.dst):
+                os.remove(self.reserve_uri())
 
     def dropped(self, sid: str) -> list[dict]:
         """Inputs of an open shard that never came back from the pipeline (a block lost after its retries): its

@@ -3,6 +3,7 @@ the model's identity, and the recipe (what decides an output's pixels, so a reru
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -71,19 +72,73 @@ class TranslateConfig:
 
 
 def model_info(cfg: TranslateConfig) -> dict:
-    from imgxlate.infer.predictor import model_meta
+    """The model's identity (model_id, sha256, task, scale), once it has been loaded here, in the driver, before
+    Ray starts, as each model actor will load it: its weights against the checksum in its config.json, its
+    architecture built and the weights loaded into it strictly, its scale against --scale, its task against
+    --cutout and its tile against --tile / --overlap (see check_tiles); then it is freed. JobError, one line, when
+    any of it fails, so that a model that cannot run never reaches the actors."""
+    from imgxlate.infer.contract import from_meta
+    from imgxlate.infer.predictor import resolve_model
 
-    if cfg.model == "bicubic":
-        scale = cfg.scale or 2
-        return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale}
     try:
-        meta = model_meta(cfg.model)
+        model = resolve_model(cfg.model, cfg.scale if cfg.model == "bicubic" else None, "cpu")
+        meta, task, scale = dict(getattr(model, "meta", None) or {}), model.task, model.scale
+        contract = from_meta(meta or None, task)
     except Exception as e:
-        raise JobError(f"model {redact(cfg.model)}: {e}") from e
-    if cfg.scale is not None and meta["task"] == "sr" and meta["scale"] != cfg.scale:
-        raise JobError(f"model {redact(cfg.model)} is x{meta['scale']}, but --scale {cfg.scale:g} was given")
-    return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": meta["task"],
-            "scale": meta["scale"]}
+        raise JobError(f"model {redact(cfg.model)}: {_one_line(e, cfg.model)}") from e
+    finally:
+        model = None                     # the actors load their own copy: none is kept in the driver
+        gc.collect()
+    if cfg.scale is not None and task == "sr" and scale != cfg.scale:
+        raise JobError(f"model {redact(cfg.model)} is x{scale:g}, but --scale {cfg.scale:g} was given")
+    if cfg.cutout and task != "seg":
+        raise JobError(f"--cutout writes a segmentation model's cut-out, but {redact(cfg.model)} is a {task} model: "
+                       f"leave --cutout out")
+    check_tiles(cfg, contract.tile if contract.geometry == "native" else None, redact(cfg.model))
+    if cfg.model == "bicubic":
+        return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale}
+    return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": task, "scale": meta["scale"]}
+
+
+def _one_line(e: BaseException, spec: str) -> str:
+    """An exception as one line, without the model's own name at its start (the message gives it)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    for name in (spec, redact(spec)):
+        if text.startswith(name + ": "):
+            text = text[len(name) + 2:]
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+MIN_OVERLAP = 8          # input pixels: blending ignores the outer quarter of the overlap (2 px at 8), the pixels
+                         # of a tile that saw its padding instead of their neighbours
+AUTO_TILE = 256          # the smallest tile the Predictor picks by itself (on CPU; 1024 on GPU)
+DEFAULT_OVERLAP = TranslateConfig.overlap
+WHOLE = 1 << 20          # a contract's tile this large means: never tiled (imgxlate.external)
+
+
+def check_tiles(cfg: TranslateConfig, model_tile: int | None, model: str) -> None:
+    """--tile and --overlap against what gives the untiled output at tile seams (within a code): the overlap at
+    least MIN_OVERLAP and at most half the tile (else the Predictor would blend over something else than was
+    asked), and a model that must be run in tiles of its own size (a style model: its training crop) only in
+    those. The default overlap is cut to a quarter of such a model's tile, as the Predictor does."""
+    if cfg.tile is not None and cfg.tile < 2 * MIN_OVERLAP:
+        raise JobError(f"--tile {cfg.tile} is too small: a tile must be at least {2 * MIN_OVERLAP} px (twice the "
+                       f"smallest --overlap, {MIN_OVERLAP})")
+    if model_tile and cfg.tile is not None and cfg.tile != model_tile:
+        if model_tile >= WHOLE:
+            raise JobError(f"--tile {cfg.tile}: {model} must be run on whole images (its architecture does not "
+                           f"tile): leave --tile out")
+        raise JobError(f"--tile {cfg.tile}: {model} must be run in tiles of {model_tile} px (its training crop; its "
+                       f"outputs depend on the tile's size): leave --tile out, or give --tile {model_tile}")
+    tile = cfg.tile or model_tile
+    if tile and 2 * cfg.overlap > tile and not (cfg.tile is None and cfg.overlap == DEFAULT_OVERLAP):
+        given = f"--tile {cfg.tile}" if cfg.tile is not None else f"{model}'s tile of {tile} px"
+        raise JobError(f"{given} must be at least twice --overlap ({cfg.overlap}), or neighbouring tiles would "
+                       f"be blended over less than was asked: give --overlap {tile // 2} or "
+                       f"less, or a --tile of at least {2 * cfg.overlap}")
+    if not tile and 2 * cfg.overlap > AUTO_TILE:
+        raise JobError(f"--overlap {cfg.overlap} is more than half the tile the job picks by itself on CPU "
+                       f"({AUTO_TILE} px): give a --tile of at least {2 * cfg.overlap} with it")
 
 
 def recipe(cfg: TranslateConfig, meta: dict) -> str:
@@ -109,6 +164,9 @@ def check(cfg: TranslateConfig) -> None:
     """Refuse, before any work, what the job must not run with."""
     if cfg.format not in codec.FORMATS:
         raise JobError(f"unknown --format {cfg.format!r}: use {', '.join(codec.FORMATS)}")
+    if cfg.lease not in ("on", "off"):
+        raise JobError(f"--lease must be on or off, not {cfg.lease!r}")
+    check_pixel_options(cfg)
     for what, uri in (("SRC", cfg.src), ("DST", cfg.dst), ("--model", cfg.model)):
         if ":" in listing.userinfo(uri):
             raise JobError(f"{what} {redact(uri)} has credentials in it, which would end up in logs: give them "
@@ -119,6 +177,9 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError("--cpus-per-actor and --io-cpus must be more than 0")
     if cfg.pipeline not in ("auto", "fused", "split"):
         raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use auto, fused or split")
+    if cfg.run_id is not None and cfg.run_id.startswith("_"):
+        raise JobError(f"--run-id {cfg.run_id!r}: names that start with '_' are the job's own folders under "
+                       f"DST/_manifest (_shards, _tmp, _verify); start it with a letter or digit")
     if cfg.run_id is not None and (not RUN_ID.fullmatch(cfg.run_id) or ".." in cfg.run_id or cfg.run_id == "."):
         raise JobError(f"--run-id {cfg.run_id!r} names a folder under DST/_manifest: use only letters, digits, "
                        f"'.', '_' and '-' (and not '.' or '..')")
@@ -130,3 +191,25 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError(f"SRC and DST are the same folder or prefix ({redact(cfg.dst)}): the outputs would "
                        f"overwrite the inputs; write elsewhere (a folder inside SRC is fine: it is left out of "
                        f"the listing)")
+
+
+def check_pixel_options(cfg: TranslateConfig) -> None:
+    """The options that decide output pixels, each against the range that gives what it says (the model's own
+    requirements are checked once it is loaded: model_info)."""
+    if not 1 <= cfg.quality <= 100:
+        raise JobError(f"--quality {cfg.quality} is out of range: JPEG and WebP quality runs from 1 (smallest "
+                       f"files) to 100 (best); PNG is lossless and takes none")
+    if cfg.overlap < MIN_OVERLAP:
+        raise JobError(f"--overlap {cfg.overlap} is too small: tiles must overlap by at least {MIN_OVERLAP} px, "
+                       f"or the pixels of a tile that saw its edge show as seams (default {DEFAULT_OVERLAP})")
+    if cfg.tile is not None:             # against the model's tile too, once it is loaded (model_info)
+        check_tiles(cfg, None, "")
+    if cfg.scale is not None and (cfg.scale < 1 or cfg.scale != int(cfg.scale)):
+        raise JobError(f"--scale {cfg.scale:g}: the scale must be a whole number (1, 2, 3, 4, ...): at other scales "
+                       f"the tiles of a large image do not line up")
+    if cfg.amp not in ("bf16", "fp16", "off"):
+        raise JobError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise JobError(f"--limit {cfg.limit}: give at least 1 (leave it out to process every input)")
+    if cfg.max_pixels < 1 or cfg.max_output_pixels < 1 or cfg.max_model_retries < 0:
+        raise JobError("--max-pixels must be at least 1 and --max-model-retries at least 0")

@@ -21,23 +21,24 @@ import uuid
 
 import imgxlate
 from imgxlate.infer import heap, raydata
-from imgxlate.infer.book import ShardBook, lost_rows
+from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
 from imgxlate.infer.config import JobError, TranslateConfig, check, destination_problem, model_info, recipe
 from imgxlate.infer.feeder import Feeder, take
 from imgxlate.infer.plan import Planner, Shard
-from imgxlate.infer.run import Interrupted, Progress, Run, SignalDrain
+from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
 from imgxlate.infer.stages import seal
 from imgxlate.io import codec, manifest, storage
-from imgxlate.io.lease import Lease, LeaseHeld
+from imgxlate.io.lease import Lease, LeaseHeld, LeaseUnsafe, NoLease
 from imgxlate.io.listing import redact
 from imgxlate.log import log
 
-__all__ = ["Interrupted", "JobError", "TranslateConfig", "run"]
+__all__ = ["DstFailed", "Interrupted", "JobError", "TranslateConfig", "run"]
 
 
 def run(cfg: TranslateConfig) -> dict:
     """Run the job; returns the summary. Raises JobError when the job cannot run, Interrupted when a signal
-    stopped it (after recording every output it wrote and writing the summary)."""
+    stopped it and DstFailed when DST failed (full, over quota, ...: both after recording every output it wrote
+    and writing the summary)."""
     check(cfg)
     heap.steady()                               # before the run's threads start (flat driver memory)
     if cfg.s3_endpoint:
@@ -52,13 +53,15 @@ def run(cfg: TranslateConfig) -> dict:
             return {"dry_run": dry_run_report(cfg, meta, run_id), "run_id": run_id}
         lease = take_lease(cfg, run_id)
         try:
+            book = ShardBook(cfg.dst.rstrip("/"), run_id, recipe(cfg, meta), cfg.manifest_every_rows)
+            reserve_room(cfg, book)
             plan = planner(cfg, meta, run_id)
             try:
-                return drive(Run(cfg, meta, run_id, t_start, lease, plan,
-                                 ShardBook(cfg.dst.rstrip("/"), run_id, recipe(cfg, meta), cfg.manifest_every_rows),
+                return drive(Run(cfg, meta, run_id, t_start, lease, plan, book,
                                  Progress(plan, cfg.progress_every_s), SignalDrain(lambda: None)))
             finally:
                 plan.stop()
+                book.free_reserve()
         finally:
             lease.release()                     # never raises: a lease it cannot release expires by itself
     finally:
@@ -66,13 +69,32 @@ def run(cfg: TranslateConfig) -> dict:
             storage.remove_empty_tree(cfg.dst)
 
 
-def take_lease(cfg: TranslateConfig, run_id: str) -> Lease:
+def take_lease(cfg: TranslateConfig, run_id: str) -> Lease | NoLease:
+    """The lease on DST (its store checked first: see imgxlate/io/lease.py), or none with --lease off."""
+    if cfg.lease == "off":
+        log("--lease off: no lease on DST; two runs on this DST would both write it")
+        return NoLease(cfg.dst)
     try:
-        return Lease(cfg.dst, run_id, wait_s=cfg.wait_for_lease_s).acquire()
-    except LeaseHeld as e:
+        lease = Lease(cfg.dst, run_id, wait_s=cfg.wait_for_lease_s).acquire()
+    except (LeaseHeld, LeaseUnsafe) as e:
         raise JobError(str(e)) from e
     except Exception as e:
         raise JobError(destination_problem(cfg.dst, e)) from e
+    if lease.kind == "check-then-write":
+        log(f"the lease on {redact(cfg.dst)} is a check-then-write (this store has no conditional writes): "
+            f"two runs started at the same moment could both take it")
+    return lease
+
+
+def reserve_room(cfg: TranslateConfig, book: ShardBook) -> None:
+    """Room for the manifest on a local DST that fills up (:meth:`ShardBook.reserve`)."""
+    try:
+        book.reserve()
+    except OSError as e:
+        if (why := storage.dst_failure(e)) is None:
+            raise JobError(destination_problem(cfg.dst, e)) from e
+        raise JobError(f"{why} ({redact(cfg.dst)}): a run needs at least {RESERVE_BYTES >> 20} MB free there for "
+                       f"its manifest, besides its outputs; free space and rerun") from e
 
 
 def preflight_destination(dst: str, run_id: str) -> None:
@@ -134,19 +156,19 @@ def dry_run_report(cfg: TranslateConfig, meta: dict, run_id: str) -> dict:
 def drive(run: Run) -> dict:
     """Wait for the first shard with work (a run whose inputs were all done never starts Ray), then run one
     pipeline for the whole plan, fed by a Feeder thread while the listing goes on, until every shard is recorded
-    (or a signal drains the run). Until the pipeline exists, a signal only marks the run."""
+    (or a signal or DST failing drains the run). Until the pipeline exists, a signal only marks the run."""
     started_ray, resources = False, None
     with run.drain:
         first = _first_work(run)
-        if first and run.drain.signum is None:
+        if first and not run.drain.stopping:
             started_ray = _start(run)
-        if run.drain.signum is not None:        # signalled while the plan was listing or Ray was starting
+        if run.drain.stopping:                  # signalled while the plan was listing or Ray was starting
             for shard in first:
                 run.book.add_shard(shard)
         elif first:
             resources = _pipeline(run, first)
     run.progress.update(run.book.counts, force=True)
-    if not run.plan.listed and run.drain.signum is None:
+    if not run.plan.listed and not run.drain.stopping:
         # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
         log(f"no inputs under {redact(run.cfg.src)} with extensions {', '.join(run.cfg.extensions)}: nothing to do")
         return {"run_id": run.run_id, "inputs": 0, "counts": {}, "failed": 0}
@@ -157,7 +179,7 @@ def _first_work(run: Run) -> list[Shard]:
     """The first ready shards with work; shards done before are recorded as they pass. [] when there is none
     (all done, an empty SRC) or a signal came (seen within 0.5 s)."""
     first: list[Shard] = []
-    while run.drain.signum is None and not first and \
+    while not run.drain.stopping and not first and \
             (shards := take(run.cfg, run.plan, run.cfg.queued_inputs, 0.5)) is not None:
         for shard in shards:
             if shard.todo:
@@ -195,7 +217,7 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
         feed.close.remote(drop=True)
 
     run.drain.on_signal = on_signal
-    if run.drain.signum is not None:            # signalled in between
+    if run.drain.stopping:                      # signalled in between
         on_signal()
     feeder.push(first)
     feeder.start()
@@ -207,7 +229,9 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
             feeder.join(30)                     # it checks every 0.5 s; nothing touches Ray after this
             with run.lock:
                 run.book.flush_all()            # rows of outputs already written are recorded, whatever happens
-        if run.drain.signum is None:
+        if run.book.failure is not None:        # DST refused the last parts: no retry of lost blocks
+            run.drain.stop(run.book.failure)
+        if not run.drain.stopping:
             feeder.raise_if_incomplete(ray_log)
             retry_lost(run, stop)
     if feeder.error is not None:                # a drain is reported as such; the plan's error is in the log
@@ -235,10 +259,10 @@ def retry_lost(run: Run, stop) -> None:
             run.add(rows)
 
     try:
-        raydata.stream(run.cfg, feed, run.meta, stop, on_rows, run.check_lease)
+        raydata.stream(run.cfg, feed, run.meta, stop, on_rows, run.check_lease, fit=True)
     finally:
         run.book.flush_all()
-    if run.drain.signum is not None:
+    if run.drain.stopping or run.book.failure is not None:
         return
     lost = [r for r in lost if (redact(r["source_uri"]), r["output_uri"]) not in came_back]
     if lost:                                    # every input of a finished run has a row
@@ -246,22 +270,39 @@ def retry_lost(run: Run, stop) -> None:
 
 
 def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> dict:
-    """Write the summary (last: it marks the run finished) and report; raise Interrupted after a signal."""
+    """Write the summary (last: it marks the run finished) and report; raise Interrupted after a signal, DstFailed
+    when DST failed. After DST failed, the reserve is freed first and the rows DST refused are tried once more."""
     signum = run.drain.signum                   # read once: the Feeder may still see a lost lease
-    summary = _summary(run, resources, signum)
-    manifest.write_summary(run.cfg.dst.rstrip("/"), run.run_id, summary)
-    log(f"{'interrupted' if signum else 'done'} in {summary['wall_s']:.1f}s: "
+    why, unrecorded = run.drain.reason or run.book.failure, 0
+    if why is not None:
+        run.book.free_reserve()                 # the pipeline has ended: this room is for the manifest
+        unrecorded = run.book.last_try()
+    summary = _summary(run, resources, signum, why, unrecorded)
+    try:
+        manifest.write_summary(run.cfg.dst.rstrip("/"), run.run_id, summary)
+    except Exception as e:
+        if (failed := storage.dst_failure(e)) is None:
+            raise
+        why = why or failed
+        summary.update(stopped=why, not_started=run.plan.listed - sum(run.book.counts.values()),
+                       listed_all=run.plan.listing_done)
+        log(f"{failed}: the run's summary could not be written ({type(e).__name__}: {e})")
+    stopped = signum is not None or why is not None
+    log(f"{'stopped' if why else 'interrupted' if signum else 'done'} in {summary['wall_s']:.1f}s: "
         + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
-        + (f"; {summary['not_started']} not started (a rerun does them)" if signum else ""))
+        + (f"; {summary['not_started']} not started (a rerun does them)" if stopped else ""))
     log(f"outputs under {redact(run.cfg.dst)}; manifest and summary in {summary['manifest']}")
-    if signum is not None:
+    if stopped:
         if started_ray:
             raydata.shutdown()             # no Ray process outlives an interrupted run
-        raise Interrupted(signum, summary)
+        if signum is not None and run.drain.reason is None:
+            raise Interrupted(signum, summary)
+        raise DstFailed(summary)
     return summary
 
 
-def _summary(run: Run, resources: TranslateConfig | None, signum: int | None) -> dict:
+def _summary(run: Run, resources: TranslateConfig | None, signum: int | None, why: str | None = None,
+             unrecorded: int = 0) -> dict:
     cfg, meta, run_id, plan, book = run.cfg, run.meta, run.run_id, run.plan, run.book
     dst = cfg.dst.rstrip("/")
     counts = book.counts
@@ -286,6 +327,7 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None) ->
         "wall_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if wall > 0 else None,
         "manifest": storage.join(redact(manifest.manifest_root(dst)), run_id),
+        "lease": run.lease.kind,
         "config": dataclasses.asdict(cfg),
         "resources": None if resources is None else {k: getattr(resources, k) for k in (
             "pipeline", "actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
@@ -295,5 +337,11 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None) ->
     summary["config"]["model"] = redact(cfg.model)
     if signum is not None:
         summary["interrupted"] = signal.Signals(signum).name
+    if why is not None:
+        summary["stopped"] = why                # DST failed (storage.dst_failure)
+    if signum is not None or why is not None:
         summary["not_started"] = plan.listed - sum(counts.values())
+        summary["listed_all"] = plan.listing_done       # False: more inputs than ``inputs`` were not listed
+    if unrecorded:
+        summary["unrecorded"] = unrecorded      # rows DST refused: their inputs are done again by a rerun
     return summary

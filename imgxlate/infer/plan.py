@@ -140,6 +140,9 @@ class Planner:
     done before (a resume). :meth:`take` hands them out.
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
+    _listed: dict[str, dict[str, int]] | None = None   # earlier runs' part sizes, {run id: {part: bytes}}, listed
+                                                        # once per run folder (see _changed_parts)
+
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
                  recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3):
         self.src, self.dst, self.extensions, self.limit = src, dst.rstrip("/"), extensions, limit
@@ -235,24 +238,54 @@ class Planner:
 
     def _previous(self, sid: str) -> tuple[dict, list[str]]:
         """A shard's earlier rows, {source: (status, recipe, attempts)} with the latest row of each source (None
-        when the marker says the shard is complete and all done with this recipe), and its parts (names relative
-        to DST/_manifest). A part that is gone is left out, with a warning."""
+        when the marker says the shard is complete and all done with this recipe, and its parts are there with the
+        sizes it records), and its parts (names relative to DST/_manifest). A part that is gone or cannot be read
+        is left out, and a marker that cannot be read counts as none, each with a warning naming it: their inputs
+        are done again."""
         try:
-            marker = manifest.read_shard_marker(self.dst, sid)
+            try:
+                marker = manifest.read_shard_marker(self.dst, sid)
+            except manifest.Damaged as e:
+                log(f"warning: {e}: treated as absent, so the shard's inputs are done again (its next "
+                    f"marker replaces it)")
+                return {}, []
             parts = marker.parts
-            if marker.all_done(self.recipe):
+            changed = self._changed_parts(marker) if marker.all_done(self.recipe) else []
+            if marker.all_done(self.recipe) and not changed:
                 return None, parts               # complete, every input done with this recipe: nothing to read
+            if changed:
+                log(f"warning: shard {sid}: {len(changed)} manifest part(s) its marker names are gone or not the "
+                    f"size it records ({changed[0]}, ...): its parts are read one by one")
             table, missing = manifest.read_parts(self.dst, parts, ["source_uri", "status", "recipe"])
         except Exception as e:
             raise PlanError("destination", e) from e
         if missing:
-            log(f"shard {sid}: {len(missing)} manifest part(s) its marker names are gone ({missing[0]}, ...): "
-                f"their inputs are done again")
+            log(f"warning: shard {sid}: {len(missing)} manifest part(s) its marker names are gone or unreadable "
+                f"({missing[0]}, ...): the inputs they held are done again")
         state: dict = {}
         for src, status, rcp in zip(*(table.column(c).to_pylist() for c in ("source_uri", "status", "recipe"))):
             seen = state.get(src, (None, None, 0))[2]
             state[src] = (status, rcp, seen + (status != "skipped_done"))
-        return state, [p for p in parts if p not in missing]
+        kept = [p for p in parts if p not in missing]
+        manifest.remember_part_sizes(self.dst, {p: marker.sizes[p] for p in kept
+                                                if p in marker.sizes and p not in changed})
+        return state, kept
+
+    def _changed_parts(self, marker: manifest.ShardMarker) -> list[str]:
+        """The parts of ``marker`` that are gone or whose size is not the one it records (parts it records no size
+        for are trusted), from one listing per earlier run folder, kept for the rest of the plan."""
+        if self._listed is None:
+            self._listed = {}
+        changed = []
+        for name in marker.parts:
+            if name not in marker.sizes:
+                continue
+            run = name.split("/", 1)[0]
+            if run not in self._listed:
+                self._listed[run] = manifest.part_sizes(self.dst, run)
+            if self._listed[run].get(name) != marker.sizes[name]:
+                changed.append(name)
+        return changed
 
     def _shard(self, items: list[Item], kind: str, markers: set[str]) -> Shard:
         outs = keys.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],

@@ -128,7 +128,7 @@ class Predictor:
         o = options or PredictOptions()
         auto = AUTO["cuda" if self.device.startswith("cuda") else "cpu"]
         tile = o.tile or self.contract.tile or auto["tile"]
-        overlap = o.overlap if 2 * o.overlap < tile else tile // 4      # e.g. a style model's small training crop
+        overlap = o.overlap if 2 * o.overlap <= tile else tile // 4     # e.g. a style model's small training crop
         self.options = PredictOptions(**{**o.__dict__, "tile": tile, "overlap": overlap,
                                          "batch_pixels": o.batch_pixels or auto["batch_pixels"]})
         self.alpha_resize = build("bicubic", scale=self.scale, matlab_uint8=False).to(self.device)

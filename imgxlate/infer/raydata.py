@@ -36,9 +36,11 @@ def shutdown() -> None:
     ray.shutdown()                                                                     # ray:
 
 
-def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
+def resolve_resources(cfg: TranslateConfig, fit: bool = False) -> TranslateConfig:
     """The config with the resources the run gets on this cluster: pipeline mode, actors, CPUs / GPUs and
-    threads per actor (the defaults of :class:`TranslateConfig` filled in)."""
+    threads per actor (the defaults of :class:`TranslateConfig` filled in). ``fit``: no more actors than the
+    cluster holds now (at least one), for the lost-block retry: a node lost mid-run may have left too few for
+    --actors."""
     import ray
 
     resources = ray.cluster_resources()                                                # ray:
@@ -46,17 +48,18 @@ def resolve_resources(cfg: TranslateConfig) -> TranslateConfig:
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
     mode = cfg.pipeline if cfg.pipeline != "auto" else ("split" if gpa else "fused")
     if gpa:
-        actors = cfg.actors or max(1, int(gpus / gpa))
+        fits = default = max(1, int(gpus / gpa))
     elif mode == "fused":           # the actors do all the work: one per cpus_per_actor
-        actors = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
-        if actors * cfg.cpus_per_actor > cpus:
-            raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs need more than the cluster's "
-                           f"{cpus:g} CPUs: lower --actors or --cpus-per-actor")
+        fits = default = max(1, int(cpus // cfg.cpus_per_actor))
     else:
-        actors = cfg.actors or 1
-        if actors * cfg.cpus_per_actor > cpus - cfg.io_cpus:
-            raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
-                           f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
+        fits, default = max(1, int((cpus - cfg.io_cpus) // cfg.cpus_per_actor)), 1
+    actors = min(cfg.actors or default, fits) if fit else cfg.actors or default
+    if not gpa and mode == "fused" and actors * cfg.cpus_per_actor > cpus:
+        raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs need more than the cluster's "
+                       f"{cpus:g} CPUs: lower --actors or --cpus-per-actor")
+    if not gpa and mode == "split" and actors * cfg.cpus_per_actor > cpus - cfg.io_cpus:
+        raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
+                       f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
     threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
     return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads, pipeline=mode)
 
@@ -248,7 +251,8 @@ def build(feed, cfg, model_meta: dict, stop=None):
                                   ray_remote_args={"num_cpus": 0, "max_retries": 0})
     load_kw = {"max_pixels": cfg.max_pixels, "env": env}
     save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
-               "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env}
+               "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env,
+               "tmp_dir": storage.temporaries_dir(cfg.dst)}
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
                 "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
@@ -289,14 +293,16 @@ def put_blocks(feed, blocks: list[tuple[pa.Table, int]]) -> None:
     ray.get([feed.put.remote(c) for c in calls if c])                                # ray:
 
 
-def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=None) -> TranslateConfig:
+def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=None, fit: bool = False
+           ) -> TranslateConfig:
     """Run the Ray Data pipeline over the input blocks put in ``feed`` until it is closed, handing each block's
     manifest rows (a pyarrow Table, without the not-started ones) to ``on_rows(rows, returned)`` with the number
     of rows that came back (not-started included), then calling ``after_batch()`` (the driver checks its lease
-    there). Returns the config with the resources it ran with."""
+    there). ``fit``: as many actors as the cluster holds now, up to --actors (see :func:`resolve_resources`).
+    Returns the config with the resources it ran with."""
     import ray.data
 
-    rcfg = resolve_resources(cfg)
+    rcfg = resolve_resources(cfg, fit)
     # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()                                           # ray:

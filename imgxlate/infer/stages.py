@@ -240,7 +240,7 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
             continue
         row["t_decode_s"] = time.perf_counter() - t1
         row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
-        row["icc"] = img.icc
+        row["icc"], row["warning"] = img.icc, img.warning
         _pack(row, img.pixels, img.alpha)
     return rows.table(FLIGHT)
 
@@ -311,9 +311,28 @@ class FusedStage(ModelStage):
         return save(super().__call__(load(batch, stop=self.stop, **self.load_kw)), **self.save_kw)
 
 
+def _write(uris: list[str], datas: list[bytes], tmp_dir: str | None) -> list[tuple[Exception | None, float]]:
+    """Write each output: (None or why it failed, seconds). Local outputs go through DST/_manifest/_tmp
+    (``tmp_dir``, see :class:`storage.LocalWrites`) and are durable when this returns, so that their rows may be
+    recorded: one sync per block, its time shared out over the block's rows."""
+    if not uris or not all(storage.is_local(u) for u in uris):
+        return _each(storage.write_bytes, list(zip(uris, datas)), True)
+    writes = storage.LocalWrites(tmp_dir)
+    paths = [storage.local_path(u) for u in uris]
+    try:
+        wrote = _each(writes.write, list(zip(paths, datas)), False)
+    finally:
+        t0 = time.perf_counter()
+        failed = writes.sync()
+        share = (time.perf_counter() - t0) / len(uris)
+    return [(res if isinstance(res, Exception) else failed.get(os.path.dirname(p)), t + share)
+            for p, (res, t) in zip(paths, wrote)]
+
+
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
-         env: dict) -> pa.Table:
-    """encode + write. Returns manifest rows (no pixels)."""
+         env: dict, tmp_dir: str | None = None) -> pa.Table:
+    """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Returns manifest rows (no
+    pixels); an ``ok`` row's output is durable."""
     _apply(env)
     rows = Rows(batch)
     out = []                                       # (row index, encoded bytes)
@@ -322,6 +341,8 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
         if not row.get("status"):
             row["output_format"] = fmt
             px, alpha = _unpack(row)
+            if lost := codec.profile_lost(fmt, px, row.get("icc")):
+                row["warning"] = "; ".join(w for w in (row.get("warning"), lost) if w)
             t0 = time.perf_counter()
             try:
                 data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
@@ -331,12 +352,12 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
                 row["t_encode_s"] = time.perf_counter() - t0
                 out.append((i, data))
     uris = [rows[i]["output_uri"] for i, _ in out]
-    wrote = _each(storage.write_bytes, [(u, d) for u, (_, d) in zip(uris, out)],
-                  not all(storage.is_local(u) for u in uris))
+    wrote = _write(uris, [d for _, d in out], tmp_dir)
     for (i, data), (res, t_write) in zip(out, wrote):
         row = rows[i]
-        if isinstance(res, Exception):
-            _fail(row, "write_error", res)
+        if res is not None:
+            _fail(row, "write_error", f"{storage.DST_FAILURE}{why}: {type(res).__name__}: {res}"
+                  if (why := storage.dst_failure(res)) else res)
         else:
             row["t_write_s"] = t_write
             row["status"], row["output_bytes"] = "ok", len(data)

@@ -3,7 +3,9 @@ colour PNGs). No torch here.
 
 Fidelity rules: EXIF orientation applied; L / LA / P / RGB / RGBA / CMYK / 16-bit handled; alpha
 kept as its own plane; 16-bit stays 16-bit; grayscale stays grayscale; the ICC profile is carried
-over when it describes the output's colour space (a CMYK profile is used to convert to sRGB instead).
+over when it describes the output's colour space (a CMYK profile is used to convert to sRGB instead), up to
+:data:`MAX_ICC_BYTES`, what every output format can hold. A profile that is not carried over (or a CMYK one
+that cannot be used) is said in :attr:`Decoded.warning`, for the input's manifest row.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from imgxlate.io import png16
 
 Image.MAX_IMAGE_PIXELS = None                    # imgxlate applies its own max_pixels guard
+# Pillow refuses a PNG whose iCCP chunk inflates to over 1 MiB (its text-chunk limit): profiles of a few MB are
+# real (printer and camera profiles). png16's limit, 16 MiB, still refuses a bomb.
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, png16.MAX_ICC_BYTES)
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 DEFAULT_MAX_PIXELS = 64_000_000
+# The largest profile a JPEG holds: 255 APP2 segments of 65,519 bytes (Pillow writes a larger one as a profile no
+# reader can put together). PNG and WebP hold more; a profile over this is dropped at decode, with a warning.
+MAX_ICC_BYTES = 255 * 65_519
 
 
 class DecodeError(ValueError):
@@ -41,6 +49,7 @@ class Decoded:
     alpha: np.ndarray | None           # HxW, same dtype, or None
     mode: str                          # what the source was: 'RGB', 'P', 'CMYK', 'I;16', 'RGB;16', ...
     icc: bytes | None = None
+    warning: str | None = None         # what the output loses: a profile not carried over, ...
 
     @property
     def height(self) -> int:
@@ -63,6 +72,21 @@ def _icc_space(icc: bytes | None) -> str | None:
     return icc[16:20].decode("ascii", "replace").strip() if icc and len(icc) >= 20 else None
 
 
+def _keep_icc(icc: bytes | None, space: str) -> tuple[bytes | None, str | None]:
+    """(the profile to carry over, or None; a warning when there was one and it is not carried over) for an
+    image in colour space ``space`` ('RGB' or 'GRAY')."""
+    if not icc:
+        return None, None
+    found = _icc_space(icc)
+    if found != space:
+        what = f"is for {found!r}" if found else f"is unreadable ({len(icc)} bytes)"
+        return None, f"ICC profile {what}, not this {space} image: dropped; colours may differ"
+    if len(icc) > MAX_ICC_BYTES:
+        return None, (f"ICC profile of {len(icc)} bytes is over the {MAX_ICC_BYTES} bytes every output format "
+                      f"can hold (JPEG's limit): dropped; colours may differ")
+    return icc, None
+
+
 def _from_png16(data: bytes, mode: str) -> Decoded:
     try:
         a, icc = png16.decode(data)
@@ -70,8 +94,8 @@ def _from_png16(data: bytes, mode: str) -> Decoded:
         raise DecodeError(str(e)) from e
     c = a.shape[2]
     if c in (1, 2):
-        return Decoded(a[..., 0], a[..., 1] if c == 2 else None, mode, icc)
-    return Decoded(a[..., :3], a[..., 3] if c == 4 else None, mode, icc)
+        return Decoded(a[..., 0], a[..., 1] if c == 2 else None, mode, *_keep_icc(icc, "GRAY"))
+    return Decoded(a[..., :3], a[..., 3] if c == 4 else None, mode, *_keep_icc(icc, "RGB"))
 
 
 def _low_byte_rawmode(rawmode: str) -> str:
@@ -99,9 +123,8 @@ def _from_tiff16(data: bytes, im: Image.Image) -> Decoded:
             raise DecodeError(f"truncated or corrupt TIFF data: {e}") from e
         planes.append(np.asarray(part).astype(np.uint16))
     a = planes[0] << 8 | planes[1]                    # Pillow applies the TIFF orientation tag on load
-    icc = im.info.get("icc_profile")
     return Decoded(a[..., :3], a[..., 3] if im.mode == "RGBA" else None, f"{im.mode};16",
-                   icc if _icc_space(icc) == "RGB" else None)
+                   *_keep_icc(im.info.get("icc_profile"), "RGB"))
 
 
 def probe(data: bytes) -> tuple[int, int, str, str]:
@@ -161,35 +184,44 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     return _to_arrays(im, source_mode, icc)
 
 
+def _from_cmyk(im: Image.Image, source_mode: str, icc: bytes | None) -> Decoded:
+    """sRGB pixels of a CMYK image: through its CMYK profile when it has one that can be used, else Pillow's
+    naive conversion (with a warning when a profile was there but could not be used)."""
+    warning = None
+    if icc and _icc_space(icc) == "CMYK":
+        try:
+            rgb = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                            ImageCms.createProfile("sRGB"), outputMode="RGB")
+            return Decoded(np.asarray(rgb), None, source_mode)
+        except Exception as e:
+            warning = f"CMYK profile could not be read ({type(e).__name__}: {e})"
+    elif icc:
+        found = _icc_space(icc)
+        warning = f"ICC profile {f'is for {found!r}' if found else 'is unreadable'}, not CMYK"
+    if warning:
+        warning += ": converted without it; colours may differ"
+    return Decoded(np.asarray(im.convert("RGB")), None, source_mode, None, warning)
+
+
 def _to_arrays(im: Image.Image, source_mode: str, icc: bytes | None) -> Decoded:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(im)
-        return Decoded(np.clip(a, 0, 65535).astype(np.uint16), None, source_mode,
-                       icc if _icc_space(icc) == "GRAY" else None)
+        return Decoded(np.clip(a, 0, 65535).astype(np.uint16), None, source_mode, *_keep_icc(icc, "GRAY"))
     if mode == "F":
         raise DecodeError("32-bit float images are not supported")
     if mode == "CMYK":
-        if icc and _icc_space(icc) == "CMYK":
-            try:
-                im = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
-                                               ImageCms.createProfile("sRGB"), outputMode="RGB")
-                icc = None
-            except Exception:
-                im, icc = im.convert("RGB"), None
-        else:
-            im, icc = im.convert("RGB"), None
-        return Decoded(np.asarray(im), None, source_mode, None)
+        return _from_cmyk(im, source_mode, icc)
     if mode in ("1", "L"):
-        return Decoded(np.asarray(im.convert("L")), None, source_mode, icc if _icc_space(icc) == "GRAY" else None)
+        return Decoded(np.asarray(im.convert("L")), None, source_mode, *_keep_icc(icc, "GRAY"))
     if mode in ("LA", "La"):
         a = np.asarray(im.convert("LA"))
-        return Decoded(a[..., 0].copy(), a[..., 1].copy(), source_mode, icc if _icc_space(icc) == "GRAY" else None)
+        return Decoded(a[..., 0].copy(), a[..., 1].copy(), source_mode, *_keep_icc(icc, "GRAY"))
     has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info) or "A" in mode
     if has_alpha:
         a = np.asarray(im.convert("RGBA"))
-        return Decoded(a[..., :3].copy(), a[..., 3].copy(), source_mode, icc if _icc_space(icc) == "RGB" else None)
-    return Decoded(np.asarray(im.convert("RGB")), None, source_mode, icc if _icc_space(icc) == "RGB" else None)
+        return Decoded(a[..., :3].copy(), a[..., 3].copy(), source_mode, *_keep_icc(icc, "RGB"))
+    return Decoded(np.asarray(im.convert("RGB")), None, source_mode, *_keep_icc(icc, "RGB"))
 
 
 def to_8bit(a: np.ndarray) -> np.ndarray:
@@ -198,12 +230,25 @@ def to_8bit(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.uint8 else ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def profile_lost(fmt: str, pixels: np.ndarray, icc: bytes | None) -> str | None:
+    """What :func:`encode` cannot carry over of ``icc`` in ``fmt``, as a warning for the row, or None: WebP has
+    no grayscale (a gray image is written as RGB, which a GRAY profile does not describe)."""
+    if icc and fmt == "webp" and pixels.ndim == 2:
+        return "WebP has no grayscale: the gray ICC profile is not carried over (--format png keeps it)"
+    return None
+
+
 def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png", quality: int = 95,
            icc: bytes | None = None) -> bytes:
     """Encode HxW / HxWx3 pixels (+ optional HxW alpha). 16-bit is kept for PNG; JPEG and WebP are
-    8-bit. JPEG cannot hold alpha: the image is composited over white (never black)."""
+    8-bit. JPEG cannot hold alpha: the image is composited over white (never black). The profile is written
+    unless :func:`profile_lost` says the format cannot hold it."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
+    if profile_lost(fmt, pixels, icc):
+        icc = None
+    if icc and fmt == "jpeg" and len(icc) > MAX_ICC_BYTES:    # Pillow would write it as no profile at all
+        raise ValueError(f"an ICC profile of {len(icc)} bytes does not fit in a JPEG (at most {MAX_ICC_BYTES})")
     if fmt == "png" and pixels.dtype == np.uint16 and not (pixels.ndim == 2 and alpha is None):
         planes = [pixels[..., None] if pixels.ndim == 2 else pixels]
         if alpha is not None:

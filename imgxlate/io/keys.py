@@ -15,7 +15,7 @@ import posixpath
 import re
 from collections import defaultdict
 
-from imgxlate.io.listing import redact
+from imgxlate.io.listing import has_ext, redact
 from imgxlate.io.manifest import MANIFEST_DIR
 
 HASH_HEX = (10, 64)      # hex digits of sha256(source) a candidate adds at levels 2 and 3
@@ -103,10 +103,10 @@ def group_of(key: str, exts: tuple[str, ...]) -> str:
     stem = posixpath.splitext(key)[0]
     while True:
         m = _HASHED.search(stem)
-        if m and stem[:m.start()].lower().endswith(exts):
+        if m and has_ext(stem[:m.start()], exts):
             stem = stem[:m.start()]
-        elif stem.lower().endswith(exts) and posixpath.splitext(stem)[0] != stem:
-            stem = posixpath.splitext(stem)[0]
+        elif has_ext(stem, exts) and posixpath.splitext(stem.rstrip())[0] != stem.rstrip():
+            stem = posixpath.splitext(stem.rstrip())[0]     # 'a.png ' is an input as 'a.png' is (listing.has_ext)
         else:
             return stem
 

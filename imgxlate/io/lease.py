@@ -8,6 +8,12 @@ a hard link (which fails when the lease exists) and an atomic rename. A lease wh
 was left by a run that was killed (its heartbeat stopped) and is taken over; so is one whose holder ran
 on this machine and whose process is gone, without waiting for the expiry. Other fsspec stores get a
 check-then-write, which narrows the race but does not close it.
+
+An S3-compatible store is not trusted to enforce conditional writes (Backblaze B2 answers 501, GCS's
+interoperability API ignores them, some stores let concurrent ones all succeed): before taking the lease, a
+probe object next to it is written with ``If-None-Match: *``, then again (it must be refused with 412), then
+with ``If-Match`` on a wrong ETag (likewise), and deleted. Any other answer raises :class:`LeaseUnsafe`,
+naming it. :class:`NoLease` (``--lease off``) has a Lease's interface and holds nothing.
 """
 
 from __future__ import annotations
@@ -59,11 +65,74 @@ class LeaseHeld(RuntimeError):
         self.holder = holder
 
 
+class LeaseUnsafe(RuntimeError):
+    """The store does not enforce the conditional writes the lease relies on: it cannot keep two runs apart."""
+
+    def __init__(self, dst: str, what: str, answer: str, expected: str = "refused with 412 PreconditionFailed"):
+        endpoint = storage.endpoint_from_env()
+        super().__init__(
+            f"the store behind {dst}{f' (endpoint {endpoint})' if endpoint else ''} does not enforce conditional "
+            f"writes, so a lease on it cannot keep two runs apart: {what} was answered {answer}, where it must be "
+            f"{expected}. Use a store that enforces them (AWS S3, R2, MinIO, Ceph RGW), "
+            f"or pass --lease off to run without a lease, at your risk (never start two runs on this DST)")
+        self.answer = answer
+
+
+REFUSED = ("PreconditionFailed", "ConditionalRequestConflict")
+WRONG_ETAG = '"00000000000000000000000000000000"'
+
+
+def _answer(e: Exception) -> tuple[int | None, str]:
+    """(HTTP status, "status Code") of a botocore ClientError."""
+    r = getattr(e, "response", None) or {}
+    status = r.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status, f"{status} {r.get('Error', {}).get('Code') or type(e).__name__}"
+
+
+def _put(client, bucket: str, key: str, **condition) -> tuple[int | None, str, bool]:
+    """PUT a probe under a condition: (status, answer, refused as a conditional write must be). A store that
+    cannot be reached or denies access raises as it came (the destination's problem, not the lease's)."""
+    try:
+        r = client.put_object(Bucket=bucket, Key=key, Body=b"imgxlate lease probe", **condition)
+    except client.exceptions.ClientError as e:
+        status, answer = _answer(e)
+        if status in (403, 404) or ((status or 0) >= 500 and status != 501):
+            raise
+        code = e.response.get("Error", {}).get("Code")
+        return status, answer, code in REFUSED or status == 412
+    status = r.get("ResponseMetadata", {}).get("HTTPStatusCode", 200)
+    return status, f"{status} (the write was made)", False
+
+
+class NoLease:
+    """``--lease off``: a Lease's interface, holding nothing. Two runs on one DST would both write it."""
+
+    kind = "off (unchecked: at the user's risk)"
+    lost = False
+
+    def __init__(self, dst: str):
+        self.uri = storage.join(dst.rstrip("/"), "_manifest", NAME)
+
+    def acquire(self) -> NoLease:
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> NoLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class Lease:
-    """``with Lease(dst, run_id): ...`` holds DST for the block, renewing the heartbeat in a thread."""
+    """``with Lease(dst, run_id): ...`` holds DST for the block, renewing the heartbeat in a thread. ``kind``
+    says how it keeps other runs out: ``s3-conditional`` (checked), ``local-link``, or ``check-then-write``."""
 
     def __init__(self, dst: str, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, poll_s: float = 5.0):
-        self.uri = storage.join(dst.rstrip("/"), "_manifest", NAME)
+        self.dst = dst.rstrip("/")
+        self.uri = storage.join(self.dst, "_manifest", NAME)
         self.run_id, self.ttl_s, self.wait_s, self.poll_s = run_id, ttl_s, wait_s, poll_s
         self.token = uuid.uuid4().hex          # tells our own lease from a later holder's
         self.lost = False
@@ -71,6 +140,8 @@ class Lease:
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.kind = "s3-conditional" if self.uri.startswith("s3://") else \
+            "local-link" if storage.is_local(self.uri) else "check-then-write"
 
     # ------------------------------------------------------------------ store-specific primitives
     def _body(self) -> bytes:
@@ -83,6 +154,28 @@ class Lease:
 
         bucket, key = self.uri[len("s3://"):].split("/", 1)
         return boto3.client("s3", endpoint_url=storage.endpoint_from_env()), bucket, key
+
+    def check_store(self) -> None:
+        """On S3, prove with a probe object beside the lease that the store refuses what the lease needs it to
+        refuse; raise LeaseUnsafe, naming the store's answer, when it does not. The probe is deleted."""
+        if self.kind != "s3-conditional":
+            return
+        client, bucket, key = self._s3()
+        probe = f"{key.rsplit('/', 1)[0]}/.lease-probe-{self.run_id}-{self.token[:8]}"
+        where = f"s3://{bucket}/{probe}"
+        try:
+            status, answer, refused = _put(client, bucket, probe, IfNoneMatch="*")
+            if refused or not 200 <= (status or 0) < 300:      # a new key: the write must be made
+                raise LeaseUnsafe(self.dst, f"a first PUT of {where} with If-None-Match: *", answer,
+                                  "written (200: the key is new)")
+            for what, condition in (("a second PUT of {} with If-None-Match: *", {"IfNoneMatch": "*"}),
+                                    ("a PUT of {} with If-Match on a wrong ETag", {"IfMatch": WRONG_ETAG})):
+                _, answer, refused = _put(client, bucket, probe, **condition)
+                if not refused:
+                    raise LeaseUnsafe(self.dst, what.format(where), answer)
+        finally:
+            with contextlib.suppress(Exception):
+                client.delete_object(Bucket=bucket, Key=probe)
 
     def _create(self) -> bool:
         """Write the lease only if there is none; False when one exists."""
@@ -156,6 +249,8 @@ class Lease:
         return True
 
     def _renew(self) -> bool:
+        if storage.is_local(self.uri):      # moved aside, checked and linked back: a read-then-write could overwrite
+            return self._replace(None, {"token": self.token}, self._body())   # a lease another run took meanwhile
         holder, etag = self._read()
         if not holder or holder.get("token") != self.token:
             return False
@@ -166,11 +261,12 @@ class Lease:
                 return True
             except client.exceptions.ClientError:
                 return False
-        storage.write_bytes(self.uri, self._body())           # atomic rename for local folders
+        storage.write_bytes(self.uri, self._body())           # other stores: check-then-write
         return True
 
     # ------------------------------------------------------------------ the lease
     def acquire(self) -> Lease:
+        self.check_store()
         deadline = time.time() + self.wait_s
         while True:
             if self._create():

@@ -123,6 +123,12 @@ def _path_of(uri: str) -> str:
     return re.split(r"[?#]", uri, maxsplit=1)[0] if is_http(uri) else uri
 
 
+def has_ext(name: str, exts: tuple[str, ...]) -> bool:
+    """The extension filter: whether a file name or key ends in one of ``exts`` (lower case), whitespace after
+    it aside: 'photo.png ' (a legal name on disk and on S3) is an image, and its output is 'photo.png'."""
+    return name.rstrip().lower().endswith(exts)
+
+
 def list_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, limit: int | None = None,
                 exclude: str | None = None) -> list[Item]:
     """Inputs under a folder / prefix (recursive, filtered by extension, sorted by key), or listed in a
@@ -157,14 +163,14 @@ def _find(src: str, exts: tuple[str, ...], exclude: str | None) -> list[Item]:
         skip = storage.location(exclude) if exclude and storage.is_local(exclude) == storage.is_local(src) else None
         items = []
         for p, info in sorted(found.items()):
-            if info.get("type") == "directory" or not p.lower().endswith(exts):
+            if info.get("type") == "directory" or not has_ext(p, exts):
                 continue
             if skip and (p == skip or p.startswith(skip + "/")):
                 continue
             rel = p[len(path):]
             rel = rel[1:] if rel.startswith("/") else rel             # keep a '//' in a key as it is
             items.append(Item(_full_uri(src, protocol, p), rel.replace("\\", "/"), int(info.get("size") or -1)))
-    items = [it for it in items if _path_of(it.source_uri).lower().endswith(exts)]
+    items = [it for it in items if has_ext(_path_of(it.source_uri), exts)]
     return items
 
 
@@ -252,7 +258,7 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
     def items():
         previous = None
         for u, rel in rels():
-            if u == previous or not _path_of(u).lower().endswith(exts):
+            if u == previous or not has_ext(_path_of(u), exts):
                 continue                        # the same URI twice (next to each other) is one input
             previous = u
             yield Item(u, _manifest_key(rel, root))
@@ -268,8 +274,10 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
 
 def _walk_local(root: str, exts: tuple[str, ...], skip: str | None) -> Iterator[Item]:
     """Depth first, each folder's entries sorted by name (names only are held, a folder at a time). Links to
-    folders are not followed (as before: no loops, no trees outside SRC); a file that vanishes or a broken link
-    is still listed (its read fails and is recorded); an unreadable subfolder is reported and left out."""
+    folders are not followed (as before: no loops, no trees outside SRC); a link to a file is an input under the
+    link's own key and is read wherever it points, inside SRC or not (as the README says); a file that vanishes
+    or a broken link is still listed (its read fails and is recorded); an unreadable subfolder is reported and
+    left out."""
     if not os.path.isdir(root):
         raise SourceError(f"source {root} is not a folder, prefix or manifest file, or does not exist")
 
@@ -289,7 +297,7 @@ def _walk_local(root: str, exts: tuple[str, ...], skip: str | None) -> Iterator[
             if is_dir:
                 if skip is None or os.path.normpath(path) != skip:
                     yield from walk(path, rel + name + "/")
-            elif name.lower().endswith(exts):
+            elif has_ext(name, exts):
                 try:
                     size = os.stat(path).st_size
                 except OSError:
@@ -341,7 +349,7 @@ def _walk_s3(location: str, exts: tuple[str, ...], skip: str | None, lookahead: 
                 if edge == "high" and first <= "~":
                     continue
                 seen[0] += 1
-                if k.endswith("/") or not k.lower().endswith(exts):
+                if k.endswith("/") or not has_ext(k, exts):
                     continue
                 if skip and (f"{bucket}/{k}" == skip or f"{bucket}/{k}".startswith(skip + "/")):
                     continue

@@ -4,7 +4,11 @@ per shard of inputs (or more for a large shard), and a summary.json written last
 Each shard also has a marker, DST/_manifest/_shards/<shard>.json, rewritten after each of its parts: which parts
 hold its rows (this run's and earlier runs'), its counts, the recipe, and whether every input has a row. A
 rerun reads the markers, skips a complete shard whose inputs are all done without reading anything else, and
-reads only the parts of the other shards it meets: never all of DST, never every earlier manifest."""
+reads only the parts of the other shards it meets: never all of DST, never every earlier manifest.
+
+A marker records the byte size of each part it names, so that a rerun can check a complete shard's parts with one
+listing per earlier run folder instead of reading them. A marker or part that exists but cannot be read (truncated,
+say) is :class:`Damaged`: the plan warns, naming the file, and treats it as absent, so its inputs are done again."""
 
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import dataclasses
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgxlate.io import storage
+from imgxlate.io.listing import redact
+from imgxlate.log import log
 
 MANIFEST_DIR = "_manifest"
 SHARD_DIR = "_shards"
@@ -61,6 +67,17 @@ SCHEMA = pa.schema([
 ])
 
 
+class Damaged(ValueError):
+    """A manifest file (shard marker or part) that exists but cannot be read: truncated, not JSON / Parquet, or
+    missing fields. The message names the file."""
+
+
+# Byte sizes of the parts this process wrote or found recorded, {(dst, part name): bytes}, so that a marker
+# records them (see write_shard_marker) without the writer passing them along; a shard's entries are dropped
+# once its complete marker is written, so this holds only open shards' parts.
+_SIZES: dict[tuple[str, str], int] = {}
+
+
 def manifest_root(dst: str) -> str:
     return storage.join(dst, MANIFEST_DIR)
 
@@ -75,7 +92,14 @@ def write_part(dst: str, run_id: str, name: str, rows: list[dict] | pa.Table) ->
     buf = io.BytesIO()
     pq.write_table(rows.select(SCHEMA.names).cast(SCHEMA) if isinstance(rows, pa.Table) else to_table(rows), buf)
     storage.write_bytes(storage.join(manifest_root(dst), run_id, f"part-{name}.parquet"), buf.getvalue())
+    remember_part_sizes(dst, {part_name(run_id, name): buf.tell()})
     return part_name(run_id, name)
+
+
+def remember_part_sizes(dst: str, sizes: dict[str, int]) -> None:
+    """Note parts' byte sizes (names relative to DST/_manifest) for the next markers written that name them."""
+    for name, size in sizes.items():
+        _SIZES[dst.rstrip("/"), name] = size
 
 
 def shard_marker_uri(dst: str, shard: str) -> str:
@@ -95,6 +119,8 @@ class ShardMarker:
     run_id: str                  # the run that wrote it last
     counts: dict[str, int]       # rows by status, over every run (ok includes earlier runs' ok rows)
     parts: list[str]             # the parts holding its rows, relative to DST/_manifest (DST can move)
+    sizes: dict[str, int] = field(default_factory=dict)   # bytes of each part, where known (write_shard_marker
+                                                          # fills it; markers written before sizes have none)
 
     def all_done(self, recipe: str) -> bool:
         """Complete, made with ``recipe``, and every input done: nothing of the shard is left to read."""
@@ -102,14 +128,30 @@ class ShardMarker:
 
     @classmethod
     def from_json(cls, data: bytes) -> ShardMarker:
+        """Raises ValueError, KeyError or TypeError when ``data`` is not a marker (read_shard_marker: Damaged)."""
         d = json.loads(data)
-        return cls(shard=d["shard"], n=d["n"], complete=bool(d.get("complete")), recipe=d.get("recipe", ""),
-                   run_id=d.get("run_id", ""), counts=dict(d.get("counts", {})), parts=list(d.get("parts", [])))
+        marker = cls(shard=d["shard"], n=int(d["n"]), complete=bool(d.get("complete")),
+                     recipe=str(d.get("recipe", "")), run_id=str(d.get("run_id", "")),
+                     counts={str(k): int(v) for k, v in d.get("counts", {}).items()},
+                     parts=[str(p) for p in d.get("parts", [])],
+                     sizes={str(k): int(v) for k, v in (d.get("sizes") or {}).items()})
+        if not isinstance(d["shard"], str) or not isinstance(d.get("parts", []), list):
+            raise TypeError("'shard' must be a string and 'parts' a list")
+        return marker
 
 
 def write_shard_marker(dst: str, marker: ShardMarker) -> None:
+    """Write ``marker``, recording the byte size of each part it names that this process wrote or was told
+    (remember_part_sizes) when ``marker.sizes`` does not give it."""
+    key = dst.rstrip("/")
+    sizes = {p: marker.sizes[p] if p in marker.sizes else _SIZES[key, p] for p in marker.parts
+             if p in marker.sizes or (key, p) in _SIZES}
     storage.write_bytes(shard_marker_uri(dst, marker.shard),
-                        json.dumps(dataclasses.asdict(marker), sort_keys=True).encode())
+                        json.dumps(dataclasses.asdict(dataclasses.replace(marker, sizes=sizes)),
+                                   sort_keys=True).encode())
+    if marker.complete:                  # no later marker of this shard in this run: forget its parts
+        for p in marker.parts:
+            _SIZES.pop((key, p), None)
 
 
 def shard_markers(dst: str) -> set[str]:
@@ -123,7 +165,26 @@ def shard_markers(dst: str) -> set[str]:
 
 
 def read_shard_marker(dst: str, shard: str) -> ShardMarker:
-    return ShardMarker.from_json(storage.read_bytes(shard_marker_uri(dst, shard)))
+    """The shard's marker; raises Damaged, naming the file, when it exists but cannot be read (and what reading
+    raises: FileNotFoundError, a storage error)."""
+    uri = shard_marker_uri(dst, shard)
+    data = storage.read_bytes(uri)
+    try:
+        return ShardMarker.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Damaged(f"shard marker {redact(uri)} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def part_sizes(dst: str, run_id: str) -> dict[str, int]:
+    """{part name relative to DST/_manifest: bytes} of one run folder's parts, with one listing ({} if none)."""
+    fs, root = storage.filesystem(storage.join(manifest_root(dst), run_id))
+    fs.invalidate_cache()
+    try:
+        found = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {f"{run_id}/{posixpath.basename(e['name'].rstrip('/'))}": int(e["size"]) for e in found
+            if e.get("type") == "file" and e["name"].endswith(".parquet")}
 
 
 def part_name(run_id: str, name: str) -> str:
@@ -133,14 +194,21 @@ def part_name(run_id: str, name: str) -> str:
 
 def read_parts(dst: str, names: list[str], columns: list[str]) -> tuple[pa.Table, list[str]]:
     """``columns`` of the given parts (names relative to DST/_manifest; missing columns of older parts come back
-    null), and the names of parts that are gone."""
+    null), and the names of parts that are gone or cannot be read: a part that exists but is not Parquet (e.g.
+    truncated) is warned about by name and treated as gone. An error reading the store is raised."""
     tables, missing = [], []
     for name in names:
+        uri = storage.join(manifest_root(dst), *name.split("/"))
         try:
-            tables.append(_read_part(storage.read_bytes(storage.join(manifest_root(dst), *name.split("/"))),
-                                     columns))
+            data = storage.read_bytes(uri)
         except FileNotFoundError:
             missing.append(name)
+            continue
+        table = _parsed(uri, data, columns)
+        if table is None:
+            missing.append(name)
+        else:
+            tables.append(table)
     if not tables:
         return pa.schema([SCHEMA.field(c) for c in columns]).empty_table(), missing
     return pa.concat_tables(tables, promote_options="default"), missing
@@ -150,6 +218,21 @@ def write_summary(dst: str, run_id: str, summary: dict) -> str:
     uri = storage.join(manifest_root(dst), run_id, "summary.json")
     storage.write_bytes(uri, json.dumps(summary, indent=2, default=str).encode())
     return uri
+
+
+def _parsed(uri: str, data: bytes, columns: list[str] | None) -> pa.Table | None:
+    """``columns`` of the part read from ``uri``; None, with a warning naming it, when its bytes are not a part
+    (truncated by a crash or a full disk, say): it is treated as absent."""
+    try:
+        return _read_part(data, columns)
+    except (pa.ArrowException, ValueError, OSError) as e:      # the bytes came; they are not a part
+        log(f"warning: manifest part {redact(uri)} cannot be read ({type(e).__name__}: {e}): treated as absent")
+        return None
+
+
+def _uri(dst: str, fs, path: str) -> str:
+    """A path that fs.glob returned, as a URI (as the user gave DST: a local path stays a path)."""
+    return path if storage.is_local(dst) else fs.unstrip_protocol(path)
 
 
 def _read_part(data: bytes, columns: list[str] | None) -> pa.Table:
@@ -163,13 +246,14 @@ def _read_part(data: bytes, columns: list[str] | None) -> pa.Table:
 
 
 def read_all(dst: str, columns: list[str] | None = None) -> pa.Table:
-    """Every manifest row of every earlier run under DST (empty table when none)."""
+    """Every manifest row of every earlier run under DST (empty table when none; a part that cannot be read is
+    left out, with a warning naming it)."""
     fs, root = storage.filesystem(manifest_root(dst))
     try:
         parts = sorted(fs.glob(posixpath.join(root, "*", "part-*.parquet")))
     except FileNotFoundError:
         parts = []
-    tables = [_read_part(fs.cat_file(p), columns) for p in parts]
+    tables = [t for p in parts if (t := _parsed(_uri(dst, fs, p), fs.cat_file(p), columns)) is not None]
     if not tables:
         schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
         return schema.empty_table()
@@ -177,10 +261,11 @@ def read_all(dst: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_run(dst: str, run_id: str) -> pa.Table:
+    """Every row of one run (a part that cannot be read is left out, with a warning naming it)."""
     fs, root = storage.filesystem(storage.join(manifest_root(dst), run_id))
     parts = sorted(fs.glob(posixpath.join(root, "part-*.parquet")))
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    tables = [t for p in parts if (t := _parsed(_uri(dst, fs, p), fs.cat_file(p), None)) is not None]
+    return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
 
 
 def all_runs(dst: str) -> list[str]:

@@ -8,23 +8,29 @@ workers. Credentials come from the usual AWS environment / profile / instance ro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import posixpath
 import random
+import sys
 import time
 import uuid
 
 import fsspec
 
-TMP_MARK = ".imgxlate-tmp-"
+TMP_MARK = ".imgxlate-tmp-"      # the start of every temporary's name (a fixed 46 bytes with its uuid)
+JOB_DIR = "_manifest"           # DST's folder for the job's own files (imgxlate.io.manifest.MANIFEST_DIR): no
+                                # output lands in it (keys under _manifest/ go to _manifest_/, imgxlate.io.keys)
+TMP_DIR = "_tmp"                # DST/_manifest/_tmp: the outputs' temporaries, renamed from there into place
 TRANSIENT_MARKERS = ("SlowDown", "503", "ServiceUnavailable", "Service Unavailable", "RequestTimeout", "500 ",
                      "InternalError", "Throttl", "reset by peer", "Connection reset", "timed out", "Broken pipe")
 
 
 # Storage settings (never credentials) that the driver passes on to Ray's workers and to submitted jobs:
 # workers started elsewhere must reach the same store. Credentials come from each machine's own environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "IMGXLATE_DURABLE")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -72,18 +78,20 @@ def join(base: str, *parts: str) -> str:
 DST_FAILURE = "DST storage failure: "
 _DST_ERRNOS = {errno.ENOSPC: "no space left on DST", errno.EDQUOT: "disk quota exceeded on DST",
                errno.EIO: "I/O error on DST", errno.EROFS: "DST is read-only"}
-_DST_CODES = ("QuotaExceeded", "InsufficientStorage", "507", "StorageFull", "XMinioStorageFull")
+_DST_CODES = ("QuotaExceeded", "InsufficientStorage", "StorageFull", "XMinioStorageFull")
 
 
 def dst_failure(e: BaseException) -> str | None:
     """A short reason when ``e`` (raised by a write to DST, after its retries) means DST itself is failing, so
     that every later write would fail too; None when it is about this one output (a bad name, for example)."""
+    if isinstance(e, NameTooLong):              # this output's name, whatever its text says
+        return None
+    text = f"{type(e).__name__} {e}"
+    if any(c in text for c in _DST_CODES):     # before errno: s3fs reports codes it does not know as EIO
+        return "the store refused the write (quota or storage full)"
     for x in (e, e.__cause__, e.__context__):
         if isinstance(x, OSError) and x.errno in _DST_ERRNOS:
             return _DST_ERRNOS[x.errno]
-    text = f"{type(e).__name__} {e}"
-    if any(c in text for c in _DST_CODES):
-        return "the store refused the write (quota or storage full)"
     if is_transient(e):
         return "the store kept failing after retries"
     return None
@@ -92,8 +100,8 @@ def dst_failure(e: BaseException) -> str | None:
 def is_transient(e: BaseException) -> bool:
     """Worth retrying: throttling (503 SlowDown), server errors, connection resets and timeouts.
     Missing objects and denied access are permanent."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, NameTooLong)):
+        return False                    # (a name's "500 bytes" is no server error)
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(e).__name__} {e}"
@@ -122,34 +130,230 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write all or nothing: a local file goes to a temporary name and is renamed into place; an
-    object-store write is a single PUT (or a completed multipart upload), never a partial object."""
+    """Write all or nothing, durably: a local file goes to a temporary beside it (:data:`TMP_MARK` and a uuid, a
+    name of its own that is never longer than 46 bytes), is synced, renamed into place, and its folder synced
+    before this returns (see :class:`LocalWrites`); an object-store write is a single PUT (or a completed
+    multipart upload), never a partial object, and durable once it returns."""
     fs, path = filesystem(uri, endpoint_url)
-    if is_local(uri):
-        path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+    if not is_local(uri):
+        retry(fs.pipe_file, path, data)
+        return
+    writes = LocalWrites(mode="off" if sync_mode() == "off" else "fsync")     # a few files: each one synced
+    try:
+        writes.write(os.path.abspath(path), data)
+    finally:
+        failed = writes.sync()
+    if failed:
+        raise next(iter(failed.values()))
+
+
+def local_path(uri: str) -> str:
+    """The absolute path of a local path or file:// URI."""
+    return os.path.abspath(uri if "://" not in uri and not uri.startswith("file:") else filesystem(uri)[1])
+
+
+def temporaries_dir(dst: str) -> str | None:
+    """DST/_manifest/_tmp, where a local DST's outputs are written before they are renamed into place; None for an
+    object store (a PUT is never seen half done)."""
+    return join(dst, JOB_DIR, TMP_DIR) if is_local(dst) else None
+
+
+def sync_mode() -> str:
+    """How local writes are made durable before anything records them: 'syncfs' (Linux: one syncfs(2) per
+    filesystem written, per block of outputs), 'fsync' (each file before its rename, then each folder written; where
+    there is no syncfs, or with ``IMGXLATE_DURABLE=fsync``) or 'off' (``IMGXLATE_DURABLE=0``, for benchmarks only:
+    after a crash, an output whose row says ok may be empty or missing)."""
+    v = os.environ.get("IMGXLATE_DURABLE", "").strip().lower()
+    if v in ("0", "off", "no", "false"):
+        return "off"
+    return "fsync" if v == "fsync" or _libc_syncfs() is None else "syncfs"
+
+
+@functools.cache
+def _libc_syncfs():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out every file and folder of the filesystem that holds ``fd`` (Linux; the kernel reports
+    write-back errors since the descriptor was opened, on Linux 5.8 and later)."""
+    if _libc_syncfs()(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncfs failed: {os.strerror(code)}")
+
+
+def fsync_folder(folder: str) -> None:
+    """Make ``folder``'s entries (a rename into it, a file or folder made in it) durable."""
+    if os.name == "nt":                 # a folder cannot be opened there; NTFS journals its entries
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class NameTooLong(OSError):
+    """An output path the filesystem cannot hold (ENAMETOOLONG): a name over its limit, or the whole path."""
+
+    @classmethod
+    def of(cls, path: str) -> NameTooLong:
+        parts = [p for p in path.split(os.sep) if p]
+        longest = max(parts, key=lambda p: len(os.fsencode(p)))
+        n, limit = len(os.fsencode(longest)), _name_max(path)
+        if n > limit:
+            what = "the output's file name" if longest == parts[-1] else f"the folder name {longest[:20]!r}... in it"
+            return cls(errno.ENAMETOOLONG, f"{what} is {n} bytes, over the filesystem's limit of {limit} bytes "
+                                           f"(ENAMETOOLONG): give the input a shorter name (or a shorter --suffix)")
+        return cls(errno.ENAMETOOLONG, f"the output's path is {len(os.fsencode(path))} bytes, over the filesystem's "
+                                       f"limit (ENAMETOOLONG): use a shorter DST or shorter folder names")
+
+
+def _name_max(path: str) -> int:
+    """NAME_MAX of the filesystem of ``path``'s nearest existing folder (255 where it cannot be asked)."""
+    folder = os.path.dirname(path)
+    while folder and not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder or ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+class LocalWrites:
+    """All-or-nothing writes of local files (a block's outputs), made durable by :meth:`sync` (see
+    :func:`sync_mode`), which must return before anything records them (a manifest row, a marker).
+
+    Each file is written to a temporary named :data:`TMP_MARK` + uuid in ``tmp_dir`` (the job's DST/_manifest/_tmp:
+    such a name is never a user's, and never makes a legal output name too long), then renamed into place. Where
+    ``tmp_dir`` is None, or on another filesystem than the output's folder (a mount inside DST: EXDEV), the
+    temporary is made in the output's folder instead; the run-start cleanup never looks there (it would have to list
+    every output), so a writer killed in that moment can leave one such file behind, never read as an output."""
+
+    def __init__(self, tmp_dir: str | None = None, mode: str | None = None):
+        self.tmp_dir, self.mode = tmp_dir and local_path(tmp_dir), mode or sync_mode()
+        self.tmp_dev: int | None = None
+        self.folders: dict[str, int] = {}       # output folder -> its filesystem (st_dev)
+        self.beside: set[str] = set()           # output folders whose temporaries are made in them
+        self.fds: dict[int, int] = {}           # st_dev -> a folder of it opened before the first write (syncfs)
+        self.made: set[str] = set()             # folders holding a folder made here (fsync mode)
+
+    def write(self, path: str, data) -> None:
+        folder = os.path.dirname(path)
+        try:
+            self._folder(folder)
+            if folder not in self.beside:
+                try:
+                    return self._put(path, data, self.tmp_dir)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    self.beside.add(folder)     # a bind mount: same device, still no rename across it
+            self._put(path, data, folder)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG and not isinstance(e, NameTooLong):
+                raise NameTooLong.of(path) from e
+            raise
+
+    def _put(self, path: str, data, tmp_dir: str) -> None:
+        tmp, renamed = os.path.join(tmp_dir, TMP_MARK + uuid.uuid4().hex), False
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+                if self.mode == "fsync":
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
+            renamed = True
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        retry(fs.pipe_file, path, data)
+            if not renamed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+
+    def _folder(self, folder: str) -> None:
+        """Make ``folder`` (recording the folders that gain an entry) and note its filesystem, once."""
+        if folder in self.folders:
+            return
+        missing, f = [], folder
+        while not os.path.isdir(f) and os.path.dirname(f) != f:
+            missing.append(f)
+            f = os.path.dirname(f)
+        os.makedirs(folder, exist_ok=True)
+        self.made.update(os.path.dirname(m) for m in missing)
+        dev = os.stat(folder).st_dev
+        if self.mode == "syncfs" and dev not in self.fds:
+            self.fds[dev] = os.open(folder, os.O_RDONLY)
+        if self.tmp_dir is None:
+            self.beside.add(folder)
+        else:
+            if self.tmp_dev is None:
+                os.makedirs(self.tmp_dir, exist_ok=True)
+                self.tmp_dev = os.stat(self.tmp_dir).st_dev
+            if self.tmp_dev != dev:
+                self.beside.add(folder)
+        self.folders[folder] = dev
+
+    def sync(self) -> dict[str, OSError]:
+        """Make every write so far durable; returns the output folders that could not be synced, with why (their
+        files may not survive a crash: record them as failed)."""
+        failed: dict[str, OSError] = {}
+        try:
+            if self.mode == "syncfs":
+                for dev, fd in self.fds.items():
+                    try:
+                        syncfs(fd)
+                    except OSError as e:
+                        failed.update({f: e for f, d in self.folders.items() if d == dev})
+            elif self.mode == "fsync":
+                for folder in sorted(set(self.folders) | self.made, key=len, reverse=True):
+                    try:
+                        fsync_folder(folder)
+                    except OSError as e:
+                        failed.update({f: e for f in self.folders if f == folder or f.startswith(folder + os.sep)})
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds, self.folders, self.made = {}, {}, set()
+        return failed
 
 
-def remove_stale_temporaries(uri: str) -> int:
-    """Delete temporary files that a killed local writer left under ``uri``; returns how many."""
-    if not is_local(uri) or not os.path.isdir(uri):
+def remove_stale_temporaries(dst: str) -> int:
+    """Delete the temporaries that killed writers left in a local DST; returns how many. Only the job's own folder
+    is looked at: every file in DST/_manifest/_tmp, and names starting with :data:`TMP_MARK` in DST/_manifest, its
+    _shards folder and the folders of runs with no summary (a run that was killed). The outputs' folders are never
+    listed (a million names on a rerun) and a user's file is never touched, whatever its name."""
+    root = os.path.join(local_path(dst), JOB_DIR) if is_local(dst) else None
+    if root is None or not os.path.isdir(root):
         return 0
+    n = _remove(os.path.join(root, TMP_DIR), every=True) + _remove(root)
+    with os.scandir(root) as entries:
+        folders = [e.path for e in entries if e.is_dir(follow_symlinks=False) and e.name != TMP_DIR]
+    for folder in folders:              # _shards (imgxlate.io.manifest.SHARD_DIR) and killed runs' folders
+        if os.path.basename(folder) == "_shards" or not os.path.exists(os.path.join(folder, "summary.json")):
+            n += _remove(folder)
+    return n
+
+
+def _remove(folder: str, every: bool = False) -> int:
+    """Delete the files (not folders) in ``folder`` whose names start with :data:`TMP_MARK` (``every``: all of
+    them); how many."""
     n = 0
-    for root, _, files in os.walk(uri):
-        for f in files:
-            if TMP_MARK in f:
-                os.remove(os.path.join(root, f))
-                n += 1
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if (every or e.name.startswith(TMP_MARK)) and not e.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(e.path)
+                        n += 1
+    except FileNotFoundError:
+        pass
     return n
 
 

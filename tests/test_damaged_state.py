@@ -1,0 +1,132 @@
+"""Damaged resume state never blocks or deceives a rerun: a shard marker or a manifest part that exists but cannot
+be read (truncated) is warned about by name and treated as absent, so its inputs are done again and the next
+marker replaces it. A complete marker records its parts' sizes, checked with one listing per earlier run folder,
+so a truncated part under a complete marker is found without reading every part."""
+
+import json
+
+from imgxlate.infer import plan
+from imgxlate.io import manifest
+
+from conftest import photo
+from fixtures import png, rows_of, translate, write_tree
+
+NAMES = [f"{c}{i}.png" for c in "abc" for i in range(2)]
+
+
+def _first_run(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {n: png(photo(10, 12, seed=i)) for i, n in enumerate(NAMES)})
+    assert translate(src, dst, "--scale", "2", "--shard-size", "2", "--run-id", "r1") == 0
+    markers = {p: json.loads(p.read_text()) for p in sorted((dst / "_manifest/_shards").glob("*.json"))}
+    assert len(markers) >= 2 and all(m["complete"] for m in markers.values())
+    return src, dst, markers
+
+
+def _keys_of(dst, parts) -> set[str]:
+    table, missing = manifest.read_parts(str(dst), parts, ["key"])
+    assert not missing
+    return set(table.column("key").to_pylist())
+
+
+def test_a_truncated_marker_is_named_and_its_inputs_are_done_again(tmp_path, ray_local, capsys):
+    src, dst, markers = _first_run(tmp_path)
+    path, marker = next(iter(markers.items()))
+    inputs = _keys_of(dst, marker["parts"])
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])      # a marker cut off mid-write
+    capsys.readouterr()
+    assert translate(src, dst, "--scale", "2", "--shard-size", "2", "--run-id", "r2") == 0
+    err = capsys.readouterr().err
+    assert f"warning: shard marker {path} cannot be read (JSONDecodeError" in err, err
+    assert {r["key"]: r["status"] for r in rows_of(dst, "r2")} == {k: "ok" for k in inputs}
+    again = json.loads(path.read_text())                                    # replaced by a readable one
+    assert again["complete"] and again["counts"] == {"ok": len(inputs)} and again["run_id"] == "r2"
+    assert translate(src, dst, "--scale", "2", "--shard-size", "2", "--run-id", "r3") == 0   # nothing left
+    assert rows_of(dst, "r3") == [] and "warning" not in capsys.readouterr().err
+
+
+def test_a_truncated_part_under_a_complete_marker_is_found_by_its_size(tmp_path, ray_local, capsys, monkeypatch):
+    src, dst, markers = _first_run(tmp_path)
+    for m in markers.values():                   # every part's size is recorded
+        assert set(m["sizes"]) == set(m["parts"])
+        assert all(m["sizes"][p] == (dst / "_manifest" / p).stat().st_size for p in m["parts"])
+    path, marker = next(iter(markers.items()))
+    damaged = marker["parts"][0]
+    inputs = _keys_of(dst, [damaged])
+    part = dst / "_manifest" / damaged
+    part.write_bytes(part.read_bytes()[:100])
+    listed, read = [], []
+    real_sizes, real_read = manifest.part_sizes, manifest.read_parts
+    monkeypatch.setattr(manifest, "part_sizes", lambda d, run: listed.append(run) or real_sizes(d, run))
+    monkeypatch.setattr(manifest, "read_parts", lambda d, names, cols: read.append(list(names)) or
+                        real_read(d, names, cols))
+    capsys.readouterr()
+    assert translate(src, dst, "--scale", "2", "--shard-size", "2", "--run-id", "r2") == 0
+    err = capsys.readouterr().err
+    assert listed == ["r1"]                      # one listing of r1's folder for all its markers, no read per part
+    assert read == [marker["parts"]]             # only the damaged shard is read, part by part
+    assert f"warning: manifest part {part} cannot be read (ArrowInvalid" in err, err
+    assert {r["key"]: (r["status"], r["attempt"]) for r in rows_of(dst, "r2")} == {k: ("ok", 1) for k in inputs}
+    again = json.loads(path.read_text())
+    assert damaged not in again["parts"] and again["complete"] and again["counts"] == {"ok": marker["n"]}
+    assert set(again["sizes"]) == set(again["parts"]) and again["parts"][-1].startswith("r2/")
+    listed.clear()
+    read.clear()
+    assert translate(src, dst, "--scale", "2", "--shard-size", "2", "--run-id", "r3") == 0
+    assert rows_of(dst, "r3") == [] and read == [] and sorted(listed) == ["r1", "r2"]
+
+
+def test_markers_without_sizes_are_trusted_as_before_and_damaged_files_raise_damaged(tmp_path, capsys):
+    dst = str(tmp_path / "dst")
+    old = {"shard": "s1", "n": 2, "complete": True, "recipe": "R", "run_id": "r0", "counts": {"ok": 2},
+           "parts": ["r0/part-s1-000.parquet"]}
+    marker = manifest.ShardMarker.from_json(json.dumps(old).encode())
+    assert marker.sizes == {} and marker.all_done("R")
+    p = plan.Planner.__new__(plan.Planner)       # just its resume logic: no listing thread
+    p.dst, p.recipe = dst, "R"
+    assert p._changed_parts(marker) == []       # a marker written before sizes: its parts are not checked
+    marker.sizes = {"r0/part-s1-000.parquet": 10}
+    assert p._changed_parts(marker) == ["r0/part-s1-000.parquet"]          # gone: r0's folder does not exist
+    for bad in (b"", b'{"shard": "s1", "n": 2, "parts": [', b"[]", b'{"n": 2}', b'{"shard": "s1", "n": "x"}'):
+        (tmp_path / "dst/_manifest/_shards").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dst/_manifest/_shards/s1.json").write_bytes(bad)
+        try:
+            manifest.read_shard_marker(dst, "s1")
+            raise AssertionError(f"{bad!r} was read as a marker")
+        except manifest.Damaged as e:
+            assert str(tmp_path / "dst/_manifest/_shards/s1.json") in str(e)
+    # A part is written, its size noted, and the next marker naming it records it; a complete marker forgets it.
+    name = manifest.write_part(dst, "r1", "s2-000", [{"source_uri": "x", "status": "ok"}])
+    manifest.write_shard_marker(dst, manifest.ShardMarker("s2", 1, False, "R", "r1", {"ok": 1}, [name]))
+    size = (tmp_path / "dst/_manifest" / name).stat().st_size
+    assert manifest.read_shard_marker(dst, "s2").sizes == {name: size} == manifest.part_sizes(dst, "r1")
+    manifest.write_shard_marker(dst, manifest.ShardMarker("s2", 1, True, "R", "r1", {"ok": 1}, [name]))
+    manifest.write_shard_marker(dst, manifest.ShardMarker("s2", 1, True, "R", "r1", {"ok": 1}, [name]))
+    assert manifest.read_shard_marker(dst, "s2").sizes == {}
+    (tmp_path / "dst/_manifest" / name).write_bytes(b"PAR1 not really")
+    table, missing = manifest.read_parts(dst, [name, "r1/part-gone.parquet"], ["source_uri"])
+    assert missing == [name, "r1/part-gone.parquet"] and table.num_rows == 0
+    assert f"warning: manifest part {tmp_path / 'dst/_manifest' / name} cannot be read" in capsys.readouterr().err
+
+
+def test_on_s3_sizes_come_from_one_listing_and_damaged_files_are_named(bucket, s3_server, capsys):
+    import boto3
+
+    dst = f"s3://{bucket}/out"
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [manifest.write_part(dst, "r1", f"s{i}-000", [{"source_uri": f"x{i}", "status": "ok"}]) for i in range(3)]
+    sizes = manifest.part_sizes(dst, "r1")
+    assert sizes == {n: s3.head_object(Bucket=bucket, Key=f"out/_manifest/{n}")["ContentLength"] for n in names}
+    assert manifest.part_sizes(dst, "r9") == {}
+    s3.put_object(Bucket=bucket, Key=f"out/_manifest/{names[1]}", Body=b"PAR1")
+    s3.put_object(Bucket=bucket, Key="out/_manifest/_shards/s1.json", Body=b'{"shard": "s1", "n"')
+    table, missing = manifest.read_parts(dst, names, ["source_uri"])
+    assert missing == [names[1]] and table.column("source_uri").to_pylist() == ["x0", "x2"]
+    assert f"warning: manifest part {dst}/_manifest/{names[1]} cannot be read" in capsys.readouterr().err
+    assert [r["source_uri"] for r in manifest.read_run(dst, "r1").to_pylist()] == ["x0", "x2"]
+    assert f"warning: manifest part {dst}/_manifest/{names[1]} cannot be read" in capsys.readouterr().err
+    try:
+        manifest.read_shard_marker(dst, "s1")
+        raise AssertionError("a truncated marker was read")
+    except manifest.Damaged as e:
+        assert f"shard marker {dst}/_manifest/_shards/s1.json cannot be read (JSONDecodeError" in str(e)
