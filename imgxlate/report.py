@@ -151,9 +151,9 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
                       s["wall_s"], s["images_per_s"], round((s.get("output_bytes") or 0) / 1e6, 1)]
                      for s in summaries])
     done = [r for r in rows if r["status"] == "ok"]
-    worked = [s for s in summaries if any(k != "skipped_done" for k in s["counts"])]
+    worked = [s for s in summaries if "verify" not in s and any(k != "skipped_done" for k in s["counts"])]
     if done and worked:
-        # the latest run that processed anything (a resumed run may only skip)
+        # the latest translate run that processed anything (a resumed run may only skip; verify --redo runs none)
         lines += _throughput(done, worked[-1], slowest)
     lines += _sample_errors([r for r in state.values() if r["status"] not in manifest.DONE], errors_per_status)
     return "\n".join(lines) + "\n"
