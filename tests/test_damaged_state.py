@@ -130,3 +130,25 @@ def test_on_s3_sizes_come_from_one_listing_and_damaged_files_are_named(bucket, s
         raise AssertionError("a truncated marker was read")
     except manifest.Damaged as e:
         assert f"shard marker {dst}/_manifest/_shards/s1.json cannot be read (JSONDecodeError" in str(e)
+
+
+def test_a_marker_or_part_this_run_may_not_read_is_treated_as_absent(tmp_path, monkeypatch, capsys):
+    # Tests run as root, for whom no mode bit denies a read: the denial is the store's answer, made here.
+    dst = str(tmp_path / "dst")
+    name = manifest.write_part(dst, "r1", "s1-000", [{"source_uri": "x", "status": "ok"}])
+    manifest.write_shard_marker(dst, manifest.ShardMarker("s1", 1, True, "R", "r1", {"ok": 1}, [name]))
+    real = manifest.storage.read_bytes
+
+    def denied(uri, *a, **kw):
+        if "_shards" in uri or "part-" in uri:
+            raise PermissionError(13, "Permission denied", uri)
+        return real(uri, *a, **kw)
+    monkeypatch.setattr(manifest.storage, "read_bytes", denied)
+    try:
+        manifest.read_shard_marker(dst, "s1")
+        raise AssertionError("an unreadable marker was read")
+    except manifest.Damaged as e:
+        assert "s1.json" in str(e) and "Permission denied" in str(e)
+    table, missing = manifest.read_parts(dst, [name], ["source_uri"])
+    assert missing == [name] and table.num_rows == 0
+    assert "cannot be read (PermissionError" in capsys.readouterr().err

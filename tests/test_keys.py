@@ -70,3 +70,11 @@ def test_a_suffix_with_a_slash_or_control_character_is_refused():
     for bad in ("a/b", "a\\b", "x\n"):
         with pytest.raises(ValueError, match="no slashes or control characters"):
             keys.check_suffix(bad)
+
+
+def test_a_manifest_folder_in_any_case_is_moved_aside():
+    # On a case-insensitive DST, _Manifest/ is DST's own _manifest/: its outputs must go elsewhere too.
+    names = ["_Manifest/_tmp/b.png", "_MANIFEST/x.png", "_manifest/y.png", "a/_manifest/z.png"]
+    assert keys.output_keys(names, ".png") == ["_Manifest_/_tmp/b.png", "_MANIFEST_/x.png", "_manifest_/y.png",
+                                               "a/_manifest/z.png"]
+    assert keys.in_manifest_folder("_Manifest/x.png") and not keys.in_manifest_folder("a/_manifest/z.png")

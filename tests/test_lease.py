@@ -113,7 +113,8 @@ def test_the_lease_says_what_kind_it_is_and_leaves_no_probe(dst):
         assert lease.kind == ("s3-conditional" if dst.startswith("s3://") else "local-link")
         _, root = storage.filesystem(storage.join(dst, "_manifest"))
         fs, _ = storage.filesystem(dst)
-        assert [p.rsplit("/", 1)[-1] for p in fs.ls(root)] == ["LEASE"]        # the store's probe is gone
+        local = ["LEASE.lock"] if lease.kind == "local-link" else []           # the local lease's flock file
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root)) == ["LEASE", *local]   # the store's probe is gone
 
 
 def _keys(s3_server, bucket, prefix="out/") -> list[str]:
@@ -166,3 +167,37 @@ def test_lease_off_runs_on_such_a_store_and_the_summary_says_so(tmp_path, bucket
     assert translate(tmp_path / "src", dst, "--scale", 2, "--s3-endpoint", s3_server, "--run-id", "on") == 0
     assert summary_of(dst, "on")["lease"] == "s3-conditional"
     assert not any(".lease-probe-" in k for k in _keys(s3_server, bucket))
+
+
+def test_no_run_can_take_a_local_lease_while_its_holder_renews_it(tmp_path, monkeypatch):
+    # A local renewal moves LEASE aside and links a new one; a run starting in between must not find DST free.
+    dst = str(tmp_path / "dst")
+    holder = Lease(dst, "holder", ttl_s=600).acquire()
+    link, outcome, asked = holder._link, {}, threading.Event()
+
+    def newcomer():
+        other = Lease(dst, "newcomer")
+        locked = other._locked
+
+        def asking():                                  # it asks for the lease's lock: the renewal holds it
+            asked.set()
+            return locked()
+        other._locked = asking
+        try:
+            other.acquire()
+            outcome["newcomer"] = "took it"
+            other.release()
+        except LeaseHeld:
+            outcome["newcomer"] = "refused"
+
+    def link_once_a_newcomer_tries():                  # the renewal has moved LEASE aside: a new run starts now
+        outcome["thread"] = threading.Thread(target=newcomer)
+        outcome["thread"].start()
+        wait_for(asked.is_set, "the newcomer to ask for the lease", 10)
+        return link()
+    monkeypatch.setattr(holder, "_link", link_once_a_newcomer_tries)
+    assert holder._renew() is True
+    outcome["thread"].join(10)
+    assert outcome["newcomer"] == "refused"
+    assert json.loads(storage.read_bytes(holder.uri))["run_id"] == "holder"
+    holder.release()

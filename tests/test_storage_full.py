@@ -68,7 +68,7 @@ def check_stopped(rows: list[dict], summary: dict, outputs: list[str], inputs: l
     # (a drain stops the listing too: inputs not yet listed are not counted, and the line says "at least")
     assert summary["not_started"] == summary["inputs"] - len(rows) and "unrecorded" not in summary
     assert "interrupted" not in summary
-    assert f": {len(ok)} outputs recorded" + (f", {len(failed)} writes failed" if failed else "") + ", " + \
+    assert f": {len(ok)} outputs written" + (f", {len(failed)} writes failed" if failed else "") + "; " + \
            ("" if summary["listed_all"] else "at least ") + f"{summary['not_started']} inputs not started; " in line
     assert line.endswith(" and rerun the same command to finish")
     return ok
@@ -199,6 +199,67 @@ def test_the_book_keeps_the_rows_dst_refused_and_tries_them_once_more_at_the_end
                "not_started": 8, "listed_all": False, "unrecorded": 5}
     e = DstFailed(summary)
     assert e.exit_code == EXIT_DST_FAILED and f"{e}; {e.advice}" == (
-        f"stopped: no space left on DST ({dst}): 30 outputs recorded, 2 writes failed, 5 outputs written but not "
-        f"recorded (a rerun does them again), at least 8 inputs not started; free space on DST and rerun the same "
-        f"command to finish")
+        f"stopped: no space left on DST ({dst}): 30 outputs written, 2 writes failed; 5 of these rows could not be "
+        f"recorded (a rerun does their inputs again); at least 8 inputs not started; free space on DST and rerun the "
+        f"same command to finish")
+
+
+def _s3_error(code: str, status: int) -> OSError:
+    """What s3fs raises for an S3 error answer it has no errno for: OSError(EIO), chained to botocore's error."""
+    from botocore.exceptions import ClientError
+
+    e = OSError(errno.EIO, f"{code}: {code}")
+    e.__context__ = ClientError({"Error": {"Code": code, "Message": code},
+                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return e
+
+
+def test_an_error_about_one_output_is_not_dst_failing():
+    # A file name with "503" or "500 " in it is no server error; a name the store refuses is that output's error.
+    assert storage.dst_failure(OSError(errno.EINVAL, "Invalid argument", "/dst/IMG_5031:a.png")) is None
+    assert not storage.is_transient(OSError(errno.EINVAL, "Invalid argument", "/dst/500 photos/a.png"))
+    assert storage.is_transient(RuntimeError("503 Service Unavailable")) and storage.is_transient(
+        RuntimeError("An error occurred (SlowDown)"))
+    assert storage.dst_failure(_s3_error("XMinioInvalidObjectName", 400)) is None
+    assert storage.dst_failure(_s3_error("InternalError", 500)) == "the store kept failing after retries"
+    assert storage.dst_failure(_s3_error("XMinioStorageFull", 507)).startswith("the store refused the write")
+    assert storage.dst_failure(OSError(errno.ENOSPC, "No space left on device", "/d/a.png")) == "no space left on DST"
+    assert storage.dst_failure(OSError(errno.EIO, "Input/output error", "/d/a.png")) == "I/O error on DST"
+
+
+def test_the_reserve_takes_the_summary_when_dst_fills_at_the_very_end(tmp_path, ray_local, monkeypatch):
+    write_tree(tmp_path / "src", {f"i{k}.png": png(np.full((8, 8, 3), k * 20, np.uint8)) for k in range(3)})
+    real, calls = manifest.write_summary, []
+
+    def full_once(*a, **kw):                            # DST is full when the run writes its summary
+        calls.append(a)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **kw)
+    monkeypatch.setattr(manifest, "write_summary", full_once)
+    assert translate(tmp_path / "src", tmp_path / "dst", "--scale", "2", "--run-id", "r1") == 0
+    assert len(calls) == 2 and summary_of(tmp_path / "dst", "r1")["counts"] == {"ok": 3}
+    assert not list((tmp_path / "dst" / "_manifest").glob(RESERVE + "*"))
+
+
+def test_rows_in_a_part_whose_marker_was_refused_count_as_unrecorded(tmp_path, monkeypatch):
+    dst = str(tmp_path / "dst")
+    p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
+    p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
+    shard = p._shard([listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(4)], "plain", set())
+    rows = [{**r, "status": "ok"} for b in shard.tables() for r in b.to_pylist()]
+    full, write_marker = [True], manifest.write_shard_marker
+
+    def refused(*args, **kw):                         # the part fits, its marker does not
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_marker(*args, **kw)
+    monkeypatch.setattr(manifest, "write_shard_marker", refused)
+    book = ShardBook(dst, "r1", "R", every_rows=2)
+    book.add_shard(shard)
+    book.add(manifest.to_table(rows[:2]))
+    assert book.failure == "no space left on DST" and book.unrecorded() == 2      # a rerun would not find them
+    full[0] = False
+    assert book.last_try() == 0 and json.loads(
+        (tmp_path / f"dst/_manifest/_shards/{shard.id}.json").read_text())["parts"] == ["r1/part-" + shard.id +
+                                                                                          "-000.parquet"]

@@ -42,6 +42,7 @@ class ShardBook:
         counts: Counter = dataclasses.field(default_factory=Counter)
         complete: bool = False          # every input has its row (its marker says so once written)
         dirty: bool = False             # its marker is behind (rows or a part it does not list yet)
+        unmarked: int = 0               # rows in parts its last written marker does not name (a rerun misses them)
 
     def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
         self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
@@ -105,16 +106,17 @@ class ShardBook:
 
     def _write(self, sid: str, o: Open) -> None:
         if o.buffer:
-            part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}",
-                                       pa.concat_tables(o.buffer))
+            rows = pa.concat_tables(o.buffer)
+            part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}", rows)
             o.parts.append(part)
             o.buffer.clear()
+            o.unmarked += rows.num_rows
         counts = Counter(o.counts)
         counts["ok"] += o.shard.prev_ok
         manifest.write_shard_marker(self.dst, manifest.ShardMarker(
             shard=sid, n=o.shard.n, complete=o.complete, recipe=self.recipe, run_id=self.run_id,
             counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts)))
-        o.dirty = False
+        o.dirty, o.unmarked = False, 0
 
     def flush_all(self) -> None:
         for sid in list(self.open):
@@ -123,8 +125,9 @@ class ShardBook:
         self.last_flush = time.time()
 
     def unrecorded(self) -> int:
-        """Rows not yet in a manifest part."""
-        return sum(t.num_rows for o in self.open.values() for t in o.buffer)
+        """Rows a rerun would not find: not yet in a manifest part, or in a part no written marker names yet."""
+        return sum(t.num_rows for o in self.open.values() for t in o.buffer) + \
+            sum(o.unmarked for o in self.open.values())
 
     def last_try(self) -> int:
         """After DST failed and the run stopped: try each shard's parts and marker once more (a small one may fit

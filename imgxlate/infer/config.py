@@ -175,6 +175,9 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError("--shard-size, --queued-inputs and --batch-size must be at least 1")
     if cfg.cpus_per_actor <= 0 or cfg.io_cpus <= 0:
         raise JobError("--cpus-per-actor and --io-cpus must be more than 0")
+    if (cfg.actors is not None and cfg.actors < 1) or (cfg.gpus_per_actor is not None and cfg.gpus_per_actor < 0) \
+            or (cfg.threads_per_actor is not None and cfg.threads_per_actor < 1):
+        raise JobError("--actors and --threads-per-actor must be at least 1, and --gpus-per-actor at least 0")
     if cfg.pipeline not in ("auto", "fused", "split"):
         raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use auto, fused or split")
     if cfg.run_id is not None and cfg.run_id.startswith("_"):

@@ -12,6 +12,7 @@ A run's shared state is one :class:`~imgxlate.infer.run.Run`; its options and ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -28,7 +29,7 @@ from imgxlate.infer.plan import Planner, Shard
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
 from imgxlate.infer.stages import seal
 from imgxlate.io import codec, manifest, storage
-from imgxlate.io.lease import Lease, LeaseHeld, LeaseUnsafe, NoLease
+from imgxlate.io.lease import LOCK_FILE, Lease, LeaseHeld, LeaseUnsafe, NoLease
 from imgxlate.io.listing import redact
 from imgxlate.log import log
 
@@ -66,6 +67,8 @@ def run(cfg: TranslateConfig) -> dict:
             lease.release()                     # never raises: a lease it cannot release expires by itself
     finally:
         if untouched:                           # e.g. an empty SRC: DST is not left behind
+            with contextlib.suppress(OSError):  # nor the lock file of the lease this run held on it
+                os.remove(os.path.join(cfg.dst, manifest.MANIFEST_DIR, LOCK_FILE))
             storage.remove_empty_tree(cfg.dst)
 
 
@@ -279,7 +282,13 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
         unrecorded = run.book.last_try()
     summary = _summary(run, resources, signum, why, unrecorded)
     try:
-        manifest.write_summary(run.cfg.dst.rstrip("/"), run.run_id, summary)
+        try:
+            manifest.write_summary(run.cfg.dst.rstrip("/"), run.run_id, summary)
+        except Exception as e:
+            if storage.dst_failure(e) is None:
+                raise
+            run.book.free_reserve()             # DST filled up at the very end: this is what the reserve is for
+            manifest.write_summary(run.cfg.dst.rstrip("/"), run.run_id, summary)
     except Exception as e:
         if (failed := storage.dst_failure(e)) is None:
             raise

@@ -42,10 +42,10 @@ class DstFailed(Stopped, RuntimeError):
     def __init__(self, summary: dict):
         counts, why = summary["counts"], summary["stopped"]
         lost = summary.get("unrecorded", 0)
-        msg = (f"stopped: {why} ({summary['dst']}): {counts.get('ok', 0)} outputs recorded"
+        msg = (f"stopped: {why} ({summary['dst']}): {counts.get('ok', 0)} outputs written"
                + (f", {counts['write_error']} writes failed" if counts.get("write_error") else "")
-               + (f", {lost} outputs written but not recorded (a rerun does them again)" if lost else "")
-               + f", {not_started(summary)}")
+               + (f"; {lost} of these rows could not be recorded (a rerun does their inputs again)" if lost else "")
+               + f"; {not_started(summary)}")
         super().__init__(msg, summary["not_started"], DST_FAILED_EXIT, f"{advice(why)} and rerun the same command "
                                                                       f"to finish")
         self.summary = summary

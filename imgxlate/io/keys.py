@@ -55,7 +55,8 @@ def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] 
     source extension (``a.jpg.png``, ``a.png.png``); if that collides too, a hash of the source URI
     (``sources``, default the keys) is added, until every key is unique. The result depends on the set
     of inputs, not on their order. Unsafe keys come back as the ValueError to record; keys under
-    ``_manifest/`` go to ``_manifest_/`` so that outputs never land in DST's manifest folder. ``min_level`` (per
+    ``_manifest/`` (in any case: DST may be case-insensitive) go to ``_manifest_/`` so that outputs never land in DST's
+    manifest folder. ``min_level`` (per
     input, 0-3) starts an input at a later level: 3, all 64 hex digits of the hash, is what the job gives keys
     whose rivals a shard cannot see."""
     sources = keys if sources is None else sources
@@ -68,7 +69,7 @@ def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] 
             out[i] = e
             continue
         head, sep, tail = s.partition("/")
-        if head == MANIFEST_DIR and sep:
+        if head.casefold() == MANIFEST_DIR and sep:     # _Manifest/ too: DST may be case-insensitive
             s = f"{head}_/{tail}"
         safe[i], level[i] = s, min_level[i] if min_level else 0
     name = {i: candidate(s, sources[i], level[i], suffix, ext) for i, s in safe.items()}
@@ -123,4 +124,4 @@ def set_aside(key: str) -> bool:
 
 def in_manifest_folder(key: str) -> bool:
     """Keys that output_keys moves from _manifest/ to _manifest_/, and their rivals there: kept in one shard."""
-    return key.split("/", 1)[0] in (MANIFEST_DIR, MANIFEST_DIR + "_") and "/" in key
+    return key.split("/", 1)[0].casefold() in (MANIFEST_DIR, MANIFEST_DIR + "_") and "/" in key

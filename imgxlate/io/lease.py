@@ -4,10 +4,11 @@ The lease is ``DST/_manifest/LEASE``: a small JSON object with the holder's run 
 and expiry. It is taken with a conditional write where the store has one: on S3, ``PutObject`` with
 ``If-None-Match: *`` (a second writer gets 412 Precondition Failed) and renewed with ``If-Match`` on the
 holder's ETag, so a run whose lease was taken over finds out at its next heartbeat; in a local folder,
-a hard link (which fails when the lease exists) and an atomic rename. A lease whose expiry has passed
-was left by a run that was killed (its heartbeat stopped) and is taken over; so is one whose holder ran
-on this machine and whose process is gone, without waiting for the expiry. Other fsspec stores get a
-check-then-write, which narrows the race but does not close it.
+a hard link (which fails when the lease exists) and an atomic rename, each change made holding an exclusive
+``flock`` on ``LEASE.lock`` beside it, so that no run sees the moment a renewal has moved the lease aside. A
+lease whose expiry has passed was left by a run that was killed (its heartbeat stopped) and is taken over; so
+is one whose holder ran on this machine and whose process is gone, without waiting for the expiry. Other fsspec
+stores get a check-then-write, which narrows the race but does not close it.
 
 An S3-compatible store is not trusted to enforce conditional writes (Backblaze B2 answers 501, GCS's
 interoperability API ignores them, some stores let concurrent ones all succeed): before taking the lease, a
@@ -19,6 +20,7 @@ naming it. :class:`NoLease` (``--lease off``) has a Lease's interface and holds 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -29,6 +31,7 @@ import uuid
 from imgxlate.io import storage
 
 NAME = "LEASE"
+LOCK_FILE = NAME + ".lock"              # a local lease's changes are made holding a flock on this file
 TOMBSTONE = b'{"released": true, "expires": 0}'
 
 
@@ -189,21 +192,36 @@ class Lease:
                     return False
                 raise
         if storage.is_local(self.uri):
-            os.makedirs(os.path.dirname(self.uri), exist_ok=True)
-            tmp = f"{self.uri}.new-{self.token}"
-            with open(tmp, "wb") as f:          # complete before it is visible: never an empty lease
-                f.write(self._body())
-            try:
-                os.link(tmp, self.uri)          # atomic, and fails when a lease exists
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.remove(tmp)
+            with self._locked():
+                return self._link()
         if storage.exists(self.uri):
             return False
         storage.write_bytes(self.uri, self._body())
         return True
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """A local lease's changes are made one at a time, across processes: an exclusive flock on LEASE.lock."""
+        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+        fd = os.open(storage.join(os.path.dirname(self.uri), LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                        # releases the lock
+
+    def _link(self) -> bool:
+        """Link a complete new lease into place (holding _locked); False when one exists."""
+        tmp = f"{self.uri}.new-{self.token}"
+        with open(tmp, "wb") as f:              # complete before it is visible: never an empty lease
+            f.write(self._body())
+        try:
+            os.link(tmp, self.uri)              # atomic, and fails when a lease exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
 
     def _read(self) -> tuple[dict | None, str | None]:
         """(holder, etag) of the current lease, or (None, None) when there is none. A released lease (a
@@ -231,20 +249,20 @@ class Lease:
             self._etag = etag
             return True
         if storage.is_local(self.uri):
-            aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(self.uri, aside)      # atomic: only one of several takers moves it
-            except FileNotFoundError:
-                return False
-            with open(aside, "rb") as f:
-                moved = _parse(f.read())
-            if moved.get("token") != holder.get("token"):     # a newer lease slipped in: put it back
-                with contextlib.suppress(FileExistsError):
+            with self._locked():                # no other run creates or moves the lease meanwhile
+                aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(self.uri, aside)
+                except FileNotFoundError:
+                    return False
+                with open(aside, "rb") as f:
+                    moved = _parse(f.read())
+                if moved.get("token") != holder.get("token"):     # a newer lease: put it back
                     os.link(aside, self.uri)
+                    os.remove(aside)
+                    return False
                 os.remove(aside)
-                return False
-            os.remove(aside)
-            return self._create() if body != TOMBSTONE else True
+                return self._link() if body != TOMBSTONE else True
         storage.write_bytes(self.uri, body)
         return True
 

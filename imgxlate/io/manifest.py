@@ -13,6 +13,7 @@ say) is :class:`Damaged`: the plan warns, naming the file, and treats it as abse
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import posixpath
@@ -165,10 +166,15 @@ def shard_markers(dst: str) -> set[str]:
 
 
 def read_shard_marker(dst: str, shard: str) -> ShardMarker:
-    """The shard's marker; raises Damaged, naming the file, when it exists but cannot be read (and what reading
-    raises: FileNotFoundError, a storage error)."""
+    """The shard's marker; raises Damaged, naming the file, when it exists but cannot be read (not JSON, no
+    permission, an I/O error of the disk), and what else reading raises (FileNotFoundError, a store's error)."""
     uri = shard_marker_uri(dst, shard)
-    data = storage.read_bytes(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except OSError as e:
+        if not _unreadable(e):
+            raise
+        raise Damaged(f"shard marker {redact(uri)} cannot be read ({type(e).__name__}: {e})") from e
     try:
         return ShardMarker.from_json(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -204,6 +210,12 @@ def read_parts(dst: str, names: list[str], columns: list[str]) -> tuple[pa.Table
         except FileNotFoundError:
             missing.append(name)
             continue
+        except OSError as e:
+            if not _unreadable(e):
+                raise
+            log(f"warning: manifest part {redact(uri)} cannot be read ({type(e).__name__}: {e}): treated as absent")
+            missing.append(name)
+            continue
         table = _parsed(uri, data, columns)
         if table is None:
             missing.append(name)
@@ -212,6 +224,12 @@ def read_parts(dst: str, names: list[str], columns: list[str]) -> tuple[pa.Table
     if not tables:
         return pa.schema([SCHEMA.field(c) for c in columns]).empty_table(), missing
     return pa.concat_tables(tables, promote_options="default"), missing
+
+
+def _unreadable(e: OSError) -> bool:
+    """A manifest file this run may not read (permissions) or whose blocks are bad (EIO on a local disk): the file
+    is treated as absent, as a damaged one is, rather than block the run."""
+    return isinstance(e, PermissionError) or (e.errno == errno.EIO and e.__context__ is None)
 
 
 def write_summary(dst: str, run_id: str, summary: dict) -> str:

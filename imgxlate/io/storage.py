@@ -14,6 +14,7 @@ import functools
 import os
 import posixpath
 import random
+import re
 import sys
 import time
 import uuid
@@ -24,8 +25,11 @@ TMP_MARK = ".imgxlate-tmp-"      # the start of every temporary's name (a fixed 
 JOB_DIR = "_manifest"           # DST's folder for the job's own files (imgxlate.io.manifest.MANIFEST_DIR): no
                                 # output lands in it (keys under _manifest/ go to _manifest_/, imgxlate.io.keys)
 TMP_DIR = "_tmp"                # DST/_manifest/_tmp: the outputs' temporaries, renamed from there into place
-TRANSIENT_MARKERS = ("SlowDown", "503", "ServiceUnavailable", "Service Unavailable", "RequestTimeout", "500 ",
+TRANSIENT_MARKERS = ("SlowDown", "503", "ServiceUnavailable", "Service Unavailable", "RequestTimeout", "500",
                      "InternalError", "Throttl", "reset by peer", "Connection reset", "timed out", "Broken pipe")
+# A marker matches as a word (a "503" inside a file name such as IMG_5031.png is none)
+_TRANSIENT = re.compile("|".join(rf"(?<![A-Za-z0-9]){re.escape(m)}" + (r"(?![0-9])" if m.isdigit() else "")
+                                 for m in TRANSIENT_MARKERS))
 
 
 # Storage settings (never credentials) that the driver passes on to Ray's workers and to submitted jobs:
@@ -86,15 +90,27 @@ def dst_failure(e: BaseException) -> str | None:
     that every later write would fail too; None when it is about this one output (a bad name, for example)."""
     if isinstance(e, NameTooLong):              # this output's name, whatever its text says
         return None
-    text = f"{type(e).__name__} {e}"
+    text = _text(e)
     if any(c in text for c in _DST_CODES):     # before errno: s3fs reports codes it does not know as EIO
         return "the store refused the write (quota or storage full)"
-    for x in (e, e.__cause__, e.__context__):
+    chain = (e, e.__cause__, e.__context__)
+    store = next((x for x in chain if hasattr(x, "response") and isinstance(x.response, dict)), None)
+    if store is not None:                       # an object store's answer: its HTTP status says whose fault it is
+        status = store.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return "the store kept failing after retries" if status >= 500 or is_transient(e) else None
+    for x in chain:
         if isinstance(x, OSError) and x.errno in _DST_ERRNOS:
             return _DST_ERRNOS[x.errno]
     if is_transient(e):
         return "the store kept failing after retries"
     return None
+
+
+def _text(e: BaseException) -> str:
+    """An error as text without the file names an OSError carries (a name is no error code)."""
+    if isinstance(e, OSError) and e.strerror is not None:
+        return f"{type(e).__name__} {e.strerror}"
+    return f"{type(e).__name__} {e}"
 
 
 def is_transient(e: BaseException) -> bool:
@@ -104,8 +120,7 @@ def is_transient(e: BaseException) -> bool:
         return False                    # (a name's "500 bytes" is no server error)
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
-    text = f"{type(e).__name__} {e}"
-    return any(m in text for m in TRANSIENT_MARKERS)
+    return _TRANSIENT.search(_text(e)) is not None
 
 
 def retry(fn, *args, attempts: int = 6, base_delay: float = 0.2, max_delay: float = 5.0, **kwargs):
