@@ -61,9 +61,11 @@ def model_id(meta: dict) -> str:
 
 
 def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: dict | None = None,
-         contract=None) -> dict:
+         contract=None, precision_cost: dict | None = None) -> dict:
     """Write ``model`` as an artifact folder at ``uri``; returns the config.json contents. ``contract``
-    (an :class:`imgxlate.infer.contract.Contract`) says how it must be run; by default, the task's."""
+    (an :class:`imgxlate.infer.contract.Contract`) says how it must be run; by default, the task's.
+    ``precision_cost``: the quality a reduced precision costs against fp32, e.g. {"bf16": {"psnr_db": 0.002,
+    "on": "..."}}, which ``--amp auto`` consults (imgxlate.infer.precision)."""
     from imgxlate.infer.contract import from_meta
 
     contract = contract or from_meta({"provenance": provenance or {}}, model.task)   # what training implies
@@ -87,6 +89,8 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
+    if precision_cost:
+        meta["precision_cost"] = precision_cost
     meta["model_id"] = model_id(meta)
     storage.write_bytes(storage.join(uri, WEIGHTS), data)
     storage.write_bytes(storage.join(uri, CONFIG), json.dumps(meta, indent=2).encode())

@@ -38,6 +38,8 @@ class SrEval:
     crop: int = 160                        # sheet crop side in HR pixels
     tile: int | None = None                # as translate's
     overlap: int = 32
+    amp: str = "auto"                      # as translate's (imgxlate.infer.precision)
+    compile: bool = False
 
 
 @dataclass
@@ -52,6 +54,8 @@ class SegEval:
     out: str | None = None
     tile: int | None = None
     overlap: int = 32
+    amp: str = "auto"
+    compile: bool = False
 
 
 @dataclass
@@ -66,6 +70,8 @@ class StyleEval:
     out: str | None = None
     tile: int | None = None
     overlap: int = 32
+    amp: str = "auto"
+    compile: bool = False
 
 
 def save(out: str, name: str, rows: list[dict], summary: dict) -> None:
@@ -90,10 +96,18 @@ def flat(row) -> dict:
 
 
 def predictor(model: str, cfg, scale=None, **options):
-    """The batch job's Predictor for ``model``, with the tile options eval shares with translate."""
+    """The batch job's Predictor for ``model``, with the options eval shares with translate (tiles, precision,
+    compile); prints the precision it runs at and why."""
+    from imgxlate.infer.precision import PrecisionError
     from imgxlate.infer.predictor import PredictOptions, Predictor
 
-    return Predictor(model, scale, options=PredictOptions(tile=cfg.tile, overlap=cfg.overlap, **options))
+    try:
+        pred = Predictor(model, scale, options=PredictOptions(tile=cfg.tile, overlap=cfg.overlap, amp=cfg.amp,
+                                                              compile=cfg.compile, **options))
+    except PrecisionError as e:
+        raise EvalError(str(e)) from None
+    print(f"precision: {pred.precision} ({pred.precision_reason})")
+    return pred
 
 
 # ------------------------------------------------------------------------------------------------ SR
@@ -117,10 +131,11 @@ def sr(cfg: SrEval) -> None:
     if not cfg.out:
         return
     common = {"scale": cfg.scale, "protocol": protocol, "model": name, "ensemble": cfg.ensemble,
-              "degradations": cfg.degradations, "seed": cfg.seed}
+              "degradations": cfg.degradations, "seed": cfg.seed, "precision": pred.precision}
     save(cfg.out, f"sr_x{cfg.scale}", [{**flat(r), **common} for r in rows],
          {**common, "data": cfg.data, "images": len(rows), "mean": mean,
-          "contract": pred.contract.to_dict(), "tile": pred.options.tile})
+          "contract": pred.contract.to_dict(), "tile": pred.options.tile, "precision": pred.precision,
+          "precision_reason": pred.precision_reason})
     print(f"per-image results: {storage.join(cfg.out, f'sr_x{cfg.scale}.csv')} (and .parquet, summary.json)")
     if cfg.sheet:
         sheet = storage.join(cfg.out, f"sheet_x{cfg.scale}.png")
@@ -152,7 +167,7 @@ def seg(cfg: SegEval) -> None:
           f"{mean['dice']:>8.4f}{mean['iou']:>8.4f}{mean['accuracy']:>8.4f}")
     if not cfg.out:
         return
-    common = {"model": name, "split": cfg.split, "size": pred.contract.size or 0}
+    common = {"model": name, "split": cfg.split, "size": pred.contract.size or 0, "precision": pred.precision}
     save(cfg.out, "seg", [{**flat(r), **common} for r in rows],
          {**common, "data": cfg.data, "images": len(rows), "mean": mean,
           "contract": pred.contract.to_dict(), "worst": [r.image for r in worst]})

@@ -14,6 +14,8 @@ Steps (each a separate process, so each gets a fresh Ray):
   sr-eval      Set5 / Set14 x2 PSNR/SSIM (Y, standard protocol), plain and self-ensembled, of --sr-model
                (or, without it, of a model trained for --sr-minutes by `bench_train.py sr-quality`)
   seg          U-Net against the upsample head on Carvana 512 (long: run it with --only seg)
+  device       each precision's model-only bound and the job's rate against it, per model (jobs/bench_device.py;
+               --unet gives a trained U-Net, whose recorded bf16 Dice cost lets --amp auto choose bf16)
 
 The table is built from every result file under --out, so steps run on different days (or by hand) show up
 together, each with the machine it ran on. On a Ray cluster, submit it as a job (see jobs/README.md); the
@@ -37,7 +39,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_STEPS = ("translate", "throughput", "scaling", "sr-eval")
+DEFAULT_STEPS = ("translate", "throughput", "scaling", "sr-eval", "device")
 SRCNN = {"Set5": 36.66, "Set14": 32.42}
 BEGIN, END = "<!-- bench_suite: begin -->", "<!-- bench_suite: end -->"
 
@@ -79,7 +81,7 @@ def sr_eval(model: str, sr_eval_dir: str, out: str) -> dict:
               f"{m.meta.get('provenance', {}).get('steps')} steps on {m.meta.get('provenance', {}).get('data')}"}
     for ds in ("Set5", "Set14"):
         for ensemble in (False, True):
-            predictor = Predictor(m, options=PredictOptions(ensemble=ensemble))
+            predictor = Predictor(m, options=PredictOptions(ensemble=ensemble, amp="off"))
             rows = eval_sr(predictor, read_named(os.path.join(sr_eval_dir, ds)), 2)
             mean = mean_of(rows, ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic"))
             result[f"{ds}{'+' if ensemble else ''}"] = {k: round(v, 4) for k, v in mean.items()}
@@ -150,12 +152,31 @@ def render(out: str) -> str:
             f"U-Net {sg['unet']['val_dice']:.4f} ({sg['unet']['wall_min']} min), upsample head "
             f"{sg['upsample_head']['val_dice']:.4f} ({sg['upsample_head']['wall_min']} min)",
             "U-Net > upsample head", sg["unet"]["val_dice"] > sg["upsample_head"]["val_dice"], sg)
+    dv = _load(os.path.join(out, "device", "results.json"))
+    for r in (dv or {}).get("rows", []):
+        device_rows(r, dv, add)
     lines = ["| benchmark | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines += ["", "Machine: " + "; ".join(sorted(machines)) if machines else "No results yet."]
     if dates:
         lines += ["", "Measured: " + ", ".join(sorted(dates))]
     return "\n".join(lines) + "\n"
+
+
+def device_rows(r: dict, dv: dict, add) -> None:
+    """bench_device's targets: --amp auto at least 1.8x fp32 for sr-x2 and the U-Net at 256 px on a CPU with native
+    bf16; the job at least 0.9 of its model-only bound; on a GPU, busy at least 85% of the job's model phase."""
+    where = f"{r['model']}, {r['n']} x {r['input']}{r['note']}, --amp {r['amp']} ({r['precision']})"
+    if r["amp"] == "auto" and r["model"] in ("sr-x2", "unet") and r["input"].startswith("256") and \
+            r.get("model_only_vs_off"):
+        add(f"model-only bound, {where} / fp32", f"{r['model_only_vs_off']:.2f}x ({r['model_only_img_s']:.3g} img/s)",
+            ">= 1.8", r["model_only_vs_off"] >= 1.8, dv)
+    if r.get("job_vs_model_only") is not None and r["amp"] == "auto":
+        add(f"batch job / model-only bound, {where}", f"{r['job_vs_model_only']:.2f} ({r['job_img_s']:.3g} vs "
+            f"{r['model_only_img_s']:.3g} img/s)", ">= 0.9", r["job_vs_model_only"] >= 0.9, dv)
+    if r.get("gpu_busy") is not None and r["amp"] == "auto":
+        add(f"GPU busy during the job's model phase, {where}", f"{100 * r['gpu_busy']:.0f}%", ">= 85%",
+            r["gpu_busy"] >= 0.85, dv)
 
 
 def write_results(path: str, table: str) -> None:
@@ -187,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sr-minutes", type=float, default=60, help="training budget when --sr-model is not given")
     ap.add_argument("--n-large", type=int, default=6, help="translate: large (3000x2000) photos")
     ap.add_argument("--scaling-samples", type=int, default=40000)
+    ap.add_argument("--unet", help="device: a trained U-Net artifact (default: random weights, which auto keeps fp32)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
                     help="Markdown file whose bench_suite section gets the table (default: jobs/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -218,13 +240,17 @@ def main(argv=None) -> int:
             run([py, train_py, "seg", "--data", f"{data}/seg/carvana512", "--stages", "128:12,256:3", "--batch", "8",
                  "--out", os.path.join(out, "train")])
             stamp(os.path.join(out, "train", "seg.json"))
+        elif step == "device":
+            run([py, os.path.join(HERE, "bench_device.py"), "--out", os.path.join(out, "device")]
+                + (["--unet", args.unet] if args.unet else []))
         elif step != "render":
             ap.error(f"unknown step {step!r}")
     table = render(out)
     write_results(args.results, table)
     results = {name: _load(os.path.join(out, p)) for name, p in (
         ("translate", "translate/results.json"), ("throughput", "train/throughput.json"),
-        ("scaling", "train/scaling.json"), ("sr_eval", "sr_eval.json"), ("seg", "train/seg.json"))}
+        ("scaling", "train/scaling.json"), ("sr_eval", "sr_eval.json"), ("seg", "train/seg.json"),
+        ("device", "device/results.json"))}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({k: v for k, v in results.items() if v}, f, indent=2)
     print(table)

@@ -181,27 +181,55 @@ def make_tiny_tree(root: str, n: int, px: tuple[int, int] = (16, 32)) -> None:
                 print(f"  made {k * step} / {n} tiny inputs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+# The loop a user would write instead: open, bicubic x2, save, one image at a time; with a 4th argument P > 1, the
+# same loop in a multiprocessing.Pool(P) over P equal slices (the real alternative on a P-CPU machine).
 NAIVE_TINY = r"""
 import os, sys, time, torch
+from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 torch.set_num_threads(1)
 root, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-paths = []
-for d, _, files in sorted(os.walk(root)):
-    paths += [os.path.join(d, f) for f in sorted(files)]
-    if len(paths) >= n:
-        break
-paths = paths[:n]
-os.makedirs(out, exist_ok=True)
-t0 = time.perf_counter()
-for p in paths:
-    x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float()
-    y = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
-    y = y.round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
-    Image.fromarray(y).save(os.path.join(out, os.path.basename(p)))
-print("RESULT", len(paths) / (time.perf_counter() - t0))
+procs = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+def loop(paths):
+    for p in paths:
+        x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float()
+        y = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+        y = y.round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
+        Image.fromarray(y).save(os.path.join(out, os.path.basename(p)))
+    return len(paths)
+if __name__ == "__main__":
+    paths = []
+    for d, _, files in sorted(os.walk(root)):
+        paths += [os.path.join(d, f) for f in sorted(files)]
+        if len(paths) >= n:
+            break
+    paths = paths[:n]
+    os.makedirs(out, exist_ok=True)
+    if procs == 1:
+        t0 = time.perf_counter()
+        done = loop(paths)
+    else:
+        with Pool(procs) as pool:
+            pool.map(len, [[]] * procs)              # the workers are up before the clock starts
+            t0 = time.perf_counter()
+            done = sum(pool.map(loop, [paths[i::procs] for i in range(procs)]))
+    print("RESULT", done / (time.perf_counter() - t0))
 """
+
+
+def naive_tiny(tree: str, out: str, n: int, procs: int = 1) -> float:
+    """images/s of the naive loop (``procs`` > 1: in a multiprocessing.Pool) over the first n inputs of the tree."""
+    script = os.path.join(out, "naive_tiny.py")          # a file, so that the pool's workers can import `loop`
+    os.makedirs(out, exist_ok=True)
+    with open(script, "w") as f:
+        f.write(NAIVE_TINY)
+    r = subprocess.run([sys.executable, script, tree, os.path.join(out, f"naive_{procs}"), str(n), str(procs)],
+                       capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"the naive loop failed (exit {r.returncode}): {r.stderr[-2000:]}")
+    return float(line.split()[1])
 
 DRIVER = r"""
 import datetime as dt, json, resource, sys, threading, time
@@ -250,12 +278,14 @@ def _first_output_s(dst: str, summary: dict) -> float | None:
     return round((first - dt.datetime.fromisoformat(summary["started_at"])).total_seconds(), 2)
 
 
-def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None) -> dict:
+def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None, pool_rate: float = 0.0) -> dict:
     ok = s["counts"].get("ok", 0)
     rate = ok / s["wall_s"] if s["wall_s"] else 0
     return {"source": label, "inputs": n, "listing_s": s.get("listing_s"), "first_output_s": first,
             "wall_s": s["wall_s"], "img_s": round(rate, 1), "naive_img_s": round(naive_rate, 1),
             "job_vs_naive": round(rate / naive_rate, 3) if naive_rate else None,
+            "pool_img_s": round(pool_rate, 1) if pool_rate else None,
+            "job_vs_pool": round(rate / pool_rate, 3) if pool_rate else None,
             "driver_peak_rss_mb": s["driver_peak_rss_mb"], "driver_peak_anon_mb": s["driver_peak_anon_mb"],
             "driver_peak_shmem_mb": s["driver_peak_shmem_mb"], "ok": ok, "shards": s.get("shards")}
 
@@ -268,10 +298,10 @@ def scale(args) -> int:
     biggest = max(counts + [args.s3, args.plan_only])
     print(f"making {biggest} {px[0]}-{px[1]} px inputs under {tree} ...", flush=True)
     make_tiny_tree(tree, biggest, px)
-    r = subprocess.run([sys.executable, "-c", NAIVE_TINY, tree, os.path.join(out, "naive"), str(args.naive_n)],
-                       capture_output=True, text=True)
-    naive_rate = float(next(x for x in r.stdout.splitlines() if x.startswith("RESULT")).split()[1])
-    print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n}), flush=True)
+    naive_rate = naive_tiny(tree, out, args.naive_n)
+    pool_rate = naive_tiny(tree, out, args.naive_n * args.pool, args.pool) if args.pool > 1 else 0.0
+    print(json.dumps({"naive_loop_img_s": round(naive_rate, 1), "over": args.naive_n,
+                      f"pool{args.pool}_img_s": round(pool_rate, 1)}), flush=True)
     rows = []
     base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
             "pipeline": args.pipeline,
@@ -282,7 +312,7 @@ def scale(args) -> int:
             dst = os.path.join(out, f"job_{n}_{arm}_{int(time.time())}")
             s = _driver({**base, "src": tree, "dst": dst, "limit": n}, {"IMGXLATE_DURABLE": arm})
             label = "local" if arms == ["1"] else f"local, IMGXLATE_DURABLE={arm}"
-            rows.append(_row(label, n, s, naive_rate, _first_output_s(dst, s)))
+            rows.append(_row(label, n, s, naive_rate, _first_output_s(dst, s), pool_rate))
             if not args.keep_outputs:
                 shutil.rmtree(dst, ignore_errors=True)          # a 1M run writes about 6 GB
             print(json.dumps(rows[-1]), flush=True)
@@ -297,16 +327,17 @@ def scale(args) -> int:
     if args.s3:
         rows.append(_s3_arm(args, tree, naive_rate, base))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| source | inputs | listing s | first output s | wall s | img/s | vs naive loop | driver peak RSS MB "
-          "| of it, own (anon) / object-store pages MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| source | inputs | listing s | first output s | wall s | img/s | vs naive loop | vs Pool({args.pool}) "
+          "| driver peak RSS MB | of it, own (anon) / object-store pages MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for x in rows:
         print(f"| {x['source']} | {x['inputs']:,} | {x.get('listing_s')} | {x.get('first_output_s', '')} | "
               f"{x.get('wall_s', '')} | {x.get('img_s', '')} | {x.get('job_vs_naive', '')} | "
-              f"{x['driver_peak_rss_mb']} | {x['driver_peak_anon_mb']} / {x['driver_peak_shmem_mb']} |")
+              f"{x.get('job_vs_pool') or ''} | {x['driver_peak_rss_mb']} | {x['driver_peak_anon_mb']} / "
+              f"{x['driver_peak_shmem_mb']} |")
     with open(os.path.join(out, f"scale_results_{os.path.basename(tree)}.json"), "w") as f:
-        json.dump({"naive_loop_img_s": naive_rate, "machine": f"{os.cpu_count()} CPUs", "px": args.px, "rows": rows},
-                  f, indent=2)
+        json.dump({"naive_loop_img_s": naive_rate, f"pool{args.pool}_img_s": pool_rate,
+                   "machine": f"{os.cpu_count()} CPUs", "px": args.px, "rows": rows}, f, indent=2)
     return 0
 
 
@@ -378,6 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-only", type=int, default=0, help="scale: also plan (dry run) this many inputs")
     ap.add_argument("--px", default="16-32", help="scale: the inputs' sides, MIN-MAX pixels (default 16-32)")
     ap.add_argument("--naive-n", type=int, default=3000, help="scale: images the naive loop times")
+    ap.add_argument("--pool", type=int, default=2, help="scale: also time the naive loop in a multiprocessing.Pool "
+                    "of this many processes, over naive-n images each (1: not)")
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
     ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
                     help="scale: the job's --pipeline")

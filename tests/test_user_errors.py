@@ -16,6 +16,7 @@ import requests
 
 from imgxlate.artifact import save
 from imgxlate.infer import job
+from imgxlate.infer.config import TranslateConfig, check_tiles
 from imgxlate.io import manifest
 from imgxlate.models import build
 
@@ -127,11 +128,15 @@ def test_options_that_would_give_wrong_pixels_are_refused_with_the_rule(tmp_path
              ("--scale", "1.5"): "--scale 1.5: the scale must be a whole number",
              ("--scale", "0"): "--scale 0: the scale must be a whole number",
              ("--cutout",): "--cutout writes a segmentation model's cut-out, but bicubic is a sr model",
-             ("--limit", "0"): "--limit 0: give at least 1"}
+             ("--limit", "0"): "--limit 0: give at least 1",
+             ("--actors", "0"): "--actors and --threads-per-actor must be at least 1",
+             ("--gpus-per-actor", "-1"): "--gpus-per-actor at least 0"}
     for argv, rule in cases.items():
         scale = () if "--scale" in argv else ("--scale", "2")
         assert rule in _refused(capsys, src, dst, *scale, *argv), argv
     assert translate(src, dst, "--scale", "2", "--tile", "64", "--overlap", "32", "--dry-run") == 0   # the limit
+    # GPU actors tile at 1024 px by themselves: an overlap of 200 is right there (checked before Ray starts).
+    assert check_tiles(TranslateConfig(str(src), str(dst), "bicubic", overlap=200, gpus_per_actor=1), None, "") is None
     capsys.readouterr()
     # A style model must be run in tiles of its training crop: another --tile, or an overlap over half of it, is
     # refused; the default overlap is cut to a quarter of the crop, as the Predictor does.

@@ -45,7 +45,9 @@ class TranslateConfig:
     max_output_pixels: int = 256_000_000
     tile: int | None = None              # None: 256 on CPU, 1024 on GPU
     overlap: int = 32
-    amp: str = "bf16"
+    amp: str = "auto"                    # auto, bf16, fp16 or off: imgxlate.infer.precision; resolved once, in the
+                                         # driver, for the actors' device kind (device_kind)
+    compile: bool = False                # torch.compile the model in each actor (a failed compile runs eagerly)
     cutout: bool = False
     actors: int | None = None            # default: one per GPU; on CPUs one per cpus_per_actor (fused)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
@@ -77,13 +79,19 @@ def model_info(cfg: TranslateConfig) -> dict:
     architecture built and the weights loaded into it strictly, its scale against --scale, its task against
     --cutout and its tile against --tile / --overlap (see check_tiles); then it is freed. JobError, one line, when
     any of it fails, so that a model that cannot run never reaches the actors."""
+    from imgxlate.infer import precision
     from imgxlate.infer.contract import from_meta
     from imgxlate.infer.predictor import resolve_model
 
+    kind = device_kind(cfg)
     try:
         model = resolve_model(cfg.model, cfg.scale if cfg.model == "bicubic" else None, "cpu")
         meta, task, scale = dict(getattr(model, "meta", None) or {}), model.task, model.scale
         contract = from_meta(meta or None, task)
+        prec, why = precision.resolve(cfg.amp, kind, model, probe=False)
+        exact = precision.exact(model)
+    except precision.PrecisionError as e:
+        raise JobError(str(e)) from None
     except Exception as e:
         raise JobError(f"model {redact(cfg.model)}: {_one_line(e, cfg.model)}") from e
     finally:
@@ -95,9 +103,29 @@ def model_info(cfg: TranslateConfig) -> dict:
         raise JobError(f"--cutout writes a segmentation model's cut-out, but {redact(cfg.model)} is a {task} model: "
                        f"leave --cutout out")
     check_tiles(cfg, contract.tile if contract.geometry == "native" else None, redact(cfg.model))
+    resolved = {"precision": prec, "precision_reason": why, "device_kind": kind, "exact": exact}
     if cfg.model == "bicubic":
-        return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale}
-    return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": task, "scale": meta["scale"]}
+        return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale, **resolved}
+    return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": task, "scale": meta["scale"],
+            **resolved}
+
+
+def device_kind(cfg: TranslateConfig) -> str:
+    """'cuda' or 'cpu': the device the model actors will run on, as the driver can tell before Ray starts, for
+    resolving --amp once for the whole run. --gpus-per-actor says it; without it, GPU actors are what a local Ray
+    on a machine with a GPU gives, and what --amp fp16 asks for. (A driver without a GPU joined to a GPU cluster
+    resolves for CPUs unless --gpus-per-actor is given: auto then keeps fp32 where this CPU lacks native bf16.)"""
+    if cfg.gpus_per_actor is not None:
+        return "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() or cfg.amp == "fp16" else "cpu"
+
+
+def actor_amp(meta: dict) -> str:
+    """The --amp the model actors are given: the precision resolved in the driver (model_info), so that every
+    row of a run is made at one precision whatever node runs it."""
+    return {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[meta["precision"]]
 
 
 def _one_line(e: BaseException, spec: str) -> str:
@@ -111,7 +139,7 @@ def _one_line(e: BaseException, spec: str) -> str:
 
 MIN_OVERLAP = 8          # input pixels: blending ignores the outer quarter of the overlap (2 px at 8), the pixels
                          # of a tile that saw its padding instead of their neighbours
-AUTO_TILE = 256          # the smallest tile the Predictor picks by itself (on CPU; 1024 on GPU)
+AUTO_TILE = {"cpu": 256, "cuda": 1024}   # the tile the Predictor picks by itself (imgxlate.infer.predictor.AUTO)
 DEFAULT_OVERLAP = TranslateConfig.overlap
 WHOLE = 1 << 20          # a contract's tile this large means: never tiled (imgxlate.external)
 
@@ -136,17 +164,38 @@ def check_tiles(cfg: TranslateConfig, model_tile: int | None, model: str) -> Non
         raise JobError(f"{given} must be at least twice --overlap ({cfg.overlap}), or neighbouring tiles would "
                        f"be blended over less than was asked: give --overlap {tile // 2} or "
                        f"less, or a --tile of at least {2 * cfg.overlap}")
-    if not tile and 2 * cfg.overlap > AUTO_TILE:
-        raise JobError(f"--overlap {cfg.overlap} is more than half the tile the job picks by itself on CPU "
-                       f"({AUTO_TILE} px): give a --tile of at least {2 * cfg.overlap} with it")
+    kind = device_kind(cfg)
+    if not tile and 2 * cfg.overlap > AUTO_TILE[kind]:
+        raise JobError(f"--overlap {cfg.overlap} is more than half the tile the job picks by itself on "
+                       f"{'CPU' if kind == 'cpu' else 'GPU'} ({AUTO_TILE[kind]} px): give a --tile of at least "
+                       f"{2 * cfg.overlap} with it")
 
 
 def recipe(cfg: TranslateConfig, meta: dict) -> str:
     """Hash of what decides an output's pixels: the model (id and checksum) and every option that
-    changes them. A rerun skips an input only when its earlier ``ok`` row has the same recipe."""
+    changes them, the precision the run resolved among them. A rerun skips an input only when its earlier
+    ``ok`` row has the same recipe (or one of equivalent_recipes). ``--compile`` is not in it: a compiled model
+    computes what the eager one does, up to float rounding."""
+    return _hash(cfg, meta, {"precision": meta["precision"]})
+
+
+def equivalent_recipes(cfg: TranslateConfig, meta: dict) -> tuple[str, ...]:
+    """Recipes of earlier versions (which hashed the --amp option, not the precision) whose outputs this run would
+    make alike: on CPUs --amp changed nothing (fp32), on GPUs bf16 / fp16 / off meant that precision, and a model
+    without parameters always ran in fp32. A DST made before precision was resolved is not redone for it."""
+    if meta.get("exact") or meta.get("device_kind") == "cpu" and meta["precision"] == "fp32":
+        amps = ("bf16", "fp16", "off")
+    elif meta.get("device_kind") == "cuda":
+        amps = ({"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[meta["precision"]],)
+    else:
+        amps = ()
+    return tuple(_hash(cfg, meta, {"amp": a}) for a in amps)
+
+
+def _hash(cfg: TranslateConfig, meta: dict, how: dict) -> str:
     what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": meta["scale"],
             "cutout": cfg.cutout, "format": cfg.format, "suffix": cfg.suffix, "tile": cfg.tile,
-            "overlap": cfg.overlap, "amp": cfg.amp, "quality": cfg.quality if cfg.format != "png" else None}
+            "overlap": cfg.overlap, "quality": cfg.quality if cfg.format != "png" else None, **how}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -210,8 +259,8 @@ def check_pixel_options(cfg: TranslateConfig) -> None:
     if cfg.scale is not None and (cfg.scale < 1 or cfg.scale != int(cfg.scale)):
         raise JobError(f"--scale {cfg.scale:g}: the scale must be a whole number (1, 2, 3, 4, ...): at other scales "
                        f"the tiles of a large image do not line up")
-    if cfg.amp not in ("bf16", "fp16", "off"):
-        raise JobError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise JobError(f"unknown --amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     if cfg.limit is not None and cfg.limit < 1:
         raise JobError(f"--limit {cfg.limit}: give at least 1 (leave it out to process every input)")
     if cfg.max_pixels < 1 or cfg.max_output_pixels < 1 or cfg.max_model_retries < 0:

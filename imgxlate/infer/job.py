@@ -23,7 +23,15 @@ import uuid
 import imgxlate
 from imgxlate.infer import heap, raydata
 from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
-from imgxlate.infer.config import JobError, TranslateConfig, check, destination_problem, model_info, recipe
+from imgxlate.infer.config import (
+    JobError,
+    TranslateConfig,
+    check,
+    destination_problem,
+    equivalent_recipes,
+    model_info,
+    recipe,
+)
 from imgxlate.infer.feeder import Feeder, take
 from imgxlate.infer.plan import Planner, Shard
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
@@ -114,7 +122,8 @@ def preflight_destination(dst: str, run_id: str) -> None:
 def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
     """Start listing SRC (in a background thread) into shards; see :mod:`imgxlate.infer.plan`."""
     return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
-                   shard_size=cfg.shard_size, ready=max(1, cfg.queued_inputs // (2 * cfg.shard_size)))
+                   shard_size=cfg.shard_size, ready=max(1, cfg.queued_inputs // (2 * cfg.shard_size)),
+                   equivalent=equivalent_recipes(cfg, meta))
 
 
 BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}
@@ -326,6 +335,8 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None, wh
         "model_id": meta["model_id"],
         "model_sha256": meta["sha256"],
         "task": meta["task"],
+        "precision": meta["precision"],
+        "precision_reason": meta["precision_reason"],
         "inputs": plan.listed,
         "shards": book.shards,
         "counts": {k: v for k, v in sorted(counts.items()) if v},

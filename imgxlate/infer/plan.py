@@ -140,15 +140,22 @@ class Planner:
     done before (a resume). :meth:`take` hands them out.
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
+    equivalent: tuple[str, ...] = ()
     _listed: dict[str, dict[str, int]] | None = None   # earlier runs' part sizes, {run id: {part: bytes}}, listed
                                                         # once per run folder (see _changed_parts)
 
+    @property
+    def recipes(self) -> frozenset[str]:
+        """Earlier rows made with any of these recipes are done."""
+        return frozenset((self.recipe, *self.equivalent))
+
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
-                 recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3):
+                 recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3, equivalent: tuple[str, ...] = ()):
         self.src, self.dst, self.extensions, self.limit = src, dst.rstrip("/"), extensions, limit
         self.exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.ext, self.suffix, self.run_id, self.recipe, self.shard_size = \
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
+        self.equivalent = tuple(equivalent)     # recipes of the same outputs (config.equivalent_recipes)
         self.queue: queue.Queue = queue.Queue()
         self.room = threading.Semaphore(ready)    # shards built and not yet taken (a listing waits for room
                                                   # before it reads the next shard's inputs)
@@ -250,8 +257,8 @@ class Planner:
                     f"marker replaces it)")
                 return {}, []
             parts = marker.parts
-            changed = self._changed_parts(marker) if marker.all_done(self.recipe) else []
-            if marker.all_done(self.recipe) and not changed:
+            changed = self._changed_parts(marker) if marker.all_done(self.recipes) else []
+            if marker.all_done(self.recipes) and not changed:
                 return None, parts               # complete, every input done with this recipe: nothing to read
             if changed:
                 log(f"warning: shard {sid}: {len(changed)} manifest part(s) its marker names are gone or not the "
@@ -296,10 +303,11 @@ class Planner:
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
         max_rows = max(1, min(BLOCK_ROWS, -(-len(items) // MIN_BLOCKS)))
+        recipes = self.recipes
         for n, (it, key) in enumerate(zip(items, outs), 1):
             source = redact(it.source_uri)
             status, rcp, attempts = state.get(source, (None, None, 0))
-            if status in manifest.DONE and rcp == self.recipe and not isinstance(key, Exception):
+            if status in manifest.DONE and rcp in recipes and not isinstance(key, Exception):
                 skipped += 1
             else:
                 row = {"source_uri": it.source_uri, "key": it.key, "attempt": attempts + 1,

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import heap
-from imgxlate.infer.config import JobError, TranslateConfig
+from imgxlate.infer.config import JobError, TranslateConfig, actor_amp
 from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save, seal, sealed, unseal
 from imgxlate.io import storage
+from imgxlate.log import log
 
 
 def start_ray(cfg: TranslateConfig) -> bool:
@@ -62,6 +63,19 @@ def resolve_resources(cfg: TranslateConfig, fit: bool = False) -> TranslateConfi
                        f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
     threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
     return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads, pipeline=mode)
+
+
+def check_precision(rcfg: TranslateConfig, meta: dict) -> None:
+    """The precision resolved before Ray started (config.model_info) against the actors the cluster gives: fp16 needs
+    GPU actors (JobError); a choice made for CPUs that get GPUs, or the reverse, is kept (one precision a run) and
+    said."""
+    kind = "cuda" if rcfg.gpus_per_actor else "cpu"
+    if meta["precision"] == "fp16" and kind == "cpu":
+        raise JobError("--amp fp16 runs on GPUs only, and this run's model actors get none: give --amp bf16 or auto, "
+                       "or --gpus-per-actor on a cluster with GPUs")
+    if meta.get("device_kind", kind) != kind:
+        log(f"precision {meta['precision']} was chosen for {meta['device_kind']} actors ({meta['precision_reason']}) "
+            f"but the actors run on {kind}s: kept for the whole run; give --gpus-per-actor to choose for them")
 
 
 def on_this_node(cls):
@@ -253,7 +267,8 @@ def build(feed, cfg, model_meta: dict, stop=None):
     save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
                "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env,
                "tmp_dir": storage.temporaries_dir(cfg.dst)}
-    options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": cfg.amp, "cutout": cfg.cutout}
+    options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(model_meta), "cutout": cfg.cutout,
+               "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
                 "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
     actor_kw = dict(
@@ -303,6 +318,7 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
     import ray.data
 
     rcfg = resolve_resources(cfg, fit)
+    check_precision(rcfg, meta)
     # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()                                           # ray:

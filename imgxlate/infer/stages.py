@@ -295,6 +295,7 @@ class ModelStage:
                 _fail(row, "model_error", res)
                 continue
             row["output_height"], row["output_width"] = res.pixels.shape[:2]
+            row["precision"] = res.precision
             _pack(row, res.pixels, res.alpha)
         return rows.table(FLIGHT)
 

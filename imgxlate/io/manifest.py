@@ -53,6 +53,7 @@ SCHEMA = pa.schema([
     ("model_sha256", pa.string()),
     ("task", pa.string()),               # sr / style / seg
     ("recipe", pa.string()),             # hash of the model and every option that changes output pixels
+    ("precision", pa.string()),          # what the model ran at: fp32 / bf16 / fp16 (imgxlate.infer.precision)
     ("t_read_s", pa.float64()),
     ("t_decode_s", pa.float64()),
     ("t_model_s", pa.float64()),
@@ -123,9 +124,11 @@ class ShardMarker:
     sizes: dict[str, int] = field(default_factory=dict)   # bytes of each part, where known (write_shard_marker
                                                           # fills it; markers written before sizes have none)
 
-    def all_done(self, recipe: str) -> bool:
-        """Complete, made with ``recipe``, and every input done: nothing of the shard is left to read."""
-        return self.complete and self.recipe == recipe and set(self.counts) <= set(DONE)
+    def all_done(self, recipe: str | frozenset[str]) -> bool:
+        """Complete, made with ``recipe`` (or one of a set of equivalent recipes), and every input done: nothing of
+        the shard is left to read."""
+        recipes = {recipe} if isinstance(recipe, str) else recipe
+        return self.complete and self.recipe in recipes and set(self.counts) <= set(DONE)
 
     @classmethod
     def from_json(cls, data: bytes) -> ShardMarker:

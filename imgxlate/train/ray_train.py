@@ -303,5 +303,12 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
                   "workers": cfg.workers, "global_batch": cfg.batch_size * cfg.workers,
                   "steps": saved["trainer"]["step"], "weights": "ema" if saved["trainer"]["ema"] else "model"}
     contract = Contract(**saved["contract"]) if saved.get("contract") else None
-    save(model, out, provenance=provenance, metrics=_scalars(history[-1]) if history else {}, contract=contract)
+    try:                                        # what --amp auto consults (config.json); never worth the artifact
+        cost = tasks.precision_cost(cfg, model.eval(), contract)
+    except Exception as e:
+        cost = None
+        print(f"[imgxlate] warning: bf16's quality cost could not be measured ({type(e).__name__}: {e}); the "
+              f"artifact records none, so --amp auto runs it in fp32", flush=True)
+    save(model, out, provenance=provenance, metrics=_scalars(history[-1]) if history else {}, contract=contract,
+         precision_cost=cost)
     return out

@@ -30,6 +30,8 @@ def ray_log_path(cfg: tasks.RunConfig) -> str:
 def check_data(cfg: tasks.RunConfig) -> None:
     """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
     here, and a plan with nothing to train on stops the run with tasks.DataError."""
+    if cfg.init:                                # loaded once here, so that a bad --init stops before any worker
+        tasks.initial_model(cfg, cfg.task)
     plans = tasks.task_of(cfg).check(cfg)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         log(f"warning: {warning}")

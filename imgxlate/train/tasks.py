@@ -10,6 +10,7 @@ stage's contract and scores it with :mod:`imgxlate.evaluate`, so the score a run
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from imgxlate import evaluate, pairing, pretrained
 from imgxlate.degrade import PRESETS as DEGRADATIONS
 from imgxlate.errors import CannotRun
 from imgxlate.infer.contract import Contract, for_task
-from imgxlate.infer.predictor import Predictor
+from imgxlate.infer.predictor import PredictOptions, Predictor
 from imgxlate.io import images as image_io
 from imgxlate.losses import style_size_of
 from imgxlate.models import build, grow, make_config
@@ -56,6 +57,7 @@ class RunConfig:
                                                 # held out from training (seg splits `data` by group)
     arch: str | None = None                     # default per task: sr / style / unet
     preset: str | None = None
+    init: str | None = None                     # start from this trained model's weights (artifact or shipped name)
     model: dict = field(default_factory=dict)   # config overrides, e.g. {"nf": 32}
     stages: list[Stage] = field(default_factory=list)   # default per task: Task.default_stages
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -113,6 +115,24 @@ def stage_loop(cfg: RunConfig, stage: Stage) -> LoopConfig:
 HELD_OUT = 0.1                                  # SR, style without --val: the fraction held out for validation
 
 
+def initial_model(cfg: RunConfig, task: str) -> nn.Module:
+    """``--init``: the trained model a run starts from (fine-tuning): an artifact path / URI or a shipped model's
+    name, of this task and of imgxlate's own families; its architecture and config are the run's. DataError when
+    it cannot be."""
+    from imgxlate.infer.predictor import resolve_model
+
+    try:
+        loaded = resolve_model(cfg.init)
+    except Exception as e:
+        raise DataError(f"--init {cfg.init}: {e}") from None
+    if getattr(loaded, "arch", "") in ("bicubic", "spandrel") or loaded.task != task:
+        raise DataError(f"--init {cfg.init}: a {loaded.task} model ({getattr(loaded, 'arch', '?')}); a {task} run "
+                        f"starts from a trained {task} model of imgxlate's own families")
+    model = build(loaded.arch, loaded.config)           # a plain module: no artifact metadata rides along
+    model.load_state_dict(loaded.state_dict())
+    return model
+
+
 class DataError(CannotRun, ValueError):
     """The training data cannot make a run (nothing left to train on); the message says what to change."""
 
@@ -137,6 +157,9 @@ class DataPlan:
         return {"held_out": self.held_out, "skipped_small": self.skipped_small}
 
 
+FP32 = PredictOptions(amp="off")        # validation measures the model itself; bf16's cost is measured at export
+
+
 class StageData:
     """A stage's training dataset, objective, validation and contract, and the plan they come from."""
 
@@ -147,13 +170,40 @@ class StageData:
         self.plan = plan
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict:
+    def evaluate(self, model: nn.Module, amp: str = "off") -> dict:
         was = model.training
         model.eval()
+        options = FP32 if amp == "off" else PredictOptions(amp=amp)
         try:
-            return self._validate(Predictor(model, device=self.device, contract=self.contract))
+            return self._validate(Predictor(model, device=self.device, contract=self.contract, options=options))
         finally:
             model.train(was)
+
+
+# validation score -> the key (of imgxlate.infer.precision.LIMITS) its loss in bf16 is recorded under: what bf16
+# loses of a score where higher is better (PSNR, Dice), what it adds to one where lower is (a style model's loss)
+HIGHER_IS_BETTER = {"val_psnr": "psnr_db", "val_dice": "dice"}
+LOWER_IS_BETTER = {"val_loss": "style_loss"}
+
+
+def precision_cost(cfg: RunConfig, model: nn.Module, contract: Contract | None = None) -> dict:
+    """bf16's quality cost against fp32 on the run's held-out validation images, through the Predictor under the
+    artifact's contract (CPU autocast): ``{"bf16": {"psnr_db": fp32 - bf16, ...}}`` for config.json's
+    ``precision_cost``, which ``--amp auto`` consults. A style model's cost is its validation loss's rise (no
+    limit applies to it)."""
+    task = task_of(cfg)
+    td = task.stage_data(cfg, task.stages(cfg)[-1], "cpu")
+    if contract is not None:
+        td.contract = contract
+    fp32 = td.evaluate(model, "off")
+    model.to(memory_format=torch.channels_last)     # as the Predictor runs a loaded model in bf16
+    bf16 = td.evaluate(model, "bf16")
+    model.to(memory_format=torch.contiguous_format)
+    cost = {**{name: fp32[k] - bf16[k] for k, name in HIGHER_IS_BETTER.items() if k in fp32},
+            **{name: bf16[k] - fp32[k] for k, name in LOWER_IS_BETTER.items() if k in fp32}}
+    cost = {k: round(v, 5) if math.isfinite(v) else None for k, v in cost.items()}   # JSON has no NaN / inf
+    return {"bf16": {**cost, "on": f"{len(td.plan.val) if td.plan else '?'} held-out validation images of the "
+                                   f"training run: fp32 minus bf16 (CPU autocast)"}}
 
 
 class Task:
@@ -183,9 +233,11 @@ class Task:
         return stages
 
     def build_model(self, cfg: RunConfig, stage: Stage, previous: nn.Module | None) -> tuple[nn.Module, list[str]]:
-        """The model for a stage; the previous stage's model carries over."""
+        """The model for a stage; the previous stage's model carries over (the first stage's: ``--init``'s)."""
         if previous is not None:
             return previous, []
+        if cfg.init:
+            return initial_model(cfg, self.name), []
         arch = cfg.arch or self.arch
         config = make_config(arch, None, cfg.preset, **cfg.model)
         return build(arch, config, encoder_state=pretrained.encoder_state(config)), []
@@ -235,6 +287,9 @@ class SrTask(Task):
         scale = stage.scale or 2
         if previous is not None and previous.scale != scale:
             return grow(previous, scale)
+        if previous is None and cfg.init:
+            previous = initial_model(cfg, self.name)
+            return (grow(previous, scale) if previous.scale != scale else (previous, []))
         if previous is not None:
             return previous, []
         return build(cfg.arch or self.arch, cfg.model or None, preset=cfg.preset, scale=scale), []
