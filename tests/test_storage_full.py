@@ -169,19 +169,26 @@ def test_a_store_that_refuses_writes_stops_the_run_recorded_and_a_rerun_finishes
     assert manifest.runs(dst) == ["full", "rest"]
 
 
-def test_the_book_keeps_the_rows_dst_refused_and_tries_them_once_more_at_the_end(tmp_path, monkeypatch):
+def _shard_and_a_full_dst(tmp_path, monkeypatch, n: int, refuse: str):
+    """(DST, a shard of n inputs, their ok rows, a switch [True]) with manifest.<refuse> failing with ENOSPC for as
+    long as the switch is on."""
     dst = str(tmp_path / "dst")
     p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
     p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
-    shard = p._shard([listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(7)], "plain", set())
+    shard = p._shard([listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(n)], "plain", set())
     rows = [{**r, "status": "ok"} for b in shard.tables() for r in b.to_pylist()]
-    full, write_part = [True], manifest.write_part
+    full, write = [True], getattr(manifest, refuse)
 
     def refused(*args, **kw):
         if full[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write_part(*args, **kw)
-    monkeypatch.setattr(manifest, "write_part", refused)
+        return write(*args, **kw)
+    monkeypatch.setattr(manifest, refuse, refused)
+    return dst, shard, rows, full
+
+
+def test_the_book_keeps_the_rows_dst_refused_and_tries_them_once_more_at_the_end(tmp_path, monkeypatch):
+    dst, shard, rows, full = _shard_and_a_full_dst(tmp_path, monkeypatch, 7, "write_part")
     marker = tmp_path / f"dst/_manifest/_shards/{shard.id}.json"
     book = ShardBook(dst, "r1", "R", every_rows=2)
     book.add_shard(shard)
@@ -243,18 +250,8 @@ def test_the_reserve_takes_the_summary_when_dst_fills_at_the_very_end(tmp_path, 
 
 
 def test_rows_in_a_part_whose_marker_was_refused_count_as_unrecorded(tmp_path, monkeypatch):
-    dst = str(tmp_path / "dst")
-    p = plan.Planner.__new__(plan.Planner)            # just its shard builder: no listing thread
-    p.dst, p.ext, p.suffix, p.run_id, p.recipe, p.exts = dst, ".png", "", "r1", "R", (".png",)
-    shard = p._shard([listing.Item(str(tmp_path / f"{i}.png"), f"{i}.png", 10) for i in range(4)], "plain", set())
-    rows = [{**r, "status": "ok"} for b in shard.tables() for r in b.to_pylist()]
-    full, write_marker = [True], manifest.write_shard_marker
-
-    def refused(*args, **kw):                         # the part fits, its marker does not
-        if full[0]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_marker(*args, **kw)
-    monkeypatch.setattr(manifest, "write_shard_marker", refused)
+    # the part fits, its marker does not
+    dst, shard, rows, full = _shard_and_a_full_dst(tmp_path, monkeypatch, 4, "write_shard_marker")
     book = ShardBook(dst, "r1", "R", every_rows=2)
     book.add_shard(shard)
     book.add(manifest.to_table(rows[:2]))
