@@ -122,7 +122,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--warmup", type=float, default=0.25, dest="warmup_pct", metavar="WARMUP",
                    help="one-cycle warmup fraction")
     p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="GPU autocast")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+                   help="autocast: bf16 on GPUs and on CPUs with native bf16 (AMX / AVX-512 BF16; fp32 "
+                        "elsewhere), fp16 on GPUs only; the losses, Gram matrices and validation stay fp32")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--steps-per-epoch", type=int, default=0, dest="max_steps_per_epoch", metavar="STEPS_PER_EPOCH",

@@ -22,11 +22,11 @@ from imgxlate.models.layers import IMAGENET_MEAN, IMAGENET_STD
 
 
 def mse(input, target):
-    return F.mse_loss(input, target)
+    return F.mse_loss(input.float(), target.float())       # fp32 under autocast: a bf16 loss rounds small errors
 
 
 def l1(input, target):
-    return F.l1_loss(input, target)
+    return F.l1_loss(input.float(), target.float())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,8 +131,9 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     """Per-sample Gram matrix (B, C, C) with batched matmul, divided by c*h*w. (The lesson's first
     version used a plain matmul and so mixed samples across the batch.)"""
     b, c, h, w = x.shape
-    f = x.reshape(b, c, h * w)
-    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+    with torch.autocast(x.device.type, enabled=False):   # fp32 even under autocast: a sum over h*w products
+        f = x.float().reshape(b, c, h * w)               # in bf16 (8 bits of mantissa) is noise at 1e6 scale
+        return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 
 class StyleLoss(nn.Module):
@@ -218,12 +219,12 @@ def style_loss(style_image: np.ndarray, style_size: int | None, vgg_weights: str
 # --------------------------------------------------------------------------------------------------
 
 def bce(logits, target):
-    return F.binary_cross_entropy_with_logits(logits, target.float())
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
 def soft_dice_loss(logits, target, eps: float = 1.0):
     """1 - mean over samples of (2 sum(p t) + eps) / (sum p + sum t + eps), p = sigmoid(logits)."""
-    p = torch.sigmoid(logits).flatten(1)
+    p = torch.sigmoid(logits.float()).flatten(1)
     t = target.float().flatten(1)
     dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
     return 1 - dice.mean()
