@@ -37,11 +37,13 @@ def translate_config(args):
 
 
 def run_translate(args) -> int:
-    from imgxlate.infer import job
+    """Through the Python API (imgxlate.api), as a user's own code calls it."""
+    from imgxlate import api
 
-    summary = job.run(translate_config(args))
-    if args.fail_on_error and summary.get("failed"):
-        print(f"imgxlate translate: {summary['failed']} inputs failed (see the manifest)", file=sys.stderr)
+    try:
+        api.run(translate_config(args))
+    except api.InputsFailed as e:
+        print(f"imgxlate translate: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -162,7 +162,8 @@ def _unpack(row: Row) -> tuple[np.ndarray, np.ndarray | None]:
     return pixels, alpha
 
 
-def _fail(row: Row, status: str, error: BaseException | str) -> None:
+def fail_row(row: Row, status: str, error: BaseException | str) -> None:
+    """Mark ``row`` failed with ``status`` and a redacted one-line ``error``; its pixels are dropped."""
     row["status"] = status
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     row["error"] = redact_text(msg)
@@ -224,25 +225,32 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
             row["status"] = NOT_STARTED
             continue
         if isinstance(data, Exception):
-            _fail(row, "read_error", data)
+            fail_row(row, "read_error", data)
             continue
-        t1 = time.perf_counter()
-        row["t_read_s"], row["source_bytes"] = t_read, len(data)
-        w, h, mode, _ = codec.probe(data)
-        row["source_width"], row["source_height"], row["source_mode"] = w, h, mode
-        try:
-            img = codec.decode(data, max_pixels)
-        except codec.DecodeError as e:
-            _fail(row, e.status, str(e))
-            continue
-        except Exception as e:  # a decoder bug must not take the batch down
-            _fail(row, "decode_error", e)
-            continue
-        row["t_decode_s"] = time.perf_counter() - t1
-        row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
-        row["icc"], row["warning"] = img.icc, img.warning
-        _pack(row, img.pixels, img.alpha)
+        row["t_read_s"] = t_read
+        decode_into(row, data, max_pixels)
     return rows.table(FLIGHT)
+
+
+def decode_into(row: Row, data: bytes, max_pixels: int) -> None:
+    """Decode an input's bytes into ``row``: its pixels, sizes, mode, profile and warning, or its failure
+    (decode_error, too_large). Never raises."""
+    t1 = time.perf_counter()
+    row["source_bytes"] = len(data)
+    w, h, mode, _ = codec.probe(data)
+    row["source_width"], row["source_height"], row["source_mode"] = w, h, mode
+    try:
+        img = codec.decode(data, max_pixels)
+    except codec.DecodeError as e:
+        fail_row(row, e.status, str(e))
+        return
+    except Exception as e:  # a decoder bug must not take the batch down
+        fail_row(row, "decode_error", e)
+        return
+    row["t_decode_s"] = time.perf_counter() - t1
+    row["source_width"], row["source_height"], row["source_mode"] = img.width, img.height, img.mode
+    row["icc"], row["warning"] = img.icc, img.warning
+    _pack(row, img.pixels, img.alpha)
 
 
 class ModelStage:
@@ -279,7 +287,7 @@ class ModelStage:
             s = self.predictor.scale
             out_px = round(px.shape[0] * s) * round(px.shape[1] * s)
             if out_px > self.max_output_pixels:
-                _fail(row, "too_large", f"output of {out_px / 1e6:.1f} MP exceeds the max-output-pixels "
+                fail_row(row, "too_large", f"output of {out_px / 1e6:.1f} MP exceeds the max-output-pixels "
                                         f"limit of {self.max_output_pixels / 1e6:.1f} MP")
                 continue
             todo.append((i, px, alpha))
@@ -292,7 +300,7 @@ class ModelStage:
             row = rows[i]
             row["t_model_s"] = per_image
             if isinstance(res, Exception):
-                _fail(row, "model_error", res)
+                fail_row(row, "model_error", res)
                 continue
             row["output_height"], row["output_width"] = res.pixels.shape[:2]
             row["precision"] = res.precision
@@ -330,6 +338,25 @@ def _write(uris: list[str], datas: list[bytes], tmp_dir: str | None) -> list[tup
             for p, (res, t) in zip(paths, wrote)]
 
 
+def encode_row(row: Row, fmt: str, quality: int) -> bytes | None:
+    """The encoded output of a row the model made (None for a failed row, or when encoding failed: then the row
+    says so, as a write_error). Never raises."""
+    if row.get("status"):
+        return None
+    row["output_format"] = fmt
+    px, alpha = _unpack(row)
+    if lost := codec.profile_lost(fmt, px, row.get("icc")):
+        row["warning"] = "; ".join(w for w in (row.get("warning"), lost) if w)
+    t0 = time.perf_counter()
+    try:
+        data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
+    except Exception as e:
+        fail_row(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
+        return None
+    row["t_encode_s"] = time.perf_counter() - t0
+    return data
+
+
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
          env: dict, tmp_dir: str | None = None) -> pa.Table:
     """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Returns manifest rows (no
@@ -339,25 +366,14 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     out = []                                       # (row index, encoded bytes)
     for i, row in enumerate(rows):
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
-        if not row.get("status"):
-            row["output_format"] = fmt
-            px, alpha = _unpack(row)
-            if lost := codec.profile_lost(fmt, px, row.get("icc")):
-                row["warning"] = "; ".join(w for w in (row.get("warning"), lost) if w)
-            t0 = time.perf_counter()
-            try:
-                data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
-            except Exception as e:
-                _fail(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
-            else:
-                row["t_encode_s"] = time.perf_counter() - t0
-                out.append((i, data))
+        if (data := encode_row(row, fmt, quality)) is not None:
+            out.append((i, data))
     uris = [rows[i]["output_uri"] for i, _ in out]
     wrote = _write(uris, [d for _, d in out], tmp_dir)
     for (i, data), (res, t_write) in zip(out, wrote):
         row = rows[i]
         if res is not None:
-            _fail(row, "write_error", f"{storage.DST_FAILURE}{why}: {type(res).__name__}: {res}"
+            fail_row(row, "write_error", f"{storage.DST_FAILURE}{why}: {type(res).__name__}: {res}"
                   if (why := storage.dst_failure(res)) else res)
         else:
             row["t_write_s"] = t_write
