@@ -20,6 +20,7 @@ import hashlib
 
 import pyarrow as pa
 
+from imgxlate.infer import counters
 from imgxlate.infer.config import JobError, TranslateConfig
 from imgxlate.io import manifest
 
@@ -129,6 +130,7 @@ class MapImages:
                 row["output_sha256"] = hashlib.sha256(out).hexdigest()
             outputs.append(out)
         table = rows.table(manifest.SCHEMA)
+        counters.count(table)
         return {self.output_column: pa.array(outputs, pa.binary()),
                 **{self.names[c]: table.column(c).combine_chunks() for c in COLUMNS}}
 

@@ -145,3 +145,42 @@ def test_map_images_as_a_ray_data_stage_parquet_in_parquet_out(tmp_path, ray_loc
     assert len(ok) == len(good_files())
     img = Image.open(io.BytesIO(next(r for r in ok if r["name"] == "64x48_rgb.jpg")["output"]))
     assert img.size == (128, 96)
+
+
+def test_counters_reach_rays_prometheus_export(tmp_path, ray_local):
+    """Inputs by status, bytes in and out and model seconds, as Ray's Prometheus endpoint serves them (Ray reports a
+    worker's metrics every few seconds). The model id (bicubic-x5) is this test's own: nothing else in the session
+    counts under it."""
+    import re
+    import time
+    import urllib.request
+
+    import ray
+
+    files = {f"{i}.png": good_files()["gray.png"] for i in range(4)}
+    files["bad.jpg"] = b"not a jpeg"
+    write_tree(tmp_path / "src", files)
+    summary = imgxlate.translate(str(tmp_path / "src"), str(tmp_path / "dst"), model="bicubic", scale=5,
+                                 progress_every_s=60)
+    assert summary["counts"] == {"ok": 4, "decode_error": 1}
+
+    def value(text, name, **labels):
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(f"ray_{name}_total{{") and 'model_id="bicubic-x5"' in line and \
+                    all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if value(text, "imgxlate_inputs", status="ok") == 4 and value(text, "imgxlate_inputs", status="decode_error"):
+            break
+        time.sleep(1)
+    assert value(text, "imgxlate_inputs", status="ok") == 4, re.findall(r"ray_imgxlate\S*", text)[:10]
+    assert value(text, "imgxlate_inputs", status="decode_error") == 1
+    assert value(text, "imgxlate_source_bytes") == summary["source_bytes"]
+    assert value(text, "imgxlate_output_bytes") == summary["output_bytes"]
+    assert value(text, "imgxlate_model_seconds") > 0

@@ -28,7 +28,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from imgxlate.infer import counters
 from imgxlate.io import codec, manifest, storage
 from imgxlate.io.listing import redact, redact_text
 
@@ -382,4 +384,6 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     for row in rows:
         row["finished_at"] = _now()
         row["source_uri"] = redact(row["source_uri"])
-    return rows.table(manifest.SCHEMA)
+    table = rows.table(manifest.SCHEMA)
+    counters.count(table.filter(pc.not_equal(table.column("status"), NOT_STARTED)))
+    return table
