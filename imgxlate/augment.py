@@ -6,9 +6,13 @@ function of the parameters drawn from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:        # torchvision is imported where it is used: the batch job's model actors use only
+    from torchvision import tv_tensors  # dihedral, and importing torchvision costs them ~1.8 s (torch._dynamo)
+    from torchvision.transforms import v2
 
 N_DIHEDRAL = 8
 
@@ -38,6 +42,8 @@ def random_dihedral_pair(x: torch.Tensor, y: torch.Tensor, generator: torch.Gene
 def segmentation_transform(size: int, photometric: bool = True) -> v2.Compose:
     """For (tv_tensors.Image, tv_tensors.Mask) pairs: random resized crop and flips on both (the
     mask resampled nearest-neighbour by torchvision), colour jitter on the image only."""
+    from torchvision.transforms import v2
+
     ops: list = [
         v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
         v2.RandomHorizontalFlip(),
@@ -48,4 +54,6 @@ def segmentation_transform(size: int, photometric: bool = True) -> v2.Compose:
 
 
 def as_pair(image: torch.Tensor, mask: torch.Tensor) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    from torchvision import tv_tensors
+
     return tv_tensors.Image(image), tv_tensors.Mask(mask)

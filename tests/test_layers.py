@@ -186,3 +186,16 @@ def test_the_reader_sees_every_import(tmp_path):
     assert got == [(2, "os", (), True), (2, "ray.data", (), True), (3, "imgxlate.sub", ("sibling",), True),
                    (4, "imgxlate.io", ("_x",), True), (5, "typing", ("TYPE_CHECKING",), True),
                    (7, "torch", (), False), (9, "numpy", (), True), (11, "imgxlate.io", ("storage",), False)]
+
+
+def test_an_sr_model_actor_never_imports_torchvision():
+    """torchvision's import (torch._dynamo with it) cost each model actor ~1.8 s before its first batch (issue 23:
+    small runs start fast); an SR model's actor needs none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from imgxlate.infer.stages import FusedStage; "
+            "from imgxlate.infer.predictor import Predictor; "
+            "Predictor('sr-x2').run([(np.zeros((8, 8, 3), np.uint8), None)]); print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet34
 
 from imgxlate.models.layers import IMAGENET_MEAN, IMAGENET_STD, StdUpsample, UnetBlock, pad_to_multiple
 
@@ -32,6 +31,8 @@ class UnetConfig:
 def resnet34_encoder(state: dict | None = None) -> nn.ModuleList:
     """ResNet34 cut before its pooling head, as 5 stages at strides 2, 4, 8, 16, 32; ``state``: a full
     resnet34 state_dict (e.g. ImageNet weights, see imgxlate.pretrained), or None for random init."""
+    from torchvision.models import resnet34  # here, not at import: a model actor of an SR model never pays it
+
     rn = resnet34(weights=None)
     if state is not None:
         rn.load_state_dict(state)
