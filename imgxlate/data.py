@@ -56,7 +56,8 @@ class MapImages:
         if unknown:
             raise TypeError(f"MapImages got unknown option(s) {', '.join(unknown)}: it takes column, output_column, "
                             f"prefix, threads and {', '.join(OPTIONS)}")
-        cfg = TranslateConfig(src="", dst="", model=model, **options)
+        assigned = _ray_assigned()
+        cfg = TranslateConfig(src="", dst="", model=model, gpus_per_actor=assigned.get("GPU"), **options)
         config.check_pixel_options(cfg)
         if cfg.format not in ("png", "jpeg", "webp"):
             raise JobError(f"unknown format {cfg.format!r}: use png, jpeg or webp")
@@ -64,9 +65,9 @@ class MapImages:
         self.names = {c: prefix + c for c in COLUMNS}
         self.meta = config.model_info(cfg)           # the checks and the precision the job makes, for this device
         self.recipe = config.recipe(cfg, self.meta)
-        if threads is None:
-            threads = _ray_cpus()
-        self.stage = ModelStage(model=model, scale=cfg.scale, threads=threads, env={},
+        if threads is None and assigned.get("CPU"):
+            threads = max(1, int(assigned["CPU"]))
+        self.stage = ModelStage(model=model, scale=cfg.scale, threads=threads, env={}, gpus=cfg.gpus_per_actor,
                                 max_output_pixels=cfg.max_output_pixels, batch_size=cfg.batch_size,
                                 options={"tile": cfg.tile, "overlap": cfg.overlap, "cutout": cfg.cutout,
                                          "amp": config.actor_amp(self.meta), "compile": cfg.compile})
@@ -140,17 +141,18 @@ def _values(column) -> list | None:
     return None if column is None else list(column)
 
 
-def _ray_cpus() -> int | None:
-    """The CPUs Ray gave this actor (whole, at least 1), or None outside Ray."""
+def _ray_assigned() -> dict:
+    """The resources Ray gave this actor ({'CPU': 1.0, 'GPU': 1.0, ...}; no GPU key: none), or {} outside Ray. An
+    actor given no GPU runs on the CPU even where CUDA is visible; one given GPUs needs CUDA (CudaUnusable)."""
     try:
         import ray
 
-        if not ray.is_initialized():
-            return None
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")   # ray:
-        return max(1, int(cpus)) if cpus else None
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:     # ray:
+            return {}
+        got = dict(ray.get_runtime_context().get_assigned_resources())                        # ray:
+        return {**got, "GPU": got.get("GPU", 0.0)}
     except Exception:
-        return None
+        return {}
 
 
 __all__ = ["COLUMNS", "OPTIONS", "MapImages"]

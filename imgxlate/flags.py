@@ -65,7 +65,12 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--num-cpus", type=int, help="logical CPUs when Ray is started locally (default: all)")
     rs.add_argument("--actors", type=int, help="model actors (default: one per GPU; on CPUs, one per "
                     "--cpus-per-actor of the cluster with the fused pipeline, 1 with the split one)")
-    rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
+    rs.add_argument("--max-actors", type=int,
+                    help="let the pool of model actors grow to this many as the cluster adds nodes (default: on "
+                         "GPUs, as many as the cluster gives, starting with one per GPU there is; on CPUs, a fixed "
+                         "pool of --actors)")
+    rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs; "
+                                                         "0 runs CPU actors on a GPU cluster)")
     rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
     rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
     rs.add_argument("--batch-size", type=int, default=8,

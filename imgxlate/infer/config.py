@@ -50,6 +50,8 @@ class TranslateConfig:
     compile: bool = False                # torch.compile the model in each actor (a failed compile runs eagerly)
     cutout: bool = False
     actors: int | None = None            # default: one per GPU; on CPUs one per cpus_per_actor (fused)
+    max_actors: int | None = None        # the pool grows to this many as the cluster adds nodes; default: on GPUs
+                                         # no limit but the cluster's, on CPUs a fixed pool of --actors
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None # torch threads in each actor; default: cpus_per_actor
@@ -224,6 +226,8 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError("--shard-size, --queued-inputs and --batch-size must be at least 1")
     if cfg.cpus_per_actor <= 0 or cfg.io_cpus <= 0:
         raise JobError("--cpus-per-actor and --io-cpus must be more than 0")
+    if cfg.max_actors is not None and (cfg.max_actors < 1 or cfg.actors is not None and cfg.max_actors < cfg.actors):
+        raise JobError(f"--max-actors {cfg.max_actors} must be at least 1 and at least --actors")
     if (cfg.actors is not None and cfg.actors < 1) or (cfg.gpus_per_actor is not None and cfg.gpus_per_actor < 0) \
             or (cfg.threads_per_actor is not None and cfg.threads_per_actor < 1):
         raise JobError("--actors and --threads-per-actor must be at least 1, and --gpus-per-actor at least 0")

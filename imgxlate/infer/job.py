@@ -350,7 +350,7 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None, wh
         "lease": run.lease.kind,
         "config": dataclasses.asdict(cfg),
         "resources": None if resources is None else {k: getattr(resources, k) for k in (
-            "pipeline", "actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
+            "pipeline", "actors", "max_actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)

@@ -37,14 +37,18 @@ def shutdown() -> None:
     ray.shutdown()                                                                     # ray:
 
 
-def resolve_resources(cfg: TranslateConfig, fit: bool = False) -> TranslateConfig:
-    """The config with the resources the run gets on this cluster: pipeline mode, actors, CPUs / GPUs and
-    threads per actor (the defaults of :class:`TranslateConfig` filled in). ``fit``: no more actors than the
-    cluster holds now (at least one), for the lost-block retry: a node lost mid-run may have left too few for
-    --actors."""
-    import ray
+def resolve_resources(cfg: TranslateConfig, fit: bool = False, resources: dict | None = None) -> TranslateConfig:
+    """The config with the resources the run gets on this cluster (``resources``: Ray's cluster_resources, read
+    here when not given): pipeline mode, actors, max_actors, CPUs / GPUs and threads per actor (the defaults of
+    :class:`TranslateConfig` filled in). ``actors`` is the pool's size at start, ``max_actors`` the size it may
+    grow to as the cluster adds nodes: on GPUs, by default, as many as the cluster gives (an autoscaling cluster
+    may have no GPU node when the run starts); on CPUs, --actors (a fixed pool) unless --max-actors is given.
+    ``fit``: a fixed pool of as many actors as the cluster holds now (at least one), for the lost-block retry: a
+    node lost mid-run may have left too few for --actors."""
+    if resources is None:
+        import ray
 
-    resources = ray.cluster_resources()                                                # ray:
+        resources = ray.cluster_resources()                                            # ray:
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
     mode = cfg.pipeline if cfg.pipeline != "auto" else ("split" if gpa else "fused")
@@ -55,6 +59,12 @@ def resolve_resources(cfg: TranslateConfig, fit: bool = False) -> TranslateConfi
     else:
         fits, default = max(1, int((cpus - cfg.io_cpus) // cfg.cpus_per_actor)), 1
     actors = min(cfg.actors or default, fits) if fit else cfg.actors or default
+    if fit:
+        top = actors
+    elif cfg.max_actors is not None:
+        actors, top = min(actors, cfg.max_actors), cfg.max_actors
+    else:
+        top = None if gpa and cfg.actors is None else actors    # None: no limit but the cluster's
     if not gpa and mode == "fused" and actors * cfg.cpus_per_actor > cpus:
         raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs need more than the cluster's "
                        f"{cpus:g} CPUs: lower --actors or --cpus-per-actor")
@@ -62,7 +72,39 @@ def resolve_resources(cfg: TranslateConfig, fit: bool = False) -> TranslateConfi
         raise JobError(f"{actors} model actors x {cfg.cpus_per_actor} CPUs leave no CPU for reading and "
                        f"writing on a cluster with {cpus:g} CPUs: lower --actors or --cpus-per-actor")
     threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
-    return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, threads_per_actor=threads, pipeline=mode)
+    return dataclasses.replace(cfg, gpus_per_actor=gpa, actors=actors, max_actors=top, threads_per_actor=threads,
+                               pipeline=mode)
+
+
+def check_gpus(rcfg: TranslateConfig) -> None:
+    """GPU actors: that torch can use CUDA where they will run, checked by one probe task given the same GPUs
+    before the pipeline starts (a CUDA build the nodes' driver cannot run would otherwise fail every actor, or,
+    before, run the model on one CPU thread). JobError, one line, when it cannot. On an autoscaling cluster the
+    probe waits for the first GPU node, as the actors would."""
+    import ray
+
+    if not rcfg.gpus_per_actor:
+        return
+    probe = ray.remote(num_cpus=0, num_gpus=rcfg.gpus_per_actor, max_retries=0)(_cuda_problem).remote()  # ray:
+    waited = 0
+    while True:
+        done, _ = ray.wait([probe], timeout=60)                                        # ray:
+        if done:
+            break
+        waited += 60
+        log(f"waiting for a node with {rcfg.gpus_per_actor:g} free GPU(s) ({waited} s; an autoscaling cluster "
+            f"adds one)")
+    if problem := ray.get(probe):                                                      # ray:
+        raise JobError(f"--gpus-per-actor {rcfg.gpus_per_actor:g}: {problem}. Install the torch build that matches "
+                       f"the GPU nodes' NVIDIA driver (a CUDA 13 build needs driver 580 or later; see cluster/), or "
+                       f"run on CPUs with --gpus-per-actor 0")
+
+
+def _cuda_problem() -> str:
+    """Runs on a GPU node, given the actors' GPUs: '' when torch can use CUDA there, else why not."""
+    from imgxlate.infer.predictor import cuda_problem
+
+    return cuda_problem()
 
 
 def check_precision(rcfg: TranslateConfig, meta: dict) -> None:
@@ -260,7 +302,7 @@ def build(feed, cfg, model_meta: dict, stop=None):
     # Readers only pass blocks on (0 CPUs: an actor pool that takes every CPU must not starve them). They are not
     # retried: a block taken from the Feed cannot be taken again, so a reader that died lost its block, and the
     # driver retries the inputs of lost blocks one at a time after the run (see job.retry_lost).
-    readers = min(16, max(2, 2 * cfg.actors))
+    readers = min(16, max(2, 2 * (cfg.max_actors or cfg.actors)))
     ds = ray.data.read_datasource(plan_source(feed, readers), override_num_blocks=readers,      # ray:
                                   ray_remote_args={"num_cpus": 0, "max_retries": 0})
     load_kw = {"max_pixels": cfg.max_pixels, "env": env}
@@ -270,9 +312,11 @@ def build(feed, cfg, model_meta: dict, stop=None):
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(model_meta), "cutout": cfg.cutout,
                "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
-                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
+                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop,
+                "gpus": cfg.gpus_per_actor}
     actor_kw = dict(
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),                                   # ray:
+        # a fixed pool, or one that grows to max_actors (None: no limit but the cluster's) as nodes join
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors),       # ray:
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         scheduling_strategy="SPREAD",             # model actors over as many nodes as there are
 
@@ -319,6 +363,7 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
 
     rcfg = resolve_resources(cfg, fit)
     check_precision(rcfg, meta)
+    check_gpus(rcfg)
     # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()                                           # ray:

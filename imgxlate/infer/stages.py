@@ -260,17 +260,21 @@ class ModelStage:
 
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
                  max_output_pixels: int, batch_size: int, env: dict, stop=None,
-                 where: tuple[str | None, str | None] = (None, None)):
-        """``where``: (node id, worker id) of the process the stage runs in, recorded in every row."""
+                 where: tuple[str | None, str | None] = (None, None), gpus: float | None = None):
+        """``where``: (node id, worker id) of the process the stage runs in, recorded in every row. ``gpus``: the
+        GPUs the actor was given (0: the CPU, even where CUDA is visible; more: CUDA or CudaUnusable; None: CUDA
+        when usable)."""
         _apply(env)
         self.stop, self.batch_size = stop, batch_size
         import torch
 
-        from imgxlate.infer.predictor import PredictOptions, Predictor
+        from imgxlate.infer.predictor import DeviceFailed, PredictOptions, Predictor, choose_device
+
+        self.device_failed = DeviceFailed       # (stages is imported where torch is not: the I/O tasks)
 
         if threads:
             torch.set_num_threads(threads)
-        self.predictor = Predictor(model, scale, options=PredictOptions(**options))
+        self.predictor = Predictor(model, scale, device=choose_device(gpus), options=PredictOptions(**options))
         self.node_id, self.worker_id = where
         self.max_output_pixels = max_output_pixels
 
@@ -296,7 +300,11 @@ class ModelStage:
         t0 = time.perf_counter()
         results = []
         for j in range(0, len(todo), self.batch_size):
-            results += self.predictor.run([(px, alpha) for _, px, alpha in todo[j:j + self.batch_size]])
+            try:
+                results += self.predictor.run([(px, alpha) for _, px, alpha in todo[j:j + self.batch_size]])
+            except self.device_failed as e:
+                self.die(e)
+                raise
         per_image = (time.perf_counter() - t0) / max(1, len(todo))
         for (i, _, _), res in zip(todo, results):
             row = rows[i]
@@ -308,6 +316,17 @@ class ModelStage:
             row["precision"] = res.precision
             _pack(row, res.pixels, res.alpha)
         return rows.table(FLIGHT)
+
+
+    @staticmethod
+    def die(e: BaseException) -> None:
+        """End this process (a model actor): its device failed for good (a sticky CUDA error). Ray restarts the
+        actor (max_restarts) and retries its block on the new one; an input that breaks the device every time
+        ends, after the retries, as a model_error row (job.retry_lost)."""
+        from imgxlate.log import log
+
+        log(f"model actor on {os.uname().nodename} exits: {e}")
+        os._exit(70)                            # a crash to Ray (restart + retry), not an intentional exit
 
 
 class FusedStage(ModelStage):

@@ -1,0 +1,151 @@
+"""The GPU and cluster path, shown on CPU (issue 26): resource planning on clusters that grow, the device a model
+actor picks, GPU actors where CUDA is unusable (Ray's logical GPUs), a sticky CUDA error, and the cluster
+manifests' images and memory. The same code on a real GPU: tests/test_gpu.py (marker gpu)."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from imgxlate.infer import predictor
+from imgxlate.infer.config import TranslateConfig
+from imgxlate.infer.raydata import resolve_resources
+from imgxlate.infer.stages import ModelStage
+
+from conftest import photo
+from fixtures import png, write_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plan(resources, **kw):
+    r = resolve_resources(TranslateConfig(src="a", dst="b", model="bicubic", **kw), resources=resources)
+    return r.pipeline, r.actors, r.max_actors, r.gpus_per_actor
+
+
+def test_the_actor_pool_follows_a_cluster_that_grows():
+    # An autoscaling cluster with no GPU node yet: one GPU actor to start, as many as the cluster will give.
+    assert _plan({"CPU": 8}, gpus_per_actor=1) == ("split", 1, None, 1)
+    assert _plan({"CPU": 32, "GPU": 4}) == ("split", 4, None, 1)
+    assert _plan({"CPU": 32, "GPU": 4}, max_actors=16) == ("split", 4, 16, 1)
+    assert _plan({"CPU": 32, "GPU": 4}, actors=2) == ("split", 2, 2, 1)            # --actors alone: a fixed pool
+    assert _plan({"CPU": 32, "GPU": 4}, actors=2, max_actors=8) == ("split", 2, 8, 1)
+    # CPU actors on a GPU cluster: --gpus-per-actor 0 (a fixed pool, one actor per CPU, fused)
+    assert _plan({"CPU": 32, "GPU": 4}, gpus_per_actor=0) == ("fused", 32, 32, 0)
+    assert _plan({"CPU": 4}, max_actors=12) == ("fused", 4, 12, 0)
+    fit = resolve_resources(TranslateConfig(src="a", dst="b", model="bicubic", actors=8), fit=True,
+                            resources={"CPU": 32, "GPU": 2})
+    assert (fit.actors, fit.max_actors) == (2, 2)                # the lost-block retry: what the cluster holds now
+
+
+def test_a_cpu_actor_on_a_gpu_node_never_takes_gpu_0(monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES unset for a zero-GPU worker: the actor must still run on its CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)         # a GPU node, as this actor sees it
+    assert predictor.choose_device(None) == "cuda"
+    stage = ModelStage(model="bicubic", scale=2, options={"amp": "off"}, threads=1, max_output_pixels=10**8,
+                       batch_size=4, env={}, gpus=0)
+    assert stage.predictor.device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a node whose CUDA is unusable does")
+def test_a_gpu_actor_where_cuda_is_unusable_is_refused_not_run_on_the_cpu():
+    with pytest.raises(predictor.CudaUnusable, match="cannot use a GPU here.*--gpus-per-actor 0"):
+        predictor.choose_device(1)
+    with pytest.raises(predictor.CudaUnusable):
+        ModelStage(model="bicubic", scale=2, options={"amp": "off"}, threads=1, max_output_pixels=10**8,
+                   batch_size=4, env={}, gpus=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a node whose CUDA is unusable does")
+def test_the_job_on_logical_gpus_without_cuda_stops_with_exit_2_before_any_work(tmp_path):
+    """Ray's logical GPUs on this CPU machine stand for GPU nodes whose driver the pinned CUDA build cannot use.
+    Before, the actors ran the model on the CPU, on one thread, and nothing said so."""
+    write_tree(tmp_path / "src", {"a.png": png(photo(16, 16))})
+    code = ("import logging, sys, ray; ray.init(address='local', num_cpus=2, num_gpus=1, include_dashboard=False, "
+            "logging_level=logging.WARNING); from imgxlate.cli import main; rc = main(sys.argv[1:]); "
+            "ray.shutdown(); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "translate", str(tmp_path / "src"), str(tmp_path / "dst"),
+                        "--model", "bicubic", "--scale", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--gpus-per-actor 1" in r.stderr and "cannot use a GPU here" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "dst" / "a.png").exists()
+
+
+class _Broken(torch.nn.Module):
+    """A model whose device failed for good: every call raises what CUDA raises after an illegal access."""
+    task, scale = "sr", 2
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                           "asynchronously reported at some other API call")
+
+
+def test_a_sticky_cuda_error_ends_the_actor_instead_of_failing_every_later_input(monkeypatch):
+    model = _Broken()
+    p = predictor.Predictor(model, device="cpu", options=predictor.PredictOptions(amp="off"))
+    images = [(photo(8, 8, seed=i), None) for i in range(4)]
+    with pytest.raises(predictor.DeviceFailed, match="illegal memory access"):
+        p.run(images)
+    assert model.calls == 1                      # not retried image by image: it is not one image's error
+
+    stage = ModelStage(model="bicubic", scale=2, options={"amp": "off"}, threads=1, max_output_pixels=10**8,
+                       batch_size=4, env={}, gpus=0)
+    stage.predictor = p
+    died = []
+    monkeypatch.setattr(ModelStage, "die", staticmethod(lambda e: died.append(e)))     # instead of os._exit
+    from imgxlate.infer.stages import FLIGHT, Rows, decode_into
+
+    rows = Rows(pa.table({"key": ["a", "b"]}))
+    for row in rows:
+        decode_into(row, png(photo(8, 8)), 10**6)
+    with pytest.raises(predictor.DeviceFailed):
+        stage(rows.table(FLIGHT))
+    assert len(died) == 1                        # the actor exits: Ray restarts it and retries the block
+
+
+# ------------------------------------------------------------------------------------------- manifests
+def test_the_launcher_runs_the_projects_image_on_an_ami_whose_driver_runs_the_pinned_torch():
+    with open(os.path.join(ROOT, "cluster", "aws.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    kube = yaml.safe_load(open(os.path.join(ROOT, "cluster", "kuberay", "rayjob-translate.yaml")))
+    image = kube["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert cfg["docker"]["image"] == image                       # one image: cluster/Dockerfile's
+    for name, t in cfg["available_node_types"].items():
+        ami = t["node_config"].get("ImageId", "")
+        # Not the launcher's default (an old DLAMI: CUDA 11, Python < 3.10): the base DLAMI with the NVIDIA
+        # driver, newest of its family; the pinned torch's CUDA 13 build needs driver 580 or later.
+        assert ami.startswith("resolve:ssm:/aws/service/deeplearning/ami/") and "nvidia-driver" in ami, name
+    dockerfile = open(os.path.join(ROOT, "cluster", "Dockerfile")).read()
+    assert "FROM rayproject/ray:2.58.0-py311" in dockerfile and "580" in dockerfile
+    pins = open(os.path.join(ROOT, "pyproject.toml")).read()
+    assert '"torch==2.14.1"' in pins                              # the build whose driver need is stated above
+
+
+def test_kuberay_pods_give_the_object_store_shared_memory_and_fit_their_nodes():
+    node_gib = {"g6.xlarge": 16, "g6e.12xlarge": 384}
+    for name in ("rayjob-translate.yaml", "rayjob-train-sr.yaml"):
+        cluster = yaml.safe_load(open(os.path.join(ROOT, "cluster", "kuberay", name)))["spec"]["rayClusterSpec"]
+        for g in cluster["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            c = pod["containers"][0]
+            shm = [v for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
+            mounted = {"name": shm[0]["name"], "mountPath": "/dev/shm"} if shm else None
+            assert mounted in c.get("volumeMounts", []), (name, g["groupName"])
+            mem = c["resources"]["limits"]["memory"]
+            assert mem.endswith("Gi") and c["resources"]["requests"]["memory"] == mem
+            node = (pod.get("nodeSelector") or {}).get("node.kubernetes.io/instance-type")
+            if node in node_gib:              # the kubelet's reserve and the daemonsets take 1.5-2.5 GiB of a node
+                assert int(mem[:-2]) <= node_gib[node] * 0.8, (name, g["groupName"], mem)
+            store = g["rayStartParams"].get("object-store-memory")
+            if store:
+                assert int(store) <= int(shm[0]["emptyDir"]["sizeLimit"][:-2]) * 2**30
