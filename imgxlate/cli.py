@@ -77,8 +77,9 @@ def train_config(args, task: str):
 
     model = json.loads(args.model_config)
     model.setdefault(MODEL_FLAG[task], getattr(args, MODEL_FLAG[task]))
+    cpus = args.cpus_per_worker if args.cpus_per_worker is not None else (4.0 if args.use_gpu else 1.0)
     return config_from(RunConfig, args, task=task, model=model, loop=config_from(LoopConfig, args),
-                       stages=parse_stages(task, getattr(args, "stages", None)))
+                       stages=parse_stages(task, getattr(args, "stages", None)), cpus_per_worker=cpus)
 
 
 def cmd_train(args) -> int:

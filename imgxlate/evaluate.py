@@ -70,18 +70,19 @@ def detail_window(img: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def eval_sr(predictor: Predictor, hr_images: Iterable[Named], scale: int, y_channel: bool = True,
-            crop: int = 0, degradations: str = "none", seed: int = 0) -> list[SrRow]:
+            crop: int = 0, degradations: str = "none", seed: int = 0, first_index: int = 0) -> list[SrRow]:
     """Per-image PSNR/SSIM of the predictor's model and of bicubic on HR images: HR cropped to a multiple
     of the scale, LR by MATLAB bicubic, the model run by ``predictor`` (its contract, tiles and
     self-ensemble: the batch job's outputs for the same LR files), outputs quantised to uint8.
     ``crop`` > 0 keeps a ``crop``-pixel square of bicubic / model / HR from the same region of each image.
     ``degradations`` (a preset of imgxlate.degrade, e.g. 'restore') degrades each LR image as training
     did (JPEG, noise, blur), drawn from a generator seeded by (``seed``, image index): model and bicubic see
-    the same degraded input, and the reference is the clean HR."""
+    the same degraded input, and the reference is the clean HR. ``first_index``: the index of the first image in
+    the whole set, when these are a share of it (training's validation, shared by its workers)."""
     sampler = degrade.PRESETS[degradations]
     bicubic = Predictor(build("bicubic", scale=scale), device="cpu", options=PredictOptions(tile=1 << 30))
     rows = []
-    for i, (name, img) in enumerate(hr_images):
+    for i, (name, img) in enumerate(hr_images, first_index):
         hr = metrics.mod_crop(img, scale)
         rgb = np.repeat(hr[..., None], 3, axis=2) if hr.ndim == 2 else hr
         lr = metrics.imresize(rgb, 1 / scale) if scale > 1 else rgb

@@ -111,7 +111,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--out", help="model artifact URI (default: <storage>/<name>/model)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     p.add_argument("--gpu", action="store_true", dest="use_gpu", help="one GPU per worker (NCCL)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs per worker (default 1; with --gpu 4: 3 loader processes decode and crop while the "
+                        "main one feeds the GPU)")
     add_shared_options(p, "--ray-address")
     p.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
                    help="when the cluster cannot hold the workers (e.g. --gpu without GPU nodes), ask its "

@@ -149,3 +149,62 @@ def test_kuberay_pods_give_the_object_store_shared_memory_and_fit_their_nodes():
             store = g["rayStartParams"].get("object-store-memory")
             if store:
                 assert int(store) <= int(shm[0]["emptyDir"]["sizeLimit"][:-2]) * 2**30
+
+
+# -------------------------------------------------------------------------------------------- training
+def test_training_feeds_a_gpu_from_several_cpus_into_pinned_memory():
+    from imgxlate.cli import build_parser, train_config
+    from imgxlate.train.ray_train import loader_options
+
+    gpu = train_config(build_parser().parse_args(["train", "sr", "data", "--gpu"]), "sr")
+    cpu = train_config(build_parser().parse_args(["train", "sr", "data"]), "sr")
+    assert (gpu.cpus_per_worker, cpu.cpus_per_worker) == (4.0, 1.0)
+    assert loader_options(gpu, "cuda:0") == {"num_workers": 3, "pin_memory": True, "prefetch_factor": 4}
+    assert loader_options(cpu, "cpu") == {"num_workers": 0}      # a CPU worker's CPUs compute the model
+
+
+def test_the_loop_reads_the_loss_once_per_epoch_yet_stops_on_a_non_finite_one():
+    """No host sync per step (.item(), float(grad norm)): logs stay tensors, summed where they are; a loss that
+    becomes NaN still stops the run, within SYNC_EVERY steps."""
+    from imgxlate.train import loop
+
+    class Objective(torch.nn.Module):
+        def forward(self, model, batch):
+            loss = model(batch[0]).square().mean()
+            return loss, {"loss": loss.detach()}
+
+    step = loop.Trainer(torch.nn.Linear(2, 1), Objective(), [(torch.rand(4, 2),)], loop.LoopConfig(epochs=1))
+    logs = step.train_step((torch.rand(4, 2),))
+    assert all(isinstance(v, torch.Tensor) for v in logs.values()) and "grad_norm" in logs
+    trainer = loop.Trainer(torch.nn.Linear(2, 1), Objective(), [(torch.rand(4, 2),)] * 3, loop.LoopConfig(epochs=2))
+    history = trainer.fit()
+    assert isinstance(history[-1]["train_loss"], float) and isinstance(history[-1]["train_grad_norm"], float)
+
+    batches = [(torch.rand(4, 2),)] * (loop.SYNC_EVERY + 10)
+    batches[7] = (torch.full((4, 2), float("nan")),)
+    with pytest.raises(FloatingPointError, match=f"between steps 1 and {loop.SYNC_EVERY}"):
+        loop.Trainer(torch.nn.Linear(2, 1), Objective(), batches, loop.LoopConfig(epochs=1)).fit()
+
+
+def test_validation_is_shared_by_the_workers_and_gives_the_same_scores(tmp_path):
+    """Each worker scores its own share of the held-out images (gathered after), instead of rank 0 scoring them all
+    while the others wait in a collective; the shares are the whole set, and each image keeps its degradation."""
+    from PIL import Image
+
+    from imgxlate.infer.predictor import Predictor
+    from imgxlate.models import build
+    from imgxlate.train.tasks import FP32, RunConfig, SrTask, Stage
+
+    (tmp_path / "train").mkdir()
+    for i in range(40):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / "train" / f"{i}.png")
+    cfg = RunConfig(task="sr", data=str(tmp_path / "train"), hr_crop=32, degradations="restore")
+    td = SrTask().stage_data(cfg, Stage(epochs=1), "cpu")
+    torch.manual_seed(0)
+    model = build("sr", preset="tiny", scale=2)
+    p = Predictor(model, device="cpu", contract=td.contract, options=FP32)
+    n = len(td.plan.val)
+    whole = td._validate(p, 0, n)
+    shares = [r for k in range(3) for r in td._validate(p, n * k // 3, n * (k + 1) // 3)]
+    assert n >= 4 and shares == whole
+    assert td.evaluate(model) == pytest.approx(td.summarise(whole))

@@ -144,7 +144,7 @@ def test_gpu_run_on_a_cluster_without_gpus_stops_with_a_clear_message(photos, tm
     t0 = time.time()
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "need {'CPU': 1.0, 'GPU': 1.0} each" in err and "0 GPUs" in err and "drop --gpu" in err
+    assert "need {'CPU': 4.0, 'GPU': 1.0} each" in err and "0 GPUs" in err and "drop --gpu" in err   # --gpu: 4 CPUs
     assert "--wait-for-resources" in err and time.time() - t0 < 60
     t0 = time.time()
     assert main([*args, "--wait-for-resources", "3"]) == 2                 # no autoscaler here: gives up

@@ -38,6 +38,9 @@ class LoopConfig:
     max_steps_per_epoch: int = 0       # cap (0: the whole loader)
 
 
+SYNC_EVERY = 50      # steps between checks that the loss is finite (each waits for the device)
+
+
 def cpu_autocast() -> bool:
     """bf16 autocast on this CPU: only where it runs bf16 natively (AMX or AVX-512 BF16: 2.2x a training
     step of the sr-x2 model here); elsewhere bf16 is emulated and slower than fp32."""
@@ -137,24 +140,28 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self._update_ema()
         self.step += 1
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(f"loss became {logs['loss']} at step {self.step}")
         return logs
+
+    def _check_finite(self, sums: dict, since: int) -> None:
+        """The loss summed since the last check is finite, or FloatingPointError. Checked every SYNC_EVERY steps
+        and at every epoch's end, not at every step: each check waits for the device (a host sync)."""
+        if "loss" in sums and not math.isfinite(total := float(sums["loss"])):
+            raise FloatingPointError(f"loss became {total} between steps {since + 1} and {self.step}")
 
     def fit(self) -> list[dict]:
         while self.epoch < self.cfg.epochs:
             if self.set_epoch:
                 self.set_epoch(self.epoch)
             self._train_mode()
-            t0, sums, n = time.time(), {}, 0
+            t0, sums, n, checked = time.time(), {}, 0, self.step
             skip, self.epoch_step = self.epoch_step, 0
             for i, batch in enumerate(self.loader):
                 if i >= self.steps_per_epoch:
@@ -164,16 +171,22 @@ class Trainer:
                     continue
                 logs = self.train_step(batch)
                 self.epoch_step += 1
-                for k, v in logs.items():
+                for k, v in logs.items():               # summed on the device: no host sync per step
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
+                if self.step % SYNC_EVERY == 0:
+                    self._check_finite(sums, checked)
+                    checked = self.step
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.on_checkpoint:
+                    self._check_finite(sums, checked)
                     self.on_checkpoint(self, {"step": self.step, "epoch": self.epoch,
-                                              "train_loss": sums["loss"] / n, "partial_epoch": True})
+                                              "train_loss": float(sums["loss"]) / n, "partial_epoch": True})
+            self._check_finite(sums, checked)
             self.epoch += 1
             self.epoch_step = 0
             metrics = {"epoch": self.epoch, "step": self.step, "epoch_time_s": time.time() - t0,
-                       "lr": self.scheduler.get_last_lr()[-1], **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+                       "lr": self.scheduler.get_last_lr()[-1],
+                       **{f"train_{k}": float(v) / max(n, 1) for k, v in sums.items()}}
             if self.evaluate:
                 metrics.update(self.evaluate(self.ema if self.ema is not None else _unwrap(self.model)))
             self.history.append(metrics)

@@ -1,4 +1,6 @@
-"""An objective owns the loss: ``loss, logs = objective(model, batch)``. Small losses combined per task."""
+"""An objective owns the loss: ``loss, logs = objective(model, batch)``. Small losses combined per task. ``logs``
+holds detached tensors, not floats: reading a GPU tensor's value (``.item()``) waits for the device, so the loop
+sums them where they are and reads them once per epoch."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ class SrObjective(nn.Module):
         if self.feature_loss is not None:
             terms = self.feature_loss(sr, hr, sum_layers=False)
             loss = sum(terms)
-            return loss, {"loss": loss.item(), **{n: t.item() for n, t in zip(self.feature_loss.names, terms)}}
+            return loss, {"loss": loss.detach(), **{n: t.detach() for n, t in zip(self.feature_loss.names, terms)}}
         loss = losses.l1(sr, hr) if self.kind == "l1" else losses.mse(sr, hr)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
 
 class StyleObjective(nn.Module):
@@ -42,7 +44,7 @@ class StyleObjective(nn.Module):
         out = model(content)
         terms = self.loss(out, content, sum_layers=False)
         loss = sum(terms)
-        return loss, {"loss": loss.item(), **{n: t.item() for n, t in zip(self.loss.names, terms)}}
+        return loss, {"loss": loss.detach(), **{n: t.detach() for n, t in zip(self.loss.names, terms)}}
 
 
 SEG_LOSSES = {"bce": losses.bce, "bce_dice": losses.bce_dice}
@@ -61,4 +63,4 @@ class SegObjective(nn.Module):
         img, mask = batch
         logits = model(img)
         loss = SEG_LOSSES[self.kind](logits, mask)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}

@@ -10,6 +10,7 @@ and storage resumes from the latest checkpoint; a killed worker is recovered up 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -97,7 +98,7 @@ def _stage_trainer(cfg: tasks.RunConfig, task, stages: list, si: int, model, new
     td = task.stage_data(cfg, stage, worker.device)
     sampler = DistributedSampler(td.train, num_replicas=worker.world, rank=worker.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
-                        cfg.batch_size * worker.world, num_workers=0)
+                        cfg.batch_size * worker.world, **loader_options(cfg, worker.device))
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=worker.device,  # ray: DDP + device
                                               parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
                                                                         stage.train == "new"})
@@ -108,8 +109,19 @@ def _stage_trainer(cfg: tasks.RunConfig, task, stages: list, si: int, model, new
 
     return Trainer(ddp_model, td.objective, loader, tasks.stage_loop(cfg, stage), groups=groups,
                    global_batch=cfg.batch_size * worker.world, device=worker.device,
-                   evaluate=td.evaluate if worker.rank == 0 else None,
+                   evaluate=functools.partial(td.evaluate, share=(worker.rank, worker.world)),
                    on_checkpoint=_reporter(cfg, stages, si, model, new, td, worker.rank), set_epoch=set_epoch)
+
+
+def loader_options(cfg: tasks.RunConfig, device: str) -> dict:
+    """DataLoader settings: a GPU worker decodes and crops in ``cpus_per_worker - 1`` loader processes (its main
+    process feeds the GPU) into pinned memory, so the copy overlaps the step; a CPU worker loads in its own
+    process, whose CPUs compute the model (a loader process would take them from it). Workers are started anew each
+    epoch (not persistent): each takes the dataset's epoch (set_epoch, which seeds the crops) as it starts."""
+    if not device.startswith("cuda"):
+        return {"num_workers": 0}
+    n = max(0, int(cfg.cpus_per_worker) - 1)
+    return {"num_workers": n, "pin_memory": True, **({"prefetch_factor": 4} if n else {})}
 
 
 def _reporter(cfg: tasks.RunConfig, stages: list, si: int, model, new: list, td, rank: int):

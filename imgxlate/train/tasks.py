@@ -161,23 +161,48 @@ FP32 = PredictOptions(amp="off")        # validation measures the model itself; 
 
 
 class StageData:
-    """A stage's training dataset, objective, validation and contract, and the plan they come from."""
+    """A stage's training dataset, objective, validation and contract, and the plan they come from.
+
+    ``validate(predictor, lo, hi)`` scores held-out images lo..hi-1 and returns one dict of scores per image;
+    ``summarise(rows)`` turns every image's scores into the run's metrics (default: the mean of each)."""
 
     def __init__(self, train, objective: nn.Module, contract: Contract, validate, device: str,
-                 plan: DataPlan | None = None):
+                 plan: DataPlan | None = None, summarise=None):
         self.train, self.objective, self.contract, self._validate, self.device = (
             train, objective, contract, validate, device)
         self.plan = plan
+        self.summarise = summarise or mean_scores
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, amp: str = "off") -> dict:
+    def evaluate(self, model: nn.Module, amp: str = "off", share: tuple[int, int] = (0, 1)) -> dict:
+        """The held-out metrics. ``share``: (rank, world size) when every worker of a run calls this together:
+        each scores its own contiguous share of the images and the scores are gathered, so that no worker waits
+        in a collective while one scores them all (past NCCL's time-out, on a large held-out set)."""
         was = model.training
         model.eval()
         options = FP32 if amp == "off" else PredictOptions(amp=amp)
+        rank, world = share
+        if world > 1:             # every rank scores rank 0's model, the one saved: batch norm's running statistics
+            with torch.no_grad():     # (and an EMA's) moved apart in each rank's last steps
+                for t in [*model.parameters(), *model.buffers()]:
+                    torch.distributed.broadcast(t.data, src=0)
+        n = len(self.plan.val) if self.plan is not None else 0
+        lo, hi = (n * rank // world, n * (rank + 1) // world) if world > 1 else (0, n)
         try:
-            return self._validate(Predictor(model, device=self.device, contract=self.contract, options=options))
+            rows = self._validate(Predictor(model, device=self.device, contract=self.contract, options=options),
+                                  lo, hi)
         finally:
             model.train(was)
+        if world > 1:
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        return self.summarise(rows)
+
+
+def mean_scores(rows: list[dict]) -> dict:
+    """Each score's mean over the images."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
 # validation score -> the key (of imgxlate.infer.precision.LIMITS) its loss in bf16 is recorded under: what bf16
@@ -319,15 +344,15 @@ class SrTask(Task):
         train = data.SrDataset(plan.train, scale, cfg.hr_crop, cfg.samples_per_image, DEGRADATIONS[cfg.degradations],
                                cfg.seed, cache=data.shared_cache(cfg.cache_mb))
 
-        def validate(predictor):               # validation images are read as they are scored, never all held
-            rows = evaluate.eval_sr(predictor, ((u, image_io.read_image(u)) for u in plan.val), scale,
-                                    degradations=cfg.degradations, seed=cfg.seed)
-            return {"val_psnr": float(np.mean([r.psnr for r in rows])),
-                    "val_ssim": float(np.mean([r.ssim for r in rows])),
-                    "val_psnr_bicubic": float(np.mean([r.psnr_bicubic for r in rows])),
-                    "val_protocol": evaluate.metrics.PROTOCOL_Y}
+        def validate(predictor, lo, hi):       # validation images are read as they are scored, never all held
+            rows = evaluate.eval_sr(predictor, ((u, image_io.read_image(u)) for u in plan.val[lo:hi]), scale,
+                                    degradations=cfg.degradations, seed=cfg.seed, first_index=lo)
+            return [{"val_psnr": r.psnr, "val_ssim": r.ssim, "val_psnr_bicubic": r.psnr_bicubic} for r in rows]
+
+        def summarise(rows):
+            return {**mean_scores(rows), "val_protocol": evaluate.metrics.PROTOCOL_Y}
         return StageData(train, SrObjective(cfg.loss, cfg.vgg_weights), self.contract(cfg, stage), validate, device,
-                         plan)
+                         plan, summarise)
 
 
 class StyleTask(Task):
@@ -340,12 +365,15 @@ class StyleTask(Task):
         style = image_io.read_rgb(cfg.style_image)
         objective = StyleObjective(style, style_size_of(dataclasses.asdict(cfg)), cfg.vgg_weights, cfg.content_weight)
 
-        def validate(predictor):
-            rows = evaluate.eval_style(predictor, ((u, image_io.read_rgb(u)) for u in plan.val), style,
+        def validate(predictor, lo, hi):
+            rows = evaluate.eval_style(predictor, ((u, image_io.read_rgb(u)) for u in plan.val[lo:hi]), style,
                                        cfg.content_size, loss=objective.loss)
-            terms = {n: float(np.mean([r.terms[n] for r in rows])) for n in rows[0].terms}
-            return {"val_loss": float(sum(terms.values())), **{f"val_{n}": v for n, v in terms.items()}}
-        return StageData(train, objective, self.contract(cfg, stage), validate, device, plan)
+            return [{f"val_{n}": float(v) for n, v in r.terms.items()} for r in rows]
+
+        def summarise(rows):
+            terms = mean_scores(rows)
+            return {"val_loss": float(sum(terms.values())), **terms}
+        return StageData(train, objective, self.contract(cfg, stage), validate, device, plan, summarise)
 
     def contract(self, cfg, stage, source_size=None):
         return for_task("style", tile=cfg.content_size)
@@ -385,9 +413,9 @@ class SegTask(Task):
         train = data.SegDataset(plan.train, stage.size or 128, augment=True, seed=cfg.seed,
                                 cache=data.shared_cache(cfg.cache_mb))
 
-        def validate(predictor):
-            rows = evaluate.eval_seg(predictor, evaluate.read_seg_samples(plan.val), keep_pictures=False)
-            return {f"val_{k}": float(np.mean([getattr(r, k) for r in rows])) for k in ("dice", "iou", "accuracy")}
+        def validate(predictor, lo, hi):
+            rows = evaluate.eval_seg(predictor, evaluate.read_seg_samples(plan.val[lo:hi]), keep_pictures=False)
+            return [{f"val_{k}": float(getattr(r, k)) for k in ("dice", "iou", "accuracy")} for r in rows]
         return StageData(train, SegObjective(cfg.seg_loss), self.contract(cfg, stage, plan.source_size), validate,
                          device, plan)
 
