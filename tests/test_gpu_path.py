@@ -208,3 +208,15 @@ def test_validation_is_shared_by_the_workers_and_gives_the_same_scores(tmp_path)
     shares = [r for k in range(3) for r in td._validate(p, n * k // 3, n * (k + 1) // 3)]
     assert n >= 4 and shares == whole
     assert td.evaluate(model) == pytest.approx(td.summarise(whole))
+
+
+def test_gram_matrices_survive_fp16_autocast():
+    """fp16 style training overflowed to inf at its first step: a Gram matrix sums h*w products (here ~900 each,
+    3.7M in all, past fp16's 65504) before it is divided. It is computed in fp32 whatever the autocast."""
+    from imgxlate.losses import gram
+
+    x = torch.full((1, 4, 64, 64), 30.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        g = gram(x.half())
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert torch.allclose(g, gram(x))
