@@ -4,14 +4,18 @@
     from imgxlate.data import MapImages
 
     ds = ray.data.read_parquet("s3://bucket/photos/")                  # a column `image` of encoded bytes
-    ds = ds.map_batches(MapImages, fn_constructor_kwargs={"model": "sr-x2"},
-                        compute=ray.data.ActorPoolStrategy(size=4), num_cpus=1, batch_format="pyarrow")
+    ds = ds.map_batches(MapImages, fn_constructor_kwargs={"model": "sr-x2"}, batch_size=64,
+                        compute=ray.data.ActorPoolStrategy(size=4), num_cpus=1, batch_format="pyarrow",
+                        max_task_retries=3)
     ds.write_parquet("s3://bucket/photos-x2/")                          # + `output` and the manifest's columns
 
 Each row's image goes through what ``imgxlate translate`` does to a file (the same decoder, Predictor and
 encoder, :mod:`imgxlate.infer.stages`): EXIF orientation, alpha, 16-bit, profiles, tiling, the model's contract
 and the precision the job would pick. A row whose bytes are null, not an image or too large gets its status and
 error, never an exception: one bad image never fails a block. Rows keep every column they came with.
+
+A GPU left unusable by a sticky CUDA error (an illegal memory access) ends its actor, as in the job: Ray restarts it
+and retries the block, so give ``max_task_retries`` (Ray Data's default retries without end).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class MapImages:
         config.check_pixel_options(cfg)
         if cfg.format not in ("png", "jpeg", "webp"):
             raise JobError(f"unknown format {cfg.format!r}: use png, jpeg or webp")
+        if cfg.batch_size < 1:
+            raise JobError(f"batch_size {cfg.batch_size}: give at least 1")
         self.cfg, self.column, self.output_column = cfg, column, output_column
         self.names = {c: prefix + c for c in COLUMNS}
         self.meta = config.model_info(cfg)           # the checks and the precision the job makes, for this device
@@ -75,14 +81,15 @@ class MapImages:
     def __call__(self, batch):
         if isinstance(batch, pa.Table):
             added = self.map(batch.column_names, batch.column(self.column).to_pylist()
-                             if self.column in batch.column_names else None)
+                             if self.column in batch.column_names else None, batch.num_rows)
             for name, col in added.items():
                 batch = batch.append_column(name, col)
             return batch
         if isinstance(batch, dict):                 # batch_format="numpy"
             import numpy as np
 
-            added = self.map(list(batch), _values(batch.get(self.column)))
+            added = self.map(list(batch), _values(batch.get(self.column)),
+                             min((len(v) for v in batch.values()), default=0))
             out = dict(batch)
             for name, col in added.items():
                 values = col.to_pylist()
@@ -91,20 +98,22 @@ class MapImages:
             return out
         import pandas as pd
 
-        if isinstance(batch, pd.DataFrame):         # batch_format="pandas"
-            added = self.map(list(batch.columns), _values(batch[self.column] if self.column in batch else None))
+        if isinstance(batch, pd.DataFrame):         # batch_format="pandas": Arrow-backed columns, one schema
+            added = self.map(list(batch.columns), _values(batch[self.column] if self.column in batch else None),
+                             len(batch))
             out = batch.copy()
             for name, col in added.items():
-                out[name] = col.to_pylist()
+                out[name] = pd.Series(pd.arrays.ArrowExtensionArray(col), index=batch.index)
             return out
         raise TypeError(f"MapImages takes a pyarrow Table, a pandas DataFrame or a dict of numpy arrays, "
                         f"not {type(batch).__name__}: give map_batches batch_format='pyarrow'")
 
-    def map(self, columns: list[str], data: list | None) -> dict[str, pa.Array]:
+    def map(self, columns: list[str], data: list | None, rows: int | None = None) -> dict[str, pa.Array]:
         """The columns added to a batch whose columns are ``columns`` and whose image bytes are ``data``:
-        the output's bytes, then :data:`COLUMNS`, each as long as ``data``."""
-        from imgxlate.infer.stages import FLIGHT, Rows, decode_into, encode_row, fail_row
-
+        the output's bytes, then :data:`COLUMNS`, each as long as ``data``. Images are decoded, run and encoded
+        ``batch_size`` at a time, so that a large batch never holds all its pixels at once."""
+        if data is None and (not columns or rows == 0):       # an empty block, even one without a schema
+            data = []
         if data is None:
             raise KeyError(f"MapImages: the batch has no column {self.column!r} (its columns: {', '.join(columns)}): "
                            f"name the column of encoded image bytes with column=")
@@ -112,6 +121,14 @@ class MapImages:
         if clash := [c for c in added if c in columns]:
             raise ValueError(f"MapImages would overwrite the batch's column(s) {', '.join(clash)}: give prefix='...' "
                              f"(put before the manifest's columns) or output_column='...'")
+        parts = [self._chunk(data[i:i + self.cfg.batch_size]) for i in range(0, len(data), self.cfg.batch_size)]
+        if not parts:
+            parts = [self._chunk([])]
+        return {name: pa.concat_arrays([p[name] for p in parts]) for name in parts[0]}
+
+    def _chunk(self, data: list) -> dict[str, pa.Array]:
+        from imgxlate.infer.stages import FLIGHT, Rows, decode_into, encode_row, fail_row
+
         rows = Rows(pa.table({"key": pa.nulls(len(data), pa.string())}))
         for row, b in zip(rows, data):
             if b is None or isinstance(b, float) and b != b:          # None, or pandas' NaN
@@ -142,12 +159,14 @@ def _values(column) -> list | None:
 
 
 def _ray_assigned() -> dict:
-    """The resources Ray gave this actor ({'CPU': 1.0, 'GPU': 1.0, ...}; no GPU key: none), or {} outside Ray. An
-    actor given no GPU runs on the CPU even where CUDA is visible; one given GPUs needs CUDA (CudaUnusable)."""
+    """The resources Ray gave this actor or task ({'CPU': 1.0, 'GPU': 0.0, ...}), or {} outside Ray (the driver, a
+    notebook). One given no GPU runs on the CPU even where CUDA is visible; one given GPUs needs CUDA
+    (CudaUnusable)."""
     try:
         import ray
+        from ray._private import worker  # ray: whether this process is a worker (task or actor)
 
-        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:     # ray:
+        if not ray.is_initialized() or worker.global_worker.mode != ray.WORKER_MODE:          # ray:
             return {}
         got = dict(ray.get_runtime_context().get_assigned_resources())                        # ray:
         return {**got, "GPU": got.get("GPU", 0.0)}

@@ -92,7 +92,7 @@ def test_pandas_and_numpy_batches_and_column_names():
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png, "PNG")
     stage = MapImages(model="bicubic", scale=2, column="bytes", output_column="x2", prefix="ix_")
     pdf = stage(pa.table({"bytes": [png.getvalue(), None]}).to_pandas())
-    assert list(pdf["ix_status"]) == ["ok", "read_error"] and pdf["x2"][1] is None
+    assert list(pdf["ix_status"]) == ["ok", "read_error"] and pdf["x2"].isna().tolist() == [False, True]
     arrays = stage({"bytes": np.array([png.getvalue(), "text"], dtype=object)})
     assert list(arrays["ix_status"]) == ["ok", "read_error"] and "str" in arrays["ix_error"][1]
     assert set(arrays) == {"bytes", "x2", *("ix_" + c for c in COLUMNS)}
@@ -184,3 +184,19 @@ def test_counters_reach_rays_prometheus_export(tmp_path, ray_local):
     assert value(text, "imgxlate_source_bytes") == summary["source_bytes"]
     assert value(text, "imgxlate_output_bytes") == summary["output_bytes"]
     assert value(text, "imgxlate_model_seconds") > 0
+
+
+def test_empty_batches_and_chunks(model):
+    """An empty block, even one without a schema, comes back with the added columns; a batch larger than
+    batch_size is decoded, run and encoded batch_size images at a time, with the same rows."""
+    stage = MapImages(model="bicubic", scale=2, batch_size=2)
+    assert stage(pa.table({})).column_names == ["output", *COLUMNS]
+    assert stage(pa.table({"image": pa.array([], pa.binary())})).num_rows == 0
+    images = [good_files()["gray.png"], None, b"junk", good_files()["64x48_rgb.jpg"], good_files()["gray.png"]]
+    out = stage(pa.table({"image": pa.array(images, pa.binary())}))
+    assert out.column("status").to_pylist() == ["ok", "read_error", "decode_error", "ok", "ok"]
+    assert out.column("output")[0].as_py() == out.column("output")[4].as_py()
+    df = stage(pa.table({"image": pa.array(images, pa.binary())}).to_pandas())
+    assert str(df["output_width"].dtype).startswith("int32") and df["status"].tolist()[1] == "read_error"
+    with pytest.raises(imgxlate.CannotRun, match="batch_size"):
+        MapImages(model="bicubic", scale=2, batch_size=0)

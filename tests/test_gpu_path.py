@@ -93,6 +93,9 @@ class _Broken(torch.nn.Module):
 def test_a_sticky_cuda_error_ends_the_actor_instead_of_failing_every_later_input(monkeypatch):
     model = _Broken()
     p = predictor.Predictor(model, device="cpu", options=predictor.PredictOptions(amp="off"))
+    cpu = p.run([(photo(8, 8), None)])             # on a CPU the same words are one image's error
+    assert isinstance(cpu[0], RuntimeError) and model.calls == 1
+    p.on_gpu, model.calls = True, 0                # as on a GPU
     images = [(photo(8, 8, seed=i), None) for i in range(4)]
     with pytest.raises(predictor.DeviceFailed, match="illegal memory access"):
         p.run(images)
@@ -159,8 +162,37 @@ def test_training_feeds_a_gpu_from_several_cpus_into_pinned_memory():
     gpu = train_config(build_parser().parse_args(["train", "sr", "data", "--gpu"]), "sr")
     cpu = train_config(build_parser().parse_args(["train", "sr", "data"]), "sr")
     assert (gpu.cpus_per_worker, cpu.cpus_per_worker) == (4.0, 1.0)
-    assert loader_options(gpu, "cuda:0") == {"num_workers": 3, "pin_memory": True, "prefetch_factor": 4}
+    opts = loader_options(gpu, "cuda:0")
+    assert {k: opts[k] for k in ("num_workers", "pin_memory", "persistent_workers")} == \
+        {"num_workers": 3, "pin_memory": True, "persistent_workers": True}
     assert loader_options(cpu, "cpu") == {"num_workers": 0}      # a CPU worker's CPUs compute the model
+
+
+def test_loader_processes_that_live_across_epochs_get_each_epoch_and_keep_their_cache(tmp_path):
+    """Persistent DataLoader processes hold their own copy of the dataset: set_epoch in the main process never
+    reaches them, so the epoch (which seeds the crops) travels with each index; each keeps its cache (a share
+    of the budget) from one epoch to the next."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from imgxlate.train.data import EpochSampler, ImageCache, SrDataset, split_cache
+
+    uris = []
+    for i in range(2):
+        Image.fromarray(photo(40, 40, seed=i)).save(tmp_path / f"{i}.png")
+        uris.append(str(tmp_path / f"{i}.png"))
+    ds = SrDataset(uris, 2, 32, samples_per_image=2, cache=ImageCache(64))
+    sampler = EpochSampler(SequentialSampler(ds))
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True,
+                        worker_init_fn=split_cache)
+    got = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        got.append(next(iter(loader))[1])
+        ref = torch.stack([ds[(epoch, i)][1] for i in range(4)])
+        assert torch.equal(got[-1], ref)                      # what the main process makes for that epoch
+    assert not torch.equal(got[0], got[1])                    # new crops each epoch
 
 
 def test_the_loop_reads_the_loss_once_per_epoch_yet_stops_on_a_non_finite_one():

@@ -7,9 +7,10 @@ shows them beside Ray Data's own.
     imgxlate_output_bytes{model_id}        bytes of the outputs written (or, in MapImages, made)
     imgxlate_model_seconds{model_id}       seconds the model ran
 
-Counted where the rows are made (the save stage, MapImages), in whichever worker made them, and never in the
-driver: the manifest is the record, these are for watching. Outside Ray nothing is counted. Counting never fails a
-row: an error here is logged once and counting stops in that process.
+Counted where the rows are made: the save stage and MapImages, in whichever worker made them, and the driver for the
+model_error rows of inputs whose blocks were lost (job.retry_lost). The manifest is the record, these are for
+watching: a block Ray computes twice (its node lost after it was made) is counted twice. Outside Ray nothing is
+counted. Counting never fails a row: an error here is logged once and counting stops in that process.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import time
 import uuid
 
 import imgxlate
-from imgxlate.infer import heap, raydata
+from imgxlate.infer import counters, heap, raydata
 from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
 from imgxlate.infer.config import (
     JobError,
@@ -178,7 +178,12 @@ def drive(run: Run) -> dict:
             for shard in first:
                 run.book.add_shard(shard)
         elif first:
-            resources = _pipeline(run, first)
+            try:
+                resources = _pipeline(run, first)
+            except BaseException:
+                if started_ray:                 # a caller's process (imgxlate.translate) is not left holding it
+                    raydata.shutdown()
+                raise
     run.progress.update(run.book.counts, force=True)
     if not run.plan.listed and not run.drain.stopping:
         # An existing but empty SRC is not an error (exit 0); a missing one is (exit 2, from the listing).
@@ -278,7 +283,9 @@ def retry_lost(run: Run, stop) -> None:
         return
     lost = [r for r in lost if (redact(r["source_uri"]), r["output_uri"]) not in came_back]
     if lost:                                    # every input of a finished run has a row
-        run.book.add(lost_rows(run.meta, lost, run.cfg.max_model_retries))
+        rows = lost_rows(run.meta, lost, run.cfg.max_model_retries)
+        run.book.add(rows)
+        counters.count(rows)                    # rows no worker made
 
 
 def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> dict:

@@ -184,6 +184,7 @@ class Predictor:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = resolve_model(model, scale, self.device) if isinstance(model, str) else model
         self.model.to(self.device).eval()
+        self.on_gpu = self.device.startswith("cuda")    # where an error can leave the device broken (STICKY_CUDA)
         o = options or PredictOptions()
         self.precision, self.precision_reason = precision.resolve(o.amp, self.device, self.model)
         if self.precision != "fp32" and isinstance(model, str):     # a model given as a module is left as it is
@@ -369,7 +370,7 @@ class Predictor:
                     self._run_safely(images, part, results, unit=unit)
         except Exception as e:
             e = _bare(e)
-            if sticky_device_error(e):          # every later image would fail too: not this image's error
+            if self.on_gpu and sticky_device_error(e):  # every later image would fail too: not this image's
                 raise DeviceFailed(f"the device is in an error state no later call can leave: "
                                    f"{' '.join(str(e).split())[:300]}") from None
             if len(chunk) == 1:

@@ -60,7 +60,7 @@ def resolve_resources(cfg: TranslateConfig, fit: bool = False, resources: dict |
         fits, default = max(1, int((cpus - cfg.io_cpus) // cfg.cpus_per_actor)), 1
     actors = min(cfg.actors or default, fits) if fit else cfg.actors or default
     if fit:
-        top = actors
+        actors = top = min(actors, cfg.max_actors or actors)
     elif cfg.max_actors is not None:
         actors, top = min(actors, cfg.max_actors), cfg.max_actors
     else:
@@ -76,7 +76,7 @@ def resolve_resources(cfg: TranslateConfig, fit: bool = False, resources: dict |
                                pipeline=mode)
 
 
-def check_gpus(rcfg: TranslateConfig) -> None:
+def check_gpus(rcfg: TranslateConfig, stop=None) -> None:
     """GPU actors: that torch can use CUDA where they will run, checked by one probe task given the same GPUs
     before the pipeline starts (a CUDA build the nodes' driver cannot run would otherwise fail every actor, or,
     before, run the model on one CPU thread). JobError, one line, when it cannot. On an autoscaling cluster the
@@ -86,14 +86,15 @@ def check_gpus(rcfg: TranslateConfig) -> None:
     if not rcfg.gpus_per_actor:
         return
     probe = ray.remote(num_cpus=0, num_gpus=rcfg.gpus_per_actor, max_retries=0)(_cuda_problem).remote()  # ray:
-    waited = 0
-    while True:
-        done, _ = ray.wait([probe], timeout=60)                                        # ray:
-        if done:
-            break
-        waited += 60
-        log(f"waiting for a node with {rcfg.gpus_per_actor:g} free GPU(s) ({waited} s; an autoscaling cluster "
-            f"adds one)")
+    t0 = said = time.monotonic()
+    while not ray.wait([probe], timeout=1)[0]:                                         # ray:
+        if stop is not None and ray.get(stop.is_set.remote()):          # drained (a signal) while waiting
+            ray.cancel(probe, force=True)                                              # ray:
+            return
+        if time.monotonic() - said >= 60:
+            said = time.monotonic()
+            log(f"waiting for a node with {rcfg.gpus_per_actor:g} free GPU(s) ({said - t0:.0f} s; an autoscaling "
+                f"cluster adds one)")
     if problem := ray.get(probe):                                                      # ray:
         raise JobError(f"--gpus-per-actor {rcfg.gpus_per_actor:g}: {problem}. Install the torch build that matches "
                        f"the GPU nodes' NVIDIA driver (a CUDA 13 build needs driver 580 or later; see cluster/), or "
@@ -363,7 +364,7 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
 
     rcfg = resolve_resources(cfg, fit)
     check_precision(rcfg, meta)
-    check_gpus(rcfg)
+    check_gpus(rcfg, stop)
     # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()                                           # ray:

@@ -322,9 +322,14 @@ class ModelStage:
     def die(e: BaseException) -> None:
         """End this process (a model actor): its device failed for good (a sticky CUDA error). Ray restarts the
         actor (max_restarts) and retries its block on the new one; an input that breaks the device every time
-        ends, after the retries, as a model_error row (job.retry_lost)."""
+        ends, after the retries, as a model_error row (job.retry_lost). Outside a Ray actor (MapImages called
+        in a notebook) nothing ends: the caller gets the DeviceFailed."""
+        import ray
+
         from imgxlate.log import log
 
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:    # ray:
+            return
         log(f"model actor on {os.uname().nodename} exits: {e}")
         os._exit(70)                            # a crash to Ray (restart + retry), not an intentional exit
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from imgxlate import metrics
 from imgxlate.augment import dihedral
@@ -101,8 +101,44 @@ class _Epoch(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def at(self, index) -> int:
+        """The sample index of a plain index, or of an (epoch, index) pair from :class:`EpochSampler`, whose
+        epoch it takes: a loader process kept across epochs holds its own copy of the dataset, which set_epoch
+        in the main process never reaches."""
+        if isinstance(index, tuple):
+            self.epoch, index = index
+        return index
+
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class EpochSampler(Sampler):
+    """``sampler``'s indices as (epoch, index) pairs. The sampler runs in the main process, so the epoch set here
+    reaches DataLoader processes that live across epochs (and keep their image caches)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def split_cache(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: each loader process keeps its share of the cache's budget (each has its own
+    copy of the cache, so that n of them hold what one would)."""
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    cache = getattr(info.dataset, "cache", None)
+    if cache is not None:
+        cache.max_bytes //= info.num_workers
 
 
 class _Crops(_Epoch):
@@ -140,6 +176,7 @@ class SrDataset(_Crops):
         self.scale, self.hr_crop, self.degradations = scale, sr_crop(hr_crop, scale), degradations
 
     def __getitem__(self, index):
+        index = self.at(index)
         rng, crop = self.random_crop(index, self.hr_crop, self.scale)
         if crop.shape[0] != self.hr_crop:
             raise ValueError(f"{self.uris[index % len(self.uris)]} is smaller than the {self.hr_crop} px HR crop "
@@ -167,6 +204,7 @@ class CropDataset(_Crops):
         self.size = size
 
     def __getitem__(self, index):
+        index = self.at(index)
         rng, crop = self.random_crop(index, self.size)
         t = to_chw(crop)
         if t.shape[-1] != self.size:
@@ -199,6 +237,7 @@ class SegDataset(_Epoch):
 
         from imgxlate.augment import as_pair, segmentation_transform
 
+        index = self.at(index)
         img_uri, mask_uri = self.pairs[index]
         image = self.cache.get(("rgb", img_uri), lambda: read_rgb(img_uri))
         mask = self.cache.get(("mask", mask_uri), lambda: read_mask(mask_uri))

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from imgxlate.errors import CannotRun
 from imgxlate.io import storage
 from imgxlate.train import tasks
+from imgxlate.train.data import EpochSampler, split_cache
 from imgxlate.train.loop import Trainer
 
 CKPT = "state.pt"
@@ -97,14 +98,17 @@ def _stage_trainer(cfg: tasks.RunConfig, task, stages: list, si: int, model, new
     groups = tasks.trainable_groups(model, stage, new)
     td = task.stage_data(cfg, stage, worker.device)
     sampler = DistributedSampler(td.train, num_replicas=worker.world, rank=worker.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(td.train) >=
-                        cfg.batch_size * worker.world, **loader_options(cfg, worker.device))
+    options = loader_options(cfg, worker.device)
+    epochs = EpochSampler(sampler)
+    loader = DataLoader(td.train, batch_size=cfg.batch_size, sampler=epochs if options["num_workers"] else sampler,
+                        drop_last=len(td.train) >= cfg.batch_size * worker.world, **options)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=worker.device,  # ray: DDP + device
                                               parallel_strategy_kwargs={"find_unused_parameters": bool(new) or
                                                                         stage.train == "new"})
 
     def set_epoch(e):
         sampler.set_epoch(e)
+        epochs.set_epoch(e)
         td.train.set_epoch(e)
 
     return Trainer(ddp_model, td.objective, loader, tasks.stage_loop(cfg, stage), groups=groups,
@@ -116,12 +120,16 @@ def _stage_trainer(cfg: tasks.RunConfig, task, stages: list, si: int, model, new
 def loader_options(cfg: tasks.RunConfig, device: str) -> dict:
     """DataLoader settings: a GPU worker decodes and crops in ``cpus_per_worker - 1`` loader processes (its main
     process feeds the GPU) into pinned memory, so the copy overlaps the step; a CPU worker loads in its own
-    process, whose CPUs compute the model (a loader process would take them from it). Workers are started anew each
-    epoch (not persistent): each takes the dataset's epoch (set_epoch, which seeds the crops) as it starts."""
+    process, whose CPUs compute the model (a loader process would take them from it). Loader processes live across
+    epochs, keeping their caches (each a share of --cache-mb, data.split_cache); the epoch that seeds the crops
+    reaches them with each index (data.EpochSampler)."""
     if not device.startswith("cuda"):
         return {"num_workers": 0}
     n = max(0, int(cfg.cpus_per_worker) - 1)
-    return {"num_workers": n, "pin_memory": True, **({"prefetch_factor": 4} if n else {})}
+    if not n:
+        return {"num_workers": 0, "pin_memory": True}
+    return {"num_workers": n, "pin_memory": True, "prefetch_factor": 4, "persistent_workers": True,
+            "worker_init_fn": split_cache}
 
 
 def _reporter(cfg: tasks.RunConfig, stages: list, si: int, model, new: list, td, rank: int):

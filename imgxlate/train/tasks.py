@@ -350,7 +350,7 @@ class SrTask(Task):
             return [{"val_psnr": r.psnr, "val_ssim": r.ssim, "val_psnr_bicubic": r.psnr_bicubic} for r in rows]
 
         def summarise(rows):
-            return {**mean_scores(rows), "val_protocol": evaluate.metrics.PROTOCOL_Y}
+            return {**mean_scores(rows), "val_protocol": evaluate.metrics.PROTOCOL_Y} if rows else {}
         return StageData(train, SrObjective(cfg.loss, cfg.vgg_weights), self.contract(cfg, stage), validate, device,
                          plan, summarise)
 
@@ -372,7 +372,7 @@ class StyleTask(Task):
 
         def summarise(rows):
             terms = mean_scores(rows)
-            return {"val_loss": float(sum(terms.values())), **terms}
+            return {"val_loss": float(sum(terms.values())), **terms} if terms else {}
         return StageData(train, objective, self.contract(cfg, stage), validate, device, plan, summarise)
 
     def contract(self, cfg, stage, source_size=None):
