@@ -42,9 +42,11 @@ class Feeder(threading.Thread):
     STALL_S = 60.0          # nothing came back for this long while full: let one more shard in (a lost block's
                             # inputs never come back, and must not hold the run forever)
 
-    def __init__(self, run: Run, feed):
+    def __init__(self, run: Run, feed, first: list[Shard] = ()):
+        """``first``: shards taken already, put in first (in this thread, so that the driver starts the pipeline
+        meanwhile: putting them waits for the Feed actor to start, as the pipeline waits for its model actors)."""
         super().__init__(name="imgxlate-feeder", daemon=True)
-        self.ctx, self.feed = run, feed
+        self.ctx, self.feed, self.first = run, feed, list(first)
         self.stopping = threading.Event()
         self.pushed = self.returned = 0
         self.last_back = time.monotonic()
@@ -74,6 +76,8 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         cap = self.ctx.cfg.queued_inputs
         try:
+            self.push(self.first)
+            self.first = []
             while not self.stopping.is_set():
                 self.ctx.check_lease()
                 room = cap - (self.pushed - self.returned)

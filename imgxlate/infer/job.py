@@ -226,7 +226,7 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
     log(f"Ray's own messages: {ray_log}")
     stop = raydata.on_this_node(raydata.StopFlag)
     feed = raydata.on_this_node(raydata.Feed)
-    feeder = Feeder(run, feed)
+    feeder = Feeder(run, feed, first)
 
     def on_signal():                            # no new input is read; inputs waiting in the Feed are left
         feeder.stopping.set()
@@ -236,8 +236,7 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
     run.drain.on_signal = on_signal
     if run.drain.stopping:                      # signalled in between
         on_signal()
-    feeder.push(first)
-    feeder.start()
+    feeder.start()                              # it puts the first shards in while Ray Data starts the actors
     with rayenv.output_to(ray_log):
         try:
             resources = raydata.stream(run.cfg, feed, run.meta, stop, feeder.on_rows, run.check_lease)
