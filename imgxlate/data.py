@@ -74,6 +74,7 @@ class MapImages:
         if threads is None and assigned.get("CPU"):
             threads = max(1, int(assigned["CPU"]))
         self.stage = ModelStage(model=model, scale=cfg.scale, threads=threads, env={}, gpus=cfg.gpus_per_actor,
+                                in_actor=assigned.get("actor", False),
                                 max_output_pixels=cfg.max_output_pixels, batch_size=cfg.batch_size,
                                 options={"tile": cfg.tile, "overlap": cfg.overlap, "cutout": cfg.cutout,
                                          "amp": config.actor_amp(self.meta), "compile": cfg.compile})
@@ -159,8 +160,8 @@ def _values(column) -> list | None:
 
 
 def _ray_assigned() -> dict:
-    """The resources Ray gave this actor or task ({'CPU': 1.0, 'GPU': 0.0, ...}), or {} outside Ray (the driver, a
-    notebook). One given no GPU runs on the CPU even where CUDA is visible; one given GPUs needs CUDA
+    """The resources Ray gave this actor or task ({'CPU': 1.0, 'GPU': 0.0, ..., 'actor': True}), or {} outside Ray
+    (the driver, a notebook). One given no GPU runs on the CPU even where CUDA is visible; one given GPUs needs CUDA
     (CudaUnusable)."""
     try:
         import ray
@@ -169,7 +170,7 @@ def _ray_assigned() -> dict:
         if not ray.is_initialized() or worker.global_worker.mode != ray.WORKER_MODE:          # ray:
             return {}
         got = dict(ray.get_runtime_context().get_assigned_resources())                        # ray:
-        return {**got, "GPU": got.get("GPU", 0.0)}
+        return {**got, "GPU": got.get("GPU", 0.0), "actor": ray.get_runtime_context().get_actor_id() is not None}
     except Exception:
         return {}
 

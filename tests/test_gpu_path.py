@@ -104,6 +104,7 @@ def test_a_sticky_cuda_error_ends_the_actor_instead_of_failing_every_later_input
     stage = ModelStage(model="bicubic", scale=2, options={"amp": "off"}, threads=1, max_output_pixels=10**8,
                        batch_size=4, env={}, gpus=0)
     stage.predictor = p
+    stage.die(RuntimeError("broken"))            # not a Ray actor (a notebook's MapImages): nothing ends
     died = []
     monkeypatch.setattr(ModelStage, "die", staticmethod(lambda e: died.append(e)))     # instead of os._exit
     from imgxlate.infer.stages import FLIGHT, Rows, decode_into

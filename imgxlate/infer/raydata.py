@@ -314,7 +314,7 @@ def build(feed, cfg, model_meta: dict, stop=None):
                "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
                 "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop,
-                "gpus": cfg.gpus_per_actor}
+                "gpus": cfg.gpus_per_actor, "in_actor": True}
     actor_kw = dict(
         # a fixed pool, or one that grows to max_actors (None: no limit but the cluster's) as nodes join
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors),       # ray:

@@ -260,12 +260,13 @@ class ModelStage:
 
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
                  max_output_pixels: int, batch_size: int, env: dict, stop=None,
-                 where: tuple[str | None, str | None] = (None, None), gpus: float | None = None):
+                 where: tuple[str | None, str | None] = (None, None), gpus: float | None = None,
+                 in_actor: bool = False):
         """``where``: (node id, worker id) of the process the stage runs in, recorded in every row. ``gpus``: the
         GPUs the actor was given (0: the CPU, even where CUDA is visible; more: CUDA or CudaUnusable; None: CUDA
-        when usable)."""
+        when usable). ``in_actor``: this is a Ray actor, which :meth:`die` may end."""
         _apply(env)
-        self.stop, self.batch_size = stop, batch_size
+        self.stop, self.batch_size, self.in_actor = stop, batch_size, in_actor
         import torch
 
         from imgxlate.infer.predictor import DeviceFailed, PredictOptions, Predictor, choose_device
@@ -318,17 +319,14 @@ class ModelStage:
         return rows.table(FLIGHT)
 
 
-    @staticmethod
-    def die(e: BaseException) -> None:
-        """End this process (a model actor): its device failed for good (a sticky CUDA error). Ray restarts the
-        actor (max_restarts) and retries its block on the new one; an input that breaks the device every time
-        ends, after the retries, as a model_error row (job.retry_lost). Outside a Ray actor (MapImages called
-        in a notebook) nothing ends: the caller gets the DeviceFailed."""
-        import ray
-
+    def die(self, e: BaseException) -> None:
+        """End this process, a model actor (``in_actor``): its device failed for good (a sticky CUDA error). Ray
+        restarts the actor (max_restarts) and retries its block on the new one; an input that breaks the device
+        every time ends, after the retries, as a model_error row (job.retry_lost). Outside an actor (MapImages
+        called in a notebook) nothing ends: the caller gets the DeviceFailed."""
         from imgxlate.log import log
 
-        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:    # ray:
+        if not self.in_actor:
             return
         log(f"model actor on {os.uname().nodename} exits: {e}")
         os._exit(70)                            # a crash to Ray (restart + retry), not an intentional exit
