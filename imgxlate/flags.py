@@ -54,6 +54,14 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                     help="comma-separated input extensions to take from a listing (default: %(default)s)")
     io.add_argument("--limit", type=int, help="process at most this many inputs (in listing order)")
     io.add_argument("--format", default="png", choices=list(codec.FORMATS), help="output format (default png)")
+    io.add_argument("--input-format", default="auto", choices=["auto", "files", "webdataset"],
+                    help="what SRC holds: image files, or WebDataset tar shards (each image member one input, "
+                         "keyed <tar>/<member>); auto (default): webdataset for a .tar or a brace pattern "
+                         "(shards/{00000..00099}.tar), files otherwise")
+    io.add_argument("--output-format", default="files", choices=["files", "webdataset", "parquet"],
+                    help="files (default): one object per input; webdataset: one tar per shard (per source tar "
+                         "for tar input), the sample's other members beside each output; parquet: one Parquet "
+                         "file per shard, the manifest's columns and the output's bytes")
     io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     io.add_argument("--suffix", default="", help="added to each output name before the extension, e.g. _x4")
     io.add_argument("--cutout", action="store_true", help="segmentation: write the RGBA cut-out, not the mask")

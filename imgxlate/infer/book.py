@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgxlate.infer import pieces
 from imgxlate.infer.plan import Shard
 from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact
@@ -105,8 +106,12 @@ class ShardBook:
             del self.open[sid]
 
     def _write(self, sid: str, o: Open) -> None:
+        if o.shard.out_uri and not o.complete:
+            return                              # one object for the shard: its rows wait for it (see _whole)
         if o.buffer:
             rows = pa.concat_tables(o.buffer)
+            if o.shard.out_uri:
+                rows = self._whole(sid, o, rows)
             part = manifest.write_part(self.dst, self.run_id, f"{sid}-{len(o.parts):03d}", rows)
             o.parts.append(part)
             o.buffer.clear()
@@ -117,6 +122,27 @@ class ShardBook:
             shard=sid, n=o.shard.n, complete=o.complete, recipe=self.recipe, run_id=self.run_id,
             counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts)))
         o.dirty, o.unmarked = False, 0
+
+    def _whole(self, sid: str, o: Open, rows: pa.Table) -> pa.Table:
+        """The shard's one object (--output-format webdataset / parquet) made from its pieces, before its rows are
+        recorded: if that fails for any reason but DST failing (which stops the run), its ok rows become
+        write_error rows, and the shard is redone by the next run."""
+        try:
+            pieces.assemble(self.dst, self.run_id, sid, o.shard.out_uri, rows)
+            return rows
+        except Exception as e:
+            if storage.dst_failure(e) is not None:
+                raise
+            error = f"the shard's object {redact(o.shard.out_uri)} could not be written: {type(e).__name__}: {e}"
+            log(f"warning: {error}")
+        ok = pc.equal(rows.column("status"), "ok")
+        n = pc.sum(ok).as_py() or 0
+        for counts in (o.counts, self.counts):
+            counts["ok"] -= n
+            counts["write_error"] += n
+        i = rows.schema.get_field_index
+        rows = rows.set_column(i("status"), "status", pc.if_else(ok, "write_error", rows.column("status")))
+        return rows.set_column(i("error"), "error", pc.if_else(ok, pa.scalar(error), rows.column("error")))
 
     def flush_all(self) -> None:
         for sid in list(self.open):

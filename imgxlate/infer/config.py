@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from imgxlate.errors import CannotRun
-from imgxlate.io import codec, keys, listing, storage
+from imgxlate.io import codec, keys, listing, shards, storage
 from imgxlate.io.listing import redact
 
 
@@ -38,6 +38,10 @@ class TranslateConfig:
     scale: float | None = None
     suffix: str = ""
     format: str = "png"
+    input_format: str = "auto"           # files, webdataset (tar shards); auto: webdataset for a .tar SRC or a
+                                         # brace pattern of them, else files
+    output_format: str = "files"         # files (one object per input), webdataset (one tar per shard) or parquet
+                                         # (one Parquet file per shard: manifest columns + the output's bytes)
     quality: int = 95
     extensions: tuple[str, ...] = listing.IMAGE_EXTS
     limit: int | None = None
@@ -110,6 +114,17 @@ def model_info(cfg: TranslateConfig) -> dict:
         return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale, **resolved}
     return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": task, "scale": meta["scale"],
             **resolved}
+
+
+INPUT_FORMATS = ("auto", "files", "webdataset")
+OUTPUT_FORMATS = ("files", "webdataset", "parquet")
+
+
+def input_format(cfg: TranslateConfig) -> str:
+    """'webdataset' or 'files': what SRC holds (--input-format, or told by SRC's name when auto)."""
+    if cfg.input_format != "auto":
+        return cfg.input_format
+    return "webdataset" if shards.is_webdataset(cfg.src) else "files"
 
 
 def device_kind(cfg: TranslateConfig) -> str:
@@ -197,7 +212,8 @@ def equivalent_recipes(cfg: TranslateConfig, meta: dict) -> tuple[str, ...]:
 def _hash(cfg: TranslateConfig, meta: dict, how: dict) -> str:
     what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": meta["scale"],
             "cutout": cfg.cutout, "format": cfg.format, "suffix": cfg.suffix, "tile": cfg.tile,
-            "overlap": cfg.overlap, "quality": cfg.quality if cfg.format != "png" else None, **how}
+            "overlap": cfg.overlap, "quality": cfg.quality if cfg.format != "png" else None, **how,
+            **({"output_format": cfg.output_format} if cfg.output_format != "files" else {})}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -213,6 +229,10 @@ def _same_place(a: str, b: str) -> bool:
 
 def check(cfg: TranslateConfig) -> None:
     """Refuse, before any work, what the job must not run with."""
+    if cfg.input_format not in INPUT_FORMATS:
+        raise JobError(f"unknown --input-format {cfg.input_format!r}: use {', '.join(INPUT_FORMATS)}")
+    if cfg.output_format not in OUTPUT_FORMATS:
+        raise JobError(f"unknown --output-format {cfg.output_format!r}: use {', '.join(OUTPUT_FORMATS)}")
     if cfg.format not in codec.FORMATS:
         raise JobError(f"unknown --format {cfg.format!r}: use {', '.join(codec.FORMATS)}")
     if cfg.lease not in ("on", "off"):

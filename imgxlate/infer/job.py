@@ -21,7 +21,7 @@ import time
 import uuid
 
 import imgxlate
-from imgxlate.infer import counters, heap, raydata
+from imgxlate.infer import counters, heap, pieces, raydata
 from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
 from imgxlate.infer.config import (
     JobError,
@@ -29,11 +29,12 @@ from imgxlate.infer.config import (
     check,
     destination_problem,
     equivalent_recipes,
+    input_format,
     model_info,
     recipe,
 )
 from imgxlate.infer.feeder import Feeder, take
-from imgxlate.infer.plan import Planner, Shard
+from imgxlate.infer.plan import Planner, Shard, input_table
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
 from imgxlate.infer.stages import seal
 from imgxlate.io import codec, manifest, storage
@@ -123,7 +124,8 @@ def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
     """Start listing SRC (in a background thread) into shards; see :mod:`imgxlate.infer.plan`."""
     return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
                    shard_size=cfg.shard_size, ready=max(1, cfg.queued_inputs // (2 * cfg.shard_size)),
-                   equivalent=equivalent_recipes(cfg, meta))
+                   equivalent=equivalent_recipes(cfg, meta), input_format=input_format(cfg),
+                   output_format=cfg.output_format)
 
 
 BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}
@@ -210,6 +212,8 @@ def _first_work(run: Run) -> list[Shard]:
 def _start(run: Run) -> bool:
     """Clean up after killed writers and start or join Ray; True when this run started Ray."""
     removed = storage.remove_stale_temporaries(run.cfg.dst)
+    if run.cfg.output_format != "files":
+        removed += pieces.remove_stale(run.cfg.dst, run.run_id)
     log(f"run {run.run_id}: processing started while listing {redact(run.cfg.src)} ({run.plan.listed} inputs "
         f"listed so far, {run.book.counts['skipped_done']} of them done before)"
         + (f"; removed {removed} stale temporary files" if removed else ""))
@@ -265,7 +269,7 @@ def retry_lost(run: Run, stop) -> None:
     log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "
         f"at a time")
     feed = raydata.on_this_node(raydata.Feed)
-    raydata.put_blocks(feed, [(seal(manifest.to_table([r]), "zstd"), 1) for r in lost])
+    raydata.put_blocks(feed, [(seal(input_table([r]), "zstd"), 1) for r in lost])
     feed.close.remote()
     came_back: set = set()
 
@@ -295,6 +299,9 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
     if why is not None:
         run.book.free_reserve()                 # the pipeline has ended: this room is for the manifest
         unrecorded = run.book.last_try()
+    if run.cfg.output_format != "files":       # pieces of shards left unfinished: those shards are redone whole
+        with contextlib.suppress(Exception):
+            pieces.remove(run.cfg.dst, run.run_id)
     summary = _summary(run, resources, signum, why, unrecorded)
     try:
         try:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from imgxlate.infer.stages import seal, unseal
-from imgxlate.io import codec, keys, listing, manifest, storage
+from imgxlate.infer.stages import INPUT, seal, unseal
+from imgxlate.io import codec, keys, listing, manifest, shards, storage
 from imgxlate.io.listing import Item, redact
 from imgxlate.log import log
 
@@ -54,6 +54,7 @@ class Shard:
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0
     todo: int = 0               # rows in blocks
+    out_uri: str | None = None  # --output-format webdataset / parquet: the shard's one output object
 
     def __post_init__(self):
         self.todo = sum(rows for _, rows in self.blocks)
@@ -141,6 +142,8 @@ class Planner:
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
     equivalent: tuple[str, ...] = ()
+    input_format: str = "files"                         # or webdataset: one shard per tar
+    output_format: str = "files"                        # or webdataset / parquet: one object per shard
     _listed: dict[str, dict[str, int]] | None = None   # earlier runs' part sizes, {run id: {part: bytes}}, listed
                                                         # once per run folder (see _changed_parts)
 
@@ -150,8 +153,10 @@ class Planner:
         return frozenset((self.recipe, *self.equivalent))
 
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
-                 recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3, equivalent: tuple[str, ...] = ()):
+                 recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3, equivalent: tuple[str, ...] = (),
+                 input_format: str = "files", output_format: str = "files"):
         self.src, self.dst, self.extensions, self.limit = src, dst.rstrip("/"), extensions, limit
+        self.input_format, self.output_format = input_format, output_format
         self.exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.ext, self.suffix, self.run_id, self.recipe, self.shard_size = \
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
@@ -213,15 +218,30 @@ class Planner:
             self.source_bytes += max(it.size, 0)
             yield it
 
+    def _tar_shards(self) -> Iterator[tuple[list[Item], str, str]]:
+        """WebDataset SRC: one shard per tar, whatever its size (a tar is resumed or redone as a unit), its members
+        listed from the tar's headers when the shard is built."""
+        for tar in shards.tars(self.src, exclude=self.dst):
+            if self.limit and self.listed >= self.limit:
+                return
+            members = shards.items(tar, self.exts)
+            if self.limit:
+                members = members[:self.limit - self.listed]
+            self.listed += len(members)
+            self.source_bytes += sum(max(it.size, 0) for it in members if not it.error)
+            if members:
+                yield members, "tar", tar.key
+
     def _run(self) -> None:
         try:
             markers = None
-            shards = cut(self._items(), self.shard_size, self.exts)
+            shards = self._tar_shards() if self.input_format == "webdataset" else \
+                ((items, kind, None) for items, kind in cut(self._items(), self.shard_size, self.exts))
             while True:
                 if not self._wait_for_room():
                     return
                 try:
-                    items, kind = next(shards)
+                    items, kind, tar_key = next(shards)
                 except StopIteration:
                     break
                 except Exception as e:
@@ -231,7 +251,7 @@ class Planner:
                         markers = manifest.shard_markers(self.dst)    # after the first page: SRC exists
                     except Exception as e:
                         raise PlanError("destination", e) from e
-                shard = self._shard(items, kind, markers)
+                shard = self._shard(items, kind, markers, tar_key)
                 if not shard.todo:              # done before: it holds no inputs, and waits apart
                     self.room.release()
                     if not self._wait_for_room(self.done_room):
@@ -294,13 +314,29 @@ class Planner:
                 changed.append(name)
         return changed
 
-    def _shard(self, items: list[Item], kind: str, markers: set[str]) -> Shard:
-        outs = keys.output_keys([it.key for it in items], self.ext, self.suffix, [it.source_uri for it in items],
-                                min_level=[3] * len(items) if kind == "hashed" else None)
+    @property
+    def whole(self) -> bool:
+        """Whether a shard's outputs are one object (--output-format webdataset / parquet): then a shard is done
+        whole or redone whole, as its object is written once from all of its outputs."""
+        return self.output_format != "files"
+
+    def _shard(self, items: list[Item], kind: str, markers: set[str], tar_key: str | None = None) -> Shard:
+        named = [it for it in items if not it.error]       # an input known bad (a duplicate tar member) gets no
+        outs = iter(keys.output_keys([it.key for it in named], self.ext, self.suffix,   # output name: it makes
+                                     [it.source_uri for it in named],                   # no other one rename
+                                     min_level=[3] * len(named) if kind == "hashed" else None))
+        outs = [None if it.error else next(outs) for it in items]
         sid = shard_id(items, outs)
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
+        out_uri = None
+        if self.whole:                           # one object for the shard: redone whole, so nothing is skipped
+            ext = ".tar" if self.output_format == "webdataset" else ".parquet"
+            name = (tar_key[:-4] if tar_key.lower().endswith(".tar") else tar_key) + ext if tar_key else \
+                f"shard-{sid}{ext}"
+            out_uri = storage.join(self.dst, name)
+            state = {src: (None, None, attempts) for src, (_, _, attempts) in state.items()}
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
         max_rows = max(1, min(BLOCK_ROWS, -(-len(items) // MIN_BLOCKS)))
         recipes = self.recipes
@@ -312,32 +348,47 @@ class Planner:
             else:
                 row = {"source_uri": it.source_uri, "key": it.key, "attempt": attempts + 1,
                        "source_bytes": it.size if it.size >= 0 else None}
+                if it.offset >= 0:
+                    row.update(tar_offset=it.offset, tar_sidecars=it.sidecars,
+                               tar_member=it.key[len(tar_key) + 1:])
                 if not _utf8(it.source_uri):
                     row.update(source_uri=_escaped(source), key=_escaped(it.key), status="read_error",
                                error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
+                elif it.error:
+                    row.update(source_uri=source, status="read_error", error=it.error)
                 elif isinstance(key, Exception):
                     row.update(source_uri=source, status="write_error", error=str(key))
+                elif out_uri:
+                    member = key[len(tar_key) + 1:] if tar_key else key
+                    row.update(output_uri=f"{out_uri}#{member}", out_member=member, seq=n - 1)
                 else:
                     row["output_uri"] = storage.join(self.dst, key)
                 block.append(row)
                 nbytes += row["source_bytes"] or UNKNOWN_SIZE
             if block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items)):
-                blocks.append((seal(_block(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
+                blocks.append((seal(input_table(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
                 block, nbytes = [], 0
-        return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped)
+        return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped,
+                     out_uri=out_uri)
 
 
-_BLOCK_FIELDS = ("source_uri", "key", "output_uri", "status", "error", "source_bytes", "attempt")
+_BLOCK_FIELDS = ("source_uri", "key", "output_uri", "status", "error", "source_bytes", "attempt", "tar_offset",
+                 "tar_sidecars", "tar_member", "out_member", "seq")
 
 
-def _block(rows: list[dict], shard: str, run_id: str, recipe: str) -> pa.Table:
-    """Input rows as a manifest-schema table, built by column (the columns the pipeline fills start null)."""
+def input_table(rows: list[dict], shard: str | None = None, run_id: str | None = None,
+                recipe: str | None = None) -> pa.Table:
+    """Input rows as a table of :data:`~imgxlate.infer.stages.INPUT` (the manifest's columns and where a tar
+    member lies), built by column; the columns the pipeline fills start null. ``shard``, ``run_id`` and ``recipe``
+    are set on every row when given (else taken from the rows)."""
     n = len(rows)
-    given = {f: pa.array([r.get(f) for r in rows], type=manifest.SCHEMA.field(f).type) for f in _BLOCK_FIELDS}
-    given.update(shard=pa.array([shard] * n, pa.string()), run_id=pa.array([run_id] * n, pa.string()),
-                 recipe=pa.array([recipe] * n, pa.string()))
-    return pa.Table.from_arrays([given[f.name] if f.name in given else pa.nulls(n, f.type)
-                                 for f in manifest.SCHEMA], schema=manifest.SCHEMA)
+    given = {f: pa.array([r.get(f) for r in rows], type=INPUT.field(f).type)
+             for f in (*_BLOCK_FIELDS, "shard", "run_id", "recipe")}
+    for name, value in (("shard", shard), ("run_id", run_id), ("recipe", recipe)):
+        if value is not None:
+            given[name] = pa.array([value] * n, pa.string())
+    return pa.Table.from_arrays([given[f.name] if f.name in given else pa.nulls(n, f.type) for f in INPUT],
+                                schema=INPUT)
 
 
 def _utf8(text: str) -> bool:

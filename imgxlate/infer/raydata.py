@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgxlate.infer import heap
+from imgxlate.infer import heap, pieces
 from imgxlate.infer.config import JobError, TranslateConfig, actor_amp
 from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save, seal, sealed, unseal
 from imgxlate.io import storage
@@ -309,7 +309,7 @@ def build(feed, cfg, model_meta: dict, stop=None):
     load_kw = {"max_pixels": cfg.max_pixels, "env": env}
     save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
                "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env,
-               "tmp_dir": storage.temporaries_dir(cfg.dst)}
+               "tmp_dir": storage.temporaries_dir(cfg.dst), "pieces_dir": pieces.pieces_dir(cfg.dst)}
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(model_meta), "cutout": cfg.cutout,
                "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,

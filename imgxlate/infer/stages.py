@@ -30,11 +30,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgxlate.infer import counters
-from imgxlate.io import codec, manifest, storage
+from imgxlate.infer import counters, pieces
+from imgxlate.io import codec, manifest, shards, storage
 from imgxlate.io.listing import redact, redact_text
 
-FLIGHT = pa.schema(list(manifest.SCHEMA) + [
+# An input block: the manifest's columns, and for a WebDataset member where it lies and what goes with it
+# (imgxlate.io.shards): its data's offset in its tar, its name there, its sample's other members ([[name, offset,
+# size]] JSON), and its name in the shard's one output object (--output-format webdataset / parquet).
+INPUT = pa.schema(list(manifest.SCHEMA) + [
+    pa.field("tar_offset", pa.int64()),
+    pa.field("tar_member", pa.string()),
+    pa.field("tar_sidecars", pa.string()),
+    pa.field("out_member", pa.string()),
+    pa.field("seq", pa.int64()),                    # its place in the shard (the object keeps input order)
+])
+FLIGHT = pa.schema(list(INPUT) + [
+    pa.field("sidecar_tar", pa.large_binary()),     # the sample's other members, as a tar fragment named by extension
     pa.field("pixels", pa.large_binary()),
     pa.field("alpha", pa.large_binary()),
     pa.field("px_shape", pa.list_(pa.int32())),
@@ -55,7 +66,7 @@ class Rows:
     becomes a Python list only when a stage reads or sets it, pixels are read as zero-copy Arrow buffers, and
     :meth:`table` reuses every column no stage touched."""
 
-    BINARY = ("pixels", "alpha")
+    BINARY = ("pixels", "alpha", "sidecar_tar")
 
     def __init__(self, batch: pa.Table):
         self.batch, self.n = batch, batch.num_rows
@@ -219,9 +230,18 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
         for i in todo:
             rows[i]["status"] = NOT_STARTED
         todo = []
-    uris = [rows[i]["source_uri"] for i in todo]
-    got = _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))
-    for i, (data, t_read) in zip(todo, got):
+    members = [i for i in todo if rows[i].get("tar_offset") is not None]     # WebDataset members: by tar
+    read = shards.read_members([(rows[i]["source_uri"][:-len(rows[i]["tar_member"]) - 1], rows[i]["tar_offset"],
+                                 rows[i]["source_bytes"] or 0, rows[i].get("tar_sidecars")) for i in members])
+    got = {}
+    for i, (data, side, t_read) in zip(members, read):
+        got[i] = (data, t_read)
+        rows[i]["sidecar_tar"] = side
+    files = [i for i in todo if i not in got]
+    uris = [rows[i]["source_uri"] for i in files]
+    got.update(zip(files, _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))))
+    for i in todo:
+        data, t_read = got[i]
         row = rows[i]
         if _stopping(stop):
             row["status"] = NOT_STARTED
@@ -382,9 +402,10 @@ def encode_row(row: Row, fmt: str, quality: int) -> bytes | None:
 
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
-         env: dict, tmp_dir: str | None = None) -> pa.Table:
-    """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Returns manifest rows (no
-    pixels); an ``ok`` row's output is durable."""
+         env: dict, tmp_dir: str | None = None, pieces_dir: str | None = None) -> pa.Table:
+    """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Rows bound for a shard's one
+    object (``out_member`` set) are written together as one piece under ``pieces_dir`` (see
+    :mod:`imgxlate.infer.pieces`). Returns manifest rows (no pixels); an ``ok`` row's output is durable."""
     _apply(env)
     rows = Rows(batch)
     out = []                                       # (row index, encoded bytes)
@@ -392,8 +413,19 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
         if (data := encode_row(row, fmt, quality)) is not None:
             out.append((i, data))
+    whole = [(i, d) for i, d in out if rows[i].get("out_member")]
+    out = [(i, d) for i, d in out if not rows[i].get("out_member")]
     uris = [rows[i]["output_uri"] for i, _ in out]
     wrote = _write(uris, [d for _, d in out], tmp_dir)
+    if whole:                   # --output-format webdataset / parquet: one piece of the shard's object per block
+        data = b"".join(shards.fragment([(member := rows[i]["out_member"], d),
+                                         *shards.renamed(rows[i]["sidecar_tar"], member)]) for i, d in whole)
+        first = rows[whole[0][0]]
+        piece = pieces.piece_uri(pieces_dir, first["run_id"], first["shard"], first["seq"] or 0,
+                                 [rows[i]["source_uri"] for i, _ in whole])
+        res, t_write = _write([piece], [data], tmp_dir)[0]
+        out += whole
+        wrote += [(res, t_write / len(whole))] * len(whole)
     for (i, data), (res, t_write) in zip(out, wrote):
         row = rows[i]
         if res is not None:

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgxlate.errors import CannotRun
-from imgxlate.io import manifest, storage
+from imgxlate.io import manifest, shards, storage
 from imgxlate.io.lease import Lease, LeaseHeld, LeaseUnsafe
 from imgxlate.io.listing import redact
 
@@ -136,6 +136,30 @@ def check_output(row: dict, checksums: bool) -> tuple[str, str] | None:
     return None
 
 
+def check_members(obj: str, rows: list[dict], checksums: bool) -> list[tuple[dict, tuple[str, str] | None]]:
+    """check_output for rows whose outputs are members of one object (--output-format webdataset / parquet):
+    the object's index is read once."""
+    try:
+        index = shards.container_members(obj, checksums)
+    except FileNotFoundError:
+        return [(r, ("missing", f"the shard's object {redact(obj)} is gone")) for r in rows]
+    except Exception as e:
+        return [(r, ("unreadable_output", redact(f"{obj}: {type(e).__name__}: {e}"))) for r in rows]
+    out = []
+    for r in rows:
+        member = shards.in_container(r["output_uri"])[1]
+        size, digest = index.get(member, (None, None))
+        if size is None:
+            out.append((r, ("missing", f"{member!r} is not in {redact(obj)}")))
+        elif r.get("output_bytes") is not None and size != r["output_bytes"]:
+            out.append((r, ("size_mismatch", f"{size} bytes, the row records {r['output_bytes']}")))
+        elif checksums and r.get("output_sha256") and digest != r["output_sha256"]:
+            out.append((r, ("checksum_mismatch", f"sha256 {digest}, the row records {r['output_sha256']}")))
+        else:
+            out.append((r, None))
+    return out
+
+
 # -------------------------------------------------------------------------------------------- one shard
 def latest_rows(dst: str, marker: manifest.ShardMarker, check: ShardCheck) -> dict[str, dict]:
     """The latest row of each input of the shard, {source_uri: row}, from the parts its marker names, read one
@@ -176,7 +200,13 @@ def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor
     for r in latest.values():
         if r["status"] not in manifest.DONE:
             check.add(f"not_ok:{r['status']}", (r.get("error") or "")[:500], r)
-    for row, found in zip(done, pool.map(lambda r: check_output(r, checksums), done)):
+    inside = {}                                 # rows whose output is a member of the shard's one object
+    for r in done:
+        if (m := shards.in_container(r.get("output_uri"))) is not None:
+            inside.setdefault(m[0], []).append(r)
+    done = [r for r in done if shards.in_container(r.get("output_uri")) is None]
+    found_inside = [(r, f) for obj, rows in inside.items() for r, f in check_members(obj, rows, checksums)]
+    for row, found in [*found_inside, *zip(done, pool.map(lambda r: check_output(r, checksums), done))]:
         if found is None:
             check.ok += 1
             continue

@@ -31,6 +31,9 @@ class Item:
     source_uri: str      # where to read (full URI, credentials never embedded)
     key: str             # relative key under SRC, e.g. "scans/1901/page 3.jpg"
     size: int = -1       # bytes, when the listing knows
+    offset: int = -1     # a WebDataset member: where its data starts in its tar (imgxlate.io.shards)
+    sidecars: str | None = None   # a WebDataset member: its sample's other members, [[name, offset, size]] JSON
+    error: str | None = None      # an input known bad from the listing (a duplicate tar member): its row's error
 
 
 def _split_userinfo(rest: str) -> tuple[str, str]:

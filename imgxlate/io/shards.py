@@ -1,0 +1,265 @@
+"""WebDataset tar shards, in and out: which tars a SRC names, each tar's index of members, the inputs they make,
+and the tar fragments the job's outputs are written as and joined into one tar per shard.
+
+A WebDataset shard is a plain tar whose members are grouped into samples by name: a sample's key is the member's
+path up to the first '.' of its file name, the rest is the member's extension ('000123.jpg', '000123.json' and
+'000123.cls' are one sample). Each image member is one input of the job, keyed ``<tar>/<member>`` (its
+``source_uri`` is ``<tar uri>#<member>``), and the sample's other members travel with it into the output.
+
+Reading: the tar's index (member names, data offsets and sizes) is read once, in the plan, from its headers
+(:func:`read_index`: a local tar by seeks; an object in large sequential reads); the model actors then read each
+block's members with one ranged read of the span they cover (:func:`read_span`).
+
+Writing: a block's outputs are one tar fragment (:func:`fragment`: members, no end-of-archive blocks), and a
+shard's fragments joined and ended by :data:`END` are a valid tar (:mod:`imgxlate.infer.pieces`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from imgxlate.io import listing, storage
+from imgxlate.io.listing import Item, SourceError, redact
+
+TAR_EXTS = (".tar",)
+END = b"\0" * 1024                     # a tar's end-of-archive marker: two zero blocks
+INDEX_BLOCK = 16 << 20                 # sequential read size when an object's headers are read
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``s3://b/shards/{00000..00002}.tar`` -> three URIs; ``{a,b}`` lists; ranges keep their zero padding (the
+    WebDataset / bash convention). Several braces multiply out, left to right."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    if (r := re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)) is not None:
+        lo, hi = r.group(1), r.group(2)
+        width = len(lo) if lo.lstrip("-").startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise SourceError(f"source {redact(pattern)}: '{{{body}}}' is neither a range (00000..00099) nor a list "
+                          f"(a,b)")
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [u for c in choices for u in expand_braces(head + c + tail)]
+
+
+def is_webdataset(src: str) -> bool:
+    """Whether SRC names WebDataset tars by itself: a .tar, or a brace pattern of them."""
+    return src.rstrip().lower().endswith(TAR_EXTS) or (bool(_BRACE.search(src)) and ".tar" in src.lower())
+
+
+def tars(src: str, exclude: str | None = None) -> Iterator[Item]:
+    """The tars SRC names, in key order, each keyed by its path relative to SRC's folder: a brace pattern
+    (relative to the folder before its first brace), one .tar file, or every .tar under a folder or prefix."""
+    if _BRACE.search(src):
+        uris = expand_braces(src)
+        root = src[:_BRACE.search(src).start()].rpartition("/")[0]
+        items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in uris]
+        return iter(sorted(items, key=lambda it: it.key))
+    if src.rstrip().lower().endswith(TAR_EXTS):
+        return iter([Item(src, posixpath.basename(src.rstrip("/")))])
+    return listing.iter_inputs(src, TAR_EXTS, exclude=exclude)
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    offset: int          # of the member's data in the tar
+    size: int
+
+
+def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
+    """A tar's regular members, in tar order, and why the index stops early (None when it was read to its end): a
+    truncated tar keeps the members whose data is whole. Raises OSError / SourceError when it cannot be read at
+    all."""
+    fs, path = storage.filesystem(uri)
+    if size < 0:
+        size = storage.retry(fs.size, path)
+    members: list[Member] = []
+    problem = None
+    opened = fs.open(path, "rb") if storage.is_local(uri) else \
+        fs.open(path, "rb", block_size=INDEX_BLOCK, cache_type="readahead")
+    with opened as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                while True:
+                    try:
+                        info = tf.next()
+                    except tarfile.ReadError as e:
+                        problem = f"the tar is damaged after {len(members)} members ({e})"
+                        break
+                    if info is None:
+                        break
+                    if not info.isreg():
+                        continue
+                    if info.offset_data + info.size > size:
+                        problem = f"the tar is truncated: it ends inside member {info.name!r}"
+                        break
+                    members.append(Member(info.name, info.offset_data, info.size))
+        except tarfile.ReadError as e:
+            if not members:
+                raise SourceError(f"{redact(uri)} is not a tar file, or is damaged: {e}") from e
+    return members, problem
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a member name, as WebDataset splits it: at the first '.' of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (folder + "/" if folder else "") + stem, ext if dot else ""
+
+
+def items(tar: Item, exts: tuple[str, ...]) -> list[Item]:
+    """The inputs of one tar: an Item per image member (``offset`` set; the sample's other members, as
+    [[name, offset, size], ...] JSON, in ``sidecars``). A member name seen before, an image member with no data,
+    or a tar cut short are rows with ``error`` set; a tar that cannot be read at all is one such row."""
+    try:
+        members, problem = read_index(tar.source_uri, tar.size)
+    except Exception as e:
+        return [Item(tar.source_uri + "#", tar.key + "/", tar.size,
+                     error=f"the tar cannot be read: {type(e).__name__}: {e}")]
+    by_sample: dict[str, list[Member]] = {}
+    for m in members:
+        by_sample.setdefault(sample_key(m.name)[0], []).append(m)
+    out, seen = [], {}
+    for m in members:
+        if not listing.has_ext(m.name, exts):
+            continue
+        n = seen[m.name] = seen.get(m.name, 0) + 1
+        uri, key = f"{tar.source_uri}#{m.name}", f"{tar.key}/{m.name}"
+        if n > 1:
+            out.append(Item(f"{uri}#{n}", f"{key}#{n}", m.size,
+                            error=f"duplicate member name: the tar holds {m.name!r} more than once (this is "
+                                  f"copy {n}); only the first is processed"))
+            continue
+        side = [[s.name, s.offset, s.size] for s in by_sample[sample_key(m.name)[0]]
+                if s.name != m.name and not listing.has_ext(s.name, exts)]
+        out.append(Item(uri, key, m.size, offset=m.offset, sidecars=json.dumps(side) if side else None))
+    if problem:
+        out.append(Item(tar.source_uri + "#", tar.key + "/", tar.size,
+                        error=f"{problem}: {len(out)} image members before it were listed"))
+    return out
+
+
+def read_span(tar_uri: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (offset, size) in one tar, read with one ranged read of the span they cover (members of a
+    block lie together in the tar)."""
+    if not spans:
+        return []
+    lo, hi = min(o for o, _ in spans), max(o + s for o, s in spans)
+    fs, path = storage.filesystem(tar_uri)
+    data = storage.retry(fs.cat_file, path, start=lo, end=hi)
+    if len(data) < hi - lo:
+        raise OSError(f"{redact(tar_uri)} ended at byte {lo + len(data)}, before {hi}: the tar changed or was cut")
+    return [bytes(data[o - lo:o - lo + s]) for o, s in spans]
+
+
+def read_members(specs: list[tuple[str, int, int, str | None]]) -> list[tuple[bytes | Exception, bytes | None, float]]:
+    """For each (tar uri, offset, size, sidecars JSON) of a block's members: (its bytes, or why they could not be
+    read; its sample's other members as a fragment named by extension, or None; seconds), with one ranged read
+    per tar of the span the members and their sidecars cover."""
+    out: list = [None] * len(specs)
+    by_tar: dict[str, list[int]] = {}
+    for i, (tar, *_) in enumerate(specs):
+        by_tar.setdefault(tar, []).append(i)
+    for tar, idx in by_tar.items():
+        sides = {i: json.loads(specs[i][3] or "[]") for i in idx}
+        spans = [sp for i in idx for sp in [(specs[i][1], specs[i][2]), *((o, n) for _, o, n in sides[i])]]
+        t0 = time.perf_counter()
+        try:
+            datas = iter(read_span(tar, spans))
+        except Exception as e:
+            for i in idx:
+                out[i] = (e, None, time.perf_counter() - t0)
+            continue
+        share = (time.perf_counter() - t0) / len(idx)
+        for i in idx:
+            data = next(datas)
+            side = [(sample_key(name)[1], next(datas)) for name, _, _ in sides[i]]
+            out[i] = (data, fragment(side) if side else None, share)
+    return out
+
+
+def renamed(side: bytes | None, out_member: str) -> list[tuple[str, bytes]]:
+    """A sample's other members (a fragment named by extension), named for the output member's sample:
+    '000123_x2.json' beside '000123_x2.png'."""
+    if side is None:
+        return []
+    key = sample_key(out_member)[0]
+    return [(f"{key}.{ext}", data) for ext, data in members_of(bytes(side))]
+
+
+def fragment(members: list[tuple[str, bytes]]) -> bytes:
+    """Tar members with no end-of-archive marker: fragments joined and followed by :data:`END` are one tar. POSIX
+    (pax) headers, so any name length and any UTF-8 name are kept; mode 0644, mtime 0 (same bytes in, same bytes
+    out)."""
+    buf = io.BytesIO()
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        buf.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        buf.write(data)
+        if pad := -len(data) % tarfile.BLOCKSIZE:
+            buf.write(b"\0" * pad)
+    return buf.getvalue()
+
+
+def members_of(fragment_bytes: bytes) -> Iterator[tuple[str, bytes]]:
+    """The (name, data) of each member of a fragment (or a whole tar)."""
+    with tarfile.open(fileobj=io.BytesIO(fragment_bytes + END), mode="r:") as tf:
+        for info in tf:
+            if info.isreg():
+                yield info.name, tf.extractfile(info).read()
+
+
+_CONTAINER = re.compile(r"^(.*?\.(?:tar|parquet))#(.+)$", re.S)
+
+
+def in_container(output_uri: str) -> tuple[str, str] | None:
+    """(object, member) of an output written into a shard's one object (``<shard>.tar#<member>`` or
+    ``<shard>.parquet#<member>``), or None for an output of its own."""
+    m = _CONTAINER.match(output_uri or "")
+    return (m.group(1), m.group(2)) if m else None
+
+
+def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | None]]:
+    """{member: (bytes, sha256 or None)} of a shard's object: a tar's members from its headers (read whole only
+    for ``checksums``), or a Parquet file's ``output`` column by its ``output_uri``. Raises FileNotFoundError when
+    the object is gone."""
+    import hashlib
+
+    fs, path = storage.filesystem(uri)
+    out: dict[str, tuple[int, str | None]] = {}
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                t = pf.read_row_group(i, columns=["output_uri", "output"])
+                for u, data in zip(t.column("output_uri").to_pylist(), t.column("output").to_pylist()):
+                    if data is not None and (m := in_container(u)):
+                        out[m[1]] = (len(data), hashlib.sha256(data).hexdigest() if checksums else None)
+        return out
+    if not checksums:
+        members, _ = read_index(uri)
+        return {m.name: (m.size, None) for m in members}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for info in tf:
+            if info.isreg():
+                out[info.name] = (info.size, hashlib.sha256(tf.extractfile(info).read()).hexdigest())
+    return out

@@ -1,0 +1,217 @@
+"""WebDataset tars in, and webdataset / parquet shards out: tars written by the `webdataset` package's own writer
+(as img2dataset writes them) are read member by member with their samples' other members; what imgxlate writes
+reads back with `webdataset.WebDataset`, Ray's `read_webdataset`, pyarrow and Ray's `read_parquet`, sample for
+sample; bad tars and members are rows; a killed run's rerun redoes only the unfinished tars, whole; and the same
+over the S3 test server with a brace pattern."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from imgxlate.io import shards
+
+from conftest import photo
+from fixtures import png, rows_of, summary_of, translate, wait_for
+
+
+def _write_tar(path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def _samples(tar: int, n: int, size: int = 24) -> list[dict]:
+    return [{"__key__": f"{tar:02d}{i:04d}", "png": png(photo(size, size + 8, seed=100 * tar + i)),
+             "json": {"tar": tar, "i": i}, "txt": f"caption {tar}/{i}"} for i in range(n)]
+
+
+def test_brace_patterns_and_fragments():
+    assert shards.expand_braces("s3://b/x/{00008..00011}.tar") == [f"s3://b/x/{i:05d}.tar" for i in range(8, 12)]
+    assert shards.expand_braces("a/{x,y}-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "a/y-1.tar", "a/y-2.tar"]
+    assert shards.is_webdataset("s3://b/{0..3}.tar") and shards.is_webdataset("a.TAR")
+    assert not shards.is_webdataset("s3://b/photos")
+    assert shards.sample_key("dir/000123.seg.png") == ("dir/000123", "seg.png")
+    long = "d" * 150 + "/ü" + "n" * 120 + ".png"                    # pax headers: any length, UTF-8
+    data = shards.fragment([("a.png", b"x" * 700), (long, b"y")]) + shards.fragment([("b.json", b"{}")])
+    assert list(shards.members_of(data)) == [("a.png", b"x" * 700), (long, b"y"), ("b.json", b"{}")]
+
+
+def test_tars_in_files_out_every_member_and_every_bad_tar_is_a_row(tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    _write_tar(src / "a.tar", _samples(0, 4) + [{"__key__": "text-only", "txt": "no image in this sample"},
+                                                {"__key__": "broken", "jpg": b"not a jpeg at all"}])
+    with tarfile.open(src / "a.tar", "a") as tf:                    # the same member name again, other bytes
+        info = tarfile.TarInfo("000001.png")
+        dup = png(photo(8, 8, seed=9))
+        info.size = len(dup)
+        tf.addfile(info, io.BytesIO(dup))
+    _write_tar(src / "b.tar", _samples(1, 6, size=64))
+    whole = (src / "b.tar").read_bytes()
+    (src / "b.tar").write_bytes(whole[:len(whole) // 2])             # cut short inside a member
+    (src / "c.tar").write_bytes(b"this is not a tar file" * 100)
+    assert translate(src, dst, "--input-format", "webdataset", "--scale", "2") == 0
+    rows = {r["key"]: r for r in rows_of(dst)}
+    for i in range(4):
+        r = rows[f"a.tar/00{i:04d}.png"]
+        assert r["status"] == "ok" and r["source_uri"] == f"{src}/a.tar#00{i:04d}.png"
+        out = Image.open(r["output_uri"])
+        assert r["output_uri"] == f"{dst}/a.tar/00{i:04d}.png" and out.size == (64, 48)
+    assert rows["a.tar/broken.jpg"]["status"] == "decode_error"
+    dup_row = rows["a.tar/000001.png#2"]
+    assert dup_row["status"] == "read_error" and "duplicate member name" in dup_row["error"]
+    assert "a.tar/text-only.txt" not in rows                        # not an image: no input, as in a folder
+    b_ok = [k for k, r in rows.items() if k.startswith("b.tar/") and r["status"] == "ok"]
+    assert 1 <= len(b_ok) < 6
+    assert "truncated" in rows["b.tar/"]["error"] and rows["b.tar/"]["status"] == "read_error"
+    assert rows["c.tar/"]["status"] == "read_error" and "cannot be read" in rows["c.tar/"]["error"]
+    assert len(rows) == 4 + 1 + 1 + len(b_ok) + 1 + 1
+
+
+def _read_wds(paths) -> dict[str, dict]:
+    import webdataset as wds
+
+    return {s["__key__"]: s for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)}
+
+
+def test_webdataset_and_parquet_out_read_back_with_their_own_readers(tmp_path, ray_local):
+    src = tmp_path / "src"
+    src.mkdir()
+    for t in range(2):
+        _write_tar(src / f"shard-{t:05d}.tar", _samples(t, 5))
+    pattern = str(src / "shard-{00000..00001}.tar")
+    out = {}
+    for fmt in ("files", "webdataset", "parquet"):
+        out[fmt] = tmp_path / fmt
+        assert translate(pattern, out[fmt], "--scale", "2", "--suffix", "_x2", "--output-format", fmt) == 0
+    files = {r["key"]: r for r in rows_of(out["files"])}
+    # webdataset: one tar per source tar, members named for their sample, the sample's other members beside them
+    tars = sorted(out["webdataset"].glob("*.tar"))
+    assert [p.name for p in tars] == ["shard-00000.tar", "shard-00001.tar"]
+    got = _read_wds(tars)
+    assert sorted(got) == sorted(f"{t:02d}{i:04d}_x2" for t in range(2) for i in range(5))
+    for t in range(2):
+        for i in range(5):
+            s = got[f"{t:02d}{i:04d}_x2"]
+            assert json.loads(s["json"]) == {"tar": t, "i": i} and s["txt"] == f"caption {t}/{i}".encode()
+            assert s["png"] == open(files[f"shard-{t:05d}.tar/{t:02d}{i:04d}.png"]["output_uri"], "rb").read()
+    assert [n for n, _ in shards.members_of(tars[0].read_bytes())][:3] == ["000000_x2.png", "000000_x2.json",
+                                                                          "000000_x2.txt"]   # input order
+    wrows = {r["key"]: r for r in rows_of(out["webdataset"])}
+    r = wrows["shard-00001.tar/010003.png"]
+    assert r["output_uri"] == f"{out['webdataset']}/shard-00001.tar#010003_x2.png"
+    assert r["output_sha256"] == hashlib.sha256(got["010003_x2"]["png"]).hexdigest()
+    import ray
+
+    ray_rows = ray.data.read_webdataset([str(p) for p in tars], decoder=None).take_all()
+    assert sorted(x["__key__"] for x in ray_rows) == sorted(got)
+    assert all(x["png"] == got[x["__key__"]]["png"] for x in ray_rows)
+    # parquet: one file per shard, every manifest column, the output's bytes and the sidecars
+    table = pq.read_table(out["parquet"] / "shard-00000.parquet")
+    assert table.num_rows == 5 and {"source_uri", "status", "output_sha256", "output", "sidecars"} <= set(
+        table.column_names)
+    for row in table.to_pylist():
+        key = row["key"]
+        assert row["output"] == open(files[key]["output_uri"], "rb").read()
+        assert dict(row["sidecars"])["txt"].startswith(b"caption 0/")
+    ray_table = ray.data.read_parquet([str(p) for p in sorted(out["parquet"].glob("*.parquet"))]).take_all()
+    assert len(ray_table) == 10 and all(x["output"][:8] == b"\x89PNG\r\n\x1a\n" for x in ray_table)
+    # verify reads the shard objects; damage one and it says so
+    from imgxlate.cli import main
+
+    for fmt in ("webdataset", "parquet"):
+        assert main(["verify", str(out[fmt]), "--checksums"]) == 0
+    (out["webdataset"] / "shard-00000.tar").unlink()
+    assert main(["verify", str(out["webdataset"])]) != 0
+    assert not list((out["webdataset"] / "_manifest").rglob("*.tar"))      # no pieces left behind
+
+
+def test_a_killed_runs_rerun_redoes_only_its_unfinished_tars_whole(tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    n_tars, per_tar = 8, 6
+    for t in range(n_tars):
+        _write_tar(src / f"{t:05d}.tar", _samples(t, per_tar, size=160))
+    cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--input-format", "webdataset",
+           "--output-format", "webdataset", "--model", "bicubic", "--scale", "4", "--batch-size", "1",
+           "--actors", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def complete() -> int:
+        markers = (dst / "_manifest" / "_shards").glob("*.json")
+        return sum(json.loads(m.read_text())["complete"] for m in markers)
+    try:
+        wait_for(lambda: complete() or proc.poll() is not None, "the first complete tar", 240)
+        assert proc.poll() is None, "the job finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    done = complete()                  # shards recorded complete: their tars are kept; any other is redone whole
+    before = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+    assert 1 <= done <= len(before) < n_tars
+    assert translate(src, dst, "--input-format", "webdataset", "--output-format", "webdataset", "--scale", "4") == 0
+    after = sorted(dst.glob("*.tar"))
+    assert [p.name for p in after] == [f"{t:05d}.tar" for t in range(n_tars)]
+    kept = [p.name for p in after if before.get(p.name) == p.stat().st_mtime_ns]
+    assert len(kept) == done
+    got = _read_wds(after)
+    assert len(got) == n_tars * per_tar and all(Image.open(io.BytesIO(s["png"])).size == (672, 640)
+                                                for s in got.values())
+    rows = rows_of(dst)
+    assert len(rows) == (n_tars - done) * per_tar and all(r["status"] == "ok" for r in rows)
+    assert summary_of(dst, rows[0]["run_id"])["counts"]["skipped_done"] == done * per_tar
+    assert not list((dst / "_manifest").rglob("*.tar")) and not list(dst.rglob("*imgxlate-tmp*"))
+
+
+def test_s3_brace_pattern_in_webdataset_out(s3_server, bucket, ray_local):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for t in range(3):
+        buf = io.BytesIO()
+        import webdataset as wds
+
+        with wds.TarWriter(buf) as w:
+            for s in _samples(t, 4):
+                w.write(s)
+        s3.put_object(Bucket=bucket, Key=f"shards/{t:05d}.tar", Body=buf.getvalue())
+    dst = f"s3://{bucket}/out"
+    assert translate(f"s3://{bucket}/shards/{{00000..00002}}.tar", dst, "--scale", "2",
+                     "--output-format", "webdataset") == 0
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    assert [k for k in keys if not k.startswith("out/_manifest/")] == [f"out/{t:05d}.tar" for t in range(3)]
+    assert not [k for k in keys if "_pieces" in k]
+    body = s3.get_object(Bucket=bucket, Key="out/00002.tar")["Body"].read()
+    names = [n for n, _ in shards.members_of(body)]
+    assert names == [f"02{i:04d}.{e}" for i in range(4) for e in ("png", "json", "txt")]
+    first = Image.open(io.BytesIO(dict(shards.members_of(body))["020000.png"]))
+    assert first.size == (64, 48) and np.asarray(first).dtype == np.uint8
+    from imgxlate.cli import main
+
+    assert main(["verify", dst, "--checksums"]) == 0
+    assert translate(f"s3://{bucket}/shards/{{00000..00002}}.tar", dst, "--scale", "2",
+                     "--output-format", "webdataset") == 0                  # a rerun skips every tar
+    run = summary_of(dst, sorted(manifest_runs(dst))[-1])
+    assert run["counts"] == {"skipped_done": 12}
+
+
+def manifest_runs(dst: str) -> list[str]:
+    from imgxlate.io import manifest
+
+    return manifest.runs(dst)
+
+
+pytestmark = pytest.mark.slow
