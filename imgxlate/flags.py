@@ -54,10 +54,14 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                     help="comma-separated input extensions to take from a listing (default: %(default)s)")
     io.add_argument("--limit", type=int, help="process at most this many inputs (in listing order)")
     io.add_argument("--format", default="png", choices=list(codec.FORMATS), help="output format (default png)")
-    io.add_argument("--input-format", default="auto", choices=["auto", "files", "webdataset"],
-                    help="what SRC holds: image files, or WebDataset tar shards (each image member one input, "
-                         "keyed <tar>/<member>); auto (default): webdataset for a .tar or a brace pattern "
+    io.add_argument("--input-format", default="auto", choices=["auto", "files", "webdataset", "parquet"],
+                    help="what SRC holds: image files; WebDataset tar shards (each image member one input, keyed "
+                         "<tar>/<member>); or Parquet files with a column of image bytes; auto (default): parquet "
+                         "with --image-column, webdataset for a .tar or a brace pattern "
                          "(shards/{00000..00099}.tar), files otherwise")
+    io.add_argument("--image-column", help="Parquet SRC: the column of encoded image bytes (binary, or a Hugging "
+                    "Face Image struct)")
+    io.add_argument("--key-column", help="Parquet SRC: the column that names each row (default: its row number)")
     io.add_argument("--output-format", default="files", choices=["files", "webdataset", "parquet"],
                     help="files (default): one object per input; webdataset: one tar per shard (per source tar "
                          "for tar input), the sample's other members beside each output; parquet: one Parquet "

@@ -38,8 +38,11 @@ class TranslateConfig:
     scale: float | None = None
     suffix: str = ""
     format: str = "png"
-    input_format: str = "auto"           # files, webdataset (tar shards); auto: webdataset for a .tar SRC or a
-                                         # brace pattern of them, else files
+    input_format: str = "auto"           # files, webdataset (tar shards), parquet (a column of image bytes);
+                                         # auto: parquet with --image-column, webdataset for a .tar SRC or a brace
+                                         # pattern of them, else files
+    image_column: str | None = None      # Parquet SRC: the column of encoded image bytes
+    key_column: str | None = None        # Parquet SRC: the column naming each row (default: its row number)
     output_format: str = "files"         # files (one object per input), webdataset (one tar per shard) or parquet
                                          # (one Parquet file per shard: manifest columns + the output's bytes)
     quality: int = 95
@@ -116,7 +119,7 @@ def model_info(cfg: TranslateConfig) -> dict:
             **resolved}
 
 
-INPUT_FORMATS = ("auto", "files", "webdataset")
+INPUT_FORMATS = ("auto", "files", "webdataset", "parquet")
 OUTPUT_FORMATS = ("files", "webdataset", "parquet")
 
 
@@ -124,6 +127,8 @@ def input_format(cfg: TranslateConfig) -> str:
     """'webdataset' or 'files': what SRC holds (--input-format, or told by SRC's name when auto)."""
     if cfg.input_format != "auto":
         return cfg.input_format
+    if cfg.image_column:
+        return "parquet"
     return "webdataset" if shards.is_webdataset(cfg.src) else "files"
 
 
@@ -231,6 +236,11 @@ def check(cfg: TranslateConfig) -> None:
     """Refuse, before any work, what the job must not run with."""
     if cfg.input_format not in INPUT_FORMATS:
         raise JobError(f"unknown --input-format {cfg.input_format!r}: use {', '.join(INPUT_FORMATS)}")
+    if input_format(cfg) == "parquet" and not cfg.image_column:
+        raise JobError("a Parquet SRC of image bytes needs --image-column, the column that holds them (a .parquet "
+                       "SRC without it is a manifest: a list of image URIs)")
+    if cfg.image_column and input_format(cfg) != "parquet":
+        raise JobError(f"--image-column is for a Parquet SRC of image bytes, not --input-format {cfg.input_format}")
     if cfg.output_format not in OUTPUT_FORMATS:
         raise JobError(f"unknown --output-format {cfg.output_format!r}: use {', '.join(OUTPUT_FORMATS)}")
     if cfg.format not in codec.FORMATS:

@@ -125,7 +125,7 @@ def planner(cfg: TranslateConfig, meta: dict, run_id: str) -> Planner:
     return Planner(cfg.src, cfg.dst, cfg.extensions, cfg.limit, cfg.format, cfg.suffix, run_id, recipe(cfg, meta),
                    shard_size=cfg.shard_size, ready=max(1, cfg.queued_inputs // (2 * cfg.shard_size)),
                    equivalent=equivalent_recipes(cfg, meta), input_format=input_format(cfg),
-                   output_format=cfg.output_format)
+                   output_format=cfg.output_format, image_column=cfg.image_column, key_column=cfg.key_column)
 
 
 BYTES_PER_PIXEL_ESTIMATE = {"png": 1.8, "jpeg": 0.45, "webp": 0.3}

@@ -142,7 +142,7 @@ class Planner:
     Errors of the listing (a missing SRC, say) are raised by :meth:`take`."""
 
     equivalent: tuple[str, ...] = ()
-    input_format: str = "files"                         # or webdataset: one shard per tar
+    input_format: str = "files"                         # or webdataset / parquet: one shard per tar / file
     output_format: str = "files"                        # or webdataset / parquet: one object per shard
     _listed: dict[str, dict[str, int]] | None = None   # earlier runs' part sizes, {run id: {part: bytes}}, listed
                                                         # once per run folder (see _changed_parts)
@@ -154,9 +154,11 @@ class Planner:
 
     def __init__(self, src: str, dst: str, extensions, limit: int | None, fmt: str, suffix: str, run_id: str,
                  recipe: str, shard_size: int = SHARD_SIZE, ready: int = 3, equivalent: tuple[str, ...] = (),
-                 input_format: str = "files", output_format: str = "files"):
+                 input_format: str = "files", output_format: str = "files", image_column: str | None = None,
+                 key_column: str | None = None):
         self.src, self.dst, self.extensions, self.limit = src, dst.rstrip("/"), extensions, limit
         self.input_format, self.output_format = input_format, output_format
+        self.image_column, self.key_column = image_column, key_column
         self.exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.ext, self.suffix, self.run_id, self.recipe, self.shard_size = \
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
@@ -218,24 +220,26 @@ class Planner:
             self.source_bytes += max(it.size, 0)
             yield it
 
-    def _tar_shards(self) -> Iterator[tuple[list[Item], str, str]]:
-        """WebDataset SRC: one shard per tar, whatever its size (a tar is resumed or redone as a unit), its members
-        listed from the tar's headers when the shard is built."""
-        for tar in shards.tars(self.src, exclude=self.dst):
+    def _unit_shards(self) -> Iterator[tuple[list[Item], str, str]]:
+        """WebDataset tars or Parquet files: one shard per file, whatever its size (resumed or redone as a unit),
+        its inputs listed from the tar's headers or the Parquet key column when the shard is built."""
+        tar = self.input_format == "webdataset"
+        for unit in (shards.tars if tar else shards.parquet_files)(self.src, exclude=self.dst):
             if self.limit and self.listed >= self.limit:
                 return
-            members = shards.items(tar, self.exts)
+            members = shards.items(unit, self.exts) if tar else \
+                shards.parquet_items(unit, self.image_column, self.key_column)
             if self.limit:
                 members = members[:self.limit - self.listed]
             self.listed += len(members)
             self.source_bytes += sum(max(it.size, 0) for it in members if not it.error)
             if members:
-                yield members, "tar", tar.key
+                yield members, "unit", unit.key
 
     def _run(self) -> None:
         try:
             markers = None
-            shards = self._tar_shards() if self.input_format == "webdataset" else \
+            shards = self._unit_shards() if self.input_format != "files" else \
                 ((items, kind, None) for items, kind in cut(self._items(), self.shard_size, self.exts))
             while True:
                 if not self._wait_for_room():
@@ -333,8 +337,8 @@ class Planner:
         out_uri = None
         if self.whole:                           # one object for the shard: redone whole, so nothing is skipped
             ext = ".tar" if self.output_format == "webdataset" else ".parquet"
-            name = (tar_key[:-4] if tar_key.lower().endswith(".tar") else tar_key) + ext if tar_key else \
-                f"shard-{sid}{ext}"
+            stem = tar_key.rsplit(".", 1)[0] if tar_key and tar_key.lower().endswith((".tar", ".parquet")) else tar_key
+            name = f"{stem}{ext}" if tar_key else f"shard-{sid}{ext}"
             out_uri = storage.join(self.dst, name)
             state = {src: (None, None, attempts) for src, (_, _, attempts) in state.items()}
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
@@ -348,7 +352,9 @@ class Planner:
             else:
                 row = {"source_uri": it.source_uri, "key": it.key, "attempt": attempts + 1,
                        "source_bytes": it.size if it.size >= 0 else None}
-                if it.offset >= 0:
+                if it.group >= 0:
+                    row.update(pq_row_group=it.group, pq_row=it.offset, tar_member=it.key[len(tar_key) + 1:])
+                elif it.offset >= 0:
                     row.update(tar_offset=it.offset, tar_sidecars=it.sidecars,
                                tar_member=it.key[len(tar_key) + 1:])
                 if not _utf8(it.source_uri):
@@ -365,7 +371,13 @@ class Planner:
                     row["output_uri"] = storage.join(self.dst, key)
                 block.append(row)
                 nbytes += row["source_bytes"] or UNKNOWN_SIZE
-            if block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items)):
+            if it.group >= 0:   # a Parquet row group is read whole: one block, unless it is large
+                nxt = items[n].group if n < len(items) else -1
+                cut_here = block and (nxt != it.group or nbytes >= shards.PARQUET_BLOCK_BYTES or
+                                      len(block) >= BLOCK_ROWS)
+            else:
+                cut_here = block and (nbytes >= BLOCK_BYTES or len(block) >= max_rows or n == len(items))
+            if cut_here:
                 blocks.append((seal(input_table(block, sid, self.run_id, self.recipe), "zstd"), len(block)))
                 block, nbytes = [], 0
         return Shard(sid, len(items), blocks, skipped=skipped, prev_parts=prev_parts, prev_ok=skipped,
@@ -373,7 +385,7 @@ class Planner:
 
 
 _BLOCK_FIELDS = ("source_uri", "key", "output_uri", "status", "error", "source_bytes", "attempt", "tar_offset",
-                 "tar_sidecars", "tar_member", "out_member", "seq")
+                 "tar_sidecars", "tar_member", "out_member", "seq", "pq_row_group", "pq_row")
 
 
 def input_table(rows: list[dict], shard: str | None = None, run_id: str | None = None,

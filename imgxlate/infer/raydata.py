@@ -306,7 +306,7 @@ def build(feed, cfg, model_meta: dict, stop=None):
     readers = min(16, max(2, 2 * (cfg.max_actors or cfg.actors)))
     ds = ray.data.read_datasource(plan_source(feed, readers), override_num_blocks=readers,      # ray:
                                   ray_remote_args={"num_cpus": 0, "max_retries": 0})
-    load_kw = {"max_pixels": cfg.max_pixels, "env": env}
+    load_kw = {"max_pixels": cfg.max_pixels, "env": env, "image_column": cfg.image_column}
     save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
                "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env,
                "tmp_dir": storage.temporaries_dir(cfg.dst), "pieces_dir": pieces.pieces_dir(cfg.dst)}

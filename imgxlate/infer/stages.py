@@ -43,6 +43,8 @@ INPUT = pa.schema(list(manifest.SCHEMA) + [
     pa.field("tar_sidecars", pa.string()),
     pa.field("out_member", pa.string()),
     pa.field("seq", pa.int64()),                    # its place in the shard (the object keeps input order)
+    pa.field("pq_row_group", pa.int32()),           # a Parquet row's row group and its row in it
+    pa.field("pq_row", pa.int64()),
 ])
 FLIGHT = pa.schema(list(INPUT) + [
     pa.field("sidecar_tar", pa.large_binary()),     # the sample's other members, as a tar fragment named by extension
@@ -216,7 +218,7 @@ def _each(fn, args: list[tuple], remote: bool) -> list:
     return [_timed(fn, *a) for a in args]
 
 
-def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
+def load(batch: pa.Table, max_pixels: int, env: dict, stop=None, image_column: str | None = None) -> pa.Table:
     """read + decode. Once the run is draining, inputs not yet decoded are passed on as ``not_started`` (no
     manifest row: the next run does them)."""
     _apply(env)
@@ -237,6 +239,10 @@ def load(batch: pa.Table, max_pixels: int, env: dict, stop=None) -> pa.Table:
     for i, (data, side, t_read) in zip(members, read):
         got[i] = (data, t_read)
         rows[i]["sidecar_tar"] = side
+    cells = [i for i in todo if rows[i].get("pq_row_group") is not None]  # Parquet rows: by file and row group
+    got.update(zip(cells, shards.read_rows([(rows[i]["source_uri"][:-len(rows[i]["tar_member"]) - 1],
+                                             rows[i]["pq_row_group"], rows[i]["pq_row"]) for i in cells],
+                                           image_column)))
     files = [i for i in todo if i not in got]
     uris = [rows[i]["source_uri"] for i in files]
     got.update(zip(files, _each(storage.read_bytes, [(u,) for u in uris], not all(storage.is_local(u) for u in uris))))

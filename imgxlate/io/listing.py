@@ -34,6 +34,7 @@ class Item:
     offset: int = -1     # a WebDataset member: where its data starts in its tar (imgxlate.io.shards)
     sidecars: str | None = None   # a WebDataset member: its sample's other members, [[name, offset, size]] JSON
     error: str | None = None      # an input known bad from the listing (a duplicate tar member): its row's error
+    group: int = -1      # a Parquet row: its row group (its row in it is ``offset``)
 
 
 def _split_userinfo(rest: str) -> tuple[str, str]:

@@ -263,3 +263,117 @@ def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | N
             if info.isreg():
                 out[info.name] = (info.size, hashlib.sha256(tf.extractfile(info).read()).hexdigest())
     return out
+
+
+# ------------------------------------------------------------------------------ Parquet with an image-bytes column
+PARQUET_EXTS = (".parquet",)
+PARQUET_BLOCK_BYTES = 64 << 20      # a row group up to this size (and BLOCK_ROWS rows) is one block, read once
+
+
+def parquet_files(src: str, exclude: str | None = None) -> Iterator[Item]:
+    """The Parquet files SRC names, in key order: a brace pattern, one file, or every .parquet under a folder or
+    prefix."""
+    if _BRACE.search(src):
+        root = src[:_BRACE.search(src).start()].rpartition("/")[0]
+        items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in expand_braces(src)]
+        return iter(sorted(items, key=lambda it: it.key))
+    if src.rstrip().lower().endswith(PARQUET_EXTS):
+        return iter([Item(src, posixpath.basename(src.rstrip("/")))])
+    return listing.iter_inputs(src, PARQUET_EXTS, exclude=exclude)
+
+
+def _image_field(schema, column: str, uri: str):
+    import pyarrow as pa
+
+    if column not in schema.names:
+        raise SourceError(f"{redact(uri)} has no column {column!r} (--image-column): its columns are "
+                          f"{', '.join(schema.names[:20])}")
+    t = schema.field(column).type
+    ok = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t) or (
+        pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+    if not ok:
+        raise SourceError(f"{redact(uri)}: column {column!r} is {t}, not image bytes (binary, or a struct with a "
+                          f"'bytes' field as Hugging Face datasets writes images)")
+
+
+def parquet_items(file: Item, image_column: str, key_column: str | None) -> list[Item]:
+    """The inputs of one Parquet file: an Item per row (``group`` its row group, ``offset`` its row in it, ``size``
+    the row group's average bytes per image), keyed ``<file>/<key column>`` (or ``<file>/<row number>``), read
+    from the key column only. A null or repeated key is a row with ``error`` set; a file that cannot be read
+    is one such row. A missing or non-bytes image column stops the run (SourceError)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(file.source_uri)
+    out, seen, row0 = [], set(), 0
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            _image_field(pf.schema_arrow, image_column, file.source_uri)
+            if key_column and key_column not in pf.schema_arrow.names:
+                raise SourceError(f"{redact(file.source_uri)} has no column {key_column!r} (--key-column)")
+            col = pf.schema_arrow.names.index(image_column)
+            for g in range(pf.num_row_groups):
+                meta = pf.metadata.row_group(g)
+                n = meta.num_rows
+                avg = meta.column(col).total_uncompressed_size // max(1, n) if col < meta.num_columns else -1
+                names = pf.read_row_group(g, columns=[key_column]).column(0).to_pylist() if key_column else \
+                    [f"{row0 + j:09d}" for j in range(n)]
+                for j, name in enumerate(names):
+                    uri, key = f"{file.source_uri}#{name}", f"{file.key}/{name}"
+                    error = "the key column is null in this row" if name is None else \
+                        f"the key {name!r} is in more than one row; only the first is processed" if name in seen \
+                        else None
+                    if error:
+                        uri, key = f"{file.source_uri}#row-{row0 + j}", f"{file.key}/row-{row0 + j}"
+                    seen.add(name)
+                    out.append(Item(uri, key, avg, offset=j, group=g, error=error))
+                row0 += n
+    except SourceError:
+        raise
+    except Exception as e:
+        return [Item(file.source_uri + "#", file.key + "/", file.size,
+                     error=f"the Parquet file cannot be read: {type(e).__name__}: {e}")]
+    return out
+
+
+def read_cells(file_uri: str, column: str, cells: list[tuple[int, int]]) -> list[bytes | None | Exception]:
+    """The image bytes of each (row group, row) of one Parquet file: each row group's image column read once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(file_uri)
+    out: list = [None] * len(cells)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for g in sorted({g for g, _ in cells}):
+            try:
+                values = pf.read_row_group(g, columns=[column]).column(0).combine_chunks()
+                if pa.types.is_struct(values.type):         # a Hugging Face Image: {bytes, path}
+                    values = values.field("bytes")
+                for i, (gi, r) in enumerate(cells):
+                    if gi == g:
+                        out[i] = values[r].as_py()
+            except Exception as e:
+                for i, (gi, _) in enumerate(cells):
+                    if gi == g:
+                        out[i] = e
+    return out
+
+
+def read_rows(specs: list[tuple[str, int, int]], column: str) -> list[tuple[bytes | Exception, float]]:
+    """For each (Parquet file uri, row group, row) of a block: (its image bytes, or why not: a null cell is an
+    error; seconds), each file's row groups read once."""
+    by_file: dict[str, list[int]] = {}
+    for i, (uri, _, _) in enumerate(specs):
+        by_file.setdefault(uri, []).append(i)
+    out: list = [None] * len(specs)
+    for uri, idx in by_file.items():
+        t0 = time.perf_counter()
+        try:
+            values = read_cells(uri, column, [specs[i][1:] for i in idx])
+        except Exception as e:
+            values = [e] * len(idx)
+        share = (time.perf_counter() - t0) / len(idx)
+        for i, v in zip(idx, values):
+            out[i] = (v if v is not None else ValueError(f"the {column!r} cell of this row is null"), share)
+    return out

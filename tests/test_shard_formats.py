@@ -1,4 +1,4 @@
-"""WebDataset tars in, and webdataset / parquet shards out: tars written by the `webdataset` package's own writer
+"""WebDataset tars and Parquet image-bytes columns in, and webdataset / parquet shards out: tars written by the `webdataset` package's own writer
 (as img2dataset writes them) are read member by member with their samples' other members; what imgxlate writes
 reads back with `webdataset.WebDataset`, Ray's `read_webdataset`, pyarrow and Ray's `read_parquet`, sample for
 sample; bad tars and members are rows; a killed run's rerun redoes only the unfinished tars, whole; and the same
@@ -212,6 +212,63 @@ def manifest_runs(dst: str) -> list[str]:
     from imgxlate.io import manifest
 
     return manifest.runs(dst)
+
+
+def test_parquet_bytes_in_by_row_groups_every_bad_row_a_row(tmp_path, ray_local):
+    import pyarrow as pa
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rows = [{"id": f"img{i:03d}", "image": png(photo(20, 28, seed=i)), "caption": f"c{i}"} for i in range(12)]
+    rows[3]["image"] = None                                         # a null cell
+    rows[5]["image"] = b"garbage"                                   # not an image
+    rows[9]["id"] = "img002"                                        # a key seen before
+    pq.write_table(pa.Table.from_pylist(rows), src / "a.parquet", row_group_size=5)
+    hf = [{"image": {"bytes": png(photo(16, 16, seed=50 + i)), "path": f"p{i}.png"}} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(hf), src / "hf.parquet")  # Hugging Face datasets' Image struct
+    assert translate(src, dst, "--input-format", "parquet", "--image-column", "image", "--key-column", "id",
+                     "--scale", "2", "--output-format", "parquet") == 2             # hf.parquet has no 'id'
+    assert translate(src / "a.parquet", dst, "--image-column", "image", "--key-column", "id", "--scale", "2",
+                     "--output-format", "parquet") == 0
+    got = {r["key"]: r for r in rows_of(dst)}
+    assert got["a.parquet/img003"]["status"] == "read_error" and "null" in got["a.parquet/img003"]["error"]
+    assert got["a.parquet/img005"]["status"] == "decode_error"
+    assert got["a.parquet/row-9"]["status"] == "read_error" and "more than one row" in got["a.parquet/row-9"]["error"]
+    assert sum(r["status"] == "ok" for r in got.values()) == 9 and len(got) == 12
+    table = pq.read_table(dst / "a.parquet").to_pylist()
+    assert len(table) == 12
+    for row in table:
+        if row["status"] == "ok":
+            i = int(row["key"].rsplit("img", 1)[1])
+            assert Image.open(io.BytesIO(row["output"])).size == (56, 40)
+            assert row["output_sha256"] == hashlib.sha256(row["output"]).hexdigest() and i not in (3, 5, 9)
+        else:
+            assert row["output"] is None
+    hf_dst = tmp_path / "hf"
+    assert translate(src / "hf.parquet", hf_dst, "--image-column", "image", "--scale", "2") == 0
+    assert sorted(p.name for p in (hf_dst / "hf.parquet").iterdir()) == [f"00000000{i}.png" for i in range(3)]
+    assert translate(src / "hf.parquet", hf_dst, "--image-column", "image", "--scale", "2") == 0
+    assert summary_of(hf_dst, manifest_runs(str(hf_dst))[-1])["counts"] == {"skipped_done": 3}
+
+
+def test_s3_parquet_in_parquet_out(s3_server, bucket, ray_local):
+    import pyarrow as pa
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"image": png(photo(20, 20, seed=i))} for i in range(7)]), buf,
+                   row_group_size=3)
+    s3.put_object(Bucket=bucket, Key="in/part-0.parquet", Body=buf.getvalue())
+    dst = f"s3://{bucket}/out"
+    assert translate(f"s3://{bucket}/in", dst, "--input-format", "parquet", "--image-column", "image",
+                     "--scale", "2", "--output-format", "parquet") == 0
+    body = s3.get_object(Bucket=bucket, Key="out/part-0.parquet")["Body"].read()
+    table = pq.read_table(io.BytesIO(body)).to_pylist()
+    assert [r["key"] for r in table] == [f"part-0.parquet/{i:09d}" for i in range(7)]
+    assert all(r["status"] == "ok" and Image.open(io.BytesIO(r["output"])).size == (40, 40) for r in table)
+    from imgxlate.cli import main
+
+    assert main(["verify", dst, "--checksums"]) == 0
 
 
 pytestmark = pytest.mark.slow
