@@ -51,6 +51,43 @@ def test_brace_patterns_and_fragments():
     assert list(shards.members_of(data)) == [("a.png", b"x" * 700), (long, b"y"), ("b.json", b"{}")]
 
 
+def test_tar_index_finds_every_way_a_tar_is_cut_short_and_gives_sidecars_once(tmp_path):
+    from imgxlate.io import listing
+
+    path = tmp_path / "a.tar"
+    _write_tar(path, [{"__key__": "x", "left.png": b"L", "right.png": b"R", "json": b"{}"},
+                      {"__key__": "y", "png": b"Y"}, {"__key__": "x", "png": b"X2", "txt": b"later"}])
+    whole = path.read_bytes()
+    members, problem = shards.read_index(str(path))
+    assert problem is None and [m.name for m in members] == ["x.json", "x.left.png", "x.right.png", "y.png",
+                                                             "x.png", "x.txt"]
+    tar = listing.Item(str(path), "a.tar", len(whole))
+    items = {it.key: it for it in shards.items(tar, listing.IMAGE_EXTS)}
+    assert json.loads(items["a.tar/x.left.png"].sidecars) == [["x.json", members[0].offset, 2]]
+    assert items["a.tar/x.right.png"].sidecars is None                # a sample's other members go once
+    assert json.loads(items["a.tar/x.png"].sidecars)[0][0] == "x.txt"  # consecutive members make a sample
+    for cut in (members[3].offset - 512, members[3].offset + 1, members[-1].offset + 512):  # at a header, in data,
+        path.write_bytes(whole[:cut])                                               # at a member's end
+        got, problem = shards.read_index(str(path))
+        assert problem and len(got) <= len(members), cut
+    damaged = bytearray(whole)
+    damaged[members[3].offset - 512:members[3].offset - 400] = b"\xff" * 112          # a header made garbage
+    path.write_bytes(bytes(damaged))
+    assert shards.read_index(str(path))[1]
+
+
+def test_shard_inputs_refuse_a_dst_that_holds_them_and_http_members_keep_their_names(tmp_path):
+    from imgxlate.infer.config import JobError, TranslateConfig, check
+    from imgxlate.io.listing import redact
+
+    for src in (f"{tmp_path}/s/{{0..3}}.tar", f"{tmp_path}/s/a.tar", f"{tmp_path}/s/a.parquet"):
+        extra = {"image_column": "image"} if src.endswith("parquet") else {}
+        with pytest.raises(JobError, match="holds SRC"):
+            check(TranslateConfig(src=src, dst=f"{tmp_path}/s", model="bicubic", scale=2, **extra))
+        check(TranslateConfig(src=src, dst=f"{tmp_path}/out", model="bicubic", scale=2, **extra))
+    assert redact("https://h/a.tar?X-Amz-Signature=s3cr3t#000001.jpg") == "https://h/a.tar#000001.jpg"
+
+
 def test_tars_in_files_out_every_member_and_every_bad_tar_is_a_row(tmp_path, ray_local):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

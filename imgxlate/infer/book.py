@@ -44,6 +44,7 @@ class ShardBook:
         complete: bool = False          # every input has its row (its marker says so once written)
         dirty: bool = False             # its marker is behind (rows or a part it does not list yet)
         unmarked: int = 0               # rows in parts its last written marker does not name (a rerun misses them)
+        object: dict | None = None      # its one object once written (--output-format webdataset / parquet)
 
     def __init__(self, dst: str, run_id: str, recipe: str, every_rows: int, every_s: float = 10.0):
         self.dst, self.run_id, self.recipe, self.every_rows, self.every_s = dst, run_id, recipe, every_rows, every_s
@@ -120,15 +121,18 @@ class ShardBook:
         counts["ok"] += o.shard.prev_ok
         manifest.write_shard_marker(self.dst, manifest.ShardMarker(
             shard=sid, n=o.shard.n, complete=o.complete, recipe=self.recipe, run_id=self.run_id,
-            counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts)))
+            counts={k: v for k, v in sorted(counts.items()) if v}, parts=list(o.parts), object=o.object))
         o.dirty, o.unmarked = False, 0
 
     def _whole(self, sid: str, o: Open, rows: pa.Table) -> pa.Table:
         """The shard's one object (--output-format webdataset / parquet) made from its pieces, before its rows are
         recorded: if that fails for any reason but DST failing (which stops the run), its ok rows become
         write_error rows, and the shard is redone by the next run."""
+        if o.object is not None:                # written before DST refused the rows (see last_try)
+            return rows
         try:
-            pieces.assemble(self.dst, self.run_id, sid, o.shard.out_uri, rows)
+            size = pieces.assemble(self.dst, self.run_id, sid, o.shard.out_uri, rows)
+            o.object = {"name": o.shard.out_uri[len(self.dst) + 1:], "bytes": size}
             return rows
         except Exception as e:
             if storage.dst_failure(e) is not None:
@@ -149,6 +153,19 @@ class ShardBook:
             if self.open[sid].dirty:
                 self.flush(sid)
         self.last_flush = time.time()
+
+    def drop_unfinished_objects(self) -> int:
+        """After a stopped run: the rows of shards whose one object was never written are not recorded, and the
+        next run redoes those shards whole. Their rows leave the counts (the summary counts them not_started);
+        returns how many."""
+        n = 0
+        for sid, o in list(self.open.items()):
+            if o.shard.out_uri and o.object is None:
+                self.counts.subtract(o.counts)
+                n += o.got
+                del self.open[sid]
+        self.counts = Counter({k: v for k, v in self.counts.items() if v > 0})
+        return n
 
     def unrecorded(self) -> int:
         """Rows a rerun would not find: not yet in a manifest part, or in a part no written marker names yet."""

@@ -277,6 +277,11 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError(f"SRC and DST are the same folder or prefix ({redact(cfg.dst)}): the outputs would "
                        f"overwrite the inputs; write elsewhere (a folder inside SRC is fine: it is left out of "
                        f"the listing)")
+    kind = input_format(cfg)
+    if kind != "files" and not shards.is_folder_source(cfg.src) and _same_place(shards.folder_of(cfg.src), cfg.dst):
+        raise JobError(f"DST {redact(cfg.dst)} is the folder that holds SRC's {kind} files: the outputs "
+                       f"({'<name>.tar / .parquet' if cfg.output_format != 'files' else '<name>.tar/<member>'}) "
+                       f"would take the inputs' names; write elsewhere")
 
 
 def check_pixel_options(cfg: TranslateConfig) -> None:

@@ -296,12 +296,15 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
     when DST failed. After DST failed, the reserve is freed first and the rows DST refused are tried once more."""
     signum = run.drain.signum                   # read once: the Feeder may still see a lost lease
     why, unrecorded = run.drain.reason or run.book.failure, 0
+    if run.cfg.output_format != "files":       # pieces of shards left unfinished: those shards are redone whole
+        if dropped := run.book.drop_unfinished_objects():
+            log(f"{dropped} outputs of shards whose object was not written yet are left: the next run redoes "
+                f"those shards whole")
+        with contextlib.suppress(Exception):
+            pieces.remove(run.cfg.dst, run.run_id)
     if why is not None:
         run.book.free_reserve()                 # the pipeline has ended: this room is for the manifest
         unrecorded = run.book.last_try()
-    if run.cfg.output_format != "files":       # pieces of shards left unfinished: those shards are redone whole
-        with contextlib.suppress(Exception):
-            pieces.remove(run.cfg.dst, run.run_id)
     summary = _summary(run, resources, signum, why, unrecorded)
     try:
         try:

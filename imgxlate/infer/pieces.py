@@ -61,12 +61,12 @@ def _members(dst: str, run_id: str, shard: str, wanted: set[str]) -> Iterator[tu
     for uri in _pieces(dst, run_id, shard):
         current, group = None, []
         for name, data in shards.members_of(storage.read_bytes(uri)):
-            if name in wanted:
+            if name in wanted or current is None or shards.sample_key(name)[0] != shards.sample_key(current)[0]:
                 if current is not None and current not in taken:
                     taken.add(current)
                     yield current, group
-                current, group = name, [(name, data)]
-            elif current is not None:
+                current, group = (name, [(name, data)]) if name in wanted else (None, [])
+            else:                                # the sample's other members, written after its output
                 group.append((name, data))
         if current is not None and current not in taken:
             taken.add(current)

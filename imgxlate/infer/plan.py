@@ -267,7 +267,7 @@ class Planner:
             self.listing_s = time.time() - self.t0
             self.queue.put(e if isinstance(e, PlanError) else PlanError("plan", e))
 
-    def _previous(self, sid: str) -> tuple[dict, list[str]]:
+    def _previous(self, sid: str, known_bad: int = 0) -> tuple[dict, list[str]]:
         """A shard's earlier rows, {source: (status, recipe, attempts)} with the latest row of each source (None
         when the marker says the shard is complete and all done with this recipe, and its parts are there with the
         sizes it records), and its parts (names relative to DST/_manifest). A part that is gone or cannot be read
@@ -281,8 +281,9 @@ class Planner:
                     f"marker replaces it)")
                 return {}, []
             parts = marker.parts
-            changed = self._changed_parts(marker) if marker.all_done(self.recipes) else []
-            if marker.all_done(self.recipes) and not changed:
+            done = marker.all_done(self.recipes) or self.whole and self._final(marker, known_bad)
+            changed = self._changed_parts(marker) if done else []
+            if done and not changed and self._object_there(marker):
                 return None, parts               # complete, every input done with this recipe: nothing to read
             if changed:
                 log(f"warning: shard {sid}: {len(changed)} manifest part(s) its marker names are gone or not the "
@@ -301,6 +302,37 @@ class Planner:
         manifest.remember_part_sizes(self.dst, {p: marker.sizes[p] for p in kept
                                                 if p in marker.sizes and p not in changed})
         return state, kept
+
+    FINAL = ("decode_error", "too_large")   # failures a rerun would repeat: they do not make a shard's one
+                                            # object be written again
+
+    def _final(self, marker: manifest.ShardMarker, known_bad: int) -> bool:
+        """A complete shard with one object (--output-format webdataset / parquet) made with this recipe, whose only
+        failures are inputs a rerun would fail again: undecodable or too large, or the ``known_bad`` read_error
+        rows the listing gives (a duplicate tar member, a tar cut short). Redoing the shard whole for them would
+        never end; any other failure (a read that may succeed now, a model error) has it redone whole."""
+        if not (marker.complete and marker.recipe in self.recipes):
+            return False
+        other = {k: v for k, v in marker.counts.items() if k not in manifest.DONE and k not in self.FINAL}
+        return set(other) <= {"read_error"} and other.get("read_error", 0) <= known_bad
+
+    def _object_there(self, marker: manifest.ShardMarker) -> bool:
+        """Whether a shard's one object is there with the size its marker records (one HEAD): another run with
+        other options may have written another object under the same name. True when the marker records none."""
+        if not marker.object:
+            return True
+        uri = storage.join(self.dst, marker.object["name"])
+        try:
+            fs, path = storage.filesystem(uri)
+            size = storage.retry(fs.info, path).get("size")
+        except FileNotFoundError:
+            size = None
+        recorded = marker.object.get("bytes")
+        if size != recorded:
+            found = "gone" if size is None else f"{size} bytes, not the {recorded} its marker records"
+            log(f"warning: shard {marker.shard}: its object {redact(uri)} is {found}: the shard is done again")
+            return False
+        return True
 
     def _changed_parts(self, marker: manifest.ShardMarker) -> list[str]:
         """The parts of ``marker`` that are gone or whose size is not the one it records (parts it records no size
@@ -331,7 +363,8 @@ class Planner:
                                      min_level=[3] * len(named) if kind == "hashed" else None))
         outs = [None if it.error else next(outs) for it in items]
         sid = shard_id(items, outs)
-        state, prev_parts = ({}, []) if sid not in markers else self._previous(sid)
+        known_bad = sum(1 for it in items if it.error)
+        state, prev_parts = ({}, []) if sid not in markers else self._previous(sid, known_bad)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
         out_uri = None

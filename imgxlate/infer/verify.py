@@ -147,7 +147,7 @@ def check_members(obj: str, rows: list[dict], checksums: bool) -> list[tuple[dic
         return [(r, ("unreadable_output", redact(f"{obj}: {type(e).__name__}: {e}"))) for r in rows]
     out = []
     for r in rows:
-        member = shards.in_container(r["output_uri"])[1]
+        member = r["output_uri"][len(obj) + 1:]
         size, digest = index.get(member, (None, None))
         if size is None:
             out.append((r, ("missing", f"{member!r} is not in {redact(obj)}")))
@@ -200,12 +200,12 @@ def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor
     for r in latest.values():
         if r["status"] not in manifest.DONE:
             check.add(f"not_ok:{r['status']}", (r.get("error") or "")[:500], r)
-    inside = {}                                 # rows whose output is a member of the shard's one object
-    for r in done:
-        if (m := shards.in_container(r.get("output_uri"))) is not None:
-            inside.setdefault(m[0], []).append(r)
-    done = [r for r in done if shards.in_container(r.get("output_uri")) is None]
-    found_inside = [(r, f) for obj, rows in inside.items() for r, f in check_members(obj, rows, checksums)]
+    found_inside = []                           # rows whose output is a member of the shard's one object
+    if marker.object:
+        obj = storage.join(dst, marker.object["name"])
+        inside = [r for r in done if (r.get("output_uri") or "").startswith(obj + "#")]
+        done = [r for r in done if not (r.get("output_uri") or "").startswith(obj + "#")]
+        found_inside = check_members(obj, inside, checksums) if inside else []
     for row, found in [*found_inside, *zip(done, pool.map(lambda r: check_output(r, checksums), done))]:
         if found is None:
             check.ok += 1

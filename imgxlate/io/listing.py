@@ -68,14 +68,16 @@ def is_http(uri: str) -> bool:
 
 
 def redact(uri: str) -> str:
-    """A URI safe to log and to record: no user info (any scheme), and for http(s) no query string or
-    fragment (signed URLs carry credentials there). Elsewhere '?' is part of the key (s3://b/q?x=1.png)."""
+    """A URI safe to log and to record: no user info (any scheme), and for http(s) no query string (signed URLs
+    carry credentials there; a '#fragment', never sent to a server, is kept: it names a WebDataset member).
+    Elsewhere '?' is part of the key (s3://b/q?x=1.png)."""
     parts = _parts(uri)
     if parts is None:                          # a local path
         return uri
     scheme, _, rest = parts
     if is_http(uri):
-        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+        rest, sep, fragment = rest.partition("#")
+        rest = rest.split("?", 1)[0] + sep + fragment
     return f"{scheme}://{rest}"
 
 

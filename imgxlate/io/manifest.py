@@ -123,6 +123,8 @@ class ShardMarker:
     parts: list[str]             # the parts holding its rows, relative to DST/_manifest (DST can move)
     sizes: dict[str, int] = field(default_factory=dict)   # bytes of each part, where known (write_shard_marker
                                                           # fills it; markers written before sizes have none)
+    object: dict | None = None   # --output-format webdataset / parquet: the shard's one object, {"name": relative
+                                 # to DST, "bytes": its size}, checked before a rerun skips the shard
 
     def all_done(self, recipe: str | frozenset[str]) -> bool:
         """Complete, made with ``recipe`` (or one of a set of equivalent recipes), and every input done: nothing of
@@ -138,7 +140,8 @@ class ShardMarker:
                      recipe=str(d.get("recipe", "")), run_id=str(d.get("run_id", "")),
                      counts={str(k): int(v) for k, v in d.get("counts", {}).items()},
                      parts=[str(p) for p in d.get("parts", [])],
-                     sizes={str(k): int(v) for k, v in (d.get("sizes") or {}).items()})
+                     sizes={str(k): int(v) for k, v in (d.get("sizes") or {}).items()},
+                     object=d.get("object") if isinstance(d.get("object"), dict) else None)
         if not isinstance(d["shard"], str) or not isinstance(d.get("parts", []), list):
             raise TypeError("'shard' must be a string and 'parts' a list")
         return marker

@@ -57,6 +57,17 @@ def expand_braces(pattern: str) -> list[str]:
     return [u for c in choices for u in expand_braces(head + c + tail)]
 
 
+def is_folder_source(src: str) -> bool:
+    """Whether SRC names a folder or prefix of shard files (not one file, not a brace pattern)."""
+    return not _BRACE.search(src) and not src.rstrip().lower().endswith(TAR_EXTS + (".parquet",))
+
+
+def folder_of(src: str) -> str:
+    """The folder holding the shard files a brace pattern or a single file names."""
+    head = src[:m.start()] if (m := _BRACE.search(src)) else src.rstrip()
+    return head.rpartition("/")[0] or "."
+
+
 def is_webdataset(src: str) -> bool:
     """Whether SRC names WebDataset tars by itself: a .tar, or a brace pattern of them."""
     return src.rstrip().lower().endswith(TAR_EXTS) or (bool(_BRACE.search(src)) and ".tar" in src.lower())
@@ -110,6 +121,11 @@ def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
                         problem = f"the tar is truncated: it ends inside member {info.name!r}"
                         break
                     members.append(Member(info.name, info.offset_data, info.size))
+                if problem is None:             # tarfile takes a bad header, or a file cut at a member's end,
+                    f.seek(tf.offset)           # for the end of the archive: a whole tar ends in zero blocks
+                    if f.read(tarfile.BLOCKSIZE) != b"\0" * tarfile.BLOCKSIZE:
+                        problem = (f"the tar has no end-of-archive marker at byte {tf.offset} (cut short, or a "
+                                   f"damaged header after {len(members)} members)")
         except tarfile.ReadError as e:
             if not members:
                 raise SourceError(f"{redact(uri)} is not a tar file, or is damaged: {e}") from e
@@ -132,27 +148,37 @@ def items(tar: Item, exts: tuple[str, ...]) -> list[Item]:
     except Exception as e:
         return [Item(tar.source_uri + "#", tar.key + "/", tar.size,
                      error=f"the tar cannot be read: {type(e).__name__}: {e}")]
-    by_sample: dict[str, list[Member]] = {}
-    for m in members:
-        by_sample.setdefault(sample_key(m.name)[0], []).append(m)
     out, seen = [], {}
-    for m in members:
-        if not listing.has_ext(m.name, exts):
-            continue
-        n = seen[m.name] = seen.get(m.name, 0) + 1
-        uri, key = f"{tar.source_uri}#{m.name}", f"{tar.key}/{m.name}"
-        if n > 1:
-            out.append(Item(f"{uri}#{n}", f"{key}#{n}", m.size,
-                            error=f"duplicate member name: the tar holds {m.name!r} more than once (this is "
-                                  f"copy {n}); only the first is processed"))
-            continue
-        side = [[s.name, s.offset, s.size] for s in by_sample[sample_key(m.name)[0]]
-                if s.name != m.name and not listing.has_ext(s.name, exts)]
-        out.append(Item(uri, key, m.size, offset=m.offset, sidecars=json.dumps(side) if side else None))
+    for sample in _samples(members):
+        side = [[s.name, s.offset, s.size] for s in sample if not listing.has_ext(s.name, exts)]
+        for m in sample:
+            if not listing.has_ext(m.name, exts):
+                continue
+            n = seen[m.name] = seen.get(m.name, 0) + 1
+            uri, key = f"{tar.source_uri}#{m.name}", f"{tar.key}/{m.name}"
+            if n > 1:
+                out.append(Item(f"{uri}#{n}", f"{key}#{n}", m.size,
+                                error=f"duplicate member name: the tar holds {m.name!r} more than once (this is "
+                                      f"copy {n}); only the first is processed"))
+                continue
+            out.append(Item(uri, key, m.size, offset=m.offset, sidecars=json.dumps(side) if side else None))
+            side = []                   # a sample's other members go with its first image only (once)
     if problem:
         out.append(Item(tar.source_uri + "#", tar.key + "/", tar.size,
                         error=f"{problem}: {len(out)} image members before it were listed"))
     return out
+
+
+def _samples(members: list[Member]) -> Iterator[list[Member]]:
+    """Members grouped into samples as WebDataset groups them: consecutive members with the same sample key."""
+    group: list[Member] = []
+    for m in members:
+        if group and sample_key(m.name)[0] != sample_key(group[0].name)[0]:
+            yield group
+            group = []
+        group.append(m)
+    if group:
+        yield group
 
 
 def read_span(tar_uri: str, spans: list[tuple[int, int]]) -> list[bytes]:
@@ -226,16 +252,6 @@ def members_of(fragment_bytes: bytes) -> Iterator[tuple[str, bytes]]:
                 yield info.name, tf.extractfile(info).read()
 
 
-_CONTAINER = re.compile(r"^(.*?\.(?:tar|parquet))#(.+)$", re.S)
-
-
-def in_container(output_uri: str) -> tuple[str, str] | None:
-    """(object, member) of an output written into a shard's one object (``<shard>.tar#<member>`` or
-    ``<shard>.parquet#<member>``), or None for an output of its own."""
-    m = _CONTAINER.match(output_uri or "")
-    return (m.group(1), m.group(2)) if m else None
-
-
 def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | None]]:
     """{member: (bytes, sha256 or None)} of a shard's object: a tar's members from its headers (read whole only
     for ``checksums``), or a Parquet file's ``output`` column by its ``output_uri``. Raises FileNotFoundError when
@@ -252,8 +268,8 @@ def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | N
             for i in range(pf.num_row_groups):
                 t = pf.read_row_group(i, columns=["output_uri", "output"])
                 for u, data in zip(t.column("output_uri").to_pylist(), t.column("output").to_pylist()):
-                    if data is not None and (m := in_container(u)):
-                        out[m[1]] = (len(data), hashlib.sha256(data).hexdigest() if checksums else None)
+                    if data is not None and u and u.startswith(uri + "#"):
+                        out[u[len(uri) + 1:]] = (len(data), hashlib.sha256(data).hexdigest() if checksums else None)
         return out
     if not checksums:
         members, _ = read_index(uri)
@@ -311,11 +327,12 @@ def parquet_items(file: Item, image_column: str, key_column: str | None) -> list
             _image_field(pf.schema_arrow, image_column, file.source_uri)
             if key_column and key_column not in pf.schema_arrow.names:
                 raise SourceError(f"{redact(file.source_uri)} has no column {key_column!r} (--key-column)")
-            col = pf.schema_arrow.names.index(image_column)
+            leaves = [c for c in range(pf.metadata.num_columns)      # the image column's leaf columns (a struct's
+                      if pf.metadata.schema.column(c).path.split(".")[0] == image_column]  # bytes and path)
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
                 n = meta.num_rows
-                avg = meta.column(col).total_uncompressed_size // max(1, n) if col < meta.num_columns else -1
+                avg = sum(meta.column(c).total_uncompressed_size for c in leaves) // max(1, n)
                 names = pf.read_row_group(g, columns=[key_column]).column(0).to_pylist() if key_column else \
                     [f"{row0 + j:09d}" for j in range(n)]
                 for j, name in enumerate(names):
@@ -346,13 +363,19 @@ def read_cells(file_uri: str, column: str, cells: list[tuple[int, int]]) -> list
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         for g in sorted({g for g, _ in cells}):
-            try:
-                values = pf.read_row_group(g, columns=[column]).column(0).combine_chunks()
-                if pa.types.is_struct(values.type):         # a Hugging Face Image: {bytes, path}
-                    values = values.field("bytes")
-                for i, (gi, r) in enumerate(cells):
-                    if gi == g:
-                        out[i] = values[r].as_py()
+            want = {r: i for i, (gi, r) in enumerate(cells) if gi == g}
+            try:                                # batch by batch, up to the last row wanted (memory: one batch)
+                row0 = 0
+                for batch in pf.iter_batches(batch_size=64, row_groups=[g], columns=[column]):
+                    values = batch.column(0)
+                    if pa.types.is_struct(values.type):     # a Hugging Face Image: {bytes, path}
+                        values = values.field("bytes")
+                    for r in range(row0, row0 + batch.num_rows):
+                        if r in want:
+                            out[want[r]] = values[r - row0].as_py()
+                    row0 += batch.num_rows
+                    if row0 > max(want):
+                        break
             except Exception as e:
                 for i, (gi, _) in enumerate(cells):
                     if gi == g:

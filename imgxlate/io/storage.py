@@ -135,8 +135,10 @@ def retry(fn, *args, attempts: int = 6, base_delay: float = 0.2, max_delay: floa
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """An object's bytes. On an object store one GET (``start=0``: without it s3fs sends a HEAD first, to split a
+    large object into concurrent ranges, doubling the requests per input; jobs/bench_requests.py counts them)."""
     fs, path = filesystem(uri, endpoint_url)
-    return retry(fs.cat_file, path)
+    return retry(fs.cat_file, path) if is_local(uri) else retry(fs.cat_file, path, start=0)
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
