@@ -113,10 +113,11 @@ def _pngs(n: int):
 
 
 def upload(s3, bucket: str, layout: str, n: int, per_shard: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     import webdataset as wds
-    from concurrent.futures import ThreadPoolExecutor
 
     images = list(_pngs(n))
     if layout == "files":
@@ -150,10 +151,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)     # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

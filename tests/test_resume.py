@@ -17,7 +17,7 @@ from PIL import Image
 from imgxlate.cli import main
 
 from conftest import photo
-from fixtures import png, rows_of, summary_of, translate, wait_for, write_tree
+from fixtures import alive, descendants, png, rows_of, summary_of, translate, wait_for, write_tree
 
 
 def test_resume_compares_the_recipe(tmp_path, ray_local):
@@ -33,36 +33,6 @@ def test_resume_compares_the_recipe(tmp_path, ray_local):
     assert rows_of(dst, "x3-again") == [] and summary_of(dst, "x3-again")["counts"] == {"skipped_done": 2}
     assert translate(src, dst, "--scale", "3", "--tile", "64", "--run-id", "x3-tiled") == 0
     assert [r["status"] for r in rows_of(dst, "x3-tiled")] == ["ok", "ok"]
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(p))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pids) -> set[int]:
-    alive = set()
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    alive.add(p)
-        except OSError:
-            pass
-    return alive
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -81,7 +51,7 @@ def test_sigterm_and_sigint_drain_record_every_output_and_leave_no_ray_process(s
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.poll() is None, "the job finished before it could be signalled"
-    tree = _descendants(proc.pid)
+    tree = descendants(proc.pid)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)           # Ctrl-C reaches the whole foreground process group
     else:
@@ -100,7 +70,7 @@ def test_sigterm_and_sigint_drain_record_every_output_and_leave_no_ray_process(s
     assert ok == written() and 3 <= len(ok) < 60                 # every written output has its row
     assert summary["not_started"] == 60 - len(rows)
     assert not list(dst.rglob("*imgxlate-tmp*"))
-    wait_for(lambda: not _alive(tree), "the interrupted run's Ray processes to exit", 60, every_s=0.5)
+    wait_for(lambda: not alive(tree), "the interrupted run's Ray processes to exit", 60, every_s=0.5)
     assert translate(src, dst, "--scale", "4") == 0                # the rerun finishes the rest
     assert written() == [f"img{i:03d}.png" for i in range(60)]
     last = rows_of(dst)                                              # only what was left to do

@@ -1,8 +1,8 @@
-"""WebDataset tars and Parquet image-bytes columns in, and webdataset / parquet shards out: tars written by the `webdataset` package's own writer
-(as img2dataset writes them) are read member by member with their samples' other members; what imgxlate writes
-reads back with `webdataset.WebDataset`, Ray's `read_webdataset`, pyarrow and Ray's `read_parquet`, sample for
-sample; bad tars and members are rows; a killed run's rerun redoes only the unfinished tars, whole; and the same
-over the S3 test server with a brace pattern."""
+"""WebDataset tars and Parquet image-bytes columns in, and webdataset / parquet shards out: tars written by the
+`webdataset` package's own writer (as img2dataset writes them) are read member by member with their samples'
+other members; what imgxlate writes reads back with `webdataset.WebDataset`, Ray's `read_webdataset`, pyarrow
+and Ray's `read_parquet`, sample for sample; bad tars, members and rows are rows; a killed run's rerun redoes
+only the unfinished shards, whole; and the same over the S3 test server with a brace pattern."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from PIL import Image
 from imgxlate.io import shards
 
 from conftest import photo
-from fixtures import png, rows_of, summary_of, translate, wait_for
+from fixtures import alive, descendants, png, rows_of, summary_of, translate, wait_for
 
 
 def _write_tar(path, samples: list[dict]) -> None:
@@ -178,40 +178,52 @@ def test_webdataset_and_parquet_out_read_back_with_their_own_readers(tmp_path, r
     assert not list((out["webdataset"] / "_manifest").rglob("*.tar"))      # no pieces left behind
 
 
-def test_a_killed_runs_rerun_redoes_only_its_unfinished_tars_whole(tmp_path, ray_local):
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_a_killed_runs_rerun_redoes_only_its_unfinished_shards_whole(kind, tmp_path, ray_local):
+    import pyarrow as pa
+
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    n_tars, per_tar = 8, 6
-    for t in range(n_tars):
-        _write_tar(src / f"{t:05d}.tar", _samples(t, per_tar, size=160))
-    cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--input-format", "webdataset",
-           "--output-format", "webdataset", "--model", "bicubic", "--scale", "4", "--batch-size", "1",
-           "--actors", "1"]
+    n_units, per_unit, ext = 8, 6, {"webdataset": "tar", "parquet": "parquet"}[kind]
+    for t in range(n_units):
+        if kind == "webdataset":
+            _write_tar(src / f"{t:05d}.tar", _samples(t, per_unit, size=160))
+        else:
+            pq.write_table(pa.Table.from_pylist([{"image": s["png"]} for s in _samples(t, per_unit, size=160)]),
+                           src / f"{t:05d}.parquet", row_group_size=3)
+    options = ["--input-format", kind, "--output-format", kind, "--scale", "4"] + \
+        (["--image-column", "image"] if kind == "parquet" else [])
+    cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--model", "bicubic",
+           "--batch-size", "1", "--actors", "1", *options]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def complete() -> int:
         markers = (dst / "_manifest" / "_shards").glob("*.json")
         return sum(json.loads(m.read_text())["complete"] for m in markers)
     try:
-        wait_for(lambda: complete() or proc.poll() is not None, "the first complete tar", 240)
+        wait_for(lambda: complete() or proc.poll() is not None, "the first complete shard", 240)
         assert proc.poll() is None, "the job finished before it could be killed"
+        tree = descendants(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-    done = complete()                  # shards recorded complete: their tars are kept; any other is redone whole
-    before = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
-    assert 1 <= done <= len(before) < n_tars
-    assert translate(src, dst, "--input-format", "webdataset", "--output-format", "webdataset", "--scale", "4") == 0
-    after = sorted(dst.glob("*.tar"))
-    assert [p.name for p in after] == [f"{t:05d}.tar" for t in range(n_tars)]
-    kept = [p.name for p in after if before.get(p.name) == p.stat().st_mtime_ns]
-    assert len(kept) == done
-    got = _read_wds(after)
-    assert len(got) == n_tars * per_tar and all(Image.open(io.BytesIO(s["png"])).size == (672, 640)
-                                                for s in got.values())
+    wait_for(lambda: not alive(tree), "the killed run's processes to exit", 60, every_s=0.5)
+    done = complete()                  # shards recorded complete: their objects are kept; any other is redone whole
+    before = {p.name: p.stat().st_mtime_ns for p in dst.glob(f"*.{ext}")}
+    assert 1 <= done <= len(before) < n_units
+    assert translate(src, dst, *options) == 0
+    after = sorted(dst.glob(f"*.{ext}"))
+    assert [p.name for p in after] == [f"{t:05d}.{ext}" for t in range(n_units)]
+    assert len([p for p in after if before.get(p.name) == p.stat().st_mtime_ns]) == done
+    if kind == "webdataset":
+        outputs = [s["png"] for s in _read_wds(after).values()]
+    else:
+        outputs = [r["output"] for p in after for r in pq.read_table(p).to_pylist()]
+    assert len(outputs) == n_units * per_unit
+    assert all(Image.open(io.BytesIO(o)).size == (672, 640) for o in outputs)
     rows = rows_of(dst)
-    assert len(rows) == (n_tars - done) * per_tar and all(r["status"] == "ok" for r in rows)
-    assert summary_of(dst, rows[0]["run_id"])["counts"]["skipped_done"] == done * per_tar
+    assert len(rows) == (n_units - done) * per_unit and all(r["status"] == "ok" for r in rows)
+    assert summary_of(dst, rows[0]["run_id"])["counts"]["skipped_done"] == done * per_unit
     assert not list((dst / "_manifest").rglob("*.tar")) and not list(dst.rglob("*imgxlate-tmp*"))
 
 

@@ -300,7 +300,8 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
         if dropped := run.book.drop_unfinished_objects():
             log(f"{dropped} outputs of shards whose object was not written yet are left: the next run redoes "
                 f"those shards whole")
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):     # this run's, and any a killed run's workers wrote late
+            pieces.remove_stale(run.cfg.dst, run.run_id)
             pieces.remove(run.cfg.dst, run.run_id)
     if why is not None:
         run.book.free_reserve()                 # the pipeline has ended: this room is for the manifest
