@@ -74,16 +74,21 @@ def is_webdataset(src: str) -> bool:
 
 
 def tars(src: str, exclude: str | None = None) -> Iterator[Item]:
-    """The tars SRC names, in key order, each keyed by its path relative to SRC's folder: a brace pattern
-    (relative to the folder before its first brace), one .tar file, or every .tar under a folder or prefix."""
+    """The tars SRC names (see :func:`files_named`)."""
+    return files_named(src, TAR_EXTS, exclude)
+
+
+def files_named(src: str, exts: tuple[str, ...], exclude: str | None = None) -> Iterator[Item]:
+    """The shard files SRC names, in key order, each keyed by its path relative to SRC's folder: a brace pattern
+    (relative to the folder before its first brace), one file, or every file with one of ``exts`` under a folder
+    or prefix."""
     if _BRACE.search(src):
-        uris = expand_braces(src)
-        root = src[:_BRACE.search(src).start()].rpartition("/")[0]
-        items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in uris]
+        root = folder_of(src) if "/" in src[:_BRACE.search(src).start()] else ""
+        items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in expand_braces(src)]
         return iter(sorted(items, key=lambda it: it.key))
-    if src.rstrip().lower().endswith(TAR_EXTS):
+    if src.rstrip().lower().endswith(exts):
         return iter([Item(src, posixpath.basename(src.rstrip("/")))])
-    return listing.iter_inputs(src, TAR_EXTS, exclude=exclude)
+    return listing.iter_inputs(src, exts, exclude=exclude)
 
 
 @dataclass(slots=True)
@@ -287,15 +292,8 @@ PARQUET_BLOCK_BYTES = 64 << 20      # a row group up to this size (and BLOCK_ROW
 
 
 def parquet_files(src: str, exclude: str | None = None) -> Iterator[Item]:
-    """The Parquet files SRC names, in key order: a brace pattern, one file, or every .parquet under a folder or
-    prefix."""
-    if _BRACE.search(src):
-        root = src[:_BRACE.search(src).start()].rpartition("/")[0]
-        items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in expand_braces(src)]
-        return iter(sorted(items, key=lambda it: it.key))
-    if src.rstrip().lower().endswith(PARQUET_EXTS):
-        return iter([Item(src, posixpath.basename(src.rstrip("/")))])
-    return listing.iter_inputs(src, PARQUET_EXTS, exclude=exclude)
+    """The Parquet files SRC names (see :func:`files_named`)."""
+    return files_named(src, PARQUET_EXTS, exclude)
 
 
 def _image_field(schema, column: str, uri: str):
