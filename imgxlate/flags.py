@@ -106,10 +106,13 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                      help="inputs per shard, the unit of manifest parts and of resume (default %(default)s)")
     run.add_argument("--queued-inputs", type=int, default=20_000,
                      help="inputs handed to the pipeline ahead of what it has taken (default %(default)s)")
-    run.add_argument("--pipeline", choices=["auto", "fused", "split"], default="auto",
-                     help="fused: read, decode, model, encode and write in one model-actor call (no task hops; "
-                          "one actor per --cpus-per-actor); split: read/decode and encode/write tasks around the "
-                          "actors; auto (default): fused on CPU actors, split on GPU actors")
+    run.add_argument("--pipeline", choices=["auto", "in-process", "fused", "split"], default="auto",
+                     help="in-process: the same stages in this process, without Ray (one model, every CPU's "
+                          "threads); fused: read, decode, model, encode and write in one model-actor call (no task "
+                          "hops; one actor per --cpus-per-actor); split: read/decode and encode/write tasks around "
+                          "the actors; auto (default): in-process for a small run that joins no cluster (at most "
+                          "10,000 inputs and 64 MB of sources, on CPUs), else fused on CPU actors, split on GPU "
+                          "actors")
 
 
 # ------------------------------------------------------------------------------------------- train

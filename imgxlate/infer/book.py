@@ -228,9 +228,14 @@ class ShardBook:
 
 def lost_rows(meta: dict, rows: list[dict], max_model_retries: int) -> pa.Table:
     """model_error rows for inputs whose block was lost in the pipeline twice (see job.retry_lost)."""
-    error = ("this input's block was lost in the pipeline twice: its model actor died "
-             f"{max_model_retries + 1} times (e.g. out of memory) or its reader died, and it failed again when "
-             "retried on its own")
+    return failed_rows(meta, rows, "this input's block was lost in the pipeline twice: its model actor died "
+                       f"{max_model_retries + 1} times (e.g. out of memory) or its reader died, and it failed "
+                       "again when retried on its own")
+
+
+def failed_rows(meta: dict, rows: list[dict], error: str) -> pa.Table:
+    """model_error rows, saying ``error``, for input rows (the plan's input blocks, as dicts) no stage made rows
+    for."""
     return manifest.to_table([{**r, "source_uri": redact(r["source_uri"]), "status": "model_error", "error": error,
                                "model_id": meta["model_id"], "model_sha256": meta["sha256"], "task": meta["task"]}
                               for r in rows])

@@ -79,7 +79,9 @@ class TranslateConfig:
     shard_size: int = 10_000             # inputs per shard: the unit of manifest parts and of resume
     queued_inputs: int = 20_000          # inputs handed to the pipeline ahead of what it has taken
     pipeline: str = "auto"               # fused: read..write in the model actor's call; split: I/O tasks around
-                                         # the actors; auto: fused on CPU actors, split on GPU actors
+                                         # the actors; in-process: the same stages in this process, no Ray;
+                                         # auto: in-process for a small run on this machine's CPUs
+                                         # (inprocess.chosen), else fused on CPU actors, split on GPU actors
 
 
 def model_info(cfg: TranslateConfig) -> dict:
@@ -120,6 +122,7 @@ def model_info(cfg: TranslateConfig) -> dict:
 
 
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet")
+PIPELINES = ("auto", "in-process", "fused", "split")
 OUTPUT_FORMATS = ("files", "webdataset", "parquet")
 
 
@@ -148,6 +151,25 @@ def actor_amp(meta: dict) -> str:
     """The --amp the model actors are given: the precision resolved in the driver (model_info), so that every
     row of a run is made at one precision whatever node runs it."""
     return {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[meta["precision"]]
+
+
+def stage_settings(cfg: TranslateConfig, meta: dict, stop=None) -> tuple[dict, dict, dict]:
+    """(load_kw, save_kw, settings): the keyword arguments of :mod:`imgxlate.infer.stages`' load, save and
+    ModelStage / FusedStage for this run, the same for Ray's actors and tasks (raydata.build) and for a run in the
+    driver's process (inprocess.py), so that the two make the same bytes. ``stop``: what the stages ask whether
+    the run is draining."""
+    from imgxlate.infer import pieces
+
+    env = {"AWS_ENDPOINT_URL": storage.endpoint_from_env() or ""}
+    load_kw = {"max_pixels": cfg.max_pixels, "env": env, "image_column": cfg.image_column}
+    save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": meta["model_id"],
+               "model_sha256": meta["sha256"], "task": meta["task"], "env": env,
+               "tmp_dir": storage.temporaries_dir(cfg.dst), "pieces_dir": pieces.pieces_dir(cfg.dst)}
+    options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(meta), "cutout": cfg.cutout,
+               "compile": cfg.compile}
+    settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
+                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
+    return load_kw, save_kw, settings
 
 
 def _one_line(e: BaseException, spec: str) -> str:
@@ -261,8 +283,8 @@ def check(cfg: TranslateConfig) -> None:
     if (cfg.actors is not None and cfg.actors < 1) or (cfg.gpus_per_actor is not None and cfg.gpus_per_actor < 0) \
             or (cfg.threads_per_actor is not None and cfg.threads_per_actor < 1):
         raise JobError("--actors and --threads-per-actor must be at least 1, and --gpus-per-actor at least 0")
-    if cfg.pipeline not in ("auto", "fused", "split"):
-        raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use auto, fused or split")
+    if cfg.pipeline not in PIPELINES:
+        raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use {', '.join(PIPELINES)}")
     if cfg.run_id is not None and cfg.run_id.startswith("_"):
         raise JobError(f"--run-id {cfg.run_id!r}: names that start with '_' are the job's own folders under "
                        f"DST/_manifest (_shards, _tmp, _verify); start it with a letter or digit")

@@ -3,8 +3,8 @@
     imgxlate translate SRC DST --model MODEL [options]
 
     plan (list SRC, cut shards, skip what is done: plan.py) -> Feeder (feeder.py) -> Ray Data pipeline
-    (raydata.py, stages.py) -> rows into manifest parts and shard markers as results stream in (book.py)
-    -> summary.json, written last
+    (raydata.py, stages.py), or for a small run the same stages in this process (inprocess.py) -> rows into
+    manifest parts and shard markers as results stream in (book.py) -> summary.json, written last
 
 A run's shared state is one :class:`~imgxlate.infer.run.Run`; its options and checks are
 :mod:`imgxlate.infer.config`. Design notes: imgxlate/infer/DESIGN.md.
@@ -21,7 +21,7 @@ import time
 import uuid
 
 import imgxlate
-from imgxlate.infer import counters, heap, pieces, raydata
+from imgxlate.infer import counters, heap, inprocess, pieces, raydata
 from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
 from imgxlate.infer.config import (
     JobError,
@@ -168,17 +168,22 @@ def dry_run_report(cfg: TranslateConfig, meta: dict, run_id: str) -> dict:
 
 
 def drive(run: Run) -> dict:
-    """Wait for the first shard with work (a run whose inputs were all done never starts Ray), then run one
-    pipeline for the whole plan, fed by a Feeder thread while the listing goes on, until every shard is recorded
-    (or a signal or DST failing drains the run). Until the pipeline exists, a signal only marks the run."""
+    """Wait for the first shard with work (a run whose inputs were all done never starts Ray), then run a small
+    run in this process (inprocess.chosen), any other in one pipeline for the whole plan, fed by a Feeder thread
+    while the listing goes on, until every shard is recorded (or a signal or DST failing drains the run). Until
+    the pipeline exists, a signal only marks the run."""
     started_ray, resources = False, None
     with run.drain:
         first = _first_work(run)
+        here = inprocess.chosen(run) if first and not run.drain.stopping else None
         if first and not run.drain.stopping:
-            started_ray = _start(run)
+            _clean_up(run, here)
+            started_ray = here is None and _start(run)
         if run.drain.stopping:                  # signalled while the plan was listing or Ray was starting
             for shard in first:
                 run.book.add_shard(shard)
+        elif here:
+            resources = inprocess.stream(run, first)
         elif first:
             try:
                 resources = _pipeline(run, first)
@@ -209,14 +214,19 @@ def _first_work(run: Run) -> list[Shard]:
     return first
 
 
-def _start(run: Run) -> bool:
-    """Clean up after killed writers and start or join Ray; True when this run started Ray."""
+def _clean_up(run: Run, in_process: str | None) -> None:
+    """Clean up after killed writers, and say that processing started (and where)."""
     removed = storage.remove_stale_temporaries(run.cfg.dst)
     if run.cfg.output_format != "files":
         removed += pieces.remove_stale(run.cfg.dst, run.run_id)
     log(f"run {run.run_id}: processing started while listing {redact(run.cfg.src)} ({run.plan.listed} inputs "
         f"listed so far, {run.book.counts['skipped_done']} of them done before)"
-        + (f"; removed {removed} stale temporary files" if removed else ""))
+        + (f"; removed {removed} stale temporary files" if removed else "")
+        + (f"; {in_process}" if in_process else ""))
+
+
+def _start(run: Run) -> bool:
+    """Start or join Ray; True when this run started Ray."""
     started = raydata.start_ray(run.cfg)
     run.drain.install()                         # after ray.init, which sets handlers of its own
     return started

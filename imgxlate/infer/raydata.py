@@ -16,8 +16,8 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgxlate.infer import heap, pieces
-from imgxlate.infer.config import JobError, TranslateConfig, actor_amp
+from imgxlate.infer import heap
+from imgxlate.infer.config import JobError, TranslateConfig, stage_settings
 from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save, seal, sealed, unseal
 from imgxlate.io import storage
 from imgxlate.log import log
@@ -299,22 +299,14 @@ def build(feed, cfg, model_meta: dict, stop=None):
     # Every block is one sealed row, and a target block size of 1 byte makes Ray Data pass each on as it is made
     # (by default a reader's blocks are merged up to 128 MB first, which would hold a streamed plan back). The
     # caller sets DataContext.target_max_block_size = 1 (see :func:`stream`).
-    env = {"AWS_ENDPOINT_URL": storage.endpoint_from_env() or ""}
     # Readers only pass blocks on (0 CPUs: an actor pool that takes every CPU must not starve them). They are not
     # retried: a block taken from the Feed cannot be taken again, so a reader that died lost its block, and the
     # driver retries the inputs of lost blocks one at a time after the run (see job.retry_lost).
     readers = min(16, max(2, 2 * (cfg.max_actors or cfg.actors)))
     ds = ray.data.read_datasource(plan_source(feed, readers), override_num_blocks=readers,      # ray:
                                   ray_remote_args={"num_cpus": 0, "max_retries": 0})
-    load_kw = {"max_pixels": cfg.max_pixels, "env": env, "image_column": cfg.image_column}
-    save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": model_meta["model_id"],
-               "model_sha256": model_meta["sha256"], "task": model_meta["task"], "env": env,
-               "tmp_dir": storage.temporaries_dir(cfg.dst), "pieces_dir": pieces.pieces_dir(cfg.dst)}
-    options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(model_meta), "cutout": cfg.cutout,
-               "compile": cfg.compile}
-    settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
-                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop,
-                "gpus": cfg.gpus_per_actor, "in_actor": True}
+    load_kw, save_kw, settings = stage_settings(cfg, model_meta, stop)
+    settings.update(gpus=cfg.gpus_per_actor, in_actor=True)
     actor_kw = dict(
         # a fixed pool, or one that grows to max_actors (None: no limit but the cluster's) as nodes join
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors),       # ray:

@@ -1,0 +1,116 @@
+"""A small run without Ray: the job's own stages (:class:`~imgxlate.infer.stages.FusedStage`: read, decode, model,
+encode, write) called in the driver's process, block by block, with the same plan, book, lease, drain and summary
+as a run on Ray. Starting Ray and its actors costs about 15 s on a 2-CPU machine (ray.init, then each actor
+importing torch and loading the model), which a run of a few photos never earns back; in this process the first
+output comes a few seconds after the command. ``--pipeline auto`` takes this path for a run that
+
+- joins no cluster (no --ray-address, no RAY_ADDRESS, as `ray job submit` sets, and no Ray already started in this
+  process, as in a notebook that called ray.init or a test session),
+- runs on CPUs (a GPU machine keeps the split pipeline, whose codecs run beside the model),
+- and is small: listed in full when its first shard is ready, at most :data:`MAX_INPUTS` inputs and
+  :data:`MAX_SOURCE_BYTES` of sources (on 2 CPUs, Ray's start-up is then a large share of the run).
+
+``--pipeline in-process`` asks for it whatever the size; ``fused`` or ``split`` always run on Ray. Design notes:
+imgxlate/infer/DESIGN.md, "Small runs in this process"."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from imgxlate.infer import heap
+from imgxlate.infer.book import failed_rows
+from imgxlate.infer.config import TranslateConfig, stage_settings
+from imgxlate.infer.feeder import take
+from imgxlate.infer.plan import Shard
+from imgxlate.infer.run import Run
+from imgxlate.infer.stages import NOT_STARTED, unseal
+
+MAX_INPUTS = 10_000             # one shard, by default
+MAX_SOURCE_BYTES = 64 << 20
+
+
+def chosen(run: Run) -> str | None:
+    """Why this run goes in-process (for the log), or None when it runs on Ray."""
+    cfg, plan = run.cfg, run.plan
+    if cfg.pipeline == "in-process":
+        return "--pipeline in-process"
+    if cfg.pipeline != "auto" or cfg.ray_address or os.environ.get("RAY_ADDRESS") or cfg.gpus_per_actor \
+            or run.meta["device_kind"] != "cpu" or cfg.actors is not None or cfg.max_actors is not None:
+        return None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return None
+    deadline = time.monotonic() + 0.2           # a listing that fitted in the first shard ends right after it
+    while not plan.listing_done and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not plan.listing_done or plan.listed > MAX_INPUTS or plan.source_bytes > MAX_SOURCE_BYTES:
+        return None
+    return (f"a small run ({plan.listed} inputs, {plan.source_bytes / 1e6:.1f} MB) runs in this process without "
+            f"Ray; --pipeline fused runs it on Ray")
+
+
+class _Draining:
+    """What the stages ask whether the run is draining (a signal, a lost lease, DST failing): the run's drain."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def is_set(self) -> bool:
+        return self.run.drain.stopping
+
+
+def stream(run: Run, first: list[Shard]) -> TranslateConfig:
+    """Every shard of the plan (``first``, the ones taken already, then the rest) through the stages here, the
+    rows into the book as each block is done; stops taking inputs once the run drains. Returns the config with the
+    resources it ran with (pipeline 'in-process', one model, every CPU's threads)."""
+    import torch
+
+    from imgxlate.infer import raydata
+    from imgxlate.infer.stages import FusedStage
+
+    cfg = run.cfg
+    threads = cfg.threads_per_actor or cfg.num_cpus or len(os.sched_getaffinity(0))
+    rcfg = dataclasses.replace(cfg, pipeline="in-process", actors=1, max_actors=1, gpus_per_actor=0,
+                               cpus_per_actor=float(threads), threads_per_actor=threads)
+    raydata.check_precision(rcfg, run.meta)     # (fp16 needs a GPU: refused as on Ray)
+    load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
+    saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
+    try:
+        stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
+        shards = first
+        while shards is not None and not run.drain.stopping:
+            for shard in shards:
+                with run.lock:
+                    run.book.add_shard(shard)
+                    run.progress.update(run.book.counts)
+                for block, _ in shard.blocks:
+                    if run.drain.stopping:      # the shard's other inputs get no row: the next run does them
+                        break
+                    rows = _rows(stage, unseal(block), run.meta)
+                    rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
+                    if rows.num_rows:
+                        run.add(rows)
+                    run.check_lease()
+                    heap.trim()
+            shards = take(cfg, run.plan, cfg.queued_inputs, timeout=0.5) if not run.drain.stopping else None
+    finally:
+        torch.set_num_threads(saved_threads)
+        run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
+    return rcfg
+
+
+def _rows(stage, block: pa.Table, meta: dict) -> pa.Table:
+    """The block's manifest rows. A stage that raises (a bug: the stages turn an input's failures into rows) is
+    tried again one input at a time, as the Ray path's lost-block retry does, so that one input cannot take its
+    block with it; an input it fails alone gets a model_error row."""
+    try:
+        return stage(block)
+    except Exception as e:
+        if block.num_rows == 1:
+            return failed_rows(meta, block.to_pylist(), f"{type(e).__name__}: {e}")
+        return pa.concat_tables([_rows(stage, block.slice(i, 1), meta) for i in range(block.num_rows)])

@@ -1,0 +1,120 @@
+"""A small run in the driver's process, without Ray (imgxlate/infer/inprocess.py): chosen as users get it, the
+same bytes and recipe as a run on Ray, resume across the two, and a stage that raises costs one input, not its
+block."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from imgxlate.artifact import save
+from imgxlate.cli import main
+from imgxlate.infer import inprocess, stages
+from imgxlate.models import build
+
+from conftest import photo
+from fixtures import png, rows_of, summary_of, write_tree
+
+USER_RUN = ("import sys, ray; from imgxlate.cli import main; rc = main(sys.argv[1:]); "
+            "print('ray started' if ray.is_initialized() else 'no ray'); sys.exit(rc)")
+
+
+def _run_as_a_user(*argv) -> subprocess.CompletedProcess:
+    """`imgxlate translate ARGV` in a fresh process, as a user's shell runs it (no Ray running, no RAY_ADDRESS)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-c", USER_RUN, "translate", *map(str, argv)], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_a_small_run_goes_in_process_and_makes_the_bytes_a_run_on_ray_makes(tmp_path, ray_local):
+    src = tmp_path / "src"
+    write_tree(src, {f"p{i}.png": png(photo(40 + 8 * i, 48, seed=i)) for i in range(6)})
+    write_tree(src, {"broken.png": b"\x89PNG not really"})
+    model = tmp_path / "sr"
+    save(build("sr", nf=16, n_blocks=2, scale=2), str(model))
+    opts = ["--model", model, "--amp", "bf16", "--run-id", "r1"]
+
+    r = _run_as_a_user(src, tmp_path / "here", *opts)
+    assert r.returncode == 0, r.stderr[-3000:]          # (the broken input gets its row, as on Ray)
+    assert r.stdout.strip() == "no ray"
+    assert "runs in this process without Ray" in r.stderr
+    summary = summary_of(tmp_path / "here", "r1")
+    assert summary["resources"]["pipeline"] == "in-process" and summary["counts"] == {"ok": 6, "decode_error": 1}
+    assert summary["precision"] == "bf16"
+    assert main(["translate", str(src), str(tmp_path / "ray"), *map(str, opts), "--pipeline", "fused"]) == 0
+    assert summary_of(tmp_path / "ray", "r1")["resources"]["pipeline"] == "fused"
+
+    here = {r["key"]: r for r in rows_of(tmp_path / "here", "r1")}
+    on_ray = {r["key"]: r for r in rows_of(tmp_path / "ray", "r1")}
+    assert here.keys() == on_ray.keys() and len(here) == 7
+    for key, row in here.items():
+        for col in ("status", "output_sha256", "output_bytes", "recipe", "precision", "output_width"):
+            assert row[col] == on_ray[key][col], (key, col)
+        if row["status"] == "ok":
+            assert (tmp_path / "here" / row["output_uri"].rsplit("/", 1)[-1]).read_bytes() == \
+                (tmp_path / "ray" / row["output_uri"].rsplit("/", 1)[-1]).read_bytes()
+    assert here["broken.png"]["error"] == on_ray["broken.png"]["error"]
+
+    # a rerun, in this process or on Ray, finds the other path's outputs done
+    r = _run_as_a_user(src, tmp_path / "ray", *opts[:-1], "r2")
+    assert r.returncode == 0 and json.loads(json.dumps(summary_of(tmp_path / "ray", "r2")["counts"])) == \
+        {"skipped_done": 6, "decode_error": 1}
+    assert main(["translate", str(src), str(tmp_path / "here"), *map(str, opts[:-1]), "r2",
+                 "--pipeline", "fused"]) == 0
+    assert summary_of(tmp_path / "here", "r2")["counts"] == {"skipped_done": 6, "decode_error": 1}
+
+
+def _run(pipeline="auto", listed=5, source_bytes=1000, done=True, device="cpu", **cfg):
+    plan = SimpleNamespace(listing_done=done, listed=listed, source_bytes=source_bytes)
+    config = SimpleNamespace(pipeline=pipeline, ray_address=None, gpus_per_actor=None, actors=None, max_actors=None)
+    vars(config).update(cfg)
+    return SimpleNamespace(cfg=config, plan=plan, meta={"device_kind": device})
+
+
+def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    assert inprocess.chosen(_run()) and inprocess.chosen(_run(listed=inprocess.MAX_INPUTS))
+    assert inprocess.chosen(_run(listed=inprocess.MAX_INPUTS + 1)) is None
+    assert inprocess.chosen(_run(source_bytes=inprocess.MAX_SOURCE_BYTES + 1)) is None
+    assert inprocess.chosen(_run(done=False)) is None               # still listing: not known to be small
+    assert inprocess.chosen(_run(device="cuda")) is None
+    assert inprocess.chosen(_run(gpus_per_actor=1)) is None
+    assert inprocess.chosen(_run(actors=2)) is None                 # asking for actors asks for Ray
+    assert inprocess.chosen(_run(ray_address="ray://head:10001")) is None
+    assert inprocess.chosen(_run(pipeline="fused")) is None and inprocess.chosen(_run(pipeline="split")) is None
+    assert inprocess.chosen(_run(pipeline="in-process", listed=10**9, done=False))
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # `ray job submit` sets it
+    assert inprocess.chosen(_run()) is None
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+    assert inprocess.chosen(_run()) is None                         # a notebook's (or a test session's) Ray
+
+
+@pytest.mark.parametrize("bad", ["p3.png", "broken.png"])
+def test_a_stage_that_raises_costs_its_input_a_row_not_its_block(tmp_path, monkeypatch, bad):
+    src = tmp_path / "src"
+    write_tree(src, {f"p{i}.png": png(photo(8, 8, seed=i)) for i in range(150)})   # blocks of 2-3 (plan.MIN_BLOCKS)
+    write_tree(src, {"broken.png": b"not a png"})
+    real = stages.FusedStage.__call__
+
+    def flaky(self, batch):
+        if any(u.endswith("/" + bad) for u in batch.column("source_uri").to_pylist()):
+            raise RuntimeError("a bug in a stage")
+        return real(self, batch)
+
+    monkeypatch.setattr(stages.FusedStage, "__call__", flaky)
+    code = main(["translate", str(src), str(tmp_path / "dst"), "--model", "bicubic", "--scale", "2",
+                 "--pipeline", "in-process", "--run-id", "r1"])
+    assert code == 0
+    rows = {r["key"]: r for r in rows_of(tmp_path / "dst", "r1")}
+    assert len(rows) == 151
+    assert rows[bad]["status"] == "model_error" and rows[bad]["error"] == "RuntimeError: a bug in a stage"
+    others = {k: r["status"] for k, r in rows.items() if k != bad}
+    assert others == {k: "decode_error" if k == "broken.png" else "ok" for k in others}
