@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", type=int, default=2, help="scale: also time the naive loop in a multiprocessing.Pool "
                     "of this many processes, over naive-n images each (1: not)")
     ap.add_argument("--num-cpus", type=int, default=None, help="scale: logical CPUs for the job's Ray")
-    ap.add_argument("--pipeline", default="auto", choices=["auto", "fused", "split"],
+    ap.add_argument("--pipeline", default="auto", choices=["auto", "in-process", "fused", "split"],
                     help="scale: the job's --pipeline")
     ap.add_argument("--durable", default="1", help="scale: local arms, comma-separated IMGXLATE_DURABLE values "
                     "('1' durable writes, the default; '0' none, to measure their cost; 'fsync' one per file)")

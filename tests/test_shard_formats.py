@@ -51,6 +51,23 @@ def test_brace_patterns_and_fragments():
     assert list(shards.members_of(data)) == [("a.png", b"x" * 700), (long, b"y"), ("b.json", b"{}")]
 
 
+def test_nested_braces_list_a_tar_once_and_members_keep_their_names_when_the_tar_key_is_rewritten(tmp_path):
+    from imgxlate.infer.plan import Planner
+
+    assert shards.expand_braces("x/{a,{a,b}}.tar") == ["x/a.tar", "x/b.tar"]
+    src = tmp_path / "src"
+    (src / "_manifest").mkdir(parents=True)
+    _write_tar(src / "_manifest" / "s.tar", _samples(0, 2))      # its outputs go to _manifest_/ (keys.output_keys)
+    p = Planner(str(src), str(tmp_path / "dst"), [".png"], None, "png", "", "r1", "recipe",
+                input_format="webdataset", output_format="webdataset")
+    try:
+        rows = [r for sh in p.take(100, timeout=30) for t in sh.tables() for r in t.to_pylist()]
+    finally:
+        p.stop()
+    assert sorted(r["out_member"] for r in rows) == ["000000.png", "000001.png"]    # before: "/000000.png"
+    assert {r["output_uri"].split("#")[0] for r in rows} == {str(tmp_path / "dst" / "_manifest_" / "s.tar")}
+
+
 def test_tar_index_finds_every_way_a_tar_is_cut_short_and_gives_sidecars_once(tmp_path):
     from imgxlate.io import listing
 

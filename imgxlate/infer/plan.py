@@ -370,8 +370,13 @@ class Planner:
         out_uri = None
         if self.whole:                           # one object for the shard: redone whole, so nothing is skipped
             ext = ".tar" if self.output_format == "webdataset" else ".parquet"
-            stem = tar_key.rsplit(".", 1)[0] if tar_key and tar_key.lower().endswith((".tar", ".parquet")) else tar_key
-            name = f"{stem}{ext}" if tar_key else f"shard-{sid}{ext}"
+            try:                                 # the tar's (Parquet file's) key as its members' output keys
+                safe_tar = keys.dst_key(tar_key) if tar_key else None   # have it (out of DST/_manifest/)
+            except ValueError:                   # then every member's key is unsafe too: write_error rows
+                safe_tar = None
+            stem = safe_tar.rsplit(".", 1)[0] if safe_tar and safe_tar.lower().endswith((".tar", ".parquet")) \
+                else safe_tar
+            name = f"{stem}{ext}" if safe_tar else f"shard-{sid}{ext}"
             out_uri = storage.join(self.dst, name)
             state = {src: (None, None, attempts) for src, (_, _, attempts) in state.items()}
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
@@ -398,7 +403,7 @@ class Planner:
                 elif isinstance(key, Exception):
                     row.update(source_uri=source, status="write_error", error=str(key))
                 elif out_uri:
-                    member = key[len(tar_key) + 1:] if tar_key else key
+                    member = key[len(safe_tar) + 1:] if safe_tar else key
                     row.update(output_uri=f"{out_uri}#{member}", out_member=member, seq=n - 1)
                 else:
                     row["output_uri"] = storage.join(self.dst, key)

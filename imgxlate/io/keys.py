@@ -39,6 +39,14 @@ def safe_key(key: str) -> str:
     return "/".join(parts)
 
 
+def dst_key(key: str) -> str:
+    """:func:`safe_key`, and out of DST's manifest folder: ``_manifest/...`` (in any case: DST may be
+    case-insensitive) becomes ``_manifest_/...``. Raises ValueError when the key cannot be made safe."""
+    s = safe_key(key)
+    head, sep, tail = s.partition("/")
+    return f"{head}_/{tail}" if head.casefold() == MANIFEST_DIR and sep else s
+
+
 def candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str:
     """The output key at each level of collision resolution, for a/b.jpg -> .png: a/b.png, then
     a/b.jpg.png, then a/b.jpg-<10 hex of sha256(source)>.png, then all 64 hex digits (see :data:`HASH_HEX`)."""
@@ -64,13 +72,10 @@ def output_keys(keys: list[str], ext: str, suffix: str = "", sources: list[str] 
     safe, level = {}, {}
     for i, k in enumerate(keys):
         try:
-            s = safe_key(k)
+            s = dst_key(k)
         except ValueError as e:
             out[i] = e
             continue
-        head, sep, tail = s.partition("/")
-        if head.casefold() == MANIFEST_DIR and sep:     # _Manifest/ too: DST may be case-insensitive
-            s = f"{head}_/{tail}"
         safe[i], level[i] = s, min_level[i] if min_level else 0
     name = {i: candidate(s, sources[i], level[i], suffix, ext) for i, s in safe.items()}
     holders = defaultdict(set)

@@ -38,7 +38,12 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 def expand_braces(pattern: str) -> list[str]:
     """``s3://b/shards/{00000..00002}.tar`` -> three URIs; ``{a,b}`` lists; ranges keep their zero padding (the
-    WebDataset / bash convention). Several braces multiply out, left to right."""
+    WebDataset / bash convention). Several braces multiply out, left to right; a URI that comes out twice (nested
+    braces: ``{a,{a,b}}``) is listed once, so that its inputs are not two shards."""
+    return list(dict.fromkeys(_expand(pattern)))
+
+
+def _expand(pattern: str) -> list[str]:
     m = _BRACE.search(pattern)
     if not m:
         return [pattern]
@@ -54,7 +59,7 @@ def expand_braces(pattern: str) -> list[str]:
         raise SourceError(f"source {redact(pattern)}: '{{{body}}}' is neither a range (00000..00099) nor a list "
                           f"(a,b)")
     head, tail = pattern[:m.start()], pattern[m.end():]
-    return [u for c in choices for u in expand_braces(head + c + tail)]
+    return [u for c in choices for u in _expand(head + c + tail)]
 
 
 def is_folder_source(src: str) -> bool:
