@@ -8,6 +8,7 @@ import hashlib
 import os
 
 import pyarrow as pa
+import pytest
 
 from imgxlate.infer import stages
 from imgxlate.io import manifest, storage
@@ -191,3 +192,30 @@ def test_cleanup_lists_only_the_jobs_own_folders(tmp_path, monkeypatch):
                            "_manifest/killed/part-s.parquet", "_manifest/done/summary.json",
                            "_manifest/done/part-s.parquet"])
     assert storage.remove_stale_temporaries(str(tmp_path / "absent")) == 0
+
+
+def test_a_streamed_write_is_all_or_nothing_and_crosses_a_mount_by_copying_its_temporary(tmp_path, monkeypatch):
+    """A shard's one output object (--output-format webdataset / parquet) is written from a stream of chunks by the
+    same LocalWrites as every output: read once, so a rename that fails with EXDEV copies the temporary beside it."""
+    dst = tmp_path / "dst"
+    tmp = str(dst / "_manifest" / "_tmp")
+    real_replace = os.replace
+
+    def replace(a, b):
+        if os.path.dirname(a) == tmp:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    writes = storage.LocalWrites(tmp)
+    writes.write(str(dst / "s" / "shard.tar"), iter([b"one ", b"two ", b"three"]))
+    assert writes.sync() == {}
+    assert (dst / "s" / "shard.tar").read_bytes() == b"one two three"
+    assert os.listdir(dst / "s") == ["shard.tar"] and not os.listdir(tmp)
+
+    def broken():
+        yield b"half"
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="No space"):
+        storage.LocalWrites(tmp).write(str(dst / "s" / "other.tar"), broken())
+    assert os.listdir(dst / "s") == ["shard.tar"] and not os.listdir(tmp)     # nothing half-written is left

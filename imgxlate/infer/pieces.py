@@ -16,13 +16,9 @@ s3fs's part size, which is invisible until it completes). Memory stays one piece
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -79,34 +75,19 @@ def _members(dst: str, run_id: str, shard: str, wanted: set[str]) -> Iterator[tu
 def _write_stream(uri: str, chunks: Iterator[bytes], dst: str) -> int:
     """Write ``chunks`` as the object ``uri``, all or nothing (see the module's notes). Returns its size."""
     n = 0
-    if storage.is_local(uri):
-        path = storage.local_path(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp_dir = storage.local_path(storage.temporaries_dir(dst))
-        os.makedirs(tmp_dir, exist_ok=True)
-        tmp = os.path.join(tmp_dir, f"{storage.TMP_MARK}{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                for c in chunks:
-                    f.write(c)
-                    n += len(c)
-                f.flush()
-                if storage.sync_mode() != "off":
-                    os.fsync(f.fileno())
-            try:
-                os.replace(tmp, path)
-            except OSError as e:            # a mount inside DST: copy beside the object, then rename
-                if e.errno != errno.EXDEV:
-                    raise
-                beside = os.path.join(os.path.dirname(path), os.path.basename(tmp))
-                shutil.copyfile(tmp, beside)
-                os.replace(beside, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        if storage.sync_mode() != "off":
-            storage.fsync_folder(os.path.dirname(path))
-        return n
+    if storage.is_local(uri):               # the job's all-or-nothing, durable local write, streamed
+        sizes: list[int] = []
+
+        def counted() -> Iterator[bytes]:
+            for c in chunks:
+                sizes.append(len(c))
+                yield c
+
+        writes = storage.LocalWrites(storage.temporaries_dir(dst))
+        writes.write(storage.local_path(uri), counted())
+        if failed := writes.sync():
+            raise next(iter(failed.values()))
+        return sum(sizes)
     fs, path = storage.filesystem(uri)
     with tempfile.NamedTemporaryFile(prefix="imgxlate-shard-") as spool:
         for c in chunks:

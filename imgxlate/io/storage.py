@@ -7,6 +7,7 @@ workers. Credentials come from the usual AWS environment / profile / instance ro
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import ctypes
 import errno
@@ -263,17 +264,11 @@ class LocalWrites:
         self.made: set[str] = set()             # folders holding a folder made here (fsync mode)
 
     def write(self, path: str, data) -> None:
+        """Write ``data`` (bytes, or an iterator of byte chunks: a shard's object streamed) as the file ``path``."""
         folder = os.path.dirname(path)
         try:
             self._folder(folder)
-            if folder not in self.beside:
-                try:
-                    return self._put(path, data, self.tmp_dir)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self.beside.add(folder)     # a bind mount: same device, still no rename across it
-            self._put(path, data, folder)
+            self._put(path, data, folder if folder in self.beside else self.tmp_dir)
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG and not isinstance(e, NameTooLong):
                 raise NameTooLong.of(path) from e
@@ -282,17 +277,29 @@ class LocalWrites:
     def _put(self, path: str, data, tmp_dir: str) -> None:
         tmp, renamed = os.path.join(tmp_dir, TMP_MARK + uuid.uuid4().hex), False
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self.mode == "fsync":
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            renamed = True
+            self._file(tmp, data if isinstance(data, collections.abc.Iterator) else iter((data,)))
+            try:
+                os.replace(tmp, path)
+                renamed = True
+            except OSError as e:
+                folder = os.path.dirname(path)
+                if e.errno != errno.EXDEV or tmp_dir == folder:
+                    raise
+                self.beside.add(folder)         # a bind mount: same device, still no rename across it
+                with open(tmp, "rb") as f:      # (data may be a stream, read once: the temporary is copied)
+                    self._put(path, iter(lambda: f.read(1 << 20), b""), folder)
         finally:
             if not renamed:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
+
+    def _file(self, path: str, chunks) -> None:
+        with open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            if self.mode == "fsync":
+                f.flush()
+                os.fsync(f.fileno())
 
     def _folder(self, folder: str) -> None:
         """Make ``folder`` (recording the folders that gain an entry) and note its filesystem, once."""
