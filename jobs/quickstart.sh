@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command: sets up .venv, then runs imgxlate end to end on an embedded default
-# (Ray started in-process, local folders, no cloud account). Outputs go to ./out/quickstart.
+# (local folders, no cloud account, no cluster: Ray Train starts in-process). Outputs go to ./out/quickstart.
 #   1. scikit-image's sample photos            -> out/quickstart/photos (5 to train on, 2 held out)
-#   2. the batch job with the shipped sr-x2 model (trained on T91 + BSD200, never on these photos)
+#   2. the batch job with the shipped sr-x2 model (trained on T91 + BSD200, never on these photos); a run
+#      this small runs in this process, without starting Ray (the first output in a few seconds)
 #                                              -> out/quickstart/upscaled (+ _manifest/ Parquet, summary.json)
 #   3. its quality next to bicubic on the photos (Y-channel PSNR/SSIM, standard protocol, before/after sheet)
 #   4. fine-tune sr-x2 on the 5 photos with Ray Train (2 workers, about 2 minutes; --init sr-x2), its
