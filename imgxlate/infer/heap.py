@@ -21,10 +21,12 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 64 << 10   # blocks this big are mmapped and handed back when freed (fixed: no dynamic threshold)
 ARENA_MAX = 2               # the driver's threads mostly wait on Ray; two arenas are plenty
+COMPUTE_MMAP_THRESHOLD = 32 << 20
 TRIM_EVERY_S = 10.0
 
 _libc = None
 _last_trim = 0.0
+_mmapped = False            # steady() set the mmap threshold in this process
 
 
 def _glibc():
@@ -39,13 +41,31 @@ def _glibc():
     return _libc
 
 
+def arenas() -> bool:
+    """Cap the driver's arenas (before its threads start: arenas made earlier stay). Returns whether it could."""
+    libc = _glibc()
+    return bool(libc) and bool(libc.mallopt(M_ARENA_MAX, ARENA_MAX))
+
+
 def steady() -> bool:
-    """Set the driver's allocator for a long run (before its threads start: arenas made earlier stay).
-    Returns whether it could."""
+    """Set the driver's allocator for a long run on Ray: :func:`arenas`, and blocks of 64 KB and more mmapped and
+    handed back when freed. Not for a process that runs the model itself (inprocess.py): every activation tensor
+    would then be a fresh mmap, page-faulted in, which made a model call about 2x slower (:func:`compute` undoes
+    it). Returns whether it could."""
+    global _mmapped
     libc = _glibc()
     if not libc:
         return False
-    return bool(libc.mallopt(M_ARENA_MAX, ARENA_MAX)) & bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    _mmapped = True
+    return arenas() & bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def compute() -> None:
+    """The heap for running the model in this process: after :func:`steady`, blocks under 32 MB (glibc's highest
+    dynamic threshold) come from the heap again, reused without page faults."""
+    libc = _glibc()
+    if libc and _mmapped:
+        libc.mallopt(M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD)
 
 
 def trim(every_s: float = TRIM_EVERY_S) -> bool:

@@ -79,6 +79,7 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
                                cpus_per_actor=float(threads), threads_per_actor=threads)
     raydata.check_precision(rcfg, run.meta)     # (fp16 needs a GPU: refused as on Ray)
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
+    heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
     try:
         stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))

@@ -50,7 +50,7 @@ def run(cfg: TranslateConfig) -> dict:
     stopped it and DstFailed when DST failed (full, over quota, ...: both after recording every output it wrote
     and writing the summary)."""
     check(cfg)
-    heap.steady()                               # before the run's threads start (flat driver memory)
+    heap.arenas()                               # before the run's threads start (flat driver memory)
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
@@ -227,6 +227,7 @@ def _clean_up(run: Run, in_process: str | None) -> None:
 
 def _start(run: Run) -> bool:
     """Start or join Ray; True when this run started Ray."""
+    heap.steady()                               # the driver only waits on Ray from here (flat driver memory)
     started = raydata.start_ray(run.cfg)
     run.drain.install()                         # after ray.init, which sets handlers of its own
     return started
