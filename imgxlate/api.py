@@ -52,7 +52,8 @@ def run(cfg: TranslateConfig) -> dict:
 
 def translate(src: str, dst: str, model: str, **options) -> dict:
     """Run ``model`` over every image under ``src``, writing outputs and the manifest under ``dst``; the run's
-    summary (counts by status, bytes, wall time, the manifest's location). A rerun skips what is done. Starts Ray
-    in this process, or uses the Ray this process has already started or joined (``ray_address`` / RAY_ADDRESS
-    join a cluster)."""
+    summary (counts by status, bytes, wall time, the manifest's location). A rerun skips what is done. A small
+    run (imgxlate/infer/inprocess.py) runs the model in this process, without Ray; any other starts Ray in this
+    process, or uses the Ray this process has already started or joined (``ray_address`` / RAY_ADDRESS join a
+    cluster)."""
     return run(config(src, dst, model, **options))

@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 
+import pytest
 from PIL import Image
 
 from imgxlate.artifact import save
-from imgxlate.infer import job
+from imgxlate.infer import inprocess, job
 from imgxlate.io import manifest
 from imgxlate.models import build
 
@@ -47,13 +48,14 @@ def check_exactly_one_ok_output_per_input(src, dst, summary):
         Image.open(p).load()                                       # every output is complete
 
 
-def test_driver_killed_midway_then_rerun(tmp_path, ray_local):
+@pytest.mark.parametrize("pipeline", ["fused", "auto"])     # auto: this small run goes in-process (no Ray)
+def test_driver_killed_midway_then_rerun(tmp_path, ray_local, pipeline):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_inputs(src, 80)
     model = tmp_path / "sr"
     save(build("sr", nf=32, n_blocks=4, scale=2), str(model))
     cmd = [sys.executable, "-m", "imgxlate.cli", "translate", str(src), str(dst), "--model", str(model),
-           "--batch-size", "2"]
+           "--batch-size", "2", "--pipeline", pipeline]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(outputs(dst)) >= 5 or proc.poll() is not None, "the job's first 5 outputs", 240)
@@ -63,6 +65,8 @@ def test_driver_killed_midway_then_rerun(tmp_path, ray_local):
         os.killpg(proc.pid, signal.SIGKILL)                        # the driver and the Ray it started
         proc.wait()
     assert 5 <= written < 80
+    # a killed in-process run is known, so that auto's rerun runs on Ray (an input that kills it gets a row there)
+    assert bool(inprocess.killed_runs(str(dst))) == (pipeline == "auto")
     summary = job.run(job.TranslateConfig(src=str(src), dst=str(dst), model=str(model), progress_every_s=60))
     check_exactly_one_ok_output_per_input(src, dst, summary)
     assert summary["counts"].get("ok", 0) >= 80 - written   # the rest was done now

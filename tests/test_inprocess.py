@@ -4,7 +4,6 @@ block."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -63,27 +62,30 @@ def test_a_small_run_goes_in_process_and_makes_the_bytes_a_run_on_ray_makes(tmp_
 
     # a rerun, in this process or on Ray, finds the other path's outputs done
     r = _run_as_a_user(src, tmp_path / "ray", *opts[:-1], "r2")
-    assert r.returncode == 0 and json.loads(json.dumps(summary_of(tmp_path / "ray", "r2")["counts"])) == \
-        {"skipped_done": 6, "decode_error": 1}
+    assert r.returncode == 0 and summary_of(tmp_path / "ray", "r2")["counts"] == {"skipped_done": 6, "decode_error": 1}
+    assert summary_of(tmp_path / "ray", "r2")["resources"]["pipeline"] == "in-process"
     assert main(["translate", str(src), str(tmp_path / "here"), *map(str, opts[:-1]), "r2",
                  "--pipeline", "fused"]) == 0
     assert summary_of(tmp_path / "here", "r2")["counts"] == {"skipped_done": 6, "decode_error": 1}
 
 
-def _run(pipeline="auto", listed=5, source_bytes=1000, done=True, device="cpu", **cfg):
-    plan = SimpleNamespace(listing_done=done, listed=listed, source_bytes=source_bytes)
-    config = SimpleNamespace(pipeline=pipeline, ray_address=None, gpus_per_actor=None, actors=None, max_actors=None)
+def _run(pipeline="auto", listed=5, source_bytes=1000, done=True, device="cpu", unknown=0, dst="/nonexistent",
+         **cfg):
+    plan = SimpleNamespace(listing_done=done, listed=listed, source_bytes=source_bytes, unknown_sizes=unknown)
+    config = SimpleNamespace(pipeline=pipeline, ray_address=None, gpus_per_actor=None, actors=None, max_actors=None,
+                             dst=dst)
     vars(config).update(cfg)
     return SimpleNamespace(cfg=config, plan=plan, meta={"device_kind": device})
 
 
-def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch):
+def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
     assert inprocess.chosen(_run()) and inprocess.chosen(_run(listed=inprocess.MAX_INPUTS))
     assert inprocess.chosen(_run(listed=inprocess.MAX_INPUTS + 1)) is None
     assert inprocess.chosen(_run(source_bytes=inprocess.MAX_SOURCE_BYTES + 1)) is None
     assert inprocess.chosen(_run(done=False)) is None               # still listing: not known to be small
+    assert inprocess.chosen(_run(unknown=1)) is None                # a manifest of URIs: sizes not known
     assert inprocess.chosen(_run(device="cuda")) is None
     assert inprocess.chosen(_run(gpus_per_actor=1)) is None
     assert inprocess.chosen(_run(actors=2)) is None                 # asking for actors asks for Ray
@@ -93,8 +95,17 @@ def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # `ray job submit` sets it
     assert inprocess.chosen(_run()) is None
     monkeypatch.delenv("RAY_ADDRESS")
+    # an in-process run of this DST was killed (no summary): an input may kill every rerun, so Ray isolates it
+    dst = tmp_path / "dst"
+    write_tree(dst, {f"_manifest/old/{inprocess.MARK}": b"", f"_manifest/done/{inprocess.MARK}": b"",
+                     "_manifest/done/summary.json": b"{}"})
+    assert inprocess.killed_runs(str(dst)) == ["old"] and inprocess.chosen(_run(dst=str(dst))) is None
+    (dst / "_manifest/old/summary.json").write_bytes(b"{}")
+    assert inprocess.chosen(_run(dst=str(dst)))
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
     assert inprocess.chosen(_run()) is None                         # a notebook's (or a test session's) Ray
+    assert main(["translate", str(tmp_path), str(tmp_path / "o"), "--model", "bicubic", "--scale", "2",
+                 "--pipeline", "in-process", "--actors", "2"]) == 2          # an option that would do nothing
 
 
 @pytest.mark.parametrize("bad", ["p3.png", "broken.png"])

@@ -285,6 +285,11 @@ def check(cfg: TranslateConfig) -> None:
         raise JobError("--actors and --threads-per-actor must be at least 1, and --gpus-per-actor at least 0")
     if cfg.pipeline not in PIPELINES:
         raise JobError(f"unknown --pipeline {cfg.pipeline!r}: use {', '.join(PIPELINES)}")
+    if cfg.pipeline == "in-process" and (given := [f for f, v in (
+            ("--ray-address", cfg.ray_address), ("--actors", cfg.actors), ("--max-actors", cfg.max_actors),
+            ("--gpus-per-actor", cfg.gpus_per_actor)) if v]):
+        raise JobError(f"--pipeline in-process runs this process's CPUs, without Ray: {', '.join(given)} would "
+                       f"have no effect; leave it out, or use --pipeline fused / split")
     if cfg.run_id is not None and cfg.run_id.startswith("_"):
         raise JobError(f"--run-id {cfg.run_id!r}: names that start with '_' are the job's own folders under "
                        f"DST/_manifest (_shards, _tmp, _verify); start it with a letter or digit")

@@ -15,6 +15,8 @@ counted. Counting never fails a row: an error here is logged once and counting s
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -25,6 +27,8 @@ _broken = False
 def _get() -> dict | None:
     global _counters, _broken
     if _counters is None and not _broken:
+        if "ray" not in sys.modules:            # a run in the driver's process (inprocess.py): no Ray to count in
+            return None
         import ray
 
         if not ray.is_initialized():

@@ -50,8 +50,8 @@ def arenas() -> bool:
 def steady() -> bool:
     """Set the driver's allocator for a long run on Ray: :func:`arenas`, and blocks of 64 KB and more mmapped and
     handed back when freed. Not for a process that runs the model itself (inprocess.py): every activation tensor
-    would then be a fresh mmap, page-faulted in, which made a model call about 2x slower (:func:`compute` undoes
-    it). Returns whether it could."""
+    would then be a fresh mmap, page-faulted in, which made a model call about 2x slower (:func:`compute` sets a
+    threshold for that). Returns whether it could."""
     global _mmapped
     libc = _glibc()
     if not libc:
@@ -62,7 +62,8 @@ def steady() -> bool:
 
 def compute() -> None:
     """The heap for running the model in this process: after :func:`steady`, blocks under 32 MB (glibc's highest
-    dynamic threshold) come from the heap again, reused without page faults."""
+    dynamic threshold; glibc's own dynamic threshold cannot be had back once set) come from the heap again,
+    reused without page faults."""
     libc = _glibc()
     if libc and _mmapped:
         libc.mallopt(M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD)

@@ -7,8 +7,10 @@ output comes a few seconds after the command. ``--pipeline auto`` takes this pat
 - joins no cluster (no --ray-address, no RAY_ADDRESS, as `ray job submit` sets, and no Ray already started in this
   process, as in a notebook that called ray.init or a test session),
 - runs on CPUs (a GPU machine keeps the split pipeline, whose codecs run beside the model),
-- and is small: listed in full when its first shard is ready, at most :data:`MAX_INPUTS` inputs and
-  :data:`MAX_SOURCE_BYTES` of sources (on 2 CPUs, Ray's start-up is then a large share of the run).
+- is small: listed in full when its first shard is ready, at most :data:`MAX_INPUTS` inputs and
+  :data:`MAX_SOURCE_BYTES` of sources, every size known (on 2 CPUs, Ray's start-up is then a large share of it),
+- and follows no in-process run of this DST that was killed (a run folder with :data:`MARK` and no summary): an
+  input that kills its process (out of memory) would kill every rerun too, where on Ray it ends as a row.
 
 ``--pipeline in-process`` asks for it whatever the size; ``fused`` or ``split`` always run on Ray. Design notes:
 imgxlate/infer/DESIGN.md, "Small runs in this process"."""
@@ -30,9 +32,13 @@ from imgxlate.infer.feeder import take
 from imgxlate.infer.plan import Shard
 from imgxlate.infer.run import Run
 from imgxlate.infer.stages import NOT_STARTED, unseal
+from imgxlate.io import manifest, storage
+from imgxlate.io.listing import redact_text
+from imgxlate.log import log
 
 MAX_INPUTS = 10_000             # one shard, by default
 MAX_SOURCE_BYTES = 64 << 20
+MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
 def chosen(run: Run) -> str | None:
@@ -48,10 +54,41 @@ def chosen(run: Run) -> str | None:
     deadline = time.monotonic() + 0.2           # a listing that fitted in the first shard ends right after it
     while not plan.listing_done and time.monotonic() < deadline:
         time.sleep(0.005)
-    if not plan.listing_done or plan.listed > MAX_INPUTS or plan.source_bytes > MAX_SOURCE_BYTES:
+    if not plan.listing_done or plan.listed > MAX_INPUTS or plan.source_bytes > MAX_SOURCE_BYTES \
+            or plan.unknown_sizes:
+        return None
+    if killed := killed_runs(cfg.dst):
+        log(f"run {killed[-1]} ran in its driver's process and was killed (out of memory?): this run starts Ray, "
+            f"where an input that kills its process gets a model_error row")
         return None
     return (f"a small run ({plan.listed} inputs, {plan.source_bytes / 1e6:.1f} MB) runs in this process without "
             f"Ray; --pipeline fused runs it on Ray")
+
+
+def killed_runs(dst: str) -> list[str]:
+    """Runs of DST that ran in their driver's process and have no summary (killed), oldest first."""
+    import posixpath
+
+    fs, root = storage.filesystem(manifest.manifest_root(dst))
+    try:
+        marked = fs.glob(posixpath.join(root, "*", MARK))
+    except FileNotFoundError:
+        return []
+    done = set(manifest.runs(dst))
+    return sorted(r for r in (posixpath.basename(posixpath.dirname(p)) for p in marked) if r not in done)
+
+
+def cpus() -> int:
+    """This process's CPUs: its affinity, within a cgroup v2 CPU quota (a container's limit), as Ray counts them."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 class _Draining:
@@ -61,6 +98,7 @@ class _Draining:
         self.run = run
 
     def is_set(self) -> bool:
+        self.run.check_lease()                  # a lost lease drains the run as a SIGTERM would, mid-block too
         return self.run.drain.stopping
 
 
@@ -74,13 +112,14 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     from imgxlate.infer.stages import FusedStage
 
     cfg = run.cfg
-    threads = cfg.threads_per_actor or cfg.num_cpus or len(os.sched_getaffinity(0))
+    threads = cfg.threads_per_actor or cfg.num_cpus or cpus()
     rcfg = dataclasses.replace(cfg, pipeline="in-process", actors=1, max_actors=1, gpus_per_actor=0,
                                cpus_per_actor=float(threads), threads_per_actor=threads)
     raydata.check_precision(rcfg, run.meta)     # (fp16 needs a GPU: refused as on Ray)
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
     heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
+    storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")   # (killed_runs)
     try:
         stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
         shards = first
@@ -102,7 +141,18 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     finally:
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
+    if not run.drain.stopping and run.book.failure is None:
+        _no_input_without_a_row(run)
     return rcfg
+
+
+def _no_input_without_a_row(run: Run) -> None:
+    """Every input of a finished run has a row: one no stage returned a row for (never expected) gets a
+    model_error row, as the lost-block retry gives one on Ray."""
+    lost = [r for sid in list(run.book.open) for r in run.book.dropped(sid)]
+    if lost:
+        run.add(failed_rows(run.meta, lost, "no stage returned a row for this input (a bug: please report it)"))
+        run.book.flush_all()
 
 
 def _rows(stage, block: pa.Table, meta: dict) -> pa.Table:
@@ -113,5 +163,5 @@ def _rows(stage, block: pa.Table, meta: dict) -> pa.Table:
         return stage(block)
     except Exception as e:
         if block.num_rows == 1:
-            return failed_rows(meta, block.to_pylist(), f"{type(e).__name__}: {e}")
+            return failed_rows(meta, block.to_pylist(), redact_text(f"{type(e).__name__}: {e}"))
         return pa.concat_tables([_rows(stage, block.slice(i, 1), meta) for i in range(block.num_rows)])

@@ -84,8 +84,11 @@ def _write_stream(uri: str, chunks: Iterator[bytes], dst: str) -> int:
                 yield c
 
         writes = storage.LocalWrites(storage.temporaries_dir(dst))
-        writes.write(storage.local_path(uri), counted())
-        if failed := writes.sync():
+        try:
+            writes.write(storage.local_path(uri), counted())
+        finally:
+            failed = writes.sync()              # (also closes what it opened when the write failed)
+        if failed:
             raise next(iter(failed.values()))
         return sum(sizes)
     fs, path = storage.filesystem(uri)

@@ -170,6 +170,7 @@ class Planner:
         self.listed = 0                   # inputs listed so far
         self.listing_s: float | None = None   # seconds the listing took, once it is done
         self.source_bytes = 0
+        self.unknown_sizes = 0            # inputs listed without a size (a manifest SRC of URIs)
         self.stopped = threading.Event()
         self.t0 = time.time()
         self.thread = threading.Thread(target=self._run, daemon=True, name="imgxlate-plan")
@@ -218,6 +219,7 @@ class Planner:
                 return
             self.listed += 1
             self.source_bytes += max(it.size, 0)
+            self.unknown_sizes += it.size < 0
             yield it
 
     def _unit_shards(self) -> Iterator[tuple[list[Item], str, str]]:
@@ -233,6 +235,7 @@ class Planner:
                 members = members[:self.limit - self.listed]
             self.listed += len(members)
             self.source_bytes += sum(max(it.size, 0) for it in members if not it.error)
+            self.unknown_sizes += sum(it.size < 0 for it in members if not it.error)
             if members:
                 yield members, "unit", unit.key
 
@@ -370,10 +373,7 @@ class Planner:
         out_uri = None
         if self.whole:                           # one object for the shard: redone whole, so nothing is skipped
             ext = ".tar" if self.output_format == "webdataset" else ".parquet"
-            try:                                 # the tar's (Parquet file's) key as its members' output keys
-                safe_tar = keys.dst_key(tar_key) if tar_key else None   # have it (out of DST/_manifest/)
-            except ValueError:                   # then every member's key is unsafe too: write_error rows
-                safe_tar = None
+            safe_tar = keys.member_prefix(tar_key) if tar_key else None
             stem = safe_tar.rsplit(".", 1)[0] if safe_tar and safe_tar.lower().endswith((".tar", ".parquet")) \
                 else safe_tar
             name = f"{stem}{ext}" if safe_tar else f"shard-{sid}{ext}"

@@ -47,6 +47,15 @@ def dst_key(key: str) -> str:
     return f"{head}_/{tail}" if head.casefold() == MANIFEST_DIR and sep else s
 
 
+def member_prefix(unit_key: str) -> str | None:
+    """A tar's (or Parquet file's) key as the output keys of its members (``<unit_key>/<member>``) start with it,
+    through :func:`dst_key`; None when it is unsafe (then so is every member's key)."""
+    try:
+        return dst_key(unit_key + "/x")[:-2]
+    except ValueError:
+        return None
+
+
 def candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str:
     """The output key at each level of collision resolution, for a/b.jpg -> .png: a/b.png, then
     a/b.jpg.png, then a/b.jpg-<10 hex of sha256(source)>.png, then all 64 hex digits (see :data:`HASH_HEX`)."""
