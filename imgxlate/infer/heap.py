@@ -50,7 +50,7 @@ def arenas() -> bool:
 def steady() -> bool:
     """Set the driver's allocator for a long run on Ray: :func:`arenas`, and blocks of 64 KB and more mmapped and
     handed back when freed. Not for a process that runs the model itself (inprocess.py): every activation tensor
-    would then be a fresh mmap, page-faulted in, which made a model call about 2x slower (:func:`compute` sets a
+    would then be a fresh mmap, page-faulted in, which made a model call 1.3-1.6x slower (:func:`compute` sets a
     threshold for that). Returns whether it could."""
     global _mmapped
     libc = _glibc()
