@@ -1,8 +1,9 @@
 """A small run without Ray: the job's own stages (:class:`~imgxlate.infer.stages.FusedStage`: read, decode, model,
 encode, write) called in the driver's process, block by block, with the same plan, book, lease, drain and summary
-as a run on Ray. Starting Ray and its actors costs about 15 s on a 2-CPU machine (ray.init, then each actor
+as a run on Ray. Starting Ray and its actors costs 20-25 s on a 2-CPU machine (ray.init, then each actor
 importing torch and loading the model), which a run of a few photos never earns back; in this process the first
-output comes a few seconds after the command. ``--pipeline auto`` takes this path for a run that
+output comes a few seconds after the command (3.6 s for the quickstart's photos, against 23-29 s on Ray).
+``--pipeline auto`` takes this path for a run that
 
 - joins no cluster (no --ray-address, no RAY_ADDRESS, as `ray job submit` sets, and no Ray already started in this
   process, as in a notebook that called ray.init or a test session),
@@ -36,7 +37,7 @@ from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact_text
 from imgxlate.log import log
 
-MAX_INPUTS = 10_000             # one shard, by default
+MAX_INPUTS = 1_000              # per-input work is serial here (DESIGN.md: 10k tiny inputs ran at 0.61 of a loop)
 MAX_SOURCE_BYTES = 64 << 20
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
