@@ -13,7 +13,7 @@ import pytest
 
 from imgxlate.artifact import save
 from imgxlate.cli import main
-from imgxlate.infer import inprocess, stages
+from imgxlate.infer import inprocess, pieces, stages
 from imgxlate.models import build
 
 from conftest import photo
@@ -129,3 +129,25 @@ def test_a_stage_that_raises_costs_its_input_a_row_not_its_block(tmp_path, monke
     assert rows[bad]["status"] == "model_error" and rows[bad]["error"] == "RuntimeError: a bug in a stage"
     others = {k: r["status"] for k, r in rows.items() if k != bad}
     assert others == {k: "decode_error" if k == "broken.png" else "ok" for k in others}
+
+
+def test_shard_objects_in_process_are_the_objects_a_run_on_ray_writes(tmp_path, ray_local):
+    """--output-format webdataset / parquet: a shard's one object is assembled from its pieces in-process too, and
+    holds the same members and bytes as on Ray."""
+    src = tmp_path / "src"
+    write_tree(src, {f"d/p{i}.png": png(photo(16 + 4 * i, 20, seed=i)) for i in range(5)})
+    write_tree(src, {"d/broken.png": b"no"})
+    for fmt, ext in (("webdataset", ".tar"), ("parquet", ".parquet")):
+        made = {}
+        for pipeline in ("in-process", "fused"):
+            dst = tmp_path / f"{fmt}-{pipeline}"
+            assert main(["translate", str(src), str(dst), "--model", "bicubic", "--scale", "2", "--output-format", fmt,
+                         "--pipeline", pipeline, "--run-id", "r1"]) == 0
+            assert summary_of(dst, "r1")["resources"]["pipeline"] == pipeline
+            objects = sorted(p.relative_to(dst) for p in dst.rglob(f"*{ext}") if "_manifest" not in p.parts)
+            assert len(objects) == 1 and not [p for p in (dst / "_manifest" / pieces.PIECES_DIR).rglob("*")
+                                              if p.is_file()]                        # its pieces removed
+            made[pipeline] = (objects, {r["key"]: (r["status"], r["output_uri"].rsplit("/", 1)[-1] if r["output_uri"]
+                                                   else None, r["output_sha256"]) for r in rows_of(dst, "r1")})
+        assert made["in-process"] == made["fused"], fmt
+        assert sum(s == "ok" for s, _, _ in made["fused"][1].values()) == 5
