@@ -18,6 +18,7 @@ imgxlate/infer/DESIGN.md, "Small runs in this process"."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -120,7 +121,8 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
     heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
-    storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")   # (killed_runs)
+    with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
+        storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
     try:
         stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
         shards = first
