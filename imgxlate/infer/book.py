@@ -212,6 +212,10 @@ class ShardBook:
             if storage.is_local(self.dst):
                 os.remove(self.reserve_uri())
 
+    def missing(self) -> list[dict]:
+        """Inputs of every open shard that never came back from the pipeline (:meth:`dropped`)."""
+        return [r for sid in list(self.open) for r in self.dropped(sid)]
+
     def dropped(self, sid: str) -> list[dict]:
         """Inputs of an open shard that never came back from the pipeline (a block lost after its retries): its
         inputs (the book keeps open shards' input blocks) less the rows this run has for it (buffered, and in its

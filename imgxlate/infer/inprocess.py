@@ -152,7 +152,7 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
 def _no_input_without_a_row(run: Run) -> None:
     """Every input of a finished run has a row: one no stage returned a row for (never expected) gets a
     model_error row, as the lost-block retry gives one on Ray."""
-    lost = [r for sid in list(run.book.open) for r in run.book.dropped(sid)]
+    lost = run.book.missing()
     if lost:
         run.add(failed_rows(run.meta, lost, "no stage returned a row for this input (a bug: please report it)"))
         run.book.flush_all()

@@ -274,7 +274,7 @@ def retry_lost(run: Run, stop) -> None:
     """Inputs of blocks lost in the pipeline (a block whose model actor died every retry, or whose reader died)
     go through it once more, one input a block, so that one input that kills its actor does not take the rest
     of its block with it; what is lost again gets model_error rows."""
-    lost = [r for sid in list(run.book.open) for r in run.book.dropped(sid)]     # (reads the open shards' parts once)
+    lost = run.book.missing()                  # (reads the open shards' parts once)
     if not lost:
         return
     log(f"{len(lost)} inputs were in blocks lost in the pipeline (an actor or task died); retrying them one "

@@ -395,8 +395,8 @@ class Planner:
                 elif it.offset >= 0:
                     row.update(tar_offset=it.offset, tar_sidecars=it.sidecars,
                                tar_member=it.key[len(tar_key) + 1:])
-                if not _utf8(it.source_uri):
-                    row.update(source_uri=_escaped(source), key=_escaped(it.key), status="read_error",
+                if not keys.is_utf8(it.source_uri):
+                    row.update(source_uri=keys.escaped(source), key=keys.escaped(it.key), status="read_error",
                                error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
                 elif it.error:
                     row.update(source_uri=source, status="read_error", error=it.error)
@@ -439,15 +439,3 @@ def input_table(rows: list[dict], shard: str | None = None, run_id: str | None =
             given[name] = pa.array([value] * n, pa.string())
     return pa.Table.from_arrays([given[f.name] if f.name in given else pa.nulls(n, f.type) for f in INPUT],
                                 schema=INPUT)
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _escaped(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

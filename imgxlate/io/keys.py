@@ -139,3 +139,17 @@ def set_aside(key: str) -> bool:
 def in_manifest_folder(key: str) -> bool:
     """Keys that output_keys moves from _manifest/ to _manifest_/, and their rivals there: kept in one shard."""
     return key.split("/", 1)[0].casefold() in (MANIFEST_DIR, MANIFEST_DIR + "_") and "/" in key
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name (as the listing gave it: undecodable bytes as surrogates) is valid UTF-8."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def escaped(text: str) -> str:
+    """A name that is not valid UTF-8, its bad bytes shown as \\x escapes (for a row that says so)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
