@@ -64,18 +64,32 @@ def test_imresize_constant_image_stays_constant_and_sizes_are_ceil():
     assert out.shape == (3, 2, 3) and (out == 123).all()
 
 
-def test_bicubic_model_equals_imresize_on_uint8_images():
+def test_bicubic_model_equals_imresize_on_uint8_images(monkeypatch):
+    from imgxlate.models import bicubic
+
     lr = photo(20, 17, seed=2)
     x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+
+    def out(scale):
+        return build("bicubic", scale=scale)(x)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+
+    for scale in (2, 3, 4, 0.5):               # small axes: one product with the dense matrix, as imresize
+        np.testing.assert_array_equal(out(scale), metrics.imresize(lr, scale))
+    monkeypatch.setattr(bicubic, "DENSE_MAX", 0)   # large axes gather their taps instead
     for scale in (2, 4):
-        y = build("bicubic", scale=scale)(x)
-        got = y[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(got, metrics.imresize(lr, scale))
+        np.testing.assert_array_equal(out(scale), metrics.imresize(lr, scale))
     # At x3 the kernel weights are thirds, so some samples sit exactly on a .5 rounding tie that
     # summation order decides: allow those to differ by one level.
-    got = build("bicubic", scale=3)(x)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    diff = np.abs(got.astype(int) - metrics.imresize(lr, 3).astype(int))
+    diff = np.abs(out(3).astype(int) - metrics.imresize(lr, 3).astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_bicubic_under_autocast_stays_in_the_input_precision():
+    x = torch.rand(1, 3, 24, 20)
+    model = build("bicubic", scale=2, matlab_uint8=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.float32 and torch.equal(y, model(x))
 
 
 def test_psnr_by_hand_y_channel_and_shave():
