@@ -46,6 +46,7 @@ def test_a_small_run_goes_in_process_and_makes_the_bytes_a_run_on_ray_makes(tmp_
     summary = summary_of(tmp_path / "here", "r1")
     assert summary["resources"]["pipeline"] == "in-process" and summary["counts"] == {"ok": 6, "decode_error": 1}
     assert summary["precision"] == "bf16"
+    assert summary["resources"]["actors"] == min(2, inprocess.cpus())   # tiny inputs: a block per CPU, in threads
     assert main(["translate", str(src), str(tmp_path / "ray"), *map(str, opts), "--pipeline", "fused"]) == 0
     assert summary_of(tmp_path / "ray", "r1")["resources"]["pipeline"] == "fused"
 
@@ -106,6 +107,15 @@ def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch
     assert inprocess.chosen(_run()) is None                         # a notebook's (or a test session's) Ray
     assert main(["translate", str(tmp_path), str(tmp_path / "o"), "--model", "bicubic", "--scale", "2",
                  "--pipeline", "in-process", "--actors", "2"]) == 2          # an option that would do nothing
+
+
+def test_small_inputs_run_a_block_per_cpu_larger_ones_every_thread_on_one():
+    plan = SimpleNamespace(listed=100, source_bytes=100 * inprocess.SMALL_INPUT_BYTES)
+    cfg = SimpleNamespace(compile=False, threads_per_actor=None)
+    assert inprocess.workers(cfg, plan, 4) == 4 and inprocess.workers(cfg, plan, 1) == 1
+    assert inprocess.workers(cfg, SimpleNamespace(listed=100, source_bytes=plan.source_bytes + 1), 4) == 1
+    assert inprocess.workers(SimpleNamespace(compile=True, threads_per_actor=None), plan, 4) == 1
+    assert inprocess.workers(SimpleNamespace(compile=False, threads_per_actor=2), plan, 4) == 1
 
 
 @pytest.mark.parametrize("bad", ["p3.png", "broken.png"])

@@ -23,6 +23,8 @@ import dataclasses
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,6 +42,7 @@ from imgxlate.log import log
 
 MAX_INPUTS = 1_000              # per-input work is serial here (DESIGN.md: 10k tiny inputs ran at 0.61 of a loop)
 MAX_SOURCE_BYTES = 64 << 20
+SMALL_INPUT_BYTES = 64 << 10   # inputs averaging at most this run a block per CPU (see workers)
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
@@ -104,10 +107,22 @@ class _Draining:
         return self.run.drain.stopping
 
 
+def workers(cfg: TranslateConfig, plan, threads: int) -> int:
+    """Blocks run at once in this process: one per CPU, torch on one thread in each, when the inputs are small (on
+    average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the model (read, decode, encode,
+    checksum, write, the row) is most of their time and is serial in one thread, and torch does not split ops that
+    small over threads anyway. Larger inputs run one block at a time on every CPU's threads (the first output
+    sooner). One also under --compile (a compiled model is called from one thread) or --threads-per-actor."""
+    if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
+        return 1
+    return threads if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
+
+
 def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     """Every shard of the plan (``first``, the ones taken already, then the rest) through the stages here, the
-    rows into the book as each block is done; stops taking inputs once the run drains. Returns the config with the
-    resources it ran with (pipeline 'in-process', one model, every CPU's threads)."""
+    rows into the book as each block is done (:func:`workers` blocks at once, in threads); stops taking inputs
+    once the run drains. Returns the config with the resources it ran with (pipeline 'in-process', the workers
+    as its actors)."""
     import torch
 
     from imgxlate.infer import raydata
@@ -115,14 +130,26 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
 
     cfg = run.cfg
     threads = cfg.threads_per_actor or cfg.num_cpus or cpus()
-    rcfg = dataclasses.replace(cfg, pipeline="in-process", actors=1, max_actors=1, gpus_per_actor=0,
-                               cpus_per_actor=float(threads), threads_per_actor=threads)
+    n = workers(cfg, run.plan, threads)
+    rcfg = dataclasses.replace(cfg, pipeline="in-process", actors=n, max_actors=n, gpus_per_actor=0,
+                               cpus_per_actor=float(threads) / n, threads_per_actor=max(1, threads // n))
     raydata.check_precision(rcfg, run.meta)     # (fp16 needs a GPU: refused as on Ray)
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
     heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
         storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
+    pending: deque = deque()                    # blocks in flight, oldest first
+
+    def finish_oldest() -> None:
+        rows = pending.popleft().result()
+        rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
+        if rows.num_rows:
+            run.add(rows)
+        run.check_lease()
+        heap.trim()
+
+    pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block")
     try:
         stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
         shards = first
@@ -134,14 +161,18 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
                 for block, _ in shard.blocks:
                     if run.drain.stopping:      # the shard's other inputs get no row: the next run does them
                         break
-                    rows = _rows(stage, unseal(block), run.meta)
-                    rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
-                    if rows.num_rows:
-                        run.add(rows)
-                    run.check_lease()
-                    heap.trim()
+                    pending.append(pool.submit(_rows, stage, unseal(block), run.meta))
+                    while len(pending) >= n:
+                        finish_oldest()
             shards = take(cfg, run.plan, cfg.queued_inputs, timeout=0.5) if not run.drain.stopping else None
+        while pending:
+            finish_oldest()
     finally:
+        pool.shutdown(wait=True)                # blocks in flight end (a drain stops them between inputs) and
+        for fut in pending:                     # their rows are recorded where the book still takes rows
+            with contextlib.suppress(Exception):
+                rows = fut.result()
+                run.add(rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED)))
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
     if not run.drain.stopping and run.book.failure is None:
