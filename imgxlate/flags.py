@@ -107,12 +107,12 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--queued-inputs", type=int, default=20_000,
                      help="inputs handed to the pipeline ahead of what it has taken (default %(default)s)")
     run.add_argument("--pipeline", choices=["auto", "in-process", "fused", "split"], default="auto",
-                     help="in-process: the same stages in this process, without Ray (one model, every CPU's "
-                          "threads); fused: read, decode, model, encode and write in one model-actor call (no task "
-                          "hops; one actor per --cpus-per-actor); split: read/decode and encode/write tasks around "
-                          "the actors; auto (default): in-process for a small run that joins no cluster (at most "
-                          "1,000 inputs and 64 MB of sources, on CPUs), else fused on CPU actors, split on GPU "
-                          "actors")
+                     help="in-process: the same stages in this process, without Ray (one model; small inputs a "
+                          "block per CPU in threads, larger ones every CPU's threads on one); fused: read, decode, "
+                          "model, encode and write in one model-actor call (no task hops; one actor per "
+                          "--cpus-per-actor); split: read/decode and encode/write tasks around the actors; auto "
+                          "(default): in-process for a small run that joins no cluster (at most 1,000 inputs and "
+                          "64 MB of sources, on CPUs), else fused on CPU actors, split on GPU actors")
 
 
 # ------------------------------------------------------------------------------------------- train

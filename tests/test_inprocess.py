@@ -46,7 +46,7 @@ def test_a_small_run_goes_in_process_and_makes_the_bytes_a_run_on_ray_makes(tmp_
     summary = summary_of(tmp_path / "here", "r1")
     assert summary["resources"]["pipeline"] == "in-process" and summary["counts"] == {"ok": 6, "decode_error": 1}
     assert summary["precision"] == "bf16"
-    assert summary["resources"]["actors"] == min(2, inprocess.cpus())   # tiny inputs: a block per CPU, in threads
+    assert summary["resources"]["actors"] == min(7, inprocess.cpus())   # tiny inputs: a block per CPU, in threads
     assert main(["translate", str(src), str(tmp_path / "ray"), *map(str, opts), "--pipeline", "fused"]) == 0
     assert summary_of(tmp_path / "ray", "r1")["resources"]["pipeline"] == "fused"
 
@@ -113,6 +113,7 @@ def test_small_inputs_run_a_block_per_cpu_larger_ones_every_thread_on_one():
     plan = SimpleNamespace(listed=100, source_bytes=100 * inprocess.SMALL_INPUT_BYTES)
     cfg = SimpleNamespace(compile=False, threads_per_actor=None)
     assert inprocess.workers(cfg, plan, 4) == 4 and inprocess.workers(cfg, plan, 1) == 1
+    assert inprocess.workers(cfg, SimpleNamespace(listed=3, source_bytes=3), 16) == 3    # no more than inputs
     assert inprocess.workers(cfg, SimpleNamespace(listed=100, source_bytes=plan.source_bytes + 1), 4) == 1
     assert inprocess.workers(SimpleNamespace(compile=True, threads_per_actor=None), plan, 4) == 1
     assert inprocess.workers(SimpleNamespace(compile=False, threads_per_actor=2), plan, 4) == 1
@@ -161,3 +162,26 @@ def test_shard_objects_in_process_are_the_objects_a_run_on_ray_writes(tmp_path, 
                                                    else None, r["output_sha256"]) for r in rows_of(dst, "r1")})
         assert made["in-process"] == made["fused"], fmt
         assert sum(s == "ok" for s, _, _ in made["fused"][1].values()) == 5
+
+
+def test_quiet_leaves_the_warning_filters_as_they_were_when_threads_overlap():
+    """catch_warnings swaps process-wide state: threads entering and leaving it out of order (an in-process run's
+    blocks decoding at once) left a filter that silenced every warning for good. imgxlate.log.quiet serialises."""
+    import threading
+    import time
+    import warnings
+
+    from imgxlate.log import quiet
+
+    before = list(warnings.filters)
+
+    def hold(s):
+        with quiet():
+            time.sleep(s)
+
+    threads = [threading.Thread(target=hold, args=(0.05 * (i % 3),)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before

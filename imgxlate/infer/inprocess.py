@@ -115,7 +115,7 @@ def workers(cfg: TranslateConfig, plan, threads: int) -> int:
     sooner). One also under --compile (a compiled model is called from one thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
-    return threads if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
+    return min(threads, plan.listed) if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
 
 
 def stream(run: Run, first: list[Shard]) -> TranslateConfig:
@@ -140,44 +140,62 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
         storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
     pending: deque = deque()                    # blocks in flight, oldest first
+    pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block") if n > 1 else None
+
+    def start(block) -> None:                   # one worker: the block runs here, where a 2nd Ctrl-C stops it
+        args = (stage, unseal(block), run.meta)
+        pending.append(pool.submit(_rows, *args) if pool else _Ran(_rows(*args)))
 
     def finish_oldest() -> None:
-        rows = pending.popleft().result()
+        rows = pending[0].result()
+        pending.popleft()
         rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
         if rows.num_rows:
             run.add(rows)
         run.check_lease()
         heap.trim()
 
-    pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block")
     try:
-        stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
-        shards = first
-        while shards is not None and not run.drain.stopping:
-            for shard in shards:
-                with run.lock:
-                    run.book.add_shard(shard)
-                    run.progress.update(run.book.counts)
-                for block, _ in shard.blocks:
-                    if run.drain.stopping:      # the shard's other inputs get no row: the next run does them
-                        break
-                    pending.append(pool.submit(_rows, stage, unseal(block), run.meta))
-                    while len(pending) >= n:
-                        finish_oldest()
-            shards = take(cfg, run.plan, cfg.queued_inputs, timeout=0.5) if not run.drain.stopping else None
-        while pending:
-            finish_oldest()
+        try:
+            stage = FusedStage(load_kw, save_kw, **settings, gpus=0, where=(None, f"in-process-{os.getpid()}"))
+            shards = first
+            while shards is not None and not run.drain.stopping:
+                for shard in shards:
+                    with run.lock:
+                        run.book.add_shard(shard)
+                        run.progress.update(run.book.counts)
+                    for block, _ in shard.blocks:
+                        if run.drain.stopping:  # the shard's other inputs get no row: the next run does them
+                            break
+                        start(block)
+                        while len(pending) >= n:
+                            finish_oldest()
+                shards = take(cfg, run.plan, cfg.queued_inputs, timeout=0.5) if not run.drain.stopping else None
+            while pending:
+                finish_oldest()
+        finally:
+            if pool:                            # blocks in flight end (a drain stops them between inputs; blocks
+                pool.shutdown(wait=True)        # are small here) and their rows are recorded if the book takes them
+            for fut in pending:
+                with contextlib.suppress(Exception):
+                    rows = fut.result()
+                    run.add(rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED)))
     finally:
-        pool.shutdown(wait=True)                # blocks in flight end (a drain stops them between inputs) and
-        for fut in pending:                     # their rows are recorded where the book still takes rows
-            with contextlib.suppress(Exception):
-                rows = fut.result()
-                run.add(rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED)))
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
     if not run.drain.stopping and run.book.failure is None:
         _no_input_without_a_row(run)
     return rcfg
+
+
+class _Ran:
+    """A block run in this thread, as a future of it."""
+
+    def __init__(self, rows: pa.Table):
+        self.rows = rows
+
+    def result(self) -> pa.Table:
+        return self.rows
 
 
 def _no_input_without_a_row(run: Run) -> None:

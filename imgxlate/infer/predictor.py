@@ -32,7 +32,7 @@ from imgxlate.infer.devices import (  # noqa: F401 (the Predictor's device rules
     sticky_device_error,
 )
 from imgxlate.infer.tiling import run_tiled
-from imgxlate.log import log
+from imgxlate.log import log, quiet
 from imgxlate.models import REGISTRY, build
 
 
@@ -66,8 +66,7 @@ def model_meta(spec: str) -> dict:
 
 def as_tensor(img: np.ndarray) -> torch.Tensor:
     """HxW or HxWxC uint8/uint16 -> (1, 3, H, W) integer view of the same memory (gray repeated, no copy)."""
-    with warnings.catch_warnings():            # read-only arrays (from Arrow buffers) are never written to
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet(UserWarning):                   # read-only arrays (from Arrow buffers) are never written to
         x = torch.from_numpy(np.ascontiguousarray(img))
     x = (x[..., None] if x.ndim == 2 else x[..., :3]).permute(2, 0, 1)[None]
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x

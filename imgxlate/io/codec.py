@@ -14,13 +14,13 @@ import io
 import re
 import sys
 import typing
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from imgxlate.io import png16
+from imgxlate.log import quiet
 
 Image.MAX_IMAGE_PIXELS = None                    # imgxlate applies its own max_pixels guard
 # Pillow refuses a PNG whose iCCP chunk inflates to over 1 MiB (its text-chunk limit): profiles of a few MB are
@@ -171,8 +171,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and set(im.tag_v2.get(258, ())) == {16}:
         return _from_tiff16(data, im)   # ... and these
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             im.load()
     except Exception as e:
         raise DecodeError(f"truncated or corrupt {im.format} data: {e}") from e

@@ -324,6 +324,18 @@ class LocalWrites:
                 self.beside.add(folder)
         self.folders[folder] = dev
 
+    def _up_to_dst(self) -> set[str]:
+        """The folders between each output folder and DST (from ``tmp_dir``, DST/_manifest/_tmp): another writer
+        (a thread, an actor) may have made one and not yet synced its entry; fsync mode syncs them all."""
+        if not self.tmp_dir:
+            return set()
+        dst, up = os.path.dirname(os.path.dirname(self.tmp_dir)), set()
+        for f in self.folders:
+            while f.startswith(dst + os.sep):
+                f = os.path.dirname(f)
+                up.add(f)
+        return up
+
     def sync(self) -> dict[str, OSError]:
         """Make every write so far durable; returns the output folders that could not be synced, with why (their
         files may not survive a crash: record them as failed)."""
@@ -336,7 +348,7 @@ class LocalWrites:
                     except OSError as e:
                         failed.update({f: e for f, d in self.folders.items() if d == dev})
             elif self.mode == "fsync":
-                for folder in sorted(set(self.folders) | self.made, key=len, reverse=True):
+                for folder in sorted(set(self.folders) | self.made | self._up_to_dst(), key=len, reverse=True):
                     try:
                         fsync_folder(folder)
                     except OSError as e:
