@@ -281,6 +281,10 @@ def _first_output_s(dst: str, summary: dict) -> float | None:
 def _row(label: str, n: int, s: dict, naive_rate: float, first: float | None, pool_rate: float = 0.0) -> dict:
     ok = s["counts"].get("ok", 0)
     rate = ok / s["wall_s"] if s["wall_s"] else 0
+    res = s.get("resources") or {}
+    if res.get("pipeline"):                     # where it ran: in-process (its threads) or on Ray (its actors)
+        unit = "threads" if res["pipeline"] == "in-process" else "actors"
+        label += f" ({res['pipeline']}, {res.get('actors')} {unit})"
     return {"source": label, "inputs": n, "listing_s": s.get("listing_s"), "first_output_s": first,
             "wall_s": s["wall_s"], "img_s": round(rate, 1), "naive_img_s": round(naive_rate, 1),
             "job_vs_naive": round(rate / naive_rate, 3) if naive_rate else None,
