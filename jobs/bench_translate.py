@@ -56,14 +56,14 @@ def make_photos(src_photos: list[str], dst: str, n: int, size: tuple[int, int]) 
     return paths
 
 
-def model_only(model_uri: str, paths: list[str], threads: int, tile: int) -> float:
+def model_only(model_uri: str, paths: list[str], threads: int, tile: int, amp: str = "auto") -> float:
     import torch
 
     from imgxlate.infer.predictor import PredictOptions, Predictor
     from imgxlate.io import codec
 
     torch.set_num_threads(threads)
-    pred = Predictor(model_uri, options=PredictOptions(tile=tile))
+    pred = Predictor(model_uri, options=PredictOptions(tile=tile, amp=amp))
     decoded = [codec.decode(open(p, "rb").read()) for p in paths]
     pred.run([(decoded[0].pixels[:64, :64], None)])                # warm-up
     t0 = time.perf_counter()
@@ -72,14 +72,15 @@ def model_only(model_uri: str, paths: list[str], threads: int, tile: int) -> flo
     return len(decoded) / (time.perf_counter() - t0)
 
 
-def model_only_batched(model_uri: str, paths: list[str], threads: int, tile: int, batch: int) -> float:
+def model_only_batched(model_uri: str, paths: list[str], threads: int, tile: int, batch: int,
+                       amp: str = "auto") -> float:
     import torch
 
     from imgxlate.infer.predictor import PredictOptions, Predictor
     from imgxlate.io import codec
 
     torch.set_num_threads(threads)
-    pred = Predictor(model_uri, options=PredictOptions(tile=tile))
+    pred = Predictor(model_uri, options=PredictOptions(tile=tile, amp=amp))
     decoded = [(d.pixels, d.alpha) for d in (codec.decode(open(p, "rb").read()) for p in paths)]
     pred.run(decoded[:1])
     t0 = time.perf_counter()
@@ -98,7 +99,8 @@ if limit:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 torch.set_num_threads(int(sys.argv[3]))
 model = load(sys.argv[1])
-paths = sys.argv[5:]
+amp = sys.argv[5] == "bf16"             # the loop under bf16 autocast, as a user would add it
+paths = sys.argv[6:]
 out = sys.argv[2]
 os.makedirs(out, exist_ok=True)
 t0 = time.perf_counter()
@@ -106,8 +108,8 @@ try:
     for p in paths:
         data = open(p, "rb").read()
         img = np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB"))
-        with torch.inference_mode():
-            y = to_uint8(model(to_tensor(img)))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = to_uint8(model(to_tensor(img)).float())
         Image.fromarray(y).save(os.path.join(out, os.path.basename(p) + ".png"))
     print("RESULT", len(paths) / (time.perf_counter() - t0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 except (MemoryError, RuntimeError) as e:
@@ -115,8 +117,9 @@ except (MemoryError, RuntimeError) as e:
 """
 
 
-def naive(model_uri: str, paths: list[str], out: str, threads: int, mem_limit: int = 0) -> tuple[str, float, int]:
-    r = subprocess.run([sys.executable, "-c", NAIVE, model_uri, out, str(threads), str(mem_limit), *paths],
+def naive(model_uri: str, paths: list[str], out: str, threads: int, mem_limit: int = 0,
+          amp: str = "off") -> tuple[str, float, int]:
+    r = subprocess.run([sys.executable, "-c", NAIVE, model_uri, out, str(threads), str(mem_limit), amp, *paths],
                        capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith(("RESULT", "OOM"))), None)
     if line is None:
@@ -127,12 +130,15 @@ def naive(model_uri: str, paths: list[str], out: str, threads: int, mem_limit: i
     return "ok", float(rate), int(rss)
 
 
-def run_job(model_uri: str, src: str, dst: str, tile: int, batch: int) -> float:
+def run_job(model_uri: str, src: str, dst: str, tile: int, batch: int, amp: str = "auto") -> float:
     from imgxlate.infer import job
 
-    s = job.run(job.TranslateConfig(src=src, dst=dst, model=model_uri, tile=tile, batch_size=batch,
+    s = job.run(job.TranslateConfig(src=src, dst=dst, model=model_uri, tile=tile, batch_size=batch, amp=amp,
                                     progress_every_s=30))
     ok = s["counts"].get("ok", 0)
+    res = s.get("resources") or {}
+    print(json.dumps({"job": {k: res.get(k) for k in ("pipeline", "actors", "threads_per_actor")},
+                      "precision": s.get("precision")}), flush=True)
     return ok / s["wall_s"]
 
 
@@ -430,6 +436,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for all three (the job's actor uses 1 CPU)")
     ap.add_argument("--tile", type=int, default=None, help="default: the job's (256 on CPU)")
     ap.add_argument("--batch", type=int, default=8, help="images per model-actor call")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                    help="precision of the bound, the job and the loop (bf16: autocast in the loop too; auto is fp32 "
+                    "here: the random-weight model records no bf16 cost)")
     ap.add_argument("--nf", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--naive-mem-limit-gb", type=float, default=16)
@@ -449,7 +458,7 @@ def main(argv=None) -> int:
     save(build("sr", nf=args.nf, n_blocks=args.blocks, scale=2), model_uri,
          provenance={"note": "random weights, for speed measurements only"})
     results = {"machine": f"{os.cpu_count()} CPUs", "threads": args.threads,
-               "model": f"sr nf={args.nf} blocks={args.blocks} x2 (random weights)"}
+               "model": f"sr nf={args.nf} blocks={args.blocks} x2 (random weights)", "amp": args.amp}
 
     import ray
 
@@ -458,14 +467,15 @@ def main(argv=None) -> int:
     for name, n, size in (("small", args.n_small, (256, 192)), ("large", args.n_large, (3000, 2000))):
         src = os.path.join(out, f"photos_{name}")
         paths = make_photos(photos, src, n, size)
-        bound = (model_only_batched(model_uri, paths, args.threads, args.tile, args.batch) if name == "small"
-                 else model_only(model_uri, paths, args.threads, args.tile))
+        bound = (model_only_batched(model_uri, paths, args.threads, args.tile, args.batch, args.amp)
+                 if name == "small" else model_only(model_uri, paths, args.threads, args.tile, args.amp))
         status, naive_rate, naive_rss = naive(model_uri, paths, os.path.join(out, f"naive_{name}"), args.threads,
-                                              int(args.naive_mem_limit_gb * 2**30))
+                                              int(args.naive_mem_limit_gb * 2**30), args.amp)
         t0 = time.perf_counter()                 # Ray runs only while the job does: it would compete
         rayenv.start_or_join("local")
         results[f"ray_start_s_{name}"] = round(time.perf_counter() - t0, 2)
-        job_rate = run_job(model_uri, src, os.path.join(out, f"job_{name}_{int(time.time())}"), args.tile, args.batch)
+        job_rate = run_job(model_uri, src, os.path.join(out, f"job_{name}_{int(time.time())}"), args.tile, args.batch,
+                           args.amp)
         ray.shutdown()
         results[name] = {
             "n": n, "size": f"{size[0]}x{size[1]}", "model_only_img_s": round(bound, 3),
