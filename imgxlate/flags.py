@@ -111,7 +111,7 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                           "block per CPU in threads, larger ones every CPU's threads on one); fused: read, decode, "
                           "model, encode and write in one model-actor call (no task hops; one actor per "
                           "--cpus-per-actor); split: read/decode and encode/write tasks around the actors; auto "
-                          "(default): in-process for a small run that joins no cluster (at most 1,000 inputs and "
+                          "(default): in-process for a small run that joins no cluster (at most 10,000 inputs and "
                           "64 MB of sources, on CPUs), else fused on CPU actors, split on GPU actors")
 
 

@@ -40,7 +40,7 @@ from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact_text
 from imgxlate.log import log
 
-MAX_INPUTS = 1_000              # per-input work is serial here (DESIGN.md: 10k tiny inputs ran at 0.61 of a loop)
+MAX_INPUTS = 10_000             # 10k 32-64 px PNGs: 23 s here (a block per CPU), 38 s on Ray (jobs/RESULTS.md)
 MAX_SOURCE_BYTES = 64 << 20
 SMALL_INPUT_BYTES = 64 << 10   # inputs averaging at most this run a block per CPU (see workers)
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
