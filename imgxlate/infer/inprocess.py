@@ -146,12 +146,14 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
         args = (stage, unseal(block), run.meta)
         pending.append(pool.submit(_rows, *args) if pool else _Ran(_rows(*args)))
 
-    def finish_oldest() -> None:
-        rows = pending[0].result()
-        pending.popleft()
+    def record(rows: pa.Table) -> None:         # (an input the drain kept from starting gets no row)
         rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
         if rows.num_rows:
             run.add(rows)
+
+    def finish_oldest() -> None:
+        record(pending[0].result())
+        pending.popleft()
         run.check_lease()
         heap.trim()
 
@@ -178,8 +180,7 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
                 pool.shutdown(wait=True)        # are small here) and their rows are recorded if the book takes them
             for fut in pending:
                 with contextlib.suppress(Exception):
-                    rows = fut.result()
-                    run.add(rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED)))
+                    record(fut.result())
     finally:
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
