@@ -35,8 +35,8 @@ COLUMNS = ("status", "error", "warning", "source_bytes", "source_width", "source
            "model_sha256", "task", "recipe", "precision", "t_decode_s", "t_model_s", "t_encode_s")
 
 # TranslateConfig's fields that decide what MapImages makes (the others are about files, runs and Ray).
-OPTIONS = ("scale", "format", "quality", "max_pixels", "max_output_pixels", "tile", "overlap", "amp", "compile",
-           "cutout", "batch_size")
+OPTIONS = ("scale", "format", "quality", "png_level", "max_pixels", "max_output_pixels", "tile", "overlap", "amp",
+           "compile", "cutout", "batch_size")
 
 
 class MapImages:
@@ -143,7 +143,7 @@ class MapImages:
         for row in rows:
             row["model_id"], row["model_sha256"] = self.meta["model_id"], self.meta["sha256"]
             row["task"], row["recipe"] = self.meta["task"], self.recipe
-            out = encode_row(row, self.cfg.format, self.cfg.quality)
+            out = encode_row(row, self.cfg.format, self.cfg.quality, self.cfg.png_level)
             if out is not None:
                 row["status"], row["output_bytes"] = "ok", len(out)
                 row["output_sha256"] = hashlib.sha256(out).hexdigest()

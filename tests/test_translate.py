@@ -132,8 +132,8 @@ def test_rerun_skips_done_and_retries_failed(tmp_path, ray_local):
     assert second["counts"] == {"ok": 1, "skipped_done": 2}
     assert rows["a/0.png"]["status"] == "ok" and rows["a/0.png"]["attempt"] == 2
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # done outputs untouched
-    third = run(src, dst, scale=2)
-    assert third["counts"] == {"skipped_done": 3}
+    third = run(src, dst, scale=2, png_level=9)                    # zlib's level is no part of the recipe:
+    assert third["counts"] == {"skipped_done": 3}                  # same pixels, so nothing to redo
     assert sorted(p.name for p in (dst / "a").iterdir()) == ["0.png", "1.png", "2.png"]
 
 
@@ -141,6 +141,20 @@ def _png(im):
     buf = io.BytesIO()
     im.save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_png_level_changes_the_size_never_the_pixels():
+    rgb = photo(64, 80, seed=5)
+    alpha = photo(64, 80, seed=6, channels=1)
+    for px, a in ((rgb, None), (rgb, alpha), (rgb.astype(np.uint16) * 257, None), (alpha.astype(np.uint16) * 3, None)):
+        sizes = {}
+        for level in (0, codec.PNG_LEVEL, 9):
+            data = codec.encode(px, a, "png", png_level=level)
+            back = codec.decode(data)
+            assert np.array_equal(back.pixels, px) and (a is None or np.array_equal(back.alpha, a)), level
+            sizes[level] = len(data)
+        assert sizes[0] > sizes[codec.PNG_LEVEL] >= sizes[9], (px.dtype, sizes)
+    assert codec.PNG_LEVEL == 1                                    # as OpenCV writes PNG (see codec.PNG_LEVEL)
 
 
 def test_tiled_equals_untiled_through_the_job(tmp_path, ray_local):

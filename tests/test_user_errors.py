@@ -120,6 +120,7 @@ def test_options_that_would_give_wrong_pixels_are_refused_with_the_rule(tmp_path
              ("--format", "jpeg", "--quality", "0"): "--quality 0 is out of range: JPEG and WebP quality runs from 1",
              ("--format", "webp", "--quality", "101"): "--quality 101 is out of range",
              ("--quality", "-5"): "PNG is lossless and takes none",
+             ("--png-level", "10"): "--png-level 10 is out of range: zlib's levels run from 0",
              ("--overlap", "-8"): "--overlap -8 is too small: tiles must overlap by at least 8 px",
              ("--overlap", "0"): "--overlap 0 is too small",
              ("--tile", "0"): "--tile 0 is too small: a tile must be at least 16 px",

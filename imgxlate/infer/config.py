@@ -46,6 +46,7 @@ class TranslateConfig:
     output_format: str = "files"         # files (one object per input), webdataset (one tar per shard) or parquet
                                          # (one Parquet file per shard: manifest columns + the output's bytes)
     quality: int = 95
+    png_level: int = codec.PNG_LEVEL     # zlib level of PNG outputs: size and time, not pixels (so not in the recipe)
     extensions: tuple[str, ...] = listing.IMAGE_EXTS
     limit: int | None = None
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
@@ -162,7 +163,7 @@ def stage_settings(cfg: TranslateConfig, meta: dict, stop=None) -> tuple[dict, d
 
     env = {"AWS_ENDPOINT_URL": storage.endpoint_from_env() or ""}
     load_kw = {"max_pixels": cfg.max_pixels, "env": env, "image_column": cfg.image_column}
-    save_kw = {"fmt": cfg.format, "quality": cfg.quality, "model_id": meta["model_id"],
+    save_kw = {"fmt": cfg.format, "quality": cfg.quality, "png_level": cfg.png_level, "model_id": meta["model_id"],
                "model_sha256": meta["sha256"], "task": meta["task"], "env": env,
                "tmp_dir": storage.temporaries_dir(cfg.dst), "pieces_dir": pieces.pieces_dir(cfg.dst)}
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(meta), "cutout": cfg.cutout,
@@ -317,6 +318,9 @@ def check_pixel_options(cfg: TranslateConfig) -> None:
     if not 1 <= cfg.quality <= 100:
         raise JobError(f"--quality {cfg.quality} is out of range: JPEG and WebP quality runs from 1 (smallest "
                        f"files) to 100 (best); PNG is lossless and takes none")
+    if not 0 <= cfg.png_level <= 9:
+        raise JobError(f"--png-level {cfg.png_level} is out of range: zlib's levels run from 0 (stored, fastest) to 9 "
+                       f"(smallest); the pixels are the same at every level")
     if cfg.overlap < MIN_OVERLAP:
         raise JobError(f"--overlap {cfg.overlap} is too small: tiles must overlap by at least {MIN_OVERLAP} px, "
                        f"or the pixels of a tile that saw its edge show as seams (default {DEFAULT_OVERLAP})")

@@ -388,7 +388,7 @@ def _write(uris: list[str], datas: list[bytes], tmp_dir: str | None) -> list[tup
             for p, (res, t) in zip(paths, wrote)]
 
 
-def encode_row(row: Row, fmt: str, quality: int) -> bytes | None:
+def encode_row(row: Row, fmt: str, quality: int, png_level: int = codec.PNG_LEVEL) -> bytes | None:
     """The encoded output of a row the model made (None for a failed row, or when encoding failed: then the row
     says so, as a write_error). Never raises."""
     if row.get("status"):
@@ -399,7 +399,7 @@ def encode_row(row: Row, fmt: str, quality: int) -> bytes | None:
         row["warning"] = "; ".join(w for w in (row.get("warning"), lost) if w)
     t0 = time.perf_counter()
     try:
-        data = codec.encode(px, alpha, fmt, quality, row.get("icc"))
+        data = codec.encode(px, alpha, fmt, quality, row.get("icc"), png_level)
     except Exception as e:
         fail_row(row, "write_error", f"encode failed: {type(e).__name__}: {e}")
         return None
@@ -408,7 +408,8 @@ def encode_row(row: Row, fmt: str, quality: int) -> bytes | None:
 
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
-         env: dict, tmp_dir: str | None = None, pieces_dir: str | None = None) -> pa.Table:
+         env: dict, tmp_dir: str | None = None, pieces_dir: str | None = None,
+         png_level: int = codec.PNG_LEVEL) -> pa.Table:
     """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Rows bound for a shard's one
     object (``out_member`` set) are written together as one piece under ``pieces_dir`` (see
     :mod:`imgxlate.infer.pieces`). Returns manifest rows (no pixels); an ``ok`` row's output is durable."""
@@ -417,7 +418,7 @@ def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: s
     out = []                                       # (row index, encoded bytes)
     for i, row in enumerate(rows):
         row["model_id"], row["model_sha256"], row["task"] = model_id, model_sha256, task
-        if (data := encode_row(row, fmt, quality)) is not None:
+        if (data := encode_row(row, fmt, quality, png_level)) is not None:
             out.append((i, data))
     whole = [(i, d) for i, d in out if rows[i].get("out_member")]
     out = [(i, d) for i, d in out if not rows[i].get("out_member")]

@@ -28,6 +28,10 @@ Image.MAX_IMAGE_PIXELS = None                    # imgxlate applies its own max_
 PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, png16.MAX_ICC_BYTES)
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# zlib's level for PNG outputs: 1, as OpenCV writes PNG by default. Pillow's own default (6) makes files 2-9%
+# smaller and takes 2.3-3.3x as long (96 px: 1.2 vs 2.7 ms; 512 px: 30 vs 100 ms), which on small photos is as
+# long as a bf16 model takes (jobs/RESULTS.md). --png-level sets it.
+PNG_LEVEL = 1
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 DEFAULT_MAX_PIXELS = 64_000_000
 # The largest profile a JPEG holds: 255 APP2 segments of 65,519 bytes (Pillow writes a larger one as a profile no
@@ -238,10 +242,11 @@ def profile_lost(fmt: str, pixels: np.ndarray, icc: bytes | None) -> str | None:
 
 
 def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png", quality: int = 95,
-           icc: bytes | None = None) -> bytes:
+           icc: bytes | None = None, png_level: int = PNG_LEVEL) -> bytes:
     """Encode HxW / HxWx3 pixels (+ optional HxW alpha). 16-bit is kept for PNG; JPEG and WebP are
     8-bit. JPEG cannot hold alpha: the image is composited over white (never black). The profile is written
-    unless :func:`profile_lost` says the format cannot hold it."""
+    unless :func:`profile_lost` says the format cannot hold it. ``png_level``: zlib's level for PNG (0-9), which
+    changes the file's size and the time to write it, never its pixels."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
     if profile_lost(fmt, pixels, icc):
@@ -252,7 +257,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png"
         planes = [pixels[..., None] if pixels.ndim == 2 else pixels]
         if alpha is not None:
             planes.append(alpha.astype(np.uint16)[..., None])
-        return png16.encode(np.concatenate(planes, axis=2), icc)
+        return png16.encode(np.concatenate(planes, axis=2), icc, png_level)
     if fmt == "png" and pixels.dtype == np.uint16:
         im = Image.fromarray(pixels)                           # 16-bit gray: I;16
     else:
@@ -273,6 +278,8 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png"
     kwargs = {"icc_profile": icc} if icc else {}
     if fmt in ("jpeg", "webp"):
         kwargs["quality"] = quality
+    elif fmt == "png":
+        kwargs["compress_level"] = png_level
     buf = io.BytesIO()
     im.save(buf, FORMATS[fmt], **kwargs)
     return buf.getvalue()
