@@ -371,7 +371,7 @@ def vs_off(rows: list[dict]) -> None:
 def render(result: dict) -> str:
     rows, first = result["rows"], result["rows"][0]
     res = first.get("job_resources") or {}
-    lines = [f"Machine: {result['machine']}.",
+    lines = [f"Machine: {result['machine']}." + (" torch.compile in both." if result["compile"] else ""),
              f"Model-only: one process, torch at {result['threads']} thread(s), Predictor.run in calls of "
              f"{result['batch']} images. Job: {res.get('pipeline')} pipeline, {res.get('actors')} model actor(s) x "
              f"{res.get('threads_per_actor')} thread(s), {res.get('gpus_per_actor') or 0} GPU each; local Ray "
@@ -385,7 +385,8 @@ def render(result: dict) -> str:
         busy = "" if r.get("gpu_busy") is None else f"{100 * r['gpu_busy']:.0f}%"
         lines.append(f"| {r['model']} | {r['n']} x {r['input']}{r['note']} | {r['amp']} | {precision} | "
                      f"{r['model_only_img_s']:.3g} | {r['model_only_mp_s']:.3g} | {r['model_only_vs_off'] or ''} | "
-                     f"{r['job_img_s']:.3g} | {r['job_vs_model_only']:.2f} | {busy} |")
+                     + (f"{r['job_img_s']:.3g} | {r['job_vs_model_only']:.2f} | {busy} |" if "job_img_s" in r
+                        else "(no job) | | |"))
     notes = sorted({f"{r['model']} amp={r['amp']}: {r['precision_reason']}" for r in rows if r["precision_reason"]})
     same = sorted({f"{r['model']} amp={r['amp']} = amp={r['same_as']}" for r in rows if r.get("same_as")})
     if same:
@@ -403,6 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-hd", type=int, help="HD images (default: 2 on CPU, 24 on GPU)")
     ap.add_argument("--hd", help="HD input size WxH (default: 1920x1080 on GPU, 640x360 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile in both (PredictOptions.compile)")
+    ap.add_argument("--model-only", action="store_true", help="the model-only bound alone, no job (e.g. to compare "
+                    "--compile with eager: each job actor would compile again)")
     ap.add_argument("--unet", help="a trained U-Net artifact to use instead of random weights (imgxlate train seg)")
     ap.add_argument("--no-reuse", action="store_true", help="measure an amp even when an earlier one of the same "
                     "model ran at the same precision")
@@ -424,7 +427,7 @@ def main(argv=None) -> int:
     busy = GpuBusy().start() if device == "cuda" else None
     try:
         rows, src = bounds(args, specs, device, busy)
-        ray_start_s = jobs(args, rows, src, busy)
+        ray_start_s = None if args.model_only else jobs(args, rows, src, busy)
     finally:
         if busy:
             busy.stop()

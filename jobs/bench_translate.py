@@ -1,11 +1,13 @@
 r"""Benchmark the batch job against (a) the model-only bound and (b) a naive sequential loop.
 
-All three run in one invocation on the same machine with the same model and torch thread count:
+All run in one invocation on the same machine with the same model:
 
-  model-only  the model on pre-decoded tensors in one process (tiled as the job tiles)
+  model-only  the model on pre-decoded pixels (tiled as the job tiles), each bound in its own processes, all
+              started together after a warm-up: one process at --threads (what one model actor has), and the
+              whole machine (a process per worker, or one process on every thread: the better of the two)
   naive       read, decode, model (whole image, no tiling), encode, write, one image at a time
-  job         `imgxlate translate` on local Ray: read/decode and encode/write tasks around one
-              model actor with the same thread count
+  job         `imgxlate translate` in its own process, per --pipelines arm: auto (as a user runs it: in this
+              process's threads for runs this small) and fused (on Ray, 1-CPU actors)
 
 Printed as images/s and ratios, for small (~256 px) and large (~3000 px) photos, plus the peak
 memory of a 6000x4000 input with tiling (and whether the untiled naive path fits in memory).
@@ -56,37 +58,41 @@ def make_photos(src_photos: list[str], dst: str, n: int, size: tuple[int, int]) 
     return paths
 
 
-def model_only(model_uri: str, paths: list[str], threads: int, tile: int, amp: str = "auto") -> float:
-    import torch
+BOUND = r"""
+import json, sys, time, torch
+from imgxlate.infer.predictor import PredictOptions, Predictor
+from imgxlate.io import codec
+kw = json.loads(sys.argv[1])
+torch.set_num_threads(kw["threads"])
+pred = Predictor(kw["model"], options=PredictOptions(tile=kw["tile"], amp=kw["amp"]))
+decoded = [(d.pixels, d.alpha) for d in (codec.decode(open(p, "rb").read()) for p in kw["paths"])]
+pred.run(decoded[:1])                      # warm-up: the first call of a shape builds its kernels
+print("READY", flush=True)
+sys.stdin.readline()                       # every process starts at once
+t0 = time.time()
+for i in range(0, len(decoded), kw["batch"]):
+    pred.run(decoded[i:i + kw["batch"]])
+print("RESULT", t0, time.time(), flush=True)
+"""
 
-    from imgxlate.infer.predictor import PredictOptions, Predictor
-    from imgxlate.io import codec
 
-    torch.set_num_threads(threads)
-    pred = Predictor(model_uri, options=PredictOptions(tile=tile, amp=amp))
-    decoded = [codec.decode(open(p, "rb").read()) for p in paths]
-    pred.run([(decoded[0].pixels[:64, :64], None)])                # warm-up
-    t0 = time.perf_counter()
-    for d in decoded:                                            # one image at a time, like the actor's
-        pred.run([(d.pixels, d.alpha)])                          # large-image path; small ones batch below
-    return len(decoded) / (time.perf_counter() - t0)
-
-
-def model_only_batched(model_uri: str, paths: list[str], threads: int, tile: int, batch: int,
-                       amp: str = "auto") -> float:
-    import torch
-
-    from imgxlate.infer.predictor import PredictOptions, Predictor
-    from imgxlate.io import codec
-
-    torch.set_num_threads(threads)
-    pred = Predictor(model_uri, options=PredictOptions(tile=tile, amp=amp))
-    decoded = [(d.pixels, d.alpha) for d in (codec.decode(open(p, "rb").read()) for p in paths)]
-    pred.run(decoded[:1])
-    t0 = time.perf_counter()
-    for i in range(0, len(decoded), batch):
-        pred.run(decoded[i:i + batch])
-    return len(decoded) / (time.perf_counter() - t0)
+def model_only(model_uri: str, paths: list[str], threads: int, tile: int | None, batch: int, amp: str = "auto",
+               procs: int = 1) -> float:
+    """The model alone on pre-decoded pixels (as the job's model stage gets them, ``batch`` images a call; 1 for
+    large images, which the job tiles one at a time): ``procs`` processes of ``threads`` torch threads at once,
+    each over its share of ``paths``, all started together after a warm-up. Returns images/s over all of them."""
+    shares = [paths[i::procs] for i in range(procs)]
+    ps = [subprocess.Popen([sys.executable, "-c", BOUND, json.dumps(
+        {"model": model_uri, "paths": share, "threads": threads, "tile": tile, "amp": amp, "batch": batch})],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for share in shares]
+    for p in ps:
+        if p.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"the model-only bound failed to start (exit {p.wait()})")
+    for p in ps:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    spans = [tuple(map(float, p.communicate()[0].split()[1:3])) for p in ps]
+    return len(paths) / (max(b for _, b in spans) - min(a for a, _ in spans))
 
 
 NAIVE = r"""
@@ -130,16 +136,26 @@ def naive(model_uri: str, paths: list[str], out: str, threads: int, mem_limit: i
     return "ok", float(rate), int(rss)
 
 
-def run_job(model_uri: str, src: str, dst: str, tile: int, batch: int, amp: str = "auto") -> float:
-    from imgxlate.infer import job
+def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, amp: str, pipeline: str) -> dict:
+    """`imgxlate translate` in its own process, as a user runs it (``auto``: in-process for a small run, Ray
+    otherwise; ``fused``: on Ray whatever the size): its rate over its wall time (Ray's start included), its
+    steady rate (first output to last) and its model's mean time per image (from the manifest's rows)."""
+    import pyarrow.compute as pc
 
-    s = job.run(job.TranslateConfig(src=src, dst=dst, model=model_uri, tile=tile, batch_size=batch, amp=amp,
-                                    progress_every_s=30))
+    from imgxlate.io import manifest
+
+    s = _driver({"src": src, "dst": dst, "model": model_uri, "tile": tile, "batch_size": batch, "amp": amp,
+                 "pipeline": pipeline, "progress_every_s": 30})
     ok = s["counts"].get("ok", 0)
+    rows = manifest.read_run(dst, s["run_id"])
+    first, last = pc.min(rows.column("finished_at")).as_py(), pc.max(rows.column("finished_at")).as_py()
+    span = (last - first).total_seconds()
     res = s.get("resources") or {}
-    print(json.dumps({"job": {k: res.get(k) for k in ("pipeline", "actors", "threads_per_actor")},
-                      "precision": s.get("precision")}), flush=True)
-    return ok / s["wall_s"]
+    return {"pipeline": res.get("pipeline"), "workers": res.get("actors"),
+            "threads_per_worker": res.get("threads_per_actor"), "precision": s.get("precision"),
+            "wall_s": s["wall_s"], "img_s": round(ok / s["wall_s"], 3), "first_output_s": _first_output_s(dst, s),
+            "steady_img_s": round((ok - 1) / span, 3) if ok > 1 and span > 0 else None,
+            "model_ms_per_img": round(1000 * pc.mean(rows.column("t_model_s")).as_py(), 1)}
 
 
 PEAK = r"""
@@ -432,8 +448,13 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
     ap.add_argument("--out", default="out/bench_translate")
     ap.add_argument("--n-small", type=int, default=400)
-    ap.add_argument("--n-large", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for all three (the job's actor uses 1 CPU)")
+    ap.add_argument("--small-size", default="256x192", help="WxH of the small photos")
+    ap.add_argument("--large-size", default="3000x2000", help="WxH of the large photos")
+    ap.add_argument("--n-large", type=int, default=4, help="large photos (default 4: a whole number per worker)")
+    ap.add_argument("--pipelines", default="auto,fused", help="speed: the job's --pipeline per arm, comma-separated "
+                    "(the first, auto by default, is the job as a user runs it: in-process for these small runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the model-only bound and the naive loop "
+                    "(the job's actors on Ray have 1 CPU each)")
     ap.add_argument("--tile", type=int, default=None, help="default: the job's (256 on CPU)")
     ap.add_argument("--batch", type=int, default=8, help="images per model-actor call")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
@@ -460,30 +481,38 @@ def main(argv=None) -> int:
     results = {"machine": f"{os.cpu_count()} CPUs", "threads": args.threads,
                "model": f"sr nf={args.nf} blocks={args.blocks} x2 (random weights)", "amp": args.amp}
 
-    import ray
-
-    from imgxlate import rayenv
-
-    for name, n, size in (("small", args.n_small, (256, 192)), ("large", args.n_large, (3000, 2000))):
+    cpus = os.cpu_count() or 1
+    sizes = [tuple(int(v) for v in x.split("x")) for x in (args.small_size, args.large_size)]
+    for name, n, size in (("small", args.n_small, sizes[0]), ("large", args.n_large, sizes[1])):
         src = os.path.join(out, f"photos_{name}")
         paths = make_photos(photos, src, n, size)
-        bound = (model_only_batched(model_uri, paths, args.threads, args.tile, args.batch, args.amp)
-                 if name == "small" else model_only(model_uri, paths, args.threads, args.tile, args.amp))
-        status, naive_rate, naive_rss = naive(model_uri, paths, os.path.join(out, f"naive_{name}"), args.threads,
-                                              int(args.naive_mem_limit_gb * 2**30), args.amp)
-        t0 = time.perf_counter()                 # Ray runs only while the job does: it would compete
-        rayenv.start_or_join("local")
-        results[f"ray_start_s_{name}"] = round(time.perf_counter() - t0, 2)
-        job_rate = run_job(model_uri, src, os.path.join(out, f"job_{name}_{int(time.time())}"), args.tile, args.batch,
-                           args.amp)
-        ray.shutdown()
+        batch = args.batch if name == "small" else 1              # the job tiles a large image, one at a time
+        bound = model_only(model_uri, paths, args.threads, args.tile, batch, args.amp)
+        # What the model alone gets from the whole machine: a process per worker, or one on every thread.
+        machine = {f"{k}x{t}": model_only(model_uri, paths, t, args.tile, batch, args.amp, procs=k)
+                   for k, t in {(max(1, cpus // args.threads), args.threads), (1, cpus)}}
+        best = max(machine.values())
+        naive_paths = paths[:max(2, n // 4)]                       # a rate: a share of the images is enough
+        status, naive_rate, naive_rss = naive(model_uri, naive_paths, os.path.join(out, f"naive_{name}"),
+                                              args.threads, int(args.naive_mem_limit_gb * 2**30), args.amp)
+        jobs = {}
+        for pipeline in args.pipelines.split(","):
+            jobs[pipeline] = j = run_job(model_uri, src, os.path.join(out, f"job_{name}_{pipeline}_{time.time_ns()}"),
+                                         args.tile, args.batch, args.amp, pipeline)
+            j.update({"vs_model_only": round(j["img_s"] / bound, 3), "vs_machine": round(j["img_s"] / best, 3),
+                      "steady_vs_machine": round(j["steady_img_s"] / best, 3) if j["steady_img_s"] else None})
+            print(json.dumps({name: {pipeline: j}}), flush=True)
+        user = jobs[args.pipelines.split(",")[0]]                # the first: auto, as a user runs it
         results[name] = {
             "n": n, "size": f"{size[0]}x{size[1]}", "model_only_img_s": round(bound, 3),
-            "naive_img_s": round(naive_rate, 3), "naive_status": status, "naive_peak_rss_mb": naive_rss // 1024,
-            "job_img_s": round(job_rate, 3), "job_vs_model_only": round(job_rate / bound, 3),
-            "job_vs_naive": round(job_rate / naive_rate, 3) if naive_rate else None,
+            "model_only_machine_img_s": {k: round(v, 3) for k, v in machine.items()},
+            "naive_img_s": round(naive_rate, 3), "naive_n": len(naive_paths), "naive_status": status,
+            "naive_peak_rss_mb": naive_rss // 1024,
+            "job_img_s": user["img_s"], "job_pipeline": user["pipeline"], "job_vs_model_only": user["vs_model_only"],
+            "job_vs_machine": user["vs_machine"],
+            "job_vs_naive": round(user["img_s"] / naive_rate, 3) if naive_rate else None, "jobs": jobs,
         }
-        print(json.dumps({name: results[name]}), flush=True)
+        print(json.dumps({name: {k: v for k, v in results[name].items() if k != "jobs"}}), flush=True)
 
     big = os.path.join(out, "6000x4000.jpg")
     with Image.open(photos[0]) as im:

@@ -215,3 +215,18 @@ def test_a_failed_compile_runs_the_model_eagerly_with_one_warning(monkeypatch):
     assert np.array_equal(first, eager) and np.array_equal(second, eager)
     assert [str(w.message) for w in caught if "torch.compile" in str(w.message)] == [
         "torch.compile of the model failed (RuntimeError: dynamo: guard failure (injected)); running it eagerly"]
+
+
+def test_the_shipped_sr_architecture_compiles_for_real():
+    """Its bicubic skip used to stop dynamo (a guard on a cached from_numpy tensor): every --compile fell back.
+    The skip now runs eagerly inside the compiled model; the rest compiles, and the pixels are eager's."""
+    model = _sr()                                                  # tiny preset: global_residual="bicubic"
+    imgs = [(photo(24, 24, seed=i), None) for i in range(2)] + [(photo(30, 20), None)]   # a second shape
+    eager = Predictor(model, options=PredictOptions(amp="off")).run(imgs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pred = Predictor(model, options=PredictOptions(amp="off", compile=True))
+        got = pred.run(imgs)
+    assert not [w for w in caught if "torch.compile" in str(w.message)] and pred._compiled is not None
+    for a, b in zip(got, eager):
+        assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 1

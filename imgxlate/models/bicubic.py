@@ -43,7 +43,8 @@ def _dense(in_len: int, out_len: int, scale: float) -> torch.Tensor:
     return torch.from_numpy(resize_matrix(in_len, out_len, scale))
 
 
-def _resize_axis(x: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
+@torch.compiler.disable     # runs eagerly inside a compiled model: dynamo cannot guard on the cached from_numpy
+def _resize_axis(x: torch.Tensor, dim: int, scale: float) -> torch.Tensor:  # matrices, and this is a matmul anyway
     n = x.shape[dim]
     out = output_size(n, scale)
     if n * out <= DENSE_MAX and dim >= x.dim() - 2:
