@@ -371,12 +371,13 @@ def vs_off(rows: list[dict]) -> None:
 def render(result: dict) -> str:
     rows, first = result["rows"], result["rows"][0]
     res = first.get("job_resources") or {}
+    job = (f" Job: {res.get('pipeline')} pipeline, {res.get('actors')} model actor(s) x "
+           f"{res.get('threads_per_actor')} thread(s), {res.get('gpus_per_actor') or 0} GPU each; local Ray "
+           f"started once in {result['ray_start_s']} s, not in the rates; job img/s from its manifest (first "
+           f"read to last write)." if res else " No job (--model-only).")
     lines = [f"Machine: {result['machine']}." + (" torch.compile in both." if result["compile"] else ""),
              f"Model-only: one process, torch at {result['threads']} thread(s), Predictor.run in calls of "
-             f"{result['batch']} images. Job: {res.get('pipeline')} pipeline, {res.get('actors')} model actor(s) x "
-             f"{res.get('threads_per_actor')} thread(s), {res.get('gpus_per_actor') or 0} GPU each; local Ray "
-             f"started once in {result['ray_start_s']} s, not in the rates; job img/s from its manifest (first "
-             f"read to last write). MP/s: input megapixels.", "",
+             f"{result['batch']} images.{job} MP/s: input megapixels.", "",
              "| model | input | amp | precision | model-only img/s | model-only MP/s | vs off | job img/s "
              "| job / model-only | GPU busy (job) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -115,12 +115,18 @@ def render(out: str) -> str:
     if t:
         for size in ("small", "large"):
             r = t[size]
-            add(f"batch job / model-only bound, {r['n']} x {r['size']}",
-                f"{r['job_vs_model_only']:.2f} ({r['job_img_s']} vs {r['model_only_img_s']} img/s)", ">= 0.9",
-                r["job_vs_model_only"] >= 0.9, t)
-            if r.get("model_only_machine_img_s"):               # the model alone on every CPU (no target)
-                add(f"batch job / model-only on the whole machine, {r['n']} x {r['size']}",
-                    f"{r['job_vs_machine']:.2f} (vs {max(r['model_only_machine_img_s'].values())} img/s)", "", None, t)
+            if r.get("model_only_machine_img_s"):
+                # The job uses every CPU (in-process threads or an actor per CPU), so its bound is the model
+                # alone on every CPU; one actor's bound (one process at --threads) is shown beside it.
+                add(f"batch job / model-only bound on every CPU, {r['n']} x {r['size']}",
+                    f"{r['job_vs_machine']:.2f} ({r['job_img_s']} vs {max(r['model_only_machine_img_s'].values())}"
+                    f" img/s)", ">= 0.9", r["job_vs_machine"] >= 0.9, t)
+                add(f"batch job / one model process's bound, {r['n']} x {r['size']}",
+                    f"{r['job_vs_model_only']:.2f} (vs {r['model_only_img_s']} img/s)", "", None, t)
+            else:                                               # results from before the whole-machine bound
+                add(f"batch job / model-only bound, {r['n']} x {r['size']}",
+                    f"{r['job_vs_model_only']:.2f} ({r['job_img_s']} vs {r['model_only_img_s']} img/s)", ">= 0.9",
+                    r["job_vs_model_only"] >= 0.9, t)
             add(f"batch job / naive loop, {r['n']} x {r['size']}",
                 f"{r['job_vs_naive']:.2f} (naive {r['naive_img_s']} img/s)", ">= 1.0", r["job_vs_naive"] >= 1.0, t)
         naive = t["naive_6000x4000"]

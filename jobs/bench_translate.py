@@ -71,7 +71,8 @@ print("READY", flush=True)
 sys.stdin.readline()                       # every process starts at once
 t0 = time.time()
 for i in range(0, len(decoded), kw["batch"]):
-    pred.run(decoded[i:i + kw["batch"]])
+    if bad := [o for o in pred.run(decoded[i:i + kw["batch"]]) if isinstance(o, Exception)]:
+        sys.exit(f"the model failed: {bad[0]!r}")
 print("RESULT", t0, time.time(), flush=True)
 """
 
@@ -85,13 +86,23 @@ def model_only(model_uri: str, paths: list[str], threads: int, tile: int | None,
     ps = [subprocess.Popen([sys.executable, "-c", BOUND, json.dumps(
         {"model": model_uri, "paths": share, "threads": threads, "tile": tile, "amp": amp, "batch": batch})],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for share in shares]
-    for p in ps:
-        if p.stdout.readline().strip() != "READY":
-            raise RuntimeError(f"the model-only bound failed to start (exit {p.wait()})")
-    for p in ps:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    spans = [tuple(map(float, p.communicate()[0].split()[1:3])) for p in ps]
+    try:
+        for p in ps:
+            if p.stdout.readline().strip() != "READY":
+                raise RuntimeError(f"the model-only bound failed to start (exit {p.wait()})")
+        for p in ps:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        spans = []
+        for p in ps:
+            line = p.communicate()[0].split()
+            if p.returncode or line[:1] != ["RESULT"]:
+                raise RuntimeError(f"the model-only bound failed (exit {p.returncode})")
+            spans.append((float(line[1]), float(line[2])))
+    finally:
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
     return len(paths) / (max(b for _, b in spans) - min(a for a, _ in spans))
 
 
@@ -148,14 +159,17 @@ def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, am
                  "pipeline": pipeline, "progress_every_s": 30})
     ok = s["counts"].get("ok", 0)
     rows = manifest.read_run(dst, s["run_id"])
-    first, last = pc.min(rows.column("finished_at")).as_py(), pc.max(rows.column("finished_at")).as_py()
+    done_at = rows.column("finished_at")
+    first, last = pc.min(done_at).as_py(), pc.max(done_at).as_py()
     span = (last - first).total_seconds()
+    at_first = pc.sum(pc.equal(done_at, pc.scalar(first, done_at.type))).as_py()   # a block's rows share a time
+    model_s = pc.mean(rows.column("t_model_s")).as_py()
     res = s.get("resources") or {}
     return {"pipeline": res.get("pipeline"), "workers": res.get("actors"),
             "threads_per_worker": res.get("threads_per_actor"), "precision": s.get("precision"),
             "wall_s": s["wall_s"], "img_s": round(ok / s["wall_s"], 3), "first_output_s": _first_output_s(dst, s),
-            "steady_img_s": round((ok - 1) / span, 3) if ok > 1 and span > 0 else None,
-            "model_ms_per_img": round(1000 * pc.mean(rows.column("t_model_s")).as_py(), 1)}
+            "steady_img_s": round((ok - at_first) / span, 3) if span > 0 else None,
+            "model_ms_per_img": round(1000 * model_s, 1) if model_s is not None else None}
 
 
 PEAK = r"""
