@@ -67,9 +67,9 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                          "for tar input), the sample's other members beside each output; parquet: one Parquet "
                          "file per shard, the manifest's columns and the output's bytes")
     io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    io.add_argument("--png-level", type=int, default=codec.PNG_LEVEL, help="PNG: zlib's level, 0-9 (default "
-                    "%(default)s, as OpenCV's: fast; 6, Pillow's, makes files a few percent smaller and takes 2-3x "
-                    "as long); the pixels are the same")
+    io.add_argument("--png-level", type=int, default=None, help="PNG: deflate at this zlib level, 0-9 (default: "
+                    "level 1 with zlib's RLE strategy, as OpenCV writes PNG: as small as level 6 on photos and 2-3x "
+                    "faster; 6-9 are smaller on flat graphics); the pixels are the same")
     io.add_argument("--suffix", default="", help="added to each output name before the extension, e.g. _x4")
     io.add_argument("--cutout", action="store_true", help="segmentation: write the RGBA cut-out, not the mask")
     io.add_argument("--max-pixels", type=int, default=codec.DEFAULT_MAX_PIXELS,

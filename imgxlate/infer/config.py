@@ -46,7 +46,8 @@ class TranslateConfig:
     output_format: str = "files"         # files (one object per input), webdataset (one tar per shard) or parquet
                                          # (one Parquet file per shard: manifest columns + the output's bytes)
     quality: int = 95
-    png_level: int = codec.PNG_LEVEL     # zlib level of PNG outputs: size and time, not pixels (so not in the recipe)
+    png_level: int | None = None         # zlib level of PNG outputs (None: 1 with RLE, codec.PNG_LEVEL): size and
+                                         # time, never pixels, so not in the recipe
     extensions: tuple[str, ...] = listing.IMAGE_EXTS
     limit: int | None = None
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
@@ -318,7 +319,7 @@ def check_pixel_options(cfg: TranslateConfig) -> None:
     if not 1 <= cfg.quality <= 100:
         raise JobError(f"--quality {cfg.quality} is out of range: JPEG and WebP quality runs from 1 (smallest "
                        f"files) to 100 (best); PNG is lossless and takes none")
-    if not 0 <= cfg.png_level <= 9:
+    if cfg.png_level is not None and not 0 <= cfg.png_level <= 9:
         raise JobError(f"--png-level {cfg.png_level} is out of range: zlib's levels run from 0 (stored, fastest) to 9 "
                        f"(smallest); the pixels are the same at every level")
     if cfg.overlap < MIN_OVERLAP:

@@ -388,7 +388,7 @@ def _write(uris: list[str], datas: list[bytes], tmp_dir: str | None) -> list[tup
             for p, (res, t) in zip(paths, wrote)]
 
 
-def encode_row(row: Row, fmt: str, quality: int, png_level: int = codec.PNG_LEVEL) -> bytes | None:
+def encode_row(row: Row, fmt: str, quality: int, png_level: int | None = codec.PNG_LEVEL) -> bytes | None:
     """The encoded output of a row the model made (None for a failed row, or when encoding failed: then the row
     says so, as a write_error). Never raises."""
     if row.get("status"):
@@ -409,7 +409,7 @@ def encode_row(row: Row, fmt: str, quality: int, png_level: int = codec.PNG_LEVE
 
 def save(batch: pa.Table, fmt: str, quality: int, model_id: str, model_sha256: str, task: str,
          env: dict, tmp_dir: str | None = None, pieces_dir: str | None = None,
-         png_level: int = codec.PNG_LEVEL) -> pa.Table:
+         png_level: int | None = codec.PNG_LEVEL) -> pa.Table:
     """encode + write (``tmp_dir``: :func:`storage.temporaries_dir` of a local DST). Rows bound for a shard's one
     object (``out_member`` set) are written together as one piece under ``pieces_dir`` (see
     :mod:`imgxlate.infer.pieces`). Returns manifest rows (no pixels); an ``ok`` row's output is durable."""

@@ -28,10 +28,18 @@ Image.MAX_IMAGE_PIXELS = None                    # imgxlate applies its own max_
 PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, png16.MAX_ICC_BYTES)
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-# zlib's level for PNG outputs: 1, as OpenCV writes PNG by default. Pillow's own default (6) makes files 2-9%
-# smaller and takes 2.3-3.3x as long (96 px: 1.2 vs 2.7 ms; 512 px: 30 vs 100 ms), which on small photos is as
-# long as a bf16 model takes (jobs/RESULTS.md). --png-level sets it.
-PNG_LEVEL = 1
+# PNG outputs are deflated, by default (PNG_LEVEL None), at zlib level 1 with its RLE strategy, as OpenCV writes
+# PNG unless told a level: on photos and upscaled outputs as small as Pillow's default (level 6, default
+# strategy; -0.7% to +0.4% here) and 2-3.6x faster (512x384: 23 vs 84 ms; 6000x4000: 1.4 vs 4.8 s), where level
+# 6 took as long as a bf16 model on small photos. --png-level N (0-9) deflates at level N with zlib's default
+# strategy, as OpenCV does when told a level: smaller on flat graphics at 6-9, stored at 0.
+PNG_LEVEL: int | None = None
+Z_RLE, Z_DEFAULT = 3, -1
+
+
+def png_deflate(level: int | None) -> tuple[int, int]:
+    """(zlib level, strategy) of 8-bit PNG outputs for ``--png-level`` (None: the default, level 1 with RLE)."""
+    return (1, Z_RLE) if level is None else (level, Z_DEFAULT)
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 DEFAULT_MAX_PIXELS = 64_000_000
 # The largest profile a JPEG holds: 255 APP2 segments of 65,519 bytes (Pillow writes a larger one as a profile no
@@ -242,11 +250,11 @@ def profile_lost(fmt: str, pixels: np.ndarray, icc: bytes | None) -> str | None:
 
 
 def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png", quality: int = 95,
-           icc: bytes | None = None, png_level: int = PNG_LEVEL) -> bytes:
+           icc: bytes | None = None, png_level: int | None = PNG_LEVEL) -> bytes:
     """Encode HxW / HxWx3 pixels (+ optional HxW alpha). 16-bit is kept for PNG; JPEG and WebP are
     8-bit. JPEG cannot hold alpha: the image is composited over white (never black). The profile is written
-    unless :func:`profile_lost` says the format cannot hold it. ``png_level``: zlib's level for PNG (0-9), which
-    changes the file's size and the time to write it, never its pixels."""
+    unless :func:`profile_lost` says the format cannot hold it. ``png_level``: zlib's level for PNG (0-9; None:
+    :data:`PNG_LEVEL`), which changes the file's size and the time to write it, never its pixels."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
     if profile_lost(fmt, pixels, icc):
@@ -257,7 +265,8 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png"
         planes = [pixels[..., None] if pixels.ndim == 2 else pixels]
         if alpha is not None:
             planes.append(alpha.astype(np.uint16)[..., None])
-        return png16.encode(np.concatenate(planes, axis=2), icc, png_level)
+        # 16-bit: level 1 with the default strategy (RLE made its Up-filtered bytes a third larger)
+        return png16.encode(np.concatenate(planes, axis=2), icc, 1 if png_level is None else png_level)
     if fmt == "png" and pixels.dtype == np.uint16:
         im = Image.fromarray(pixels)                           # 16-bit gray: I;16
     else:
@@ -279,7 +288,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png"
     if fmt in ("jpeg", "webp"):
         kwargs["quality"] = quality
     elif fmt == "png":
-        kwargs["compress_level"] = png_level
+        kwargs["compress_level"], kwargs["compress_type"] = png_deflate(png_level)
     buf = io.BytesIO()
     im.save(buf, FORMATS[fmt], **kwargs)
     return buf.getvalue()
