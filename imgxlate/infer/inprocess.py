@@ -23,8 +23,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +41,6 @@ from imgxlate.log import log
 
 MAX_INPUTS = 10_000             # 10k 32-64 px PNGs: 23 s here (a block per CPU), 38 s on Ray (jobs/RESULTS.md)
 MAX_SOURCE_BYTES = 64 << 20
-SMALL_INPUT_BYTES = 64 << 10   # inputs averaging at most this run a block per CPU (see workers)
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
@@ -108,14 +106,15 @@ class _Draining:
 
 
 def workers(cfg: TranslateConfig, plan, threads: int) -> int:
-    """Blocks run at once in this process: one per CPU, torch on one thread in each, when the inputs are small (on
-    average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the model (read, decode, encode,
-    checksum, write, the row) is most of their time and is serial in one thread, and torch does not split ops that
-    small over threads anyway. Larger inputs run one block at a time on every CPU's threads (the first output
-    sooner). One also under --compile (a compiled model is called from one thread) or --threads-per-actor."""
+    """Blocks run at once in this process: one per CPU (up to one per input), torch on one thread in each. The work
+    around the model (read, decode, encode, checksum, write, the row) is serial in a block's thread, and runs
+    beside another block's model; torch's own threads split one model call less well (on 2 CPUs: 3000x2000
+    photos ran at 0.14 img/s as two blocks of one thread, 0.12 as one block on both threads, jobs/RESULTS.md).
+    One input runs on every thread. One block also under --compile (a compiled model is called from one
+    thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
-    return min(threads, plan.listed) if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
+    return min(threads, plan.listed)
 
 
 def stream(run: Run, first: list[Shard]) -> TranslateConfig:
@@ -139,23 +138,34 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
         storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
-    pending: deque = deque()                    # blocks in flight, oldest first
+    pending: set[Future] = set()               # blocks in flight
     pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block") if n > 1 else None
 
     def start(block) -> None:                   # one worker: the block runs here, where a 2nd Ctrl-C stops it
         args = (stage, unseal(block), run.meta)
-        pending.append(pool.submit(_rows, *args) if pool else _Ran(_rows(*args)))
+        if pool is None:
+            return finished([_rows(*args)])
+        pending.add(pool.submit(_rows, *args))
+        while len(pending) >= n:
+            finish_some()
 
     def record(rows: pa.Table) -> None:         # (an input the drain kept from starting gets no row)
         rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
         if rows.num_rows:
             run.add(rows)
 
-    def finish_oldest() -> None:
-        record(pending[0].result())
-        pending.popleft()
+    def finished(results: list[pa.Table]) -> None:
+        for rows in results:
+            record(rows)
         run.check_lease()
         heap.trim()
+
+    def finish_some() -> None:
+        """Record the blocks that have ended, waiting for one: whichever it is, so that a worker whose block
+        ended first starts its next one at once (waiting for the oldest kept it idle)."""
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        pending.difference_update(done)
+        finished([f.result() for f in done])
 
     try:
         try:
@@ -170,11 +180,9 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
                         if run.drain.stopping:  # the shard's other inputs get no row: the next run does them
                             break
                         start(block)
-                        while len(pending) >= n:
-                            finish_oldest()
                 shards = take(cfg, run.plan, cfg.queued_inputs, timeout=0.5) if not run.drain.stopping else None
             while pending:
-                finish_oldest()
+                finish_some()
         finally:
             if pool:                            # blocks in flight end (a drain stops them between inputs; blocks
                 pool.shutdown(wait=True)        # are small here) and their rows are recorded if the book takes them
@@ -187,16 +195,6 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     if not run.drain.stopping and run.book.failure is None:
         _no_input_without_a_row(run)
     return rcfg
-
-
-class _Ran:
-    """A block run in this thread, as a future of it."""
-
-    def __init__(self, rows: pa.Table):
-        self.rows = rows
-
-    def result(self) -> pa.Table:
-        return self.rows
 
 
 def _no_input_without_a_row(run: Run) -> None:
