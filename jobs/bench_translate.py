@@ -147,7 +147,8 @@ def naive(model_uri: str, paths: list[str], out: str, threads: int, mem_limit: i
     return "ok", float(rate), int(rss)
 
 
-def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, amp: str, pipeline: str) -> dict:
+def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, amp: str, pipeline: str,
+            png_level: int | None = None) -> dict:
     """`imgxlate translate` in its own process, as a user runs it (``auto``: in-process for a small run, Ray
     otherwise; ``fused``: on Ray whatever the size): its rate over its wall time (Ray's start included), its
     steady rate (first output to last) and its model's mean time per image (from the manifest's rows)."""
@@ -156,7 +157,7 @@ def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, am
     from imgxlate.io import manifest
 
     s = _driver({"src": src, "dst": dst, "model": model_uri, "tile": tile, "batch_size": batch, "amp": amp,
-                 "pipeline": pipeline, "progress_every_s": 30})
+                 "pipeline": pipeline, "progress_every_s": 30, "png_level": png_level})
     ok = s["counts"].get("ok", 0)
     rows = manifest.read_run(dst, s["run_id"])
     done_at = rows.column("finished_at")
@@ -344,14 +345,15 @@ def scale(args) -> int:
                       f"pool{args.pool}_img_s": round(pool_rate, 1)}), flush=True)
     rows = []
     base = {"model": "bicubic", "scale": 2, "progress_every_s": 60, "num_cpus": args.num_cpus,
-            "pipeline": args.pipeline,
+            "pipeline": args.pipeline, "png_level": args.png_level,
             **({"queued_inputs": args.queued_inputs} if args.queued_inputs else {})}
     arms = [a for a in args.durable.split(",") if a]     # IMGXLATE_DURABLE values (imgxlate.io.storage.sync_mode)
     for n in counts:
         for arm in arms:
             dst = os.path.join(out, f"job_{n}_{arm}_{int(time.time())}")
             s = _driver({**base, "src": tree, "dst": dst, "limit": n}, {"IMGXLATE_DURABLE": arm})
-            label = "local" if arms == ["1"] else f"local, IMGXLATE_DURABLE={arm}"
+            label = ("local" if arms == ["1"] else f"local, IMGXLATE_DURABLE={arm}") + \
+                (f", --png-level {args.png_level}" if args.png_level is not None else "")
             rows.append(_row(label, n, s, naive_rate, _first_output_s(dst, s), pool_rate))
             if not args.keep_outputs:
                 shutil.rmtree(dst, ignore_errors=True)          # a 1M run writes about 6 GB
@@ -457,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--durable", default="1", help="scale: local arms, comma-separated IMGXLATE_DURABLE values "
                     "('1' durable writes, the default; '0' none, to measure their cost; 'fsync' one per file)")
     ap.add_argument("--queued-inputs", type=int, default=None, help="scale: the job's --queued-inputs")
+    ap.add_argument("--png-level", type=int, default=None, help="the job's --png-level (default: the job's own; the "
+                    "loops write PNG as Pillow does by default, level 6, as a user's loop would)")
     ap.add_argument("--keep-outputs", action="store_true", help="scale: keep each local job's outputs (removed "
                     "once measured by default)")
     ap.add_argument("--photos", help="folder of photos to resample (default: scikit-image's sample photos)")
@@ -493,7 +497,8 @@ def main(argv=None) -> int:
     save(build("sr", nf=args.nf, n_blocks=args.blocks, scale=2), model_uri,
          provenance={"note": "random weights, for speed measurements only"})
     results = {"machine": f"{os.cpu_count()} CPUs", "threads": args.threads,
-               "model": f"sr nf={args.nf} blocks={args.blocks} x2 (random weights)", "amp": args.amp}
+               "model": f"sr nf={args.nf} blocks={args.blocks} x2 (random weights)", "amp": args.amp,
+               "png_level": args.png_level}
 
     cpus = os.cpu_count() or 1
     sizes = [tuple(int(v) for v in x.split("x")) for x in (args.small_size, args.large_size)]
@@ -512,7 +517,7 @@ def main(argv=None) -> int:
         jobs = {}
         for pipeline in args.pipelines.split(","):
             jobs[pipeline] = j = run_job(model_uri, src, os.path.join(out, f"job_{name}_{pipeline}_{time.time_ns()}"),
-                                         args.tile, args.batch, args.amp, pipeline)
+                                         args.tile, args.batch, args.amp, pipeline, args.png_level)
             j.update({"vs_model_only": round(j["img_s"] / bound, 3), "vs_machine": round(j["img_s"] / best, 3),
                       "steady_vs_machine": round(j["steady_img_s"] / best, 3) if j["steady_img_s"] else None})
             print(json.dumps({name: {pipeline: j}}), flush=True)
