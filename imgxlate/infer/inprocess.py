@@ -144,7 +144,8 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     def start(block) -> None:                   # one worker: the block runs here, where a 2nd Ctrl-C stops it
         args = (stage, unseal(block), run.meta)
         if pool is None:
-            return finished([_rows(*args)])
+            record(_rows(*args))
+            return after_blocks()
         pending.add(pool.submit(_rows, *args))
         while len(pending) >= n:
             finish_some()
@@ -154,9 +155,7 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
         if rows.num_rows:
             run.add(rows)
 
-    def finished(results: list[pa.Table]) -> None:
-        for rows in results:
-            record(rows)
+    def after_blocks() -> None:
         run.check_lease()
         heap.trim()
 
@@ -164,8 +163,10 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
         """Record the blocks that have ended, waiting for one: whichever it is, so that a worker whose block
         ended first starts its next one at once (waiting for the oldest kept it idle)."""
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
-        pending.difference_update(done)
-        finished([f.result() for f in done])
+        for fut in done:                        # out of pending once recorded: if recording raises, the finally
+            record(fut.result())                # below records the rest
+            pending.discard(fut)
+        after_blocks()
 
     try:
         try:
