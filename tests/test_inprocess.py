@@ -109,12 +109,12 @@ def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch
                  "--pipeline", "in-process", "--actors", "2"]) == 2          # an option that would do nothing
 
 
-def test_a_block_per_cpu_up_to_one_per_input():
-    plan = SimpleNamespace(listed=100, source_bytes=100 * 2**20)
+def test_small_inputs_run_a_block_per_cpu_larger_ones_every_thread_on_one():
+    plan = SimpleNamespace(listed=100, source_bytes=100 * inprocess.SMALL_INPUT_BYTES)
     cfg = SimpleNamespace(compile=False, threads_per_actor=None)
     assert inprocess.workers(cfg, plan, 4) == 4 and inprocess.workers(cfg, plan, 1) == 1
     assert inprocess.workers(cfg, SimpleNamespace(listed=3, source_bytes=3), 16) == 3    # no more than inputs
-    assert inprocess.workers(cfg, SimpleNamespace(listed=1, source_bytes=2**30), 4) == 1  # one: every thread
+    assert inprocess.workers(cfg, SimpleNamespace(listed=100, source_bytes=plan.source_bytes + 1), 4) == 1
     assert inprocess.workers(SimpleNamespace(compile=True, threads_per_actor=None), plan, 4) == 1
     assert inprocess.workers(SimpleNamespace(compile=False, threads_per_actor=2), plan, 4) == 1
 

@@ -41,6 +41,7 @@ from imgxlate.log import log
 
 MAX_INPUTS = 10_000             # 10k 32-64 px PNGs: 23 s here (a block per CPU), 38 s on Ray (jobs/RESULTS.md)
 MAX_SOURCE_BYTES = 64 << 20
+SMALL_INPUT_BYTES = 64 << 10   # inputs averaging at most this run a block per CPU (see workers)
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
@@ -106,15 +107,17 @@ class _Draining:
 
 
 def workers(cfg: TranslateConfig, plan, threads: int) -> int:
-    """Blocks run at once in this process: one per CPU (up to one per input), torch on one thread in each. The work
-    around the model (read, decode, encode, checksum, write, the row) is serial in a block's thread, and runs
-    beside another block's model; torch's own threads split one model call less well (on 2 CPUs: 3000x2000
-    photos ran at 0.14 img/s as two blocks of one thread, 0.12 as one block on both threads, jobs/RESULTS.md).
-    One input runs on every thread. One block also under --compile (a compiled model is called from one
-    thread) or --threads-per-actor."""
+    """Blocks run at once in this process: one per CPU, torch on one thread in each, when the inputs are small (on
+    average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the model (read, decode, encode,
+    checksum, write, the row) is most of their time and is serial in one thread, and torch does not split ops that
+    small over threads anyway. Larger inputs run one block at a time on every CPU's threads, in this thread: the
+    first output sooner, one large input's memory at a time, and a second Ctrl-C that stops at once. (Two blocks
+    of one thread ran 3000x2000 photos at 0.14 img/s against 0.12 once on 2 CPUs, but held an input per CPU and
+    left a second signal waiting for whole large inputs.) One also under --compile (a compiled model is called
+    from one thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
-    return min(threads, plan.listed)
+    return min(threads, plan.listed) if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
 
 
 def stream(run: Run, first: list[Shard]) -> TranslateConfig:
@@ -163,9 +166,9 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
         """Record the blocks that have ended, waiting for one: whichever it is, so that a worker whose block
         ended first starts its next one at once (waiting for the oldest kept it idle)."""
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
-        for fut in done:                        # out of pending once recorded: if recording raises, the finally
-            record(fut.result())                # below records the rest
-            pending.discard(fut)
+        for fut in done:                        # out of pending before it is recorded: if recording raises, the
+            pending.discard(fut)                # finally below records the others, never this one twice (a rerun
+            record(fut.result())                # redoes an input without a row; a row twice would count it twice)
         after_blocks()
 
     try:
