@@ -161,9 +161,9 @@ def run_job(model_uri: str, src: str, dst: str, tile: int | None, batch: int, am
     ok = s["counts"].get("ok", 0)
     rows = manifest.read_run(dst, s["run_id"])
     done_at = rows.column("finished_at")
-    first, last = pc.min(done_at).as_py(), pc.max(done_at).as_py()
-    span = (last - first).total_seconds()
-    at_first = pc.sum(pc.equal(done_at, pc.min(done_at))).as_py()   # the first block's rows share its time
+    first, last = pc.min(done_at), pc.max(done_at)
+    span = (last.as_py() - first.as_py()).total_seconds()
+    at_first = pc.sum(pc.equal(done_at, first)).as_py()   # the first block's rows share its time
     model_s = pc.mean(rows.column("t_model_s")).as_py()
     res = s.get("resources") or {}
     return {"pipeline": res.get("pipeline"), "workers": res.get("actors"),
