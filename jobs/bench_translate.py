@@ -503,6 +503,8 @@ def main(argv=None) -> int:
     cpus = os.cpu_count() or 1
     sizes = [tuple(int(v) for v in x.split("x")) for x in (args.small_size, args.large_size)]
     for name, n, size in (("small", args.n_small, sizes[0]), ("large", args.n_large, sizes[1])):
+        if not n:                                                  # (--n-small 0: the large photos only)
+            continue
         src = os.path.join(out, f"photos_{name}")
         paths = make_photos(photos, src, n, size)
         batch = args.batch if name == "small" else 1              # the job tiles a large image, one at a time
