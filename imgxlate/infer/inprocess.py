@@ -110,9 +110,8 @@ def workers(cfg: TranslateConfig, plan, threads: int) -> int:
     """Blocks run at once in this process: one per CPU, torch on one thread in each, when the inputs are small (on
     average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the model (read, decode, encode,
     checksum, write, the row) is most of their time and is serial in one thread, and torch does not split ops that
-    small over threads anyway. Larger inputs run one block at a time on every CPU's threads, in this thread, while
-    one thread encodes and writes the block before: the first output sooner, one large input's memory at a time
-    (and one output waiting to be written), and a second Ctrl-C that stops the model at once. (Two blocks
+    small over threads anyway. Larger inputs run one block at a time on every CPU's threads, in this thread: the
+    first output sooner, one large input's memory at a time, and a second Ctrl-C that stops at once. (Two blocks
     of one thread ran 3000x2000 photos at 0.14 img/s against 0.12 once on 2 CPUs, but held an input per CPU and
     left a second signal waiting for whole large inputs.) One also under --compile (a compiled model is called
     from one thread) or --threads-per-actor."""
@@ -142,29 +141,17 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
         storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
-    pending: set[Future] = set()               # blocks in flight (one worker: the block being written)
+    pending: set[Future] = set()               # blocks in flight
     pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block") if n > 1 else None
-    writer = ThreadPoolExecutor(1, thread_name_prefix="imgxlate-write") if n == 1 else None
 
-    def start(block) -> None:
-        block = unseal(block)
-        if pool is not None:
-            pending.add(pool.submit(_rows, stage, block, run.meta))
-            while len(pending) >= n:
-                finish_some()
-            return
-        # one worker: the model here (where a 2nd Ctrl-C stops it) while the last block is encoded and written in
-        # the writer's thread, then this block is handed to it (at most one block's outputs wait to be written)
-        try:
-            flight = stage.front(block)
-        except Exception:                       # (a bug: the stages make rows of failures) one input at a time
-            flight = None
-        while pending:
-            finish_some()
-        if flight is None:
-            record(_rows(stage, block, run.meta))
+    def start(block) -> None:                   # one worker: the block runs here, where a 2nd Ctrl-C stops it
+        args = (stage, unseal(block), run.meta)
+        if pool is None:
+            record(_rows(*args))
             return after_blocks()
-        pending.add(writer.submit(_rows, stage.back, flight, run.meta))
+        pending.add(pool.submit(_rows, *args))
+        while len(pending) >= n:
+            finish_some()
 
     def record(rows: pa.Table) -> None:         # (an input the drain kept from starting gets no row)
         rows = rows.filter(pc.not_equal(rows.column("status"), NOT_STARTED))
@@ -201,9 +188,8 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
             while pending:
                 finish_some()
         finally:
-            for ex in (pool, writer):           # blocks in flight end (a drain stops them between inputs; blocks
-                if ex:                          # are small here; the writer only encodes and writes) and their
-                    ex.shutdown(wait=True)      # rows are recorded if the book takes them
+            if pool:                            # blocks in flight end (a drain stops them between inputs; blocks
+                pool.shutdown(wait=True)        # are small here) and their rows are recorded if the book takes them
             for fut in pending:
                 with contextlib.suppress(Exception):
                     record(fut.result())

@@ -25,7 +25,6 @@ import datetime as dt
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +57,6 @@ FLIGHT = pa.schema(list(INPUT) + [
 
 
 NOT_STARTED = "not_started"       # drained on a signal: no manifest row, left for the next run
-IO_THREADS = 16     # concurrent reads / writes of one block's objects on an object store (latency-bound)
 
 
 def _now():
@@ -125,7 +123,8 @@ class Row:
         return self.rows.column(name)[self.i]
 
     def get(self, name: str, default=None):
-        return default if (v := self.rows.column(name)[self.i]) is None else v
+        v = self.rows.column(name)[self.i]
+        return default if v is None else v
 
     def __setitem__(self, name: str, value) -> None:
         self.rows.column(name)[self.i] = value
@@ -181,7 +180,8 @@ def _unpack(row: Row) -> tuple[np.ndarray, np.ndarray | None]:
 def fail_row(row: Row, status: str, error: BaseException | str) -> None:
     """Mark ``row`` failed with ``status`` and a redacted one-line ``error``; its pixels are dropped."""
     row["status"] = status
-    row["error"] = redact_text(error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    row["error"] = redact_text(msg)
     row["pixels"] = row["alpha"] = row["icc"] = None
 
 
@@ -191,8 +191,12 @@ def _apply(env: dict) -> None:
 
 
 def _stopping(stop) -> bool:
-    """Whether the run is draining: ``stop`` is None or says so with ``is_set()`` (e.g. raydata.StopCheck)."""
+    """Whether the run is draining. ``stop``: None, or an object whose ``is_set()`` says so (the run's stop flag,
+    :class:`imgxlate.infer.raydata.StopCheck`, which asks the driver's flag actor at most once a second)."""
     return stop is not None and stop.is_set()
+
+
+IO_THREADS = 16     # concurrent reads / writes of one block's objects on an object store (latency-bound)
 
 
 def _timed(fn, *args):
@@ -207,6 +211,8 @@ def _each(fn, args: list[tuple], remote: bool) -> list:
     """``fn(*a)`` for each of ``args`` as (result or exception, seconds): in threads when the objects are remote
     (an S3 GET or PUT waits on the network far longer than it works), one after the other on local disk."""
     if remote and len(args) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(min(IO_THREADS, len(args))) as pool:
             return list(pool.map(lambda a: _timed(fn, *a), args))
     return [_timed(fn, *a) for a in args]
@@ -292,10 +298,12 @@ class ModelStage:
         from imgxlate.infer.predictor import DeviceFailed, PredictOptions, Predictor, choose_device
 
         self.device_failed = DeviceFailed       # (stages is imported where torch is not: the I/O tasks)
+
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor(model, scale, device=choose_device(gpus), options=PredictOptions(**options))
-        (self.node_id, self.worker_id), self.max_output_pixels = where, max_output_pixels
+        self.node_id, self.worker_id = where
+        self.max_output_pixels = max_output_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = Rows(batch)
@@ -336,6 +344,7 @@ class ModelStage:
             _pack(row, res.pixels, res.alpha)
         return rows.table(FLIGHT)
 
+
     def die(self, e: BaseException) -> None:
         """End this process, a model actor (``in_actor``): its device failed for good (a sticky CUDA error). Ray
         restarts the actor (max_restarts) and retries its block on the new one; an input that breaks the device
@@ -351,22 +360,14 @@ class ModelStage:
 
 class FusedStage(ModelStage):
     """load, the model and save in one actor call: no task hop and no pixels through the object store between
-    them. The default when the actors run on CPUs, whose time the model, the codecs and the I/O share anyway. In
-    the driver's process (:mod:`imgxlate.infer.inprocess`) a block's :meth:`back` may run in a thread while the
-    next block's :meth:`front` runs."""
+    them. The default when the actors run on CPUs, whose time the model, the codecs and the I/O share anyway."""
 
     def __init__(self, load_kw: dict, save_kw: dict, **settings):
         super().__init__(**settings)
         self.load_kw, self.save_kw = load_kw, save_kw
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.back(self.front(batch))
-
-    def front(self, batch: pa.Table) -> pa.Table:      # read, decode, the model: rows with pixels (FLIGHT)
-        return super().__call__(load(batch, stop=self.stop, **self.load_kw))
-
-    def back(self, flight: pa.Table) -> pa.Table:      # encode, write: manifest rows
-        return save(flight, **self.save_kw)
+        return save(super().__call__(load(batch, stop=self.stop, **self.load_kw)), **self.save_kw)
 
 
 def _write(uris: list[str], datas: list[bytes], tmp_dir: str | None) -> list[tuple[Exception | None, float]]:
