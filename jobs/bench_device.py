@@ -49,7 +49,6 @@ from bench_translate import _driver  # noqa: E402  (the job's driver process, sh
 
 MODELS = ("sr-x2", "edsr-baseline", "compact-x4", "unet")
 AMPS = ("off", "auto", "bf16", "fp16")
-# (small side, small count, HD size, HD count) by device and --quick
 # (small side, small count, HD size, HD count) by device and --quick. On CPU, counts are the job's actor count (one
 # per CPU here) so that each actor gets the same work, and HD is 1920x1080 / 4 a side (1/6 with --quick).
 PROFILES = {("cpu", False): (256, 2, (480, 270), 2), ("cpu", True): (128, 2, (320, 180), 2),
