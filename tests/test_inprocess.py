@@ -5,8 +5,10 @@ block."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +19,7 @@ from imgxlate.infer import inprocess, pieces, stages
 from imgxlate.models import build
 
 from conftest import photo
-from fixtures import png, rows_of, summary_of, write_tree
+from fixtures import png, rows_of, summary_of, wait_for, write_tree
 
 USER_RUN = ("import sys, ray; from imgxlate.cli import main; rc = main(sys.argv[1:]); "
             "print('ray started' if ray.is_initialized() else 'no ray'); sys.exit(rc)")
@@ -109,17 +111,67 @@ def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch
                  "--pipeline", "in-process", "--actors", "2"]) == 2          # an option that would do nothing
 
 
-def test_small_inputs_run_a_block_per_cpu_larger_ones_every_thread_on_one():
+def test_small_inputs_run_a_block_per_cpu_larger_ones_two_at_most():
     plan = SimpleNamespace(listed=100, source_bytes=100 * inprocess.SMALL_INPUT_BYTES)
     cfg = SimpleNamespace(compile=False, threads_per_actor=None)
     assert inprocess.workers(cfg, plan, 4) == 4 and inprocess.workers(cfg, plan, 1) == 1
     assert inprocess.workers(cfg, SimpleNamespace(listed=3, source_bytes=3), 16) == 3    # no more than inputs
-    assert inprocess.workers(cfg, SimpleNamespace(listed=100, source_bytes=plan.source_bytes + 1), 4) == 1
+    large = SimpleNamespace(listed=100, source_bytes=plan.source_bytes + 1)
+    assert inprocess.workers(cfg, large, 16) == inprocess.LARGE_BLOCKS == 2             # their memory: two at once
+    assert inprocess.workers(cfg, large, 2) == 2 and inprocess.workers(cfg, large, 1) == 1
+    assert inprocess.workers(cfg, SimpleNamespace(listed=1, source_bytes=10 << 20), 16) == 1
     assert inprocess.workers(SimpleNamespace(compile=True, threads_per_actor=None), plan, 4) == 1
     assert inprocess.workers(SimpleNamespace(compile=False, threads_per_actor=2), plan, 4) == 1
 
 
-# 8 px inputs run a block per CPU in threads, 256 px ones (124 KB) one block at a time in the main thread
+def test_a_halt_stops_a_tiled_image_between_rows_of_tiles_and_is_no_input_failure():
+    from imgxlate.infer.predictor import PredictOptions, Predictor
+    from imgxlate.infer.tiling import Halted
+
+    pred = Predictor("bicubic", scale=2, device="cpu", options=PredictOptions(tile=64))
+    asked = []
+    pred.halt = lambda: asked.append(1) or len(asked) > 2     # two rows of tiles, then a second Ctrl-C
+    with pytest.raises(Halted):                                # not an Exception: no stage makes it a failure row
+        pred.run([(photo(256, 256), None)])
+    assert len(asked) == 3 and not issubclass(Halted, Exception)
+    pred.halt = None
+    assert pred.run([(photo(256, 256), None)])[0].pixels.shape == (512, 512, 3)
+
+
+def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_output_has_its_row(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"p0.png": png(photo(96, 96))})           # done at once: the first output
+    write_tree(src, {f"p{i}.png": png(photo(1024, 1024, seed=i)) for i in (1, 2, 3)})    # large: 2 blocks at once
+    model = tmp_path / "sr"
+    save(build("sr", nf=64, n_blocks=4, scale=2), str(model))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "imgxlate.cli", "translate", src, dst, "--model", model,
+                             "--amp", "off", "--tile", "128", "--run-id", "r1"], start_new_session=True,
+                            stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        wait_for(lambda: (dst / "p0.png").exists() or proc.poll() is not None, "the first output", 240, every_s=0.05)
+        assert proc.poll() is None, "the job finished before it could be signalled"
+        os.killpg(proc.pid, signal.SIGINT)                     # drain: the blocks in flight would go on
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)                     # stop at once: they stop between rows of tiles
+        _, err = proc.communicate(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "second SIGINT: stopping without draining; a rerun does every input that has no row" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in dst.glob("*.png")) == ["p0.png"]      # the stopped inputs wrote nothing
+    assert [(r["key"], r["status"]) for r in rows_of(dst, "r1")] == [("p0.png", "ok")]   # (no summary: stopped)
+    assert not list(dst.rglob("*imgxlate-tmp*"))
+    assert took < 15, took                                     # a 1024 px input takes ~30 s here on one thread
+
+
+# 8 px inputs run a block per CPU in threads, 256 px ones (124 KB) two blocks at most (inprocess.LARGE_BLOCKS)
 @pytest.mark.parametrize("bad, px", [("p3.png", 8), ("broken.png", 8), ("p3.png", 256)])
 def test_a_stage_that_raises_costs_its_input_a_row_not_its_block(tmp_path, monkeypatch, bad, px):
     src = tmp_path / "src"
@@ -136,7 +188,7 @@ def test_a_stage_that_raises_costs_its_input_a_row_not_its_block(tmp_path, monke
     code = main(["translate", str(src), str(tmp_path / "dst"), "--model", "bicubic", "--scale", "2",
                  "--pipeline", "in-process", "--run-id", "r1"])
     assert code == 0
-    assert (summary_of(tmp_path / "dst", "r1")["resources"]["actors"] == 1) == (px == 256 or inprocess.cpus() == 1)
+    assert summary_of(tmp_path / "dst", "r1")["resources"]["actors"] == min(2, inprocess.cpus())
     rows = {r["key"]: r for r in rows_of(tmp_path / "dst", "r1")}
     assert len(rows) == 151
     assert rows[bad]["status"] == "model_error" and rows[bad]["error"] == "RuntimeError: a bug in a stage"

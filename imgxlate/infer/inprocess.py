@@ -42,6 +42,7 @@ from imgxlate.log import log
 MAX_INPUTS = 10_000             # 10k 32-64 px PNGs: 23 s here (a block per CPU), 38 s on Ray (jobs/RESULTS.md)
 MAX_SOURCE_BYTES = 64 << 20
 SMALL_INPUT_BYTES = 64 << 10   # inputs averaging at most this run a block per CPU (see workers)
+LARGE_BLOCKS = 2                # larger inputs run this many blocks at once at most (see workers)
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
@@ -105,19 +106,24 @@ class _Draining:
         self.run.check_lease()                  # a lost lease drains the run as a SIGTERM would, mid-block too
         return self.run.drain.stopping
 
+    def halted(self) -> bool:                   # a second signal: a model in a worker thread stops between rows
+        return self.run.drain.hard              # of tiles (its block writes nothing and gets no row)
+
 
 def workers(cfg: TranslateConfig, plan, threads: int) -> int:
-    """Blocks run at once in this process: one per CPU, torch on one thread in each, when the inputs are small (on
-    average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the model (read, decode, encode,
-    checksum, write, the row) is most of their time and is serial in one thread, and torch does not split ops that
-    small over threads anyway. Larger inputs run one block at a time on every CPU's threads, in this thread: the
-    first output sooner, one large input's memory at a time, and a second Ctrl-C that stops at once. (Two blocks
-    of one thread ran 3000x2000 photos at 0.14 img/s against 0.12 once on 2 CPUs, but held an input per CPU and
-    left a second signal waiting for whole large inputs.) One also under --compile (a compiled model is called
-    from one thread) or --threads-per-actor."""
+    """Blocks run at once in this process, in threads, torch on ``threads // workers`` threads in each. One per
+    CPU when the inputs are small (on average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the
+    model (read, decode, encode, checksum, write, the row) is most of their time and is serial in one thread, and
+    torch does not split ops that small over threads anyway. Larger inputs run :data:`LARGE_BLOCKS` at once: on 2
+    CPUs two 3000x2000 photos of one thread each ran at 0.169 img/s where one on both threads ran at 0.137 (one
+    thread's encode and write overlap the other's model, and torch's two threads spend more CPU time on the same
+    tiles), and no more than that many large inputs are in memory whatever the CPUs. A second Ctrl-C
+    stops a block's model between rows of tiles (:class:`_Draining`.halted). One block also under --compile (a
+    compiled model is called from one thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
-    return min(threads, plan.listed) if plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed else 1
+    small = plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed
+    return min(threads, plan.listed, threads if small else LARGE_BLOCKS)
 
 
 def stream(run: Run, first: list[Shard]) -> TranslateConfig:
@@ -129,6 +135,7 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
 
     from imgxlate.infer import raydata
     from imgxlate.infer.stages import FusedStage
+    from imgxlate.infer.tiling import Halted
 
     cfg = run.cfg
     threads = cfg.threads_per_actor or cfg.num_cpus or cpus()
@@ -188,10 +195,11 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
             while pending:
                 finish_some()
         finally:
-            if pool:                            # blocks in flight end (a drain stops them between inputs; blocks
-                pool.shutdown(wait=True)        # are small here) and their rows are recorded if the book takes them
+            if pool:                            # blocks in flight end (a drain stops them between inputs, a 2nd
+                pool.shutdown(wait=True)        # signal between rows of tiles) and their rows are recorded if the
+                                                # book takes them
             for fut in pending:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception, Halted):     # (halted: wrote nothing, no row)
                     record(fut.result())
     finally:
         torch.set_num_threads(saved_threads)

@@ -137,6 +137,7 @@ class Predictor:
     """One model on one device, run as its contract says; call :meth:`run` with decoded images."""
 
     _contiguous = False                # the model could not run in channels_last (see _channels_last)
+    halt = None                        # () -> bool: stop a tiled image between rows of tiles (tiling.Halted)
 
     def __init__(self, model: str | nn.Module, scale: float | None = None, device: str | None = None,
                  options: PredictOptions | None = None, contract: Contract | None = None):
@@ -259,7 +260,8 @@ class Predictor:
         tile = tile or o.tile
         th, tw = (tile, tile) if isinstance(tile, int) else tile
         return run_tiled(forward, x, scale, tile, o.overlap if overlap is None else overlap,
-                         finalize or self._finalizer(like), max_batch=max(1, o.batch_pixels // (th * tw)))
+                         finalize or self._finalizer(like), max_batch=max(1, o.batch_pixels // (th * tw)),
+                         halt=self.halt)
 
     def _alpha(self, alpha: np.ndarray | None) -> np.ndarray | None:
         """Alpha is resized on its own (bicubic) and put back, so transparency survives."""

@@ -82,6 +82,7 @@ class SignalDrain:
     def __init__(self, on_signal):
         self.on_signal, self.signum, self._old = on_signal, None, {}
         self.reason: str | None = None
+        self.hard = False                       # a second signal came: the model in a thread stops too
 
     @property
     def stopping(self) -> bool:
@@ -97,6 +98,7 @@ class SignalDrain:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            self.hard = True
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without draining")
         self.signum = signum
         log(f"{signal.Signals(signum).name}: draining: no new inputs are started; the outputs in flight are "

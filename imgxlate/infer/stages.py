@@ -298,10 +298,10 @@ class ModelStage:
         from imgxlate.infer.predictor import DeviceFailed, PredictOptions, Predictor, choose_device
 
         self.device_failed = DeviceFailed       # (stages is imported where torch is not: the I/O tasks)
-
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor(model, scale, device=choose_device(gpus), options=PredictOptions(**options))
+        self.predictor.halt = getattr(stop, "halted", None)     # (the driver's process: a second Ctrl-C)
         self.node_id, self.worker_id = where
         self.max_output_pixels = max_output_pixels
 

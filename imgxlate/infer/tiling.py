@@ -41,14 +41,20 @@ def ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
     return w
 
 
+class Halted(BaseException):
+    """Raised between rows of tiles once ``halt()`` says so (a second Ctrl-C while the model runs in a thread of
+    the driver's process): not an Exception, so that no stage turns it into an input's failure row."""
+
+
 def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float,
               tile: int | tuple[int, int], overlap: int, finalize: Callable[[np.ndarray], np.ndarray],
-              max_batch: int = 4) -> np.ndarray:
+              max_batch: int = 4, halt: Callable[[], bool] | None = None) -> np.ndarray:
     """``finalize(forward(x))`` computed tile by tile.
 
     x: (1, C, H, W), any dtype (integer pixels stay integer until forward gets a tile). tile: the
     side, or (height, width). forward maps (B, C, h, w) -> (B, C', s*h, s*w). finalize maps a float
-    (rows, W', C') band of the blended output to its final dtype (e.g. quantised uint8).
+    (rows, W', C') band of the blended output to its final dtype (e.g. quantised uint8). ``halt``: asked
+    before each row of tiles; :class:`Halted` when it says so.
     """
     _, _, h, w = x.shape
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
@@ -61,6 +67,8 @@ def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     acc = wsum = None
     acc_top = 0                                 # output row of acc[0]
     for y0 in ys:
+        if halt is not None and halt():
+            raise Halted("stopped at once, between rows of tiles")
         tiles = torch.cat([x[..., y0:y0 + th, x0:x0 + tw] for x0 in xs])        # (n, C, th, tw)
         outs = torch.cat([forward(tiles[i:i + max_batch]) for i in range(0, len(xs), max_batch)])
         outs = outs.float().permute(0, 2, 3, 1).cpu().numpy()                  # (n, oth, otw, C')
