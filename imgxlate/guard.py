@@ -5,8 +5,8 @@
     2      the command could not run (one line: ``imgxlate COMMAND: error: ...``)
     75     translate stopped because DST failed (full, over quota, read-only, an I/O error, a store failing
            after retries; EX_TEMPFAIL): what was done is recorded; fix DST and rerun to finish
-    128+n  stopped by signal n (130 SIGINT, 143 SIGTERM): what was done is recorded; rerun to finish (a second
-           signal stops at once, in one line: a rerun does every input that has no row)
+    128+n  stopped by signal n (130 SIGINT, 143 SIGTERM): what was done is recorded; rerun to finish (translate:
+           a second signal stops without draining, in one line: a rerun does every input that has no row)
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
 
     try:
         return func(args)
-    except KeyboardInterrupt as e:              # a second signal (SignalDrain), or Ctrl-C where none drains
-        print(clean(f"imgxlate {command}: {e or 'interrupted'}; a rerun does every input that has no row"
-                    if command == "translate" else f"imgxlate {command}: {e or 'interrupted'}"), file=sys.stderr)
+    except KeyboardInterrupt as e:              # translate: a second signal (SignalDrain), or one before it drains
+        if command != "translate":
+            raise
+        print(clean(f"imgxlate {command}: {str(e) or 'interrupted'}; a rerun does every input that has no row"),
+              file=sys.stderr)
         return 143 if "SIGTERM" in str(e) else 130
     except Exception as e:
         if isinstance(e, CannotRun):

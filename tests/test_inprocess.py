@@ -138,6 +138,7 @@ def test_a_halt_stops_a_tiled_image_between_rows_of_tiles_and_is_no_input_failur
     assert pred.run([(photo(256, 256), None)])[0].pixels.shape == (512, 512, 3)
 
 
+@pytest.mark.skipif(inprocess.cpus() < 2, reason="two blocks at once need two CPUs")
 def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_output_has_its_row(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_tree(src, {"p0.png": png(photo(96, 96))})           # done at once: the first output
@@ -147,7 +148,8 @@ def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_outp
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "imgxlate.cli", "translate", src, dst, "--model", model,
-                             "--amp", "off", "--tile", "128", "--run-id", "r1"], start_new_session=True,
+                             "--amp", "off", "--tile", "128", "--run-id", "r1", "--pipeline", "in-process"],
+                            start_new_session=True,
                             stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
@@ -168,7 +170,7 @@ def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_outp
     assert sorted(p.name for p in dst.glob("*.png")) == ["p0.png"]      # the stopped inputs wrote nothing
     assert [(r["key"], r["status"]) for r in rows_of(dst, "r1")] == [("p0.png", "ok")]   # (no summary: stopped)
     assert not list(dst.rglob("*imgxlate-tmp*"))
-    assert took < 15, took                                     # a 1024 px input takes ~30 s here on one thread
+    assert took < 25, took                                     # a 1024 px input takes ~30 s here on one thread
 
 
 # 8 px inputs run a block per CPU in threads, 256 px ones (124 KB) two blocks at most (inprocess.LARGE_BLOCKS)
@@ -188,7 +190,7 @@ def test_a_stage_that_raises_costs_its_input_a_row_not_its_block(tmp_path, monke
     code = main(["translate", str(src), str(tmp_path / "dst"), "--model", "bicubic", "--scale", "2",
                  "--pipeline", "in-process", "--run-id", "r1"])
     assert code == 0
-    assert summary_of(tmp_path / "dst", "r1")["resources"]["actors"] == min(2, inprocess.cpus())
+    assert summary_of(tmp_path / "dst", "r1")["resources"]["actors"] == min(inprocess.cpus(), 151 if px == 8 else 2)
     rows = {r["key"]: r for r in rows_of(tmp_path / "dst", "r1")}
     assert len(rows) == 151
     assert rows[bad]["status"] == "model_error" and rows[bad]["error"] == "RuntimeError: a bug in a stage"

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from imgxlate.cli import main
+from imgxlate.infer import inprocess
 
 from conftest import photo
 from fixtures import alive, descendants, png, rows_of, summary_of, translate, wait_for, write_tree
@@ -70,7 +71,7 @@ def test_sigterm_and_sigint_drain_record_every_output_and_leave_no_ray_process(s
     summary = json.loads(next((dst / "_manifest").glob("*/summary.json")).read_text())
     assert summary["interrupted"] == signal.Signals(sig).name
     assert summary["resources"]["pipeline"] == {"auto": "in-process"}.get(pipeline, pipeline)
-    assert pipeline == "fused" or summary["resources"]["actors"] == 2 or os.cpu_count() < 2
+    assert pipeline == "fused" or summary["resources"]["actors"] == min(inprocess.cpus(), 60 if px == 160 else 2)
     rows = rows_of(dst)
     ok = sorted(posixpath.basename(r["output_uri"]) for r in rows if r["status"] == "ok")
     assert ok == written() and 3 <= len(ok) < 60                 # every written output has its row

@@ -117,9 +117,10 @@ def workers(cfg: TranslateConfig, plan, threads: int) -> int:
     torch does not split ops that small over threads anyway. Larger inputs run :data:`LARGE_BLOCKS` at once: on 2
     CPUs two 3000x2000 photos of one thread each ran at 0.169 img/s where one on both threads ran at 0.137 (one
     thread's encode and write overlap the other's model, and torch's two threads spend more CPU time on the same
-    tiles), and no more than that many large inputs are in memory whatever the CPUs. A second Ctrl-C
-    stops a block's model between rows of tiles (:class:`_Draining`.halted). One block also under --compile (a
-    compiled model is called from one thread) or --threads-per-actor."""
+    tiles), and no more than that many blocks (1 MB of sources each at most) are in memory whatever the CPUs. A
+    second Ctrl-C stops a block's model between rows of tiles (:class:`_Draining`.halted: images larger than the
+    tile; a block being encoded and written finishes). One block also under --compile (a compiled model is called
+    from one thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
     small = plan.source_bytes <= SMALL_INPUT_BYTES * plan.listed

@@ -97,6 +97,8 @@ class SignalDrain:
         self.on_signal()
 
     def _handle(self, signum, frame):
+        if self.hard:                           # a third: what is in flight is being stopped and recorded
+            return
         if self.signum is not None:
             self.hard = True
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without draining")
