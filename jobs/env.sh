@@ -10,6 +10,11 @@ fi
 stamp=".venv/.imgxlate-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! .venv/bin/python -c "import imgxlate" 2>/dev/null; then
   echo "[imgxlate] installing imgxlate and its pinned dependencies into .venv (first time: several minutes)"
+  free_gb=$(df -Pk . | awk 'NR == 2 {printf "%.1f", $4 / 1048576}')
+  if awk -v f="$free_gb" 'BEGIN {exit !(f < 7)}'; then   # torch's CUDA build and its nvidia-* wheels: 6.5 GB
+    echo "[imgxlate] warning: $free_gb GB free in $ROOT, and .venv takes about 6.5 GB (torch's CUDA build and" \
+      "its nvidia libraries): pip may stop with 'No space left on device'" >&2
+  fi
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
   rm -f .venv/.imgxlate-* && touch "$stamp"
 fi
