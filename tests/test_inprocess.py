@@ -138,6 +138,42 @@ def test_a_halt_stops_a_tiled_image_between_rows_of_tiles_and_is_no_input_failur
     assert pred.run([(photo(256, 256), None)])[0].pixels.shape == (512, 512, 3)
 
 
+def test_a_halt_stops_small_images_between_model_calls():
+    from imgxlate.infer.predictor import PredictOptions, Predictor
+    from imgxlate.infer.tiling import Halted
+
+    pred = Predictor("bicubic", scale=2, device="cpu", options=PredictOptions(batch_pixels=32 * 32))
+    asked = []
+    pred.halt = lambda: asked.append(1) or len(asked) > 2     # two model calls of one image, then a 2nd Ctrl-C
+    with pytest.raises(Halted):
+        pred.run([(photo(32, 32, seed=i), None) for i in range(6)])
+    assert len(asked) == 3
+
+
+def test_blocks_at_once_share_out_every_cpu_as_their_own_torch_threads(tmp_path, monkeypatch):
+    import threading
+
+    import torch
+
+    assert inprocess.thread_shares(3, 2) == [2, 1] and inprocess.thread_shares(2, 2) == [1, 1]
+    assert inprocess.thread_shares(16, 2) == [8, 8] and inprocess.thread_shares(5, 3) == [2, 2, 1]
+    src = tmp_path / "src"
+    write_tree(src, {f"p{i}.png": png(photo(256, 256, seed=i)) for i in range(6)})    # large: two blocks at once
+    real, seen = stages.FusedStage.__call__, {}
+
+    def noted(self, batch):
+        seen[threading.get_ident()] = torch.get_num_threads()
+        time.sleep(0.3)                                        # (the other block starts meanwhile, in its thread)
+        return real(self, batch)
+
+    monkeypatch.setattr(stages.FusedStage, "__call__", noted)
+    before = torch.get_num_threads()
+    assert main(["translate", str(src), str(tmp_path / "dst"), "--model", "bicubic", "--scale", "2",
+                 "--pipeline", "in-process", "--num-cpus", "3", "--run-id", "r1"]) == 0
+    assert sorted(seen.values()) == [1, 2]                    # 3 CPUs: 2 + 1 torch threads, none idle
+    assert torch.get_num_threads() == before                  # (the caller's own count comes back)
+
+
 @pytest.mark.skipif(inprocess.cpus() < 2, reason="two blocks at once need two CPUs")
 def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_output_has_its_row(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -171,6 +207,7 @@ def test_a_second_ctrl_c_stops_large_inputs_between_rows_of_tiles_and_every_outp
     assert [(r["key"], r["status"]) for r in rows_of(dst, "r1")] == [("p0.png", "ok")]   # (no summary: stopped)
     assert not list(dst.rglob("*imgxlate-tmp*"))
     assert took < 25, took                                     # a 1024 px input takes ~30 s here on one thread
+    assert inprocess.killed_runs(str(dst)) == []               # stopped, not killed: auto may run here again
 
 
 # 8 px inputs run a block per CPU in threads, 256 px ones (124 KB) two blocks at most (inprocess.LARGE_BLOCKS)

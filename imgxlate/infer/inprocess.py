@@ -111,15 +111,15 @@ class _Draining:
 
 
 def workers(cfg: TranslateConfig, plan, threads: int) -> int:
-    """Blocks run at once in this process, in threads, torch on ``threads // workers`` threads in each. One per
+    """Blocks run at once in this process, in threads, the CPUs shared out over them (:func:`thread_shares`). One per
     CPU when the inputs are small (on average at most :data:`SMALL_INPUT_BYTES`): their per-input work around the
     model (read, decode, encode, checksum, write, the row) is most of their time and is serial in one thread, and
     torch does not split ops that small over threads anyway. Larger inputs run :data:`LARGE_BLOCKS` at once: on 2
     CPUs two 3000x2000 photos of one thread each ran at 0.169 img/s where one on both threads ran at 0.137 (one
     thread's encode and write overlap the other's model, and torch's two threads spend more CPU time on the same
     tiles), and no more than that many blocks (1 MB of sources each at most) are in memory whatever the CPUs. A
-    second Ctrl-C stops a block's model between rows of tiles (:class:`_Draining`.halted: images larger than the
-    tile; a block being encoded and written finishes). One block also under --compile (a compiled model is called
+    second Ctrl-C stops a block's model between rows of tiles and between model calls (:class:`_Draining`.halted;
+    a block being encoded and written finishes). One block also under --compile (a compiled model is called
     from one thread) or --threads-per-actor."""
     if threads < 2 or cfg.compile or cfg.threads_per_actor or not plan.listed:
         return 1
@@ -147,10 +147,13 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
     heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
+    mark = storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK)
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
-        storage.write_bytes(storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK), b"")
+        storage.write_bytes(mark, b"")
     pending: set[Future] = set()               # blocks in flight
-    pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block") if n > 1 else None
+    shares = iter(thread_shares(threads, n))    # (3 CPUs, 2 blocks: 2 + 1 threads)
+    pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block", initializer=_torch_threads,
+                              initargs=(shares,)) if n > 1 else None
 
     def start(block) -> None:                   # one worker: the block runs here, where a 2nd Ctrl-C stops it
         args = (stage, unseal(block), run.meta)
@@ -202,12 +205,31 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
             for fut in pending:
                 with contextlib.suppress(Exception, Halted):     # (halted: wrote nothing, no row)
                     record(fut.result())
+    except BaseException:                       # a second Ctrl-C (or a bug) ends it without a summary; it was not
+        with contextlib.suppress(Exception):    # killed, so the next auto run of DST may run here too
+            fs, path = storage.filesystem(mark)
+            fs.rm_file(path)
+        raise
     finally:
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
     if not run.drain.stopping and run.book.failure is None:
         _no_input_without_a_row(run)
     return rcfg
+
+
+def thread_shares(threads: int, n: int) -> list[int]:
+    """Torch threads of each of ``n`` blocks run at once on ``threads`` CPUs: all of them, as evenly as can be."""
+    return [max(1, threads // n + (i < threads % n)) for i in range(n)]
+
+
+def _torch_threads(shares) -> None:
+    """A block thread's own torch threads (OpenMP's count is per thread). Asked first: a thread's first parallel
+    op sets its count to the process's last set_num_threads, which would undo a count set before it."""
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(next(shares))
 
 
 def _no_input_without_a_row(run: Run) -> None:

@@ -31,7 +31,7 @@ from imgxlate.infer.devices import (  # noqa: F401 (the Predictor's device rules
     cuda_problem,
     sticky_device_error,
 )
-from imgxlate.infer.tiling import run_tiled
+from imgxlate.infer.tiling import Halted, run_tiled
 from imgxlate.log import log, quiet
 from imgxlate.models import REGISTRY, build
 
@@ -137,7 +137,7 @@ class Predictor:
     """One model on one device, run as its contract says; call :meth:`run` with decoded images."""
 
     _contiguous = False                # the model could not run in channels_last (see _channels_last)
-    halt = None                        # () -> bool: stop a tiled image between rows of tiles (tiling.Halted)
+    halt = None                        # () -> bool: stop between model calls and rows of tiles (Halted)
 
     def __init__(self, model: str | nn.Module, scale: float | None = None, device: str | None = None,
                  options: PredictOptions | None = None, contract: Contract | None = None):
@@ -304,6 +304,8 @@ class Predictor:
             unit = side * side if side else h * w               # pixels of one image in a model call
             pending, staged = list(idx), None
             while pending:                     # cut anew after each chunk: running out of memory shrinks the budget
+                if self.halt is not None and self.halt():
+                    raise Halted("stopped at once, between model calls")
                 per_batch = max(1, self.options.batch_pixels // unit)
                 chunk, pending = pending[:per_batch], pending[per_batch:]
                 ready = staged[1] if staged is not None and staged[0] == chunk else None

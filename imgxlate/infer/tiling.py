@@ -42,8 +42,9 @@ def ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
 
 
 class Halted(BaseException):
-    """Raised between rows of tiles once ``halt()`` says so (a second Ctrl-C while the model runs in a thread of
-    the driver's process): not an Exception, so that no stage turns it into an input's failure row."""
+    """Raised between rows of tiles (and by the Predictor between model calls) once ``halt()`` says so (a second
+    Ctrl-C while the model runs in a thread of the driver's process): not an Exception, so that no stage turns it
+    into an input's failure row."""
 
 
 def run_tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float,
