@@ -202,13 +202,13 @@ def precision_of(pred) -> tuple[str, str]:
     return pred.precision, pred.precision_reason
 
 
-def predictor(spec: str, amp: str, threads: int, compile_: bool):
+def predictor(spec: str, amp: str, threads: int, compile_: bool, device: str | None = None):
     import torch
 
     from imgxlate.infer.predictor import PredictOptions, Predictor
 
     torch.set_num_threads(threads)
-    return Predictor(spec, options=PredictOptions(amp=amp, **({"compile": True} if compile_ else {})))
+    return Predictor(spec, device=device, options=PredictOptions(amp=amp, **({"compile": True} if compile_ else {})))
 
 
 def model_only(pred, arrays: list, batch: int, compile_: bool, busy: GpuBusy | None) -> dict:

@@ -1,6 +1,7 @@
 """CPU img/s of each shipped model at 512x512 input, model only (``Predictor.run`` on decoded arrays), at 1 and 2
 torch threads, fp32 (``--amp off``) and what ``--amp auto`` picks: the speed column of jobs/README.md's shipped
-models. Inputs are generated photos (speed does not depend on content); one warm-up call per setting.
+models. Inputs are generated photos (speed does not depend on content); one warm-up call per setting (a tile's
+crop: ``bench_device.model_only``, the same loop as the device benchmark's bound).
 
     python jobs/bench_zoo.py                  # every shipped model
     python jobs/bench_zoo.py sr-x2 --images 4 --threads 1,2
@@ -9,16 +10,17 @@ models. Inputs are generated photos (speed does not depend on content); one warm
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_device import model_only, predictor  # noqa: E402  (the model-only loop, shared with bench_device)
 
 
 def main(argv=None) -> int:
     import numpy as np
-    import torch
 
     from imgxlate import zoo
-    from imgxlate.infer.predictor import PredictOptions, Predictor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*", help="shipped model names (default: all)")
@@ -34,14 +36,10 @@ def main(argv=None) -> int:
     print("| model | threads | fp32 img/s | --amp auto img/s (precision) |\n|---|---|---|---|")
     for name in args.models or zoo.names():
         for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
             rates = {}
             for amp in ("off", "auto"):
-                p = Predictor(name, device="cpu", options=PredictOptions(amp=amp))
-                p.run(imgs[:1])
-                t0 = time.perf_counter()
-                p.run(imgs)
-                rates[amp] = (len(imgs) / (time.perf_counter() - t0), p.precision)
+                p = predictor(name, amp, threads, False, device="cpu")
+                rates[amp] = (model_only(p, imgs, len(imgs), False, None)["model_only_img_s"], p.precision)
             print(f"| `{name}` | {threads} | {rates['off'][0]:.2f} | {rates['auto'][0]:.2f} ({rates['auto'][1]}) |",
                   flush=True)
     return 0
