@@ -142,14 +142,13 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
     threads = cfg.threads_per_actor or cfg.num_cpus or cpus()
     n = workers(cfg, run.plan, threads)
     rcfg = dataclasses.replace(cfg, pipeline="in-process", actors=n, max_actors=n, gpus_per_actor=0,
-                               cpus_per_actor=float(threads) / n, threads_per_actor=max(1, threads // n))
+                               cpus_per_actor=float(threads) / n, threads_per_actor=thread_shares(threads, n)[0])
     raydata.check_precision(rcfg, run.meta)     # (fp16 needs a GPU: refused as on Ray)
     load_kw, save_kw, settings = stage_settings(rcfg, run.meta, _Draining(run))
     heap.compute()                              # (a caller's process may have run a run on Ray before)
     saved_threads = torch.get_num_threads()     # a caller's process (imgxlate.translate) gets its own back
-    mark = storage.join(manifest.manifest_root(cfg.dst), run.run_id, MARK)
     with contextlib.suppress(Exception):        # (killed_runs; a DST that fails here fails the outputs' writes)
-        storage.write_bytes(mark, b"")
+        storage.write_bytes(_mark(run), b"")
     pending: set[Future] = set()               # blocks in flight
     shares = iter(thread_shares(threads, n))    # (3 CPUs, 2 blocks: 2 + 1 threads)
     pool = ThreadPoolExecutor(n, thread_name_prefix="imgxlate-block", initializer=_torch_threads,
@@ -205,17 +204,24 @@ def stream(run: Run, first: list[Shard]) -> TranslateConfig:
             for fut in pending:
                 with contextlib.suppress(Exception, Halted):     # (halted: wrote nothing, no row)
                     record(fut.result())
-    except BaseException:                       # a second Ctrl-C (or a bug) ends it without a summary; it was not
-        with contextlib.suppress(Exception):    # killed, so the next auto run of DST may run here too
-            fs, path = storage.filesystem(mark)
-            fs.rm_file(path)
-        raise
     finally:
         torch.set_num_threads(saved_threads)
         run.book.flush_all()                    # rows of outputs already written are recorded, whatever happens
     if not run.drain.stopping and run.book.failure is None:
         _no_input_without_a_row(run)
     return rcfg
+
+
+def _mark(run: Run) -> str:
+    return storage.join(manifest.manifest_root(run.cfg.dst), run.run_id, MARK)
+
+
+def unmark(run: Run) -> None:
+    """Take the run's mark away: a second Ctrl-C stopped it without a summary, but it was not killed, so the next
+    auto run of DST may run in this process too (a failure to delete keeps the mark: that run goes to Ray)."""
+    with contextlib.suppress(Exception):
+        fs, path = storage.filesystem(_mark(run))
+        fs.rm_file(path)
 
 
 def thread_shares(threads: int, n: int) -> list[int]:

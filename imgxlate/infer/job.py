@@ -183,7 +183,12 @@ def drive(run: Run) -> dict:
             for shard in first:
                 run.book.add_shard(shard)
         elif here:
-            resources = inprocess.stream(run, first)
+            try:
+                resources = inprocess.stream(run, first)
+            except KeyboardInterrupt:
+                if run.drain.hard:              # a second Ctrl-C, after every written output was recorded
+                    inprocess.unmark(run)
+                raise
         elif first:
             try:
                 resources = _pipeline(run, first)
