@@ -21,3 +21,13 @@ class Stopped(Exception):
                  advice: str = "rerun the same command to finish"):
         super().__init__(message)
         self.not_started, self.exit_code, self.advice = not_started, exit_code, advice
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGTERM / SIGINT during a drain: the run stops without draining; exit 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"second {signal.Signals(signum).name}: stopping without draining")
+        self.signum = int(signum)

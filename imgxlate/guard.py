@@ -54,7 +54,7 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
             raise
         print(clean(f"imgxlate {command}: {str(e) or 'interrupted'}; a rerun does every input that has no row"),
               file=sys.stderr)
-        return 143 if "SIGTERM" in str(e) else 130
+        return 128 + getattr(e, "signum", 2)   # SecondSignal carries its signal; a bare Ctrl-C is SIGINT (2)
     except Exception as e:
         if isinstance(e, CannotRun):
             print(clean(f"imgxlate {command}: error: {e}"), file=sys.stderr)

@@ -61,3 +61,24 @@ def test_models_and_info(tmp_path, capsys):
     assert main(["info", str(tmp_path / "s")]) == 0
     assert '"task": "style"' in capsys.readouterr().out
     assert build_parser().parse_args(["eval", "sr", "--model", "m", "--data", "d", "--scale", "4"]).scale == 4
+
+
+def test_a_stopping_signal_sets_the_exit_status_by_its_number_not_its_message(capsys):
+    import argparse
+    import signal
+
+    from imgxlate.errors import SecondSignal
+    from imgxlate.guard import guarded
+
+    def raising(e):
+        def func(args):
+            raise e
+        return func
+
+    args = argparse.Namespace()
+    assert guarded("translate", raising(SecondSignal(signal.SIGTERM)), args) == 143
+    assert "second SIGTERM: stopping without draining; a rerun does every input" in capsys.readouterr().err
+    assert guarded("translate", raising(SecondSignal(signal.SIGINT)), args) == 130
+    assert guarded("translate", raising(KeyboardInterrupt("not a SIGTERM")), args) == 130   # a plain Ctrl-C
+    with pytest.raises(KeyboardInterrupt):                  # other commands stop as Python does
+        guarded("eval", raising(KeyboardInterrupt()), args)

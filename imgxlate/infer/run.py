@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgxlate.errors import Stopped
+from imgxlate.errors import SecondSignal, Stopped
 from imgxlate.infer.book import ShardBook
 from imgxlate.infer.config import TranslateConfig
 from imgxlate.infer.plan import Planner
@@ -101,7 +101,7 @@ class SignalDrain:
             return
         if self.signum is not None:
             self.hard = True
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without draining")
+            raise SecondSignal(signum)
         self.signum = signum
         log(f"{signal.Signals(signum).name}: draining: no new inputs are started; the outputs in flight are "
              f"finished and recorded (send it again to stop at once)")
