@@ -160,7 +160,9 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
                    help="decoded training images each worker keeps (least recently used first out), in MB")
     p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
     p.add_argument("--init", metavar="MODEL", help="start from this trained model's weights (fine-tuning): a shipped "
-                   "model's name (sr-x2, ...) or an artifact path / URI; its architecture and config are the run's")
+                   "model's name (sr-x2, ...) or an artifact path / URI; its architecture and config are the run's, "
+                   "except that --model-config's nf / n_blocks grow an SR model wider / deeper, keeping what it "
+                   "computes")
     p.add_argument("--model-config", default="{}", help="JSON of model config overrides, e.g. '{\"nf\": 32}'")
     p.add_argument("--vgg-weights", default="imagenet", help="imagenet, a path/URI, or random (tests)")
     {"sr": _add_sr_arguments, "seg": _add_seg_arguments, "style": _add_style_arguments}[task](p)

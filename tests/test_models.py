@@ -5,6 +5,7 @@ import torch
 
 from imgxlate.models import PRESETS, REGISTRY, build, grow, make_config
 from imgxlate.models.layers import PixelShuffleUp
+from imgxlate.models.sr import grow_to, widen
 
 torch.manual_seed(0)
 
@@ -94,6 +95,49 @@ def test_grow_x2_to_x4_keeps_weights_and_names_the_new_ones():
     out = y(torch.randn(1, 8, 3, 3)).unfold(2, 2, 2).unfold(3, 2, 2)
     assert torch.allclose(out, out[..., :1, :1].expand_as(out), atol=1e-6)
     assert x4(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_widen_keeps_the_function_and_the_new_capacity_learns(scale):
+    small = build("sr", scale=scale, nf=8, n_blocks=2, global_residual="bicubic")
+    with torch.no_grad():                       # a trained-looking model: no zero weights anywhere
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    big, new = widen(small, 12, 4)
+    assert (big.config.nf, big.config.n_blocks, big.scale) == (12, 4, scale)
+    assert "body.3.body.2.weight" in new and "tail.weight" in new and "tail.bias" not in new
+    x = torch.rand(2, 3, 11, 13)
+    assert torch.allclose(big(x), small(x), atol=1e-6)
+    # Every new weight gets a gradient within two steps, so training can use the added channels and blocks.
+    opt = torch.optim.AdamW(big.parameters(), lr=1e-3)            # as training's loop
+    target = torch.rand(2, 3, 11 * scale, 13 * scale)
+    before = {n: p.detach().clone() for n, p in big.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(big(x), target).backward()
+        opt.step()
+    # Each new slice itself moved: the new channels' own weights, the old channels' zero weights on new inputs,
+    # the tail's on new channels, the added blocks.
+    # (Nearly every element: a tiny model may have a dead ReLU.)
+    changed = {n: (p.detach() != before[n]).float() for n, p in big.named_parameters()}
+    for name, part in (("head.weight", changed["head.weight"][8:]), ("tail", changed["tail.weight"][:, 8:]),
+                       ("zeros", changed["body.0.body.0.weight"][:8, 8:]), ("up", changed["upsample.0.0.weight"][32:]),
+                       ("block", changed["body.3.body.0.weight"]), ("block end", changed["body.3.body.2.weight"])):
+        assert part.mean() > 0.95, (name, part.mean())
+    # Deterministic (each Ray Train worker builds it): the same seed gives the same new weights.
+    again, _ = widen(small, 12, 4)
+    assert all(torch.equal(a, b) for a, b in zip(widen(small, 12, 4)[0].parameters(), again.parameters()))
+
+
+def test_grow_to_grows_only_width_and_depth():
+    small = build("sr", scale=2, nf=8, n_blocks=2)
+    assert grow_to(small, {"scale": 4, "nf": 8}) == (small, [])       # scale is the stages' (grow)
+    assert grow_to(small, {"nf": 16})[0].config.nf == 16
+    for overrides, words in (({"nf": 4}, "can only grow"), ({"res_scale": 1.0}, "res_scale 1.0: the trained model "
+                             "has res_scale 0.1"), ({"width": 3}, "unknown sr config fields ['width']"),
+                             ({"nf": 16.0, "n_blocks": "3"}, "nf 16.0, n_blocks '3': a whole number")):
+        with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            grow_to(small, overrides)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (37, 53), (64, 30)])

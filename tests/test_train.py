@@ -315,22 +315,42 @@ def test_lr_finder_writes_a_plot_and_a_finite_suggestion(photos, tmp_path, capsy
     assert Image.open(plot).size[0] > 300
 
 
-def test_init_fine_tunes_a_shipped_model_and_a_wrong_one_stops_before_any_worker(photos, tmp_path, ray_local,
-                                                                                  capsys):
+def test_a_first_new_stage_after_a_grown_init_trains_what_the_growth_added():
+    from imgxlate.train.tasks import SrTask
+
+    cfg = RunConfig(task="sr", data="unused", init="sr-x2", model={"scale": 2, "nf": 40, "n_blocks": 9})
+    model, new = SrTask().build_model(cfg, Stage(epochs=1, scale=2, train="new"), None)
+    assert "body.8.body.0.weight" in new and "head.weight" in new and "upsample.0.0.weight" in new
+    _, grown = SrTask().build_model(cfg, Stage(epochs=1, scale=4, train="new"), None)   # wider, then x4
+    assert set(new) < set(grown) and "upsample.1.0.weight" in grown
+    plain = RunConfig(task="sr", data="unused", init="sr-x2", model={"scale": 2})
+    assert SrTask().build_model(plain, Stage(epochs=1, scale=2, train="new"), None)[1] == []
+
+
+def test_init_fine_tunes_a_shipped_model_grown_wider_and_a_wrong_one_stops_before_any_worker(photos, tmp_path,
+                                                                                              ray_local, capsys):
     from imgxlate import zoo
     from imgxlate.artifact import read_meta
 
+    # --model-config beside --init grows the shipped model (32 channels, 8 blocks) keeping what it computes.
     cfg = sr_config(photos, tmp_path, preset=None, init="sr-x2", loop=LoopConfig(epochs=1, lr=2e-4), hr_crop=96,
-                    samples_per_image=8, name="finetune")
+                    samples_per_image=8, name="finetune", model={"scale": 2, "nf": 40, "n_blocks": 9})
     out = train(cfg)
     tuned, shipped = read_meta(out["artifact"]), read_meta(zoo.path("sr-x2"))
-    assert tuned["config"] == shipped["config"] and tuned["weights_sha256"] != shipped["weights_sha256"]
+    assert tuned["config"] == {**shipped["config"], "nf": 40, "n_blocks": 9}
     assert tuned["provenance"]["config"]["init"] == "sr-x2"
     # It starts where sr-x2 is: its first validation is already well above bicubic (a random start is not).
     h = out["history"]
     assert h[0]["val_psnr"] > h[0]["val_psnr_bicubic"] + 0.3
-    # A model of another task, or one that cannot load, stops the run with exit 2 before Ray starts.
-    for bad, words in (("bicubic", "a sr run starts from a trained sr model"), (str(tmp_path / "nothing"), "--init")):
-        assert main(["train", "sr", str(photos / "train"), "--init", bad, "--storage", str(tmp_path / "r2"),
-                     "--name", "bad"]) == 2
+    # A model of another task, one that cannot load, or a config its weights cannot take stops the run with exit 2
+    # before Ray starts.
+    for bad, config, words in (("bicubic", "{}", "a sr run starts from a trained sr model"),
+                               (str(tmp_path / "nothing"), "{}", "--init"),
+                               ("sr-x2", '{"nf": 16}', "a model can only grow: it has 32 channels"),
+                               ("sr-x2", '{"global_residual": "none"}', "which its weights fix"),
+                               ("sr-x2", '{"nf": 64.5}', "nf 64.5: a whole number"),
+                               ("sr-x2 --preset edsr", "{}", "--preset / --arch cannot go with it"),
+                               ("sr-x4", "{}", "can only grow to a larger scale than x4")):   # --scale 2
+        assert main(["train", "sr", str(photos / "train"), "--init", *bad.split(), "--model-config", config,
+                     "--storage", str(tmp_path / "r2"), "--name", "bad"]) == 2
         assert words in capsys.readouterr().err

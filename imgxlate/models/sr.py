@@ -10,7 +10,7 @@ way out (EDSR's MeanShift), so the network learns a zero-centred residual.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -100,3 +100,58 @@ def grow(model: SrResnet, scale: int) -> tuple[SrResnet, list[str]]:
             icnr_(module[0].weight, 2)
             nn.init.zeros_(module[0].bias)
     return bigger, [n for n, _ in bigger.named_parameters() if n in new]
+
+
+def widen(model: SrResnet, nf: int, n_blocks: int, seed: int = 0) -> tuple[SrResnet, list[str]]:
+    """A wider and/or deeper model that computes what ``model`` does, up to float rounding (a function-preserving
+    growth, as Net2Net, Chen et al. 2016, arXiv:1511.05641), so a run starts where ``model`` is and training puts
+    the new capacity to use. Every weight of ``model`` is kept in the first channels; the weights by which an old
+    channel would read a new one are zero (so old channels compute what they did), the tail reads no new channel,
+    and each added residual block (after the old ones) starts with its last conv at zero, as the identity. The
+    new channels' own weights get the usual initialisation (seeded), so they differ from each other and learn.
+
+    Returns the new model and the names of its parameters that are new or partly new.
+    """
+    c = model.config
+    if nf < c.nf or n_blocks < c.n_blocks:
+        raise ValueError(f"a model can only grow: it has {c.nf} channels and {c.n_blocks} blocks, asked for "
+                         f"{nf} and {n_blocks}")
+    with torch.random.fork_rng(devices=[]):                # the CPU generator only, put back after
+        torch.default_generator.manual_seed(seed)
+        bigger = SrResnet(replace(c, nf=nf, n_blocks=n_blocks))
+    old, changed = model.state_dict(), []
+    with torch.no_grad():
+        for name, p in list(bigger.named_parameters()) + list(bigger.named_buffers()):
+            if name not in old:                                  # an added block
+                if name.endswith("body.2.weight") or name.endswith("body.2.bias"):
+                    p.zero_()
+                changed.append(name)
+                continue
+            o = old[name].to(p.dtype)
+            if o.shape == p.shape:
+                p.copy_(o)
+                continue
+            p[tuple(slice(0, n) for n in o.shape)] = o
+            if p.dim() == 4 and p.shape[1] > o.shape[1]:         # old outputs read no new input
+                p[:o.shape[0], o.shape[1]:] = 0
+            changed.append(name)
+    return bigger.to(next(model.parameters()).device), [n for n, _ in bigger.named_parameters() if n in changed]
+
+
+def grow_to(model: SrResnet, overrides: dict, seed: int = 0) -> tuple[SrResnet, list[str]]:
+    """``model`` made what ``overrides`` (``--model-config`` beside ``--init``) ask: wider and / or deeper, by
+    widen(). Any other field that differs is a ValueError, since the trained weights fix it, as is an unknown
+    one; ``scale`` is left to grow() (the stages')."""
+    c, names = model.config, {f.name for f in fields(SrConfig)}
+    if unknown := set(overrides) - names:
+        raise ValueError(f"unknown sr config fields {sorted(unknown)}")
+    if bad := [f"{k} {overrides[k]!r}" for k in ("nf", "n_blocks") if k in overrides and type(overrides[k]) is not int]:
+        raise ValueError(f"{', '.join(bad)}: a whole number")
+    want = replace(c, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if k != "scale"})
+    if fixed := sorted(k for k in names - {"nf", "n_blocks", "scale"} if getattr(want, k) != getattr(c, k)):
+        raise ValueError(f"{', '.join(f'{k} {getattr(want, k)!r}' for k in fixed)}: the trained model has "
+                         f"{', '.join(f'{k} {getattr(c, k)!r}' for k in fixed)}, which its weights fix; only nf "
+                         f"and n_blocks can grow")
+    if (want.nf, want.n_blocks) == (c.nf, c.n_blocks):
+        return model, []
+    return widen(model, want.nf, want.n_blocks, seed)

@@ -30,9 +30,13 @@ def ray_log_path(cfg: tasks.RunConfig) -> str:
 def check_data(cfg: tasks.RunConfig) -> None:
     """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
     here, and a plan with nothing to train on stops the run with tasks.DataError."""
-    if cfg.init:                                # loaded once here, so that a bad --init stops before any worker
-        tasks.initial_model(cfg, cfg.task)
-    plans = tasks.task_of(cfg).check(cfg)
+    task = tasks.task_of(cfg)
+    if cfg.init:            # its first model built once here: a bad --init (or a config or scale it cannot take)
+        try:                # stops before any worker
+            task.build_model(cfg, task.stages(cfg)[0], None)
+        except ValueError as e:
+            raise e if isinstance(e, tasks.DataError) else tasks.DataError(f"--init {cfg.init}: {e}") from None
+    plans = task.check(cfg)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         log(f"warning: {warning}")
     first = plans[0]

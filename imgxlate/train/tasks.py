@@ -115,24 +115,6 @@ def stage_loop(cfg: RunConfig, stage: Stage) -> LoopConfig:
 HELD_OUT = 0.1                                  # SR, style without --val: the fraction held out for validation
 
 
-def initial_model(cfg: RunConfig, task: str) -> nn.Module:
-    """``--init``: the trained model a run starts from (fine-tuning): an artifact path / URI or a shipped model's
-    name, of this task and of imgxlate's own families; its architecture and config are the run's. DataError when
-    it cannot be."""
-    from imgxlate.infer.predictor import resolve_model
-
-    try:
-        loaded = resolve_model(cfg.init)
-    except Exception as e:
-        raise DataError(f"--init {cfg.init}: {e}") from None
-    if getattr(loaded, "arch", "") in ("bicubic", "spandrel") or loaded.task != task:
-        raise DataError(f"--init {cfg.init}: a {loaded.task} model ({getattr(loaded, 'arch', '?')}); a {task} run "
-                        f"starts from a trained {task} model of imgxlate's own families")
-    model = build(loaded.arch, loaded.config)           # a plain module: no artifact metadata rides along
-    model.load_state_dict(loaded.state_dict())
-    return model
-
-
 class DataError(CannotRun, ValueError):
     """The training data cannot make a run (nothing left to train on); the message says what to change."""
 
@@ -262,7 +244,8 @@ class Task:
         if previous is not None:
             return previous, []
         if cfg.init:
-            return initial_model(cfg, self.name), []
+            from imgxlate.train.warmstart import initial_model
+            return initial_model(cfg, self.name)
         arch = cfg.arch or self.arch
         config = make_config(arch, None, cfg.preset, **cfg.model)
         return build(arch, config, encoder_state=pretrained.encoder_state(config)), []
@@ -312,9 +295,13 @@ class SrTask(Task):
         scale = stage.scale or 2
         if previous is not None and previous.scale != scale:
             return grow(previous, scale)
-        if previous is None and cfg.init:
-            previous = initial_model(cfg, self.name)
-            return (grow(previous, scale) if previous.scale != scale else (previous, []))
+        if previous is None and cfg.init:                # ':new' trains what --init's growth added or widened
+            from imgxlate.train.warmstart import initial_model
+            previous, new = initial_model(cfg, self.name)
+            if previous.scale == scale:
+                return previous, new
+            grown, added = grow(previous, scale)
+            return grown, new + added
         if previous is not None:
             return previous, []
         return build(cfg.arch or self.arch, cfg.model or None, preset=cfg.preset, scale=scale), []

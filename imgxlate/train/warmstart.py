@@ -1,0 +1,41 @@
+"""``--init``: the trained model a run starts from (fine-tuning), grown first where ``--model-config`` asks.
+
+A shipped model's name or an artifact path / URI, of the run's task and of imgxlate's own families; its
+architecture and config are the run's. An SR model can grow wider and deeper (``nf``, ``n_blocks``) by
+:func:`imgxlate.models.sr.widen`, which keeps what it computes; any other setting that differs from the
+trained model's, and ``--preset``, is an error, since the weights fix them. The driver calls this before any
+worker starts (imgxlate.train.run.check_data), so a wrong ``--init`` stops the run with exit 2.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from imgxlate.models import build
+from imgxlate.models.sr import grow_to
+from imgxlate.train.tasks import DataError, RunConfig
+
+
+def initial_model(cfg: RunConfig, task: str) -> tuple[nn.Module, list[str]]:
+    """The model ``--init`` names, grown as ``--model-config`` asks (SR), and the names of the parameters the
+    growth added or widened (what a first ``:new`` stage trains). DataError when it cannot be."""
+    from imgxlate.infer.predictor import resolve_model
+
+    if cfg.preset or cfg.arch:
+        raise DataError(f"--init {cfg.init} fixes the architecture; --preset / --arch cannot go with it (an SR model "
+                        f"grows wider / deeper by --model-config's nf / n_blocks)")
+    try:
+        loaded = resolve_model(cfg.init)
+    except Exception as e:
+        raise DataError(f"--init {cfg.init}: {e}") from None
+    if getattr(loaded, "arch", "") in ("bicubic", "spandrel") or loaded.task != task:
+        raise DataError(f"--init {cfg.init}: a {loaded.task} model ({getattr(loaded, 'arch', '?')}); a {task} run "
+                        f"starts from a trained {task} model of imgxlate's own families")
+    model = build(loaded.arch, loaded.config)           # a plain module: no artifact metadata rides along
+    model.load_state_dict(loaded.state_dict())
+    if task != "sr":
+        return model, []
+    try:
+        return grow_to(model, cfg.model, seed=cfg.seed)
+    except ValueError as e:
+        raise DataError(f"--init {cfg.init} --model-config: {e}") from None
