@@ -99,6 +99,7 @@ def test_grow_x2_to_x4_keeps_weights_and_names_the_new_ones():
 
 @pytest.mark.parametrize("scale", [2, 4])
 def test_widen_keeps_the_function_and_the_new_capacity_learns(scale):
+    torch.manual_seed(scale)                    # its own draws, whatever ran before (a dead ReLU depends on them)
     small = build("sr", scale=scale, nf=8, n_blocks=2, global_residual="bicubic")
     with torch.no_grad():                       # a trained-looking model: no zero weights anywhere
         for p in small.parameters():
@@ -118,12 +119,12 @@ def test_widen_keeps_the_function_and_the_new_capacity_learns(scale):
         opt.step()
     # Each new slice itself moved: the new channels' own weights, the old channels' zero weights on new inputs,
     # the tail's on new channels, the added blocks.
-    # (Nearly every element: a tiny model may have a dead ReLU.)
+    # (Nearly every element: one of the 12 hidden units of a tiny block may be a dead ReLU, 1/12 of a slice.)
     changed = {n: (p.detach() != before[n]).float() for n, p in big.named_parameters()}
     for name, part in (("head.weight", changed["head.weight"][8:]), ("tail", changed["tail.weight"][:, 8:]),
                        ("zeros", changed["body.0.body.0.weight"][:8, 8:]), ("up", changed["upsample.0.0.weight"][32:]),
                        ("block", changed["body.3.body.0.weight"]), ("block end", changed["body.3.body.2.weight"])):
-        assert part.mean() > 0.95, (name, part.mean())
+        assert part.mean() > 0.9, (name, part.mean())
     # Deterministic (each Ray Train worker builds it): the same seed gives the same new weights.
     again, _ = widen(small, 12, 4)
     assert all(torch.equal(a, b) for a, b in zip(widen(small, 12, 4)[0].parameters(), again.parameters()))
