@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from imgxlate.errors import CannotRun
 from imgxlate.io import storage
 from imgxlate.log import log
 
@@ -22,8 +23,8 @@ MANIFEST_EXTS = (".parquet", ".csv", ".txt", ".lst")
 URI_COLUMNS = ("source_uri", "uri", "url", "path", "key")
 
 
-class SourceError(RuntimeError):
-    pass
+class SourceError(CannotRun, RuntimeError):
+    """A source that cannot be listed or read at all: a command stops with its one line and exit 2."""
 
 
 @dataclass(slots=True)
