@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imgxlate import metrics
@@ -173,7 +175,7 @@ def test_progressive_x2_to_x4(photos, tmp_path, ray_local):
     assert h[1]["val_psnr_bicubic"] < h[0]["val_psnr_bicubic"]      # x4 is harder than x2
 
 
-def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local):
+def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local, capsys):
     cfg = sr_config(photos, tmp_path, loop=LoopConfig(epochs=1, lr=1e-3), samples_per_image=4, name="resume")
     first = ray_train.fit(cfg)
     steps = first.metrics["step"]
@@ -181,6 +183,43 @@ def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local):
     second = ray_train.fit(cfg)
     assert second.metrics["epoch"] == 2 and second.metrics["step"] == 2 * steps   # the step counter continued
     assert [r["epoch"] for r in history(cfg)] == [1, 2]                           # epoch 1 was not redone
+    # A rerun asking for another model stops with exit 2 before any worker (train() records its model first).
+    from imgxlate.train.run import check_data, check_same_model
+    check_same_model(cfg, check_data(cfg))
+    args = ["train", "sr", cfg.data, "--val", cfg.val, "--name", "resume", "--storage", cfg.storage, "--preset", "tiny"]
+    assert main([*args, "--model-config", '{"nf": 8}']) == 2
+    assert "resuming would ignore" in capsys.readouterr().err
+
+
+def test_a_source_that_is_not_there_stops_training_with_one_line(tmp_path, capsys):
+    for task in ("sr", "seg"):
+        assert main(["train", task, str(tmp_path / "nothing"), "--storage", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert "is not a folder, prefix or manifest file" in err and "Traceback" not in err, err
+
+
+def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_old_one(tmp_path, capsys):
+    from imgxlate.train.run import check_same_model
+    from imgxlate.train.tasks import DataError
+
+    cfg = RunConfig(task="sr", data="x", name="r", storage=str(tmp_path))
+    record = tmp_path / "r" / "imgxlate" / "run.json"
+    tiny = {"task": "sr", "init": None, "arch": "sr", "config": {"nf": 16, "n_blocks": 2, "scale": 2}}
+    check_same_model(cfg, tiny)
+    assert json.loads(record.read_text()) == tiny
+    wider = {**tiny, "config": {**tiny["config"], "nf": 24}}
+    check_same_model(cfg, wider)             # no checkpoint yet: the run may still change its model
+    assert json.loads(record.read_text()) == wider
+    (tmp_path / "r" / "checkpoint_2026-12-07_10-00-00.000000").mkdir()
+    check_same_model(cfg, wider)
+    for asked, words in ((tiny, "(config.nf 24); this command asks for config.nf 16, which resuming would ignore"),
+                         ({**wider, "init": "sr-x2"}, 'init null); this command asks for init "sr-x2"'),
+                         ({**wider, "task": "seg", "arch": "unet"}, 'task "sr", arch "sr"')):
+        with pytest.raises(DataError, match=re.escape(words)):
+            check_same_model(cfg, asked)
+    record.write_bytes(b"\xff not json")    # damaged: recorded again, with a warning, never a crash
+    check_same_model(cfg, wider)
+    assert "not what imgxlate wrote" in capsys.readouterr().err and json.loads(record.read_text()) == wider
 
 
 def _worker_pids():
@@ -325,6 +364,27 @@ def test_a_first_new_stage_after_a_grown_init_trains_what_the_growth_added():
     assert set(new) < set(grown) and "upsample.1.0.weight" in grown
     plain = RunConfig(task="sr", data="unused", init="sr-x2", model={"scale": 2})
     assert SrTask().build_model(plain, Stage(epochs=1, scale=2, train="new"), None)[1] == []
+
+
+def test_init_of_a_style_model_takes_its_config_and_refuses_another(tmp_path):
+    from imgxlate.artifact import save
+    from imgxlate.models import build
+    from imgxlate.train.tasks import DataError
+    from imgxlate.train.warmstart import initial_model
+
+    trained = build("style", {"n_blocks": 2, "norm": "instance"})
+    save(trained, str(tmp_path / "style"))
+    # --model-config beside it may repeat the trained model's config; it gets the trained weights.
+    model, new = initial_model(RunConfig(task="style", data="x", init=str(tmp_path / "style"),
+                                         model={"n_blocks": 2}), "style")
+    assert new == [] and model.config == trained.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    # A config its weights do not fix it to is an error, never silently dropped (it was, before).
+    for config, words in (({"n_blocks": 3}, "n_blocks 3 (the trained model has 2)"),
+                          ({"norm": "batch"}, "norm 'batch' (the trained model has 'instance')"),
+                          ({"nf": 64}, "nf 64 (no such field)")):
+        with pytest.raises(DataError, match=re.escape(words)):
+            initial_model(RunConfig(task="style", data="x", init=str(tmp_path / "style"), model=config), "style")
 
 
 def test_init_fine_tunes_a_shipped_model_grown_wider_and_a_wrong_one_stops_before_any_worker(photos, tmp_path,

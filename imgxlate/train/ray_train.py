@@ -210,6 +210,12 @@ def run_dir(cfg: tasks.RunConfig) -> str:
     return storage.join(cfg.storage, cfg.name)
 
 
+def has_checkpoint(cfg: tasks.RunConfig) -> bool:
+    """Whether the run has a checkpoint to resume from (Ray Train's checkpoint_* folders in its directory)."""
+    fs, path = storage.filesystem(run_dir(cfg))
+    return bool(fs.glob(path.rstrip("/") + "/checkpoint_*"))
+
+
 def _storage(cfg: tasks.RunConfig):
     """(storage_path, storage_filesystem) for Ray Train: local folder, or S3 with an endpoint option."""
     if storage.is_local(cfg.storage):

@@ -246,9 +246,13 @@ class Task:
         if cfg.init:
             from imgxlate.train.warmstart import initial_model
             return initial_model(cfg, self.name)
-        arch = cfg.arch or self.arch
-        config = make_config(arch, None, cfg.preset, **cfg.model)
+        arch, config = self.fresh_config(cfg, stage)
         return build(arch, config, encoder_state=pretrained.encoder_state(config)), []
+
+    def fresh_config(self, cfg: RunConfig, stage: Stage) -> tuple[str, object]:
+        """(architecture, config) of the model a first stage builds without ``--init``."""
+        arch = cfg.arch or self.arch
+        return arch, make_config(arch, None, cfg.preset, **cfg.model)
 
     def contract(self, cfg: RunConfig, stage: Stage, source_size=None) -> Contract:
         return for_task(self.name)
@@ -304,7 +308,11 @@ class SrTask(Task):
             return grown, new + added
         if previous is not None:
             return previous, []
-        return build(cfg.arch or self.arch, cfg.model or None, preset=cfg.preset, scale=scale), []
+        return build(*self.fresh_config(cfg, stage)), []
+
+    def fresh_config(self, cfg, stage):
+        arch = cfg.arch or self.arch
+        return arch, make_config(arch, cfg.model or None, cfg.preset, scale=stage.scale or 2)
 
     def plan(self, cfg, stage):
         """Training images smaller than the stage's HR crop are skipped (a batch stacks crops of one size)."""

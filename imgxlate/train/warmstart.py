@@ -3,11 +3,14 @@
 A shipped model's name or an artifact path / URI, of the run's task and of imgxlate's own families; its
 architecture and config are the run's. An SR model can grow wider and deeper (``nf``, ``n_blocks``) by
 :func:`imgxlate.models.sr.widen`, which keeps what it computes; any other setting that differs from the
-trained model's, and ``--preset``, is an error, since the weights fix them. The driver calls this before any
+trained model's, and ``--preset``, is an error, since the weights fix them; a style or U-Net model does not grow at
+all (``--model-config`` beside it may only repeat its config). The driver calls this before any
 worker starts (imgxlate.train.run.check_data), so a wrong ``--init`` stops the run with exit 2.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import nn
 
@@ -33,9 +36,18 @@ def initial_model(cfg: RunConfig, task: str) -> tuple[nn.Module, list[str]]:
                         f"starts from a trained {task} model of imgxlate's own families")
     model = build(loaded.arch, loaded.config)           # a plain module: no artifact metadata rides along
     model.load_state_dict(loaded.state_dict())
-    if task != "sr":
+    if task != "sr":                    # a style or U-Net model does not grow: its weights fix its config
+        have = {k: _plain(v) for k, v in dataclasses.asdict(loaded.config).items()}
+        if bad := sorted(k for k, v in cfg.model.items() if k not in have or _plain(v) != have[k]):
+            raise DataError(f"--init {cfg.init} --model-config: " + ", ".join(
+                f"{k} {cfg.model[k]!r} " + (f"(the trained model has {have[k]!r})" if k in have else "(no such field)")
+                for k in bad) + f"; a {task} model's weights fix its config (only an SR model grows, by nf / n_blocks)")
         return model, []
     try:
         return grow_to(model, cfg.model, seed=cfg.seed)
     except ValueError as e:
         raise DataError(f"--init {cfg.init} --model-config: {e}") from None
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
