@@ -68,6 +68,7 @@ def run_verify(args) -> int:
 
 # ------------------------------------------------------------------------------------------- train
 MODEL_FLAG = {"sr": "scale", "seg": "encoder_weights", "style": "norm"}   # a model setting (--model-config wins)
+FLAG_DEFAULT = {"encoder_weights": "imagenet", "norm": "instance"}        # without --init (its model has its own)
 
 
 def train_config(args, task: str):
@@ -76,7 +77,12 @@ def train_config(args, task: str):
     from imgxlate.train.tasks import RunConfig
 
     model = json.loads(args.model_config)
-    model.setdefault(MODEL_FLAG[task], getattr(args, MODEL_FLAG[task]))
+    flag = MODEL_FLAG[task]
+    value = getattr(args, flag)
+    if value is None and not getattr(args, "init", None):
+        value = FLAG_DEFAULT.get(flag)
+    if value is not None:
+        model.setdefault(flag, value)
     cpus = args.cpus_per_worker if args.cpus_per_worker is not None else (4.0 if args.use_gpu else 1.0)
     return config_from(RunConfig, args, task=task, model=model, loop=config_from(LoopConfig, args),
                        stages=parse_stages(task, getattr(args, "stages", None)), cpus_per_worker=cpus)

@@ -184,7 +184,7 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="groups (car ids) held out")
     p.add_argument("--loss", default="bce_dice", choices=["bce", "bce_dice"], dest="seg_loss",
                    help="BCE with logits (the lesson's) or BCE + soft Dice (default)")
-    p.add_argument("--encoder-weights", default="imagenet", help="none, imagenet, or a path/URI")
+    p.add_argument("--encoder-weights", help="none, imagenet (the default without --init), or a path/URI")
 
 
 def _add_style_arguments(p: argparse.ArgumentParser) -> None:
@@ -195,7 +195,7 @@ def _add_style_arguments(p: argparse.ArgumentParser) -> None:
                         "content size, as the lesson)")
     p.add_argument("--content-weight", type=float, default=1e4)
     p.add_argument("--samples-per-image", type=int, default=4)
-    p.add_argument("--norm", default="instance", choices=["batch", "instance"])
+    p.add_argument("--norm", choices=["batch", "instance"], help="default without --init: instance")
 
 
 # -------------------------------------------------------------------------------------------- parser

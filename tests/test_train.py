@@ -1,6 +1,7 @@
 """Training on Ray Train with 2 workers (gloo on CPU), on scikit-image's photos and generated masks."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -183,9 +184,10 @@ def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local, capsys):
     second = ray_train.fit(cfg)
     assert second.metrics["epoch"] == 2 and second.metrics["step"] == 2 * steps   # the step counter continued
     assert [r["epoch"] for r in history(cfg)] == [1, 2]                           # epoch 1 was not redone
-    # A rerun asking for another model stops with exit 2 before any worker (train() records its model first).
-    from imgxlate.train.run import check_data, check_same_model
-    check_same_model(cfg, check_data(cfg))
+    # The same command passes the driver's check against the checkpoint; one asking for another model stops with
+    # exit 2 before any worker.
+    from imgxlate.train.run import check_data, check_resume
+    check_resume(cfg, check_data(cfg))
     args = ["train", "sr", cfg.data, "--val", cfg.val, "--name", "resume", "--storage", cfg.storage, "--preset", "tiny"]
     assert main([*args, "--model-config", '{"nf": 8}']) == 2
     assert "resuming would ignore" in capsys.readouterr().err
@@ -199,27 +201,37 @@ def test_a_source_that_is_not_there_stops_training_with_one_line(tmp_path, capsy
 
 
 def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_old_one(tmp_path, capsys):
-    from imgxlate.train.run import check_same_model
+    from imgxlate.models import make_config
+    from imgxlate.train.run import check_resume
     from imgxlate.train.tasks import DataError
 
-    cfg = RunConfig(task="sr", data="x", name="r", storage=str(tmp_path))
-    record = tmp_path / "r" / "imgxlate" / "run.json"
-    tiny = {"task": "sr", "init": None, "arch": "sr", "config": {"nf": 16, "n_blocks": 2, "scale": 2}}
-    check_same_model(cfg, tiny)
-    assert json.loads(record.read_text()) == tiny
-    wider = {**tiny, "config": {**tiny["config"], "nf": 24}}
-    check_same_model(cfg, wider)             # no checkpoint yet: the run may still change its model
-    assert json.loads(record.read_text()) == wider
-    (tmp_path / "r" / "checkpoint_2026-12-07_10-00-00.000000").mkdir()
-    check_same_model(cfg, wider)
-    for asked, words in ((tiny, "(config.nf 24); this command asks for config.nf 16, which resuming would ignore"),
-                         ({**wider, "init": "sr-x2"}, 'init null); this command asks for init "sr-x2"'),
-                         ({**wider, "task": "seg", "arch": "unet"}, 'task "sr", arch "sr"')):
+    cfg = RunConfig(task="sr", data="x", name="r", storage=str(tmp_path), stages=parse_stages("sr", "2:1,4:1"))
+    tiny = make_config("sr", preset="tiny", scale=2)
+    check_resume(cfg, ("sr", tiny))          # no checkpoint: nothing to compare
+
+    def checkpoint(when: str, stage: int, config: dict, arch: str = "sr"):
+        (tmp_path / "r" / f"checkpoint_{when}").mkdir(parents=True)
+        torch.save({"stage": stage, "arch": arch, "model_config": config},
+                   tmp_path / "r" / f"checkpoint_{when}" / "state.pt")
+
+    old = dataclasses.asdict(tiny)
+    del old["nf"]                            # a checkpoint from before a field existed: its default is filled in
+    checkpoint("2026-12-07_10-00-00.000000", 0, {**old, "nf": tiny.nf})
+    check_resume(cfg, ("sr", tiny))
+    checkpoint("2026-12-07_10-05-00.000000", 1, {**dataclasses.asdict(tiny), "scale": 4})   # the newest: stage 2
+    (tmp_path / "r" / "checkpoint_2026-12-07_10-09-00.000000").mkdir()                      # cut off: skipped
+    check_resume(cfg, ("sr", tiny))          # the first model grown to x4 by the plan is what it holds
+    wider = dataclasses.replace(tiny, nf=tiny.nf * 2)
+    for rerun, words in (((cfg, ("sr", wider)), f"(stage 2); this command asks for nf {tiny.nf * 2}, which resuming"),
+                         ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:1,3:1")), ("sr", tiny)),
+                          "resumes a model with scale 4 (stage 2); this command asks for scale 3"),
+                         ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny)),
+                          "is in stage 2; this command plans 1")):
         with pytest.raises(DataError, match=re.escape(words)):
-            check_same_model(cfg, asked)
-    record.write_bytes(b"\xff not json")    # damaged: recorded again, with a warning, never a crash
-    check_same_model(cfg, wider)
-    assert "not what imgxlate wrote" in capsys.readouterr().err and json.loads(record.read_text()) == wider
+            check_resume(*rerun)
+    (tmp_path / "r" / "checkpoint_2026-12-07_10-05-00.000000" / "state.pt").write_bytes(b"cut")
+    check_resume(cfg, ("sr", wider))         # unreadable: a warning; the workers fail on it and say why
+    assert "newest checkpoint cannot be read" in capsys.readouterr().err
 
 
 def _worker_pids():
@@ -368,23 +380,31 @@ def test_a_first_new_stage_after_a_grown_init_trains_what_the_growth_added():
 
 def test_init_of_a_style_model_takes_its_config_and_refuses_another(tmp_path):
     from imgxlate.artifact import save
+    from imgxlate.cli import train_config
+    from imgxlate.flags import build_parser
     from imgxlate.models import build
     from imgxlate.train.tasks import DataError
     from imgxlate.train.warmstart import initial_model
 
-    trained = build("style", {"n_blocks": 2, "norm": "instance"})
+    trained = build("style", {"n_blocks": 2, "norm": "batch"})      # not the command's default norm (instance)
     save(trained, str(tmp_path / "style"))
-    # --model-config beside it may repeat the trained model's config; it gets the trained weights.
-    model, new = initial_model(RunConfig(task="style", data="x", init=str(tmp_path / "style"),
-                                         model={"n_blocks": 2}), "style")
-    assert new == [] and model.config == trained.config
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+    def first_model(*options):
+        args = build_parser().parse_args(["train", "style", "x", "--style-image", "s.jpg",
+                                          "--init", str(tmp_path / "style"), *options])
+        return initial_model(train_config(args, "style"), "style")
+
+    # Without a config, or with one that repeats the trained model's, it gets the trained model, weights and all.
+    for options in ((), ("--norm", "batch", "--model-config", '{"n_blocks": 2}')):
+        model, new = first_model(*options)
+        assert new == [] and model.config == trained.config
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
     # A config its weights do not fix it to is an error, never silently dropped (it was, before).
-    for config, words in (({"n_blocks": 3}, "n_blocks 3 (the trained model has 2)"),
-                          ({"norm": "batch"}, "norm 'batch' (the trained model has 'instance')"),
-                          ({"nf": 64}, "nf 64 (no such field)")):
+    for options, words in ((("--model-config", '{"n_blocks": 3}'), "n_blocks 3 (the trained model has 2)"),
+                           (("--norm", "instance"), "norm 'instance' (the trained model has 'batch')"),
+                           (("--model-config", '{"nf": 64}'), "nf 64 (no such field)")):
         with pytest.raises(DataError, match=re.escape(words)):
-            initial_model(RunConfig(task="style", data="x", init=str(tmp_path / "style"), model=config), "style")
+            first_model(*options)
 
 
 def test_init_fine_tunes_a_shipped_model_grown_wider_and_a_wrong_one_stops_before_any_worker(photos, tmp_path,

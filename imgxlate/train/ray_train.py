@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import resource
@@ -210,10 +211,17 @@ def run_dir(cfg: tasks.RunConfig) -> str:
     return storage.join(cfg.storage, cfg.name)
 
 
-def has_checkpoint(cfg: tasks.RunConfig) -> bool:
-    """Whether the run has a checkpoint to resume from (Ray Train's checkpoint_* folders in its directory)."""
+def latest_saved(cfg: tasks.RunConfig) -> dict | None:
+    """The contents of the run's newest checkpoint, which a rerun resumes from; None when it has none. Ray Train
+    names them checkpoint_<date>_<time>, so the newest sorts last; one cut off before its state.pt is skipped."""
     fs, path = storage.filesystem(run_dir(cfg))
-    return bool(fs.glob(path.rstrip("/") + "/checkpoint_*"))
+    for folder in sorted(storage.retry(fs.glob, path.rstrip("/") + "/checkpoint_*"), reverse=True):
+        try:
+            data = storage.retry(fs.cat_file, folder.rstrip("/") + "/" + CKPT)
+        except FileNotFoundError:
+            continue
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return None
 
 
 def _storage(cfg: tasks.RunConfig):

@@ -10,6 +10,7 @@ import tempfile
 from imgxlate import plots, rayenv
 from imgxlate.io import storage
 from imgxlate.log import log
+from imgxlate.models import make_config
 from imgxlate.train import ray_train, tasks
 
 
@@ -28,21 +29,21 @@ def ray_log_path(cfg: tasks.RunConfig) -> str:
     return os.path.join(tempfile.gettempdir(), f"imgxlate-{cfg.name}-ray.log")
 
 
-def check_data(cfg: tasks.RunConfig) -> dict:
+def check_data(cfg: tasks.RunConfig) -> tuple[str, object]:
     """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
-    here, and a plan with nothing to train on stops the run with tasks.DataError. Returns what fixes the
-    run's first model (see check_same_model)."""
+    here, and a plan with nothing to train on stops the run with tasks.DataError. Returns the architecture
+    and config of the run's first model (see check_resume)."""
     task = tasks.task_of(cfg)
     first = task.stages(cfg)[0]
     if cfg.init:            # its first model built once here: a bad --init (or a config or scale it cannot take)
         try:                # stops before any worker
             model = task.build_model(cfg, first, None)[0]
+            built = model.arch, model.config
         except ValueError as e:
             raise e if isinstance(e, tasks.DataError) else tasks.DataError(f"--init {cfg.init}: {e}") from None
-        arch, config = model.arch, model.config
     else:
         try:
-            arch, config = task.fresh_config(cfg, first)
+            built = task.fresh_config(cfg, first)
         except (KeyError, TypeError, ValueError) as e:
             raise tasks.DataError(f"the model: {e}") from None
     plans = task.check(cfg)
@@ -52,46 +53,36 @@ def check_data(cfg: tasks.RunConfig) -> dict:
     log(f"data: {len(plan.train)} training images" + (f", {len(plan.val)} held out for validation "
                                                       f"(seed {cfg.seed}), never trained on" if plan.held_out
                                                       else f", {len(plan.val)} for validation"))
-    return json.loads(json.dumps({"task": cfg.task, "init": cfg.init, "arch": arch,
-                                  "config": dataclasses.asdict(config)}))
+    return built
 
 
-def check_same_model(cfg: tasks.RunConfig, model: dict) -> None:
-    """A rerun (same --name and --storage) resumes the run's checkpoints, whose model is the one the run
-    started with, so options that would build another first model (``model``: its task, --init, architecture
-    and config, from check_data) stop it with tasks.DataError instead of being ignored. They are recorded in
-    <storage>/<name>/imgxlate/run.json while the run has no checkpoint (until then it may still change them)."""
-    uri = storage.join(ray_train.run_dir(cfg), "imgxlate", "run.json")
+def check_resume(cfg: tasks.RunConfig, first: tuple[str, object]) -> None:
+    """A rerun (same --name and --storage) resumes the run's newest checkpoint, whose model is what the run
+    built, so a command that would build another one (``first``: the architecture and config check_data
+    returns, grown to the checkpoint's stage) stops with tasks.DataError naming each difference, instead of
+    resuming the old model as if it were the new one."""
     try:
-        theirs = json.loads(storage.read_bytes(uri))
-    except FileNotFoundError:
-        theirs = None
-    except ValueError:                  # not JSON, or not UTF-8
-        theirs = "unreadable"
-    if theirs is not None and not isinstance(theirs, dict):
-        log(f"warning: {uri} is not what imgxlate wrote; the run's model is recorded again, uncompared")
-        theirs = None
-    if theirs is not None and ray_train.has_checkpoint(cfg):
-        if differ := _differences(theirs, model):
-            raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} has checkpoints of the model it started with "
-                                  f"({', '.join(f'{k} {v}' for k, v, _ in differ)}); this command asks for "
-                                  f"{', '.join(f'{k} {v}' for k, _, v in differ)}, which resuming would ignore: "
-                                  f"resume with the run's own options, or start another run with a new --name")
+        saved = ray_train.latest_saved(cfg)
+    except Exception as e:              # the workers fail on it too, and say how
+        log(f"warning: the run's newest checkpoint cannot be read ({type(e).__name__}: {e}); not compared")
         return
-    storage.write_bytes(uri, json.dumps(model, indent=1).encode())
-
-
-def _differences(old: dict, new: dict) -> list[tuple[str, str, str]]:
-    """(name, old value, new value) of each setting that differs; a config's fields one by one."""
-    said = []
-    for k in dict.fromkeys([*old, *new]):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            said += [(f"{k}.{f}", json.dumps(a.get(f)), json.dumps(b.get(f))) for f in dict.fromkeys([*a, *b])
-                     if a.get(f) != b.get(f)]
-        elif a != b:
-            said.append((k, json.dumps(a), json.dumps(b)))
-    return said
+    if saved is None:
+        return
+    stages, si = tasks.task_of(cfg).stages(cfg), saved["stage"]
+    if si >= len(stages):
+        raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} is in stage {si + 1}; this command plans "
+                              f"{len(stages)}: resume with the run's own --stages, or start another run with a "
+                              f"new --name")
+    want = {"arch": first[0], **dataclasses.asdict(first[1])}
+    if stages[si].scale and "scale" in want:        # SR: progressive resizing grows the first model's scale
+        want["scale"] = stages[si].scale
+    have = {"arch": saved["arch"], **dataclasses.asdict(make_config(saved["arch"], saved["model_config"]))}
+    if differ := [k for k in dict.fromkeys([*want, *have]) if json.dumps(want.get(k)) != json.dumps(have.get(k))]:
+        def said(c: dict) -> str:
+            return ", ".join(f"{k} {json.dumps(c.get(k))}" for k in differ)
+        raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} resumes a model with {said(have)} (stage "
+                              f"{si + 1}); this command asks for {said(want)}, which resuming would ignore: resume "
+                              f"with the run's own options, or start another run with a new --name")
 
 
 def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resources: float = 0) -> dict:
@@ -101,7 +92,7 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     import ray
 
     cfg = tasks.absolute_paths(cfg)
-    check_same_model(cfg, check_data(cfg))
+    check_resume(cfg, check_data(cfg))
     started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     log_path = ray_log_path(cfg)
     log(f"Ray's own messages: {log_path}")
