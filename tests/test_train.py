@@ -208,9 +208,11 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     cfg = RunConfig(task="sr", data="x", name="r", storage=str(tmp_path), stages=parse_stages("sr", "2:1,4:1"))
     tiny = make_config("sr", preset="tiny", scale=2)
     check_resume(cfg, ("sr", tiny))          # no checkpoint: nothing to compare
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint_manager_snapshot.json").write_text("{}")   # Ray's, beside its checkpoints
 
     def checkpoint(when: str, stage: int, config: dict, arch: str = "sr"):
-        (tmp_path / "r" / f"checkpoint_{when}").mkdir(parents=True)
+        (tmp_path / "r" / f"checkpoint_{when}").mkdir()
         torch.save({"stage": stage, "arch": arch, "model_config": config},
                    tmp_path / "r" / f"checkpoint_{when}" / "state.pt")
 

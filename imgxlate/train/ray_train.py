@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import os
+import re
 import resource
 import subprocess
 import tempfile
@@ -215,7 +216,9 @@ def latest_saved(cfg: tasks.RunConfig) -> dict | None:
     """The contents of the run's newest checkpoint, which a rerun resumes from; None when it has none. Ray Train
     names them checkpoint_<date>_<time>, so the newest sorts last; one cut off before its state.pt is skipped."""
     fs, path = storage.filesystem(run_dir(cfg))
-    for folder in sorted(storage.retry(fs.glob, path.rstrip("/") + "/checkpoint_*"), reverse=True):
+    folders = [f for f in storage.retry(fs.glob, path.rstrip("/") + "/checkpoint_*")
+               if re.fullmatch(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", f.rstrip("/").rsplit("/", 1)[-1])]
+    for folder in sorted(folders, reverse=True):
         try:
             data = storage.retry(fs.cat_file, folder.rstrip("/") + "/" + CKPT)
         except FileNotFoundError:
