@@ -205,35 +205,46 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     from imgxlate.train.run import check_resume
     from imgxlate.train.tasks import DataError
 
-    cfg = RunConfig(task="sr", data="x", name="r", storage=str(tmp_path), stages=parse_stages("sr", "2:1,4:1"))
-    tiny = make_config("sr", preset="tiny", scale=2)
+    run = tmp_path / "r[1]"                  # glob characters in a run's name
+    cfg = RunConfig(task="sr", data="x", name="r[1]", storage=str(tmp_path), stages=parse_stages("sr", "2:1,4:1"))
+    tiny = make_config("sr", preset="tiny", scale=2, res_scale=1.0)
     check_resume(cfg, ("sr", tiny))          # no checkpoint: nothing to compare
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "checkpoint_manager_snapshot.json").write_text("{}")   # Ray's, beside its checkpoints
+    run.mkdir()
 
-    def checkpoint(when: str, stage: int, config: dict, arch: str = "sr"):
-        (tmp_path / "r" / f"checkpoint_{when}").mkdir()
-        torch.save({"stage": stage, "arch": arch, "model_config": config},
-                   tmp_path / "r" / f"checkpoint_{when}" / "state.pt")
+    def checkpoint(when: str, stage: int, config: dict, meta: bool = True):
+        (run / f"checkpoint_{when}").mkdir()
+        saved = {"stage": stage, "arch": "sr", "model_config": config}
+        torch.save({**saved, "trainer": {}}, run / f"checkpoint_{when}" / "state.pt")
+        if meta:
+            (run / f"checkpoint_{when}" / "meta.json").write_text(json.dumps(saved))
 
     old = dataclasses.asdict(tiny)
-    del old["nf"]                            # a checkpoint from before a field existed: its default is filled in
-    checkpoint("2026-12-07_10-00-00.000000", 0, {**old, "nf": tiny.nf})
-    check_resume(cfg, ("sr", tiny))
+    del old["nf"]                            # from before a field existed, and before meta.json: defaults filled in
+    checkpoint("2026-12-07_10-00-00.000000", 0, {**old, "nf": tiny.nf, "res_scale": 1}, meta=False)
+    check_resume(cfg, ("sr", tiny))          # res_scale 1 is 1.0
     checkpoint("2026-12-07_10-05-00.000000", 1, {**dataclasses.asdict(tiny), "scale": 4})   # the newest: stage 2
-    (tmp_path / "r" / "checkpoint_2026-12-07_10-09-00.000000").mkdir()                      # cut off: skipped
-    check_resume(cfg, ("sr", tiny))          # the first model grown to x4 by the plan is what it holds
+    (run / "checkpoint_2026-12-07_10-09-00.000000").mkdir()                      # cut off: skipped
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")                  # Ray's, naming none (yet)
+    check_resume(cfg, ("sr", tiny))          # what it holds is the first model grown to x4 by the plan
     wider = dataclasses.replace(tiny, nf=tiny.nf * 2)
     for rerun, words in (((cfg, ("sr", wider)), f"(stage 2); this command asks for nf {tiny.nf * 2}, which resuming"),
-                         ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:1,3:1")), ("sr", tiny)),
-                          "resumes a model with scale 4 (stage 2); this command asks for scale 3"),
+                         ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:1,8:1")), ("sr", tiny)),
+                          "resumes a model with scale 4 (stage 2); this command asks for scale 8"),
                          ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny)),
                           "is in stage 2; this command plans 1")):
         with pytest.raises(DataError, match=re.escape(words)):
             check_resume(*rerun)
-    (tmp_path / "r" / "checkpoint_2026-12-07_10-05-00.000000" / "state.pt").write_bytes(b"cut")
+    # Ray Train resumes the checkpoint its snapshot names, which need not be the newest by name.
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-07_10-00-00.000000"}}))
+    check_resume(dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny))
+    with pytest.raises(DataError, match=re.escape("this version of imgxlate cannot build (sr: unknown config")):
+        (run / "checkpoint_2026-12-07_10-00-00.000000" / "meta.json").write_text(json.dumps(
+            {"stage": 0, "arch": "sr", "model_config": {"gone": 1}}))
+        check_resume(cfg, ("sr", tiny))
+    (run / "checkpoint_2026-12-07_10-00-00.000000" / "meta.json").write_text("cut")
     check_resume(cfg, ("sr", wider))         # unreadable: a warning; the workers fail on it and say why
-    assert "newest checkpoint cannot be read" in capsys.readouterr().err
+    assert "checkpoint cannot be read" in capsys.readouterr().err
 
 
 def _worker_pids():

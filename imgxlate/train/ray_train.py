@@ -33,6 +33,7 @@ from imgxlate.train.data import EpochSampler, split_cache
 from imgxlate.train.loop import Trainer
 
 CKPT = "state.pt"
+META = "meta.json"                  # beside it: what the checkpoint holds, read without loading it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,8 @@ def _reporter(cfg: tasks.RunConfig, stages: list, si: int, model, new: list, td,
                             "stage_spec": dataclasses.asdict(stage), "new_params": new,
                             "contract": td.contract.to_dict(), "data": td.plan.provenance()},
                            os.path.join(d, CKPT))
+                with open(os.path.join(d, META), "w") as f:
+                    json.dump({"stage": si, "arch": model.arch, "model_config": dataclasses.asdict(model.config)}, f)
                 checkpoint = ray.train.Checkpoint.from_directory(d)   # ray:
             ray.train.report(_scalars(metrics), checkpoint=checkpoint)  # ray: metrics + checkpoint
         if rank == 0 and not metrics.get("partial_epoch"):
@@ -213,17 +216,33 @@ def run_dir(cfg: tasks.RunConfig) -> str:
 
 
 def latest_saved(cfg: tasks.RunConfig) -> dict | None:
-    """The contents of the run's newest checkpoint, which a rerun resumes from; None when it has none. Ray Train
-    names them checkpoint_<date>_<time>, so the newest sorts last; one cut off before its state.pt is skipped."""
+    """What the checkpoint a rerun resumes from says of its model ({"stage", "arch", "model_config"}); None when
+    the run has none. That checkpoint is the one Ray Train's snapshot names, else the newest by name
+    (checkpoint_<date>_<time>); read from its meta.json, or the whole state.pt for one written before it."""
     fs, path = storage.filesystem(run_dir(cfg))
-    folders = [f for f in storage.retry(fs.glob, path.rstrip("/") + "/checkpoint_*")
-               if re.fullmatch(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", f.rstrip("/").rsplit("/", 1)[-1])]
-    for folder in sorted(folders, reverse=True):
+    root = path.rstrip("/")
+    try:
+        names = {n.rstrip("/").rsplit("/", 1)[-1] for n in storage.retry(fs.ls, root, detail=False)}
+    except FileNotFoundError:
+        return None
+    folders = sorted((n for n in names if re.fullmatch(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", n)), reverse=True)
+    try:
+        snapshot = json.loads(storage.retry(fs.cat_file, f"{root}/checkpoint_manager_snapshot.json"))
+        registered = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        folders = [registered] + [f for f in folders if f != registered] if registered in names else folders
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass
+    for folder in folders:
         try:
-            data = storage.retry(fs.cat_file, folder.rstrip("/") + "/" + CKPT)
+            return json.loads(storage.retry(fs.cat_file, f"{root}/{folder}/{META}"))
         except FileNotFoundError:
-            continue
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            pass
+        try:
+            saved = torch.load(io.BytesIO(storage.retry(fs.cat_file, f"{root}/{folder}/{CKPT}")), map_location="cpu",
+                               weights_only=False)
+        except FileNotFoundError:
+            continue                        # cut off before its state was written
+        return {k: saved[k] for k in ("stage", "arch", "model_config")}
     return None
 
 

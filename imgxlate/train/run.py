@@ -60,29 +60,39 @@ def check_resume(cfg: tasks.RunConfig, first: tuple[str, object]) -> None:
     """A rerun (same --name and --storage) resumes the run's newest checkpoint, whose model is what the run
     built, so a command that would build another one (``first``: the architecture and config check_data
     returns, grown to the checkpoint's stage) stops with tasks.DataError naming each difference, instead of
-    resuming the old model as if it were the new one."""
+    resuming the old model as if it were the new one. Where the starting weights came from (a U-Net's
+    ``encoder_weights``; which ``--init``) is not compared: resuming reads neither."""
     try:
         saved = ray_train.latest_saved(cfg)
-    except Exception as e:              # the workers fail on it too, and say how
-        log(f"warning: the run's newest checkpoint cannot be read ({type(e).__name__}: {e}); not compared")
+    except Exception as e:
+        log(f"warning: the run's checkpoint cannot be read ({type(e).__name__}: {e}); its model is not compared")
         return
     if saved is None:
         return
     stages, si = tasks.task_of(cfg).stages(cfg), saved["stage"]
+    again = "resume with the run's own options, or start another run with a new --name"
     if si >= len(stages):
         raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} is in stage {si + 1}; this command plans "
-                              f"{len(stages)}: resume with the run's own --stages, or start another run with a "
-                              f"new --name")
+                              f"{len(stages)}: {again}")
     want = {"arch": first[0], **dataclasses.asdict(first[1])}
     if stages[si].scale and "scale" in want:        # SR: progressive resizing grows the first model's scale
         want["scale"] = stages[si].scale
-    have = {"arch": saved["arch"], **dataclasses.asdict(make_config(saved["arch"], saved["model_config"]))}
-    if differ := [k for k in dict.fromkeys([*want, *have]) if json.dumps(want.get(k)) != json.dumps(have.get(k))]:
+    try:                                            # a config saved before a field existed: its default
+        have = {"arch": saved["arch"], **dataclasses.asdict(make_config(saved["arch"], saved["model_config"]))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} holds a {saved['arch']} model this version of "
+                              f"imgxlate cannot build ({e}): resume it with the version that wrote it, or start "
+                              f"another run with a new --name") from None
+    if differ := [k for k in dict.fromkeys([*want, *have])
+                  if k != "encoder_weights" and _plain(want.get(k)) != _plain(have.get(k))]:
         def said(c: dict) -> str:
             return ", ".join(f"{k} {json.dumps(c.get(k))}" for k in differ)
         raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} resumes a model with {said(have)} (stage "
-                              f"{si + 1}); this command asks for {said(want)}, which resuming would ignore: resume "
-                              f"with the run's own options, or start another run with a new --name")
+                              f"{si + 1}); this command asks for {said(want)}, which resuming would ignore: {again}")
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resources: float = 0) -> dict:

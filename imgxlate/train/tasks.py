@@ -25,6 +25,7 @@ from imgxlate.infer.predictor import PredictOptions, Predictor
 from imgxlate.io import images as image_io
 from imgxlate.losses import style_size_of
 from imgxlate.models import build, grow, make_config
+from imgxlate.models.sr import SCALES
 from imgxlate.train import data
 from imgxlate.train.loop import LoopConfig
 from imgxlate.train.objectives import SegObjective, SrObjective, StyleObjective
@@ -312,7 +313,10 @@ class SrTask(Task):
 
     def fresh_config(self, cfg, stage):
         arch = cfg.arch or self.arch
-        return arch, make_config(arch, cfg.model or None, cfg.preset, scale=stage.scale or 2)
+        config = make_config(arch, cfg.model or None, cfg.preset, scale=stage.scale or 2)
+        if getattr(config, "scale", 2) not in SCALES:
+            raise ValueError(f"SR scale must be one of {SCALES}, got {config.scale}")
+        return arch, config
 
     def plan(self, cfg, stage):
         """Training images smaller than the stage's HR crop are skipped (a batch stacks crops of one size)."""
