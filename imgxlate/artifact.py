@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import imgxlate
+from imgxlate.errors import CannotRun
 from imgxlate.io import storage
 
 FORMAT = "imgxlate-model"
@@ -28,8 +29,8 @@ FORMAT_VERSION = 1
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 
-class ArtifactError(RuntimeError):
-    pass
+class ArtifactError(CannotRun, RuntimeError):
+    """A model artifact that is not there or cannot be read: a command stops with its one line and exit 2."""
 
 
 class UnsafeWeightsError(ArtifactError):
@@ -100,9 +101,11 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
 def read_meta(uri: str) -> dict:
     try:
         meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG)))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise ArtifactError(f"{uri}: no {CONFIG}: not a model artifact, or its save did not finish") from e
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    except ValueError as e:                     # not JSON, or not UTF-8
+        raise ArtifactError(f"{uri}: its {CONFIG} is damaged ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{uri}: not an {FORMAT} v{FORMAT_VERSION} artifact")
     return meta
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from imgxlate.flags import add_train_arguments, add_translate_arguments, build_parser  # noqa: F401 (jobs/, tests)
@@ -74,9 +75,16 @@ FLAG_DEFAULT = {"encoder_weights": "imagenet", "norm": "instance"}        # with
 def train_config(args, task: str):
     from imgxlate.train.loop import LoopConfig
     from imgxlate.train.run import parse_stages
-    from imgxlate.train.tasks import RunConfig
+    from imgxlate.train.tasks import DataError, RunConfig
 
-    model = json.loads(args.model_config)
+    try:
+        model = json.loads(args.model_config)
+    except ValueError as e:
+        raise DataError(f"--model-config {args.model_config!r} is not JSON ({e})") from None
+    if not isinstance(model, dict):
+        raise DataError(f"--model-config {args.model_config!r}: give a JSON object, e.g. '{{\"nf\": 64}}'")
+    if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
+        raise DataError(f"--name {args.name!r}: a run's name is one folder name under --storage (no '/')")
     flag = MODEL_FLAG[task]
     value = getattr(args, flag)
     if value is None and not getattr(args, "init", None):
@@ -103,6 +111,8 @@ def cmd_lr_find(args) -> int:
     from imgxlate.train import tasks
     from imgxlate.train.lr_find import lr_find
 
+    if args.start_lr >= args.end_lr:
+        raise tasks.DataError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
     cfg = train_config(args, args.task)
     task = tasks.task_of(cfg)
     stage = task.stages(cfg)[0]
@@ -164,9 +174,16 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from imgxlate.artifact import ArtifactError
+    from imgxlate.errors import CannotRun
     from imgxlate.infer.predictor import model_meta
 
-    meta = model_meta(args.model)
+    try:
+        meta = model_meta(args.model)
+    except CannotRun:
+        raise
+    except Exception as e:              # e.g. an s3:// artifact that cannot be reached, a damaged .pth
+        raise ArtifactError(f"{args.model}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
     print(json.dumps(meta, indent=2))
     if meta.get("format") == "spandrel":
         print(f"{meta['architecture']} x{meta['scale']:g}, {meta['n_params']:,} parameters, licence: {meta['licence']}")
@@ -174,8 +191,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_sample_photos(args) -> int:
+    from imgxlate.errors import CannotRun
+    from imgxlate.io import storage
     from imgxlate.samples import write_sample_photos
 
+    if not storage.is_local(args.dst) or os.path.isfile(args.dst):
+        raise CannotRun(f"{args.dst}: sample-photos writes into a local folder")
     paths = write_sample_photos(args.dst, max_side=args.max_side, holdout=args.holdout)
     print(f"wrote {len(paths)} sample photos (scikit-image's data set) to {args.dst}")
     return 0

@@ -95,7 +95,7 @@ def flat(row) -> dict:
     return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("crop", "pictures", "terms")}
 
 
-def predictor(model: str, cfg, scale=None, **options):
+def predictor(model: str, cfg, task: str, scale=None, **options):
     """The batch job's Predictor for ``model``, with the options eval shares with translate (tiles, precision,
     compile); prints the precision it runs at and why."""
     from imgxlate.infer.precision import PrecisionError
@@ -104,15 +104,21 @@ def predictor(model: str, cfg, scale=None, **options):
     try:
         pred = Predictor(model, scale, options=PredictOptions(tile=cfg.tile, overlap=cfg.overlap, amp=cfg.amp,
                                                               compile=cfg.compile, **options))
-    except PrecisionError as e:
+    except (PrecisionError, ValueError) as e:           # ValueError: a scale or tile the model cannot take
         raise EvalError(str(e)) from None
+    except CannotRun:
+        raise
+    except Exception as e:                              # a model that cannot be read (e.g. s3:// unreachable)
+        raise EvalError(f"model {model}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+    if pred.model.task != task:
+        raise EvalError(f"{model} is a {pred.model.task} model; eval {task} scores {task} models")
     print(f"precision: {pred.precision} ({pred.precision_reason})")
     return pred
 
 
 # ------------------------------------------------------------------------------------------------ SR
 def sr(cfg: SrEval) -> None:
-    pred = predictor(cfg.model, cfg, cfg.scale, ensemble=cfg.ensemble)
+    pred = predictor(cfg.model, cfg, "sr", cfg.scale, ensemble=cfg.ensemble)
     rows = evaluate.eval_sr(pred, evaluate.read_named(cfg.data), cfg.scale, y_channel=not cfg.rgb,
                             crop=cfg.crop if cfg.sheet else 0, degradations=cfg.degradations, seed=cfg.seed)
     if not rows:
@@ -145,10 +151,8 @@ def sr(cfg: SrEval) -> None:
 
 # ----------------------------------------------------------------------------------------------- seg
 def seg(cfg: SegEval) -> None:
-    pred = predictor(cfg.model, cfg)
+    pred = predictor(cfg.model, cfg, "seg")
     model = pred.model
-    if model.task != "seg":
-        raise EvalError(f"{cfg.model} is a {model.task} model, not a segmentation model")
     if cfg.size:
         pred.contract = dataclasses.replace(pred.contract, size=cfg.size)
     trained = evaluate.training_seg_settings(getattr(model, "meta", {}))
@@ -199,7 +203,7 @@ def _style_model(cfg: StyleEval, spec: str, images: list[evaluate.Named]) -> Non
     from imgxlate.io.images import read_rgb
     from imgxlate.losses import style_size_of
 
-    pred = predictor(spec, cfg)
+    pred = predictor(spec, cfg, "style")
     run = pred.model.meta.get("provenance", {}).get("config", {})
     style_uri = cfg.style or run.get("style_image")
     if not style_uri:

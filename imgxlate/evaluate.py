@@ -13,6 +13,7 @@ imgxlate.losses. Nothing here imports imgxlate.train.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from imgxlate import degrade, losses, metrics, pairing
+from imgxlate.errors import CannotRun
 from imgxlate.infer.predictor import PredictOptions, Predictor, model_device, to_tensor
 from imgxlate.io import images, listing
 from imgxlate.models import build
@@ -33,8 +35,20 @@ def list_images(src: str) -> list[listing.Item]:
     return listing.list_inputs(src, listing.IMAGE_EXTS)
 
 
+class UnreadableImage(CannotRun, ValueError):
+    """An evaluation image (or mask) that cannot be read: a score over the rest would not be the data set's."""
+
+
+def _read(uri: str, reader):
+    try:
+        return reader(uri)
+    except Exception as e:
+        raise UnreadableImage(f"{listing.redact(uri)} cannot be read ({type(e).__name__}: {e}); an evaluation "
+                              f"scores every image of its data set: fix or remove it") from None
+
+
 def read_named(src: str, reader=images.read_image) -> list[Named]:
-    return [(it.key, reader(it.source_uri)) for it in list_images(src)]
+    return [(it.key, _read(it.source_uri, reader)) for it in list_images(src)]
 
 
 # ------------------------------------------------------------------------------------------------ SR
@@ -144,7 +158,7 @@ def read_seg_pair(img_uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
 def read_seg_samples(pairs: list[tuple[str, str]], root: str = "") -> Iterable[tuple]:
     """Decoded (name, mask name, image, mask) for eval_seg, read one pair at a time."""
     for img_uri, mask_uri in pairs:
-        img, mask = read_seg_pair(img_uri, mask_uri)
+        img, mask = _read(img_uri, functools.partial(read_seg_pair, mask_uri=mask_uri))
         yield (posixpath.relpath(img_uri, root) if root else img_uri,
                posixpath.relpath(mask_uri, root) if root else mask_uri, img, mask)
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 DESCRIPTION = """\
 imgxlate: image-to-image models (super-resolution, style transfer, U-Net segmentation)
@@ -12,6 +13,36 @@ trained on Ray Train and run over large image collections with Ray Data.
 
 Models are given as the path or URI (s3://...) of a model artifact folder, or as 'bicubic'
 (zero parameters, any scale) for the baseline."""
+
+
+def number(kind: type = int, at_least: float | None = None, above: float | None = None,
+           below: float | None = None, at_most: float | None = None):
+    """An argparse type: a finite number of ``kind`` within the bounds given; anything else is argparse's usage
+    error (one line, exit 2) instead of a traceback or a run that fails later."""
+    rules = [f"at least {at_least:g}" if at_least is not None else "", f"more than {above:g}" if above is not None
+             else "", f"less than {below:g}" if below is not None else "", f"at most {at_most:g}" if at_most is not
+             None else ""]
+    want = ("a whole number" if kind is int else "a finite number") + "".join(f", {r}" for r in rules if r)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {want}") from None
+        if (not math.isfinite(value) or (at_least is not None and value < at_least)
+                or (above is not None and value <= above) or (below is not None and value >= below)
+                or (at_most is not None and value > at_most)):
+            raise argparse.ArgumentTypeError(f"{text}: give {want}")
+        return value
+
+    parse.__name__ = want
+    return parse
+
+
+COUNT, NONNEG = number(int, at_least=1), number(int, at_least=0)
+POSITIVE, NONNEG_F, FINITE = number(float, above=0), number(float, at_least=0), number(float)
+FRACTION = number(float, at_least=0, below=1)
+DEGRADATIONS = ("none", "restore", "denoise", "deblock", "colourise")     # imgxlate.degrade.PRESETS (a test holds it)
 
 
 # ------------------------------------------------------------------------------------ shared pieces
@@ -48,7 +79,7 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="s3://bucket/prefix, a local folder, or a manifest (.parquet/.csv/.txt of URIs)")
     p.add_argument("dst", help="s3://bucket/prefix or a local folder; outputs mirror the source's keys")
     p.add_argument("--model", required=True, help="artifact path/URI, or 'bicubic' (with --scale)")
-    p.add_argument("--scale", type=float, default=None, help="upscaling factor for 'bicubic'; checked for artifacts")
+    p.add_argument("--scale", type=FINITE, default=None, help="upscaling factor for 'bicubic'; checked for artifacts")
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--extensions", type=extension_list, default=",".join(e.lstrip(".") for e in listing.IMAGE_EXTS),
                     help="comma-separated input extensions to take from a listing (default: %(default)s)")
@@ -77,17 +108,17 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store (else AWS_ENDPOINT_URL)")
     rs = p.add_argument_group("resources")
     add_shared_options(rs, "--ray-address")
-    rs.add_argument("--num-cpus", type=int, help="logical CPUs when Ray is started locally (default: all)")
+    rs.add_argument("--num-cpus", type=COUNT, help="logical CPUs when Ray is started locally (default: all)")
     rs.add_argument("--actors", type=int, help="model actors (default: one per GPU; on CPUs, one per "
                     "--cpus-per-actor of the cluster with the fused pipeline, 1 with the split one)")
     rs.add_argument("--max-actors", type=int,
                     help="let the pool of model actors grow to this many as the cluster adds nodes (default: on "
                          "GPUs, as many as the cluster gives, starting with one per GPU there is; on CPUs, a fixed "
                          "pool of --actors)")
-    rs.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs; "
+    rs.add_argument("--gpus-per-actor", type=FINITE, help="GPUs per model actor (default: 1 if the cluster has GPUs; "
                                                          "0 runs CPU actors on a GPU cluster)")
-    rs.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default 1)")
-    rs.add_argument("--io-cpus", type=float, default=0.25, help="CPUs per read/decode or encode/write task")
+    rs.add_argument("--cpus-per-actor", type=FINITE, default=1.0, help="CPUs per model actor (default 1)")
+    rs.add_argument("--io-cpus", type=FINITE, default=0.25, help="CPUs per read/decode or encode/write task")
     rs.add_argument("--batch-size", type=int, default=8,
                     help="images per model run within an input block (default 8; small images of one size are "
                          "batched up to a pixel budget inside a run)")
@@ -99,7 +130,7 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
                      help="on (default): hold DST/_manifest/LEASE so that two runs never write one DST; needs a store "
                           "that enforces conditional writes (checked). off: no lease, at your risk (the summary "
                           "says so)")
-    run.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS", dest="wait_for_lease_s",
+    run.add_argument("--wait-for-lease", type=NONNEG_F, default=0.0, metavar="SECONDS", dest="wait_for_lease_s",
                      help="when another run holds DST, wait up to this long for it (default: stop at once, exit 2)")
     rs.add_argument("--max-model-retries", type=int, default=3,
                     help="retries of a batch whose model actor died; then its inputs get model_error (default 3)")
@@ -127,36 +158,36 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--name", default=f"{task}-run", help="run name: the same name and storage resume the run")
     p.add_argument("--storage", default="runs", help="checkpoint storage: local folder or s3://bucket/prefix")
     p.add_argument("--out", help="model artifact URI (default: <storage>/<name>/model)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
+    p.add_argument("--workers", type=COUNT, default=2, help="Ray Train workers (DDP processes)")
     p.add_argument("--gpu", action="store_true", dest="use_gpu", help="one GPU per worker (NCCL)")
-    p.add_argument("--cpus-per-worker", type=float,
+    p.add_argument("--cpus-per-worker", type=POSITIVE,
                    help="CPUs per worker (default 1; with --gpu 4: 3 loader processes decode and crop while the "
                         "main one feeds the GPU)")
     add_shared_options(p, "--ray-address")
-    p.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--wait-for-resources", type=NONNEG_F, default=0, metavar="SECONDS",
                    help="when the cluster cannot hold the workers (e.g. --gpu without GPU nodes), ask its "
                         "autoscaler and wait this long before giving up (default 0: stop at once, exit 2)")
     p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one per node)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per stage when --stages is not given")
-    p.add_argument("--batch-size", type=int, default=16, help="per worker; the LR scales with the global batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak LR for a global batch of --reference-batch")
-    p.add_argument("--reference-batch", type=int, default=16)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup", type=float, default=0.25, dest="warmup_pct", metavar="WARMUP",
+    p.add_argument("--max-failures", type=number(int, at_least=-1), default=2, help="worker failures to recover from")
+    p.add_argument("--epochs", type=COUNT, default=5, help="epochs per stage when --stages is not given")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="per worker; the LR scales with the global batch")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak LR for a global batch of --reference-batch")
+    p.add_argument("--reference-batch", type=COUNT, default=16)
+    p.add_argument("--weight-decay", type=NONNEG_F, default=1e-4)
+    p.add_argument("--warmup", type=FRACTION, default=0.25, dest="warmup_pct", metavar="WARMUP",
                    help="one-cycle warmup fraction")
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--clip-grad", type=NONNEG_F, default=1.0)
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
                    help="autocast: bf16 on GPUs and on CPUs with native bf16 (AMX / AVX-512 BF16; fp32 "
                         "elsewhere), fp16 on GPUs only; the losses, Gram matrices and validation stay fp32")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    p.add_argument("--steps-per-epoch", type=int, default=0, dest="max_steps_per_epoch", metavar="STEPS_PER_EPOCH",
+    p.add_argument("--ema", type=FRACTION, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
+    p.add_argument("--checkpoint-every", type=NONNEG, default=0, help="also checkpoint every N steps")
+    p.add_argument("--steps-per-epoch", type=NONNEG, default=0, dest="max_steps_per_epoch", metavar="STEPS_PER_EPOCH",
                    help="cap the steps per epoch (0: all)")
-    p.add_argument("--limit", type=int, help="use at most this many training images (seg: image/mask pairs)")
+    p.add_argument("--limit", type=COUNT, help="use at most this many training images (seg: image/mask pairs)")
     p.add_argument("--seed", type=int, default=0, help="seeds the samples and the held-out split")
-    p.add_argument("--cache-mb", type=float, default=1024,
+    p.add_argument("--cache-mb", type=NONNEG_F, default=1024,
                    help="decoded training images each worker keeps (least recently used first out), in MB")
     p.add_argument("--preset", help="model preset (sr: lesson, edsr-baseline, edsr, tiny)")
     p.add_argument("--init", metavar="MODEL", help="start from this trained model's weights (fine-tuning): a shipped "
@@ -169,19 +200,20 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
 
 
 def _add_sr_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--scale", type=int, default=2, choices=(1, 2, 4, 8))
     p.add_argument("--stages", help="progressive plan scale:epochs[:new], e.g. 2:3,4:1:new,4:3")
-    p.add_argument("--hr-crop", type=int, default=96,
+    p.add_argument("--hr-crop", type=COUNT, default=96,
                    help="HR crop side (training images smaller than it are skipped, with a warning)")
-    p.add_argument("--samples-per-image", type=int, default=8, help="random crops per image per epoch")
+    p.add_argument("--samples-per-image", type=COUNT, default=8, help="random crops per image per epoch")
     p.add_argument("--loss", default="l1", choices=["l1", "mse", "perceptual"])
-    p.add_argument("--degradations", default="none",
+    p.add_argument("--degradations", default="none", choices=DEGRADATIONS,
                    help="restoration degradations: none, restore, denoise, deblock, colourise")
 
 
 def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="progressive plan size:epochs[:frozen], e.g. 128:2:frozen,128:2,256:2")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="groups (car ids) held out")
+    p.add_argument("--val-fraction", type=number(float, above=0, below=1), default=0.2,
+                   help="groups (car ids) held out")
     p.add_argument("--loss", default="bce_dice", choices=["bce", "bce_dice"], dest="seg_loss",
                    help="BCE with logits (the lesson's) or BCE + soft Dice (default)")
     p.add_argument("--encoder-weights", help="none, imagenet (the default without --init), or a path/URI")
@@ -189,12 +221,12 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_style_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style-image", required=True, help="the style painting (path or URI)")
-    p.add_argument("--content-size", type=int, default=256)
-    p.add_argument("--style-size", type=int,
+    p.add_argument("--content-size", type=COUNT, default=256)
+    p.add_argument("--style-size", type=COUNT,
                    help="the style image's shorter side for its Gram targets, resized first (default: the "
                         "content size, as the lesson)")
-    p.add_argument("--content-weight", type=float, default=1e4)
-    p.add_argument("--samples-per-image", type=int, default=4)
+    p.add_argument("--content-weight", type=NONNEG_F, default=1e4)
+    p.add_argument("--samples-per-image", type=COUNT, default=4)
     p.add_argument("--norm", choices=["batch", "instance"], help="default without --init: instance")
 
 
@@ -212,39 +244,40 @@ def _lr_find_flags(lf: argparse.ArgumentParser) -> None:
         tp = lf_sub.add_parser(task)
         add_train_arguments(tp, task)
         tp.add_argument("--plot", default="lr_find.png", help="where to write the plot (path or URI)")
-        tp.add_argument("--start-lr", type=float, default=1e-6)
-        tp.add_argument("--end-lr", type=float, default=1.0)
-        tp.add_argument("--steps", type=int, default=60)
+        tp.add_argument("--start-lr", type=POSITIVE, default=1e-6)
+        tp.add_argument("--end-lr", type=POSITIVE, default=1.0)
+        tp.add_argument("--steps", type=COUNT, default=60)
 
 
 def _eval_sr_flags(sr: argparse.ArgumentParser) -> None:
-    sr.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 4, ...)")
+    sr.add_argument("--scale", type=COUNT, required=True, help="upscaling factor (2, 4, ...)")
     sr.add_argument("--rgb", action="store_true", help="RGB PSNR/SSIM instead of the Y channel")
     sr.add_argument("--ensemble", action="store_true",
                     help="EDSR's 8-way geometric self-ensemble (flips and rotations, averaged; 8x the compute)")
     sr.add_argument("--out", help="folder (path or URI) for per-image CSV/Parquet, summary.json and the sheet PNG")
-    sr.add_argument("--degradations", default="none",
+    sr.add_argument("--degradations", default="none", choices=DEGRADATIONS,
                     help="degrade each LR image as restoration training does (none, restore, denoise, deblock, "
                          "colourise); model and bicubic get the same degraded input")
     sr.add_argument("--seed", type=int, default=0, help="seed of the degradations drawn per image")
-    sr.add_argument("--sheet", type=int, default=6, help="images on the before/after sheet (0: none)")
-    sr.add_argument("--crop", type=int, default=160, help="sheet crop side in HR pixels (the most detailed region)")
+    sr.add_argument("--sheet", type=NONNEG, default=6, help="images on the before/after sheet (0: none)")
+    sr.add_argument("--crop", type=COUNT, default=160, help="sheet crop side in HR pixels (the most detailed region)")
 
 
 def _eval_seg_flags(sg: argparse.ArgumentParser) -> None:
     sg.add_argument("--split", choices=["all", "val", "train"], default="all",
                     help="'val': only the groups (cars) the training run held out (its seed and fraction)")
-    sg.add_argument("--size", type=int, help="override the contract's input size (default: the last training stage's)")
-    sg.add_argument("--worst", type=int, default=8, help="list and draw the N lowest-Dice images")
+    sg.add_argument("--size", type=COUNT,
+                    help="override the contract's input size (default: the last training stage's)")
+    sg.add_argument("--worst", type=NONNEG, default=8, help="list and draw the N lowest-Dice images")
     sg.add_argument("--overlays", choices=["worst", "all"], default="worst", help="which images get an overlay PNG")
     sg.add_argument("--out", help="folder (path or URI) for seg.csv/.parquet, summary.json and the PNGs")
 
 
 def _eval_style_flags(st: argparse.ArgumentParser) -> None:
     st.add_argument("--style", help="style image (default: the one the model was trained with)")
-    st.add_argument("--size", type=int, help="side of the centre square the losses are measured on "
+    st.add_argument("--size", type=COUNT, help="side of the centre square the losses are measured on "
                                              "(default: the training content size)")
-    st.add_argument("--style-size", type=int, help="the style image's shorter side for its Gram targets "
+    st.add_argument("--style-size", type=COUNT, help="the style image's shorter side for its Gram targets "
                                                    "(default: the training run's, from the artifact)")
     st.add_argument("--vgg-weights", default="imagenet",
                     help="loss network: 'imagenet' (torchvision), a vgg16_bn state_dict path/URI, or 'random'")
@@ -285,7 +318,7 @@ def _eval_flags(ev: argparse.ArgumentParser) -> None:
 def _report_flags(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("run", help="training run folder or batch DST (path or URI)")
     rp.add_argument("--out", help="folder for report.md (training default: RUN/imgxlate)")
-    rp.add_argument("--slowest", type=int, default=10, help="batch: list the N slowest inputs")
+    rp.add_argument("--slowest", type=NONNEG, default=10, help="batch: list the N slowest inputs")
 
 
 def _info_flags(i: argparse.ArgumentParser) -> None:
@@ -306,8 +339,8 @@ def _verify_flags(v: argparse.ArgumentParser) -> None:
 
 def _sample_photos_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("dst")
-    s.add_argument("--max-side", type=int, default=None, help="downscale photos larger than this")
-    s.add_argument("--holdout", type=int, default=0, help="write N photos to DST/heldout, the rest to DST/train")
+    s.add_argument("--max-side", type=COUNT, default=None, help="downscale photos larger than this")
+    s.add_argument("--holdout", type=NONNEG, default=0, help="write N photos to DST/heldout, the rest to DST/train")
 
 
 # Each command, in the order `imgxlate --help` lists them: its help, its description, its flags.

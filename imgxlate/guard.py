@@ -17,7 +17,8 @@ import sys
 from imgxlate.errors import CannotRun, Stopped
 
 # Commands whose unexpected errors reach their caller as raised: an in-process caller of `eval` gets the
-# library's exception itself (tests/test_cli.py holds it).
+# library's exception itself. What the user can change (a CannotRun: a model, scale or image that cannot be
+# used) is one line and exit 2 here too.
 RAISES = ("eval",)
 
 

@@ -198,3 +198,52 @@ def test_a_model_whose_config_scale_or_task_does_not_fit_is_refused_in_the_drive
     assert f"but {model} is a sr model: leave --cutout out" in _refused(capsys, src, dst, "--model", model,
                                                                         "--cutout")
     assert not started
+
+
+def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_path, capsys):
+    """train, lr-find, eval, info and sample-photos: a value out of range, a model or image that cannot be read, or
+    a plan that cannot run is one line and exit 2 (argparse's usage error for a value), never a traceback."""
+    import pytest
+
+    from imgxlate import degrade
+    from imgxlate.cli import main
+    from imgxlate.flags import DEGRADATIONS
+
+    assert DEGRADATIONS == tuple(degrade.PRESETS)
+    data = tmp_path / "data"
+    write_tree(data, {"a.png": png(photo(40, 40)), "b.png": b"\x89PNG\r\n\x1a\n cut short"})
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text("{not json")
+    (tmp_path / "file").write_text("x")
+    usage = {("train", "sr", str(data), "--epochs", "0"): "--epochs: 0: give a whole number, at least 1",
+             ("train", "sr", str(data), "--lr", "nan"): "--lr: nan: give a finite number, more than 0",
+             ("train", "sr", str(data), "--ema", "1"): "--ema: 1: give a finite number, at least 0, less than 1",
+             ("train", "sr", str(data), "--scale", "3"): "invalid choice: 3",
+             ("train", "sr", str(data), "--degradations", "bogus"): "invalid choice: 'bogus'",
+             ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "0"): "--scale: 0: give a whole",
+             ("translate", str(data), str(tmp_path / "dst"), "--scale", "inf"): "--scale: inf: give a finite number",
+             ("sample-photos", str(tmp_path / "p"), "--max-side", "-5"): "--max-side: -5: give a whole number"}
+    for argv, words in usage.items():
+        with pytest.raises(SystemExit) as stop:
+            main(list(argv))
+        assert stop.value.code == 2 and words in capsys.readouterr().err, argv
+    refused = {("train", "sr", str(data), "--model-config", "{bad"): "--model-config '{bad' is not JSON",
+               ("train", "sr", str(data), "--model-config", "[1]"): "give a JSON object",
+               ("train", "sr", str(data), "--stages", "2:x"): "'2:x' is not SCALE:EPOCHS or SCALE:EPOCHS:new",
+               ("train", "seg", str(data), "--stages", "128:2:new"): "is not SIZE:EPOCHS or SIZE:EPOCHS:frozen",
+               ("train", "sr", str(data), "--name", "../../etc"): "a run's name is one folder name",
+               ("lr-find", "sr", str(data), "--start-lr", "1", "--end-lr", "0.1"): "--start-lr 1 must be below",
+               ("eval", "sr", "--model", "nothing-here", "--data", str(data), "--scale", "2"): "no config.json",
+               ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "4"): "x2 model but --scale 4",
+               ("eval", "seg", "--model", "sr-x2", "--data", str(data)): "sr-x2 is a sr model; eval seg scores seg",
+               ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "2"):
+                   "b.png cannot be read (DecodeError",
+               ("info", str(tmp_path / "damaged")): "its config.json is damaged",
+               ("info", "nothing-here"): "no config.json",
+               ("sample-photos", str(tmp_path / "file")): "writes into a local folder",
+               ("sample-photos", "s3://bucket/photos"): "writes into a local folder"}
+    for argv, words in refused.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"imgxlate {argv[0]}: error: ") and words in err[0], (argv, err)
+    assert not (tmp_path / "p").exists() and not os.path.exists("s3:")

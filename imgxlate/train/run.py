@@ -15,8 +15,24 @@ from imgxlate.train import ray_train, tasks
 
 
 def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
-    """The stage plan from its command-line form (see :meth:`imgxlate.train.tasks.Task.parse_stages`)."""
-    return tasks.TASKS[task].parse_stages(text)
+    """The stage plan from its command-line form: '2:3,4:1:new,4:2' (SR scale:epochs[:new]) or
+    '128:2:frozen,128:2,256:2' (seg size:epochs[:frozen]); each item made a Stage by the task's parse_stage.
+    tasks.DataError for an item that is not of the task's form."""
+    t, stages = tasks.TASKS[task], []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        flag = parts[2] if len(parts) > 2 else ""
+        try:
+            value, epochs = int(parts[0].lstrip("x")), int(parts[1])
+        except (ValueError, IndexError):
+            value = epochs = 0
+        if min(value, epochs) < 1 or len(parts) > 3 or flag not in t.stage_flags:
+            raise tasks.DataError(f"--stages {text!r}: {item.strip()!r} is not {t.stage_form} (whole numbers of "
+                                  f"at least 1)")
+        stages.append(t.parse_stage(value, epochs, flag, any(s.frozen_groups for s in stages)))
+    return stages
 
 
 def ray_log_path(cfg: tasks.RunConfig) -> str:

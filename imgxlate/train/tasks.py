@@ -225,20 +225,10 @@ class Task:
     def stages(self, cfg: RunConfig) -> list[Stage]:
         return cfg.stages or self.default_stages(cfg)
 
+    stage_form, stage_flags = "VALUE:EPOCHS", ("",)        # --stages' items, as its error message says
+
     def parse_stage(self, value: int, epochs: int, flag: str, after_frozen: bool) -> Stage:
         return Stage(epochs=epochs)
-
-    def parse_stages(self, text: str | None) -> list[Stage]:
-        """'2:3,4:1:new,4:2' (SR scale:epochs[:new]) or '128:2:frozen,128:2,256:2' (seg size:epochs[:frozen])."""
-        stages: list[Stage] = []
-        for item in (text or "").split(","):
-            if not item.strip():
-                continue
-            parts = item.strip().split(":")
-            flag = parts[2] if len(parts) > 2 else ""
-            stages.append(self.parse_stage(int(parts[0].lstrip("x")), int(parts[1]), flag,
-                                           any(s.frozen_groups for s in stages)))
-        return stages
 
     def build_model(self, cfg: RunConfig, stage: Stage, previous: nn.Module | None) -> tuple[nn.Module, list[str]]:
         """The model for a stage; the previous stage's model carries over (the first stage's: ``--init``'s)."""
@@ -292,6 +282,8 @@ class SrTask(Task):
 
     def default_stages(self, cfg):
         return [Stage(epochs=cfg.loop.epochs, scale=cfg.model.get("scale", 2))]
+
+    stage_form, stage_flags = "SCALE:EPOCHS or SCALE:EPOCHS:new", ("", "new")
 
     def parse_stage(self, value, epochs, flag, after_frozen):
         return Stage(epochs=epochs, scale=value, train="new" if flag == "new" else "all")
@@ -383,6 +375,8 @@ class SegTask(Task):
 
     def default_stages(self, cfg):
         return [Stage(epochs=cfg.loop.epochs, size=128)]
+
+    stage_form, stage_flags = "SIZE:EPOCHS or SIZE:EPOCHS:frozen", ("", "frozen")
 
     def parse_stage(self, value, epochs, flag, after_frozen):
         """A stage after a frozen one trains everything with discriminative LRs (encoder x0.1) and the
