@@ -3,6 +3,7 @@ output there with the recorded size and, with --checksums, sha256), the problems
 Parquet, exit 1 when there are any; --redo makes the next translate redo exactly those inputs. Local and S3."""
 
 import json
+import shutil
 
 import boto3
 import pyarrow.parquet as pq
@@ -60,6 +61,30 @@ def test_verify_finds_missing_and_damaged_outputs_and_redo_redoes_exactly_those(
     assert "8 inputs, 8 ok" in capsys.readouterr().out
     assert translate(src, dst, "--scale", 2, "--shard-size", 3, "--run-id", "r3") == 0   # nothing left to redo
     assert summary_of(dst, "r3")["counts"] == {"skipped_done": 8}
+
+
+def test_a_copied_dst_is_verified_in_the_copy_not_where_the_run_wrote_it(tmp_path, capsys, ray_local):
+    src, dst, copy = tmp_path / "src", tmp_path / "dst", tmp_path / "backup" / "dst"
+    write_tree(src, {k: png(photo(10, 12, seed=i)) for i, k in enumerate(NAMES)})
+    assert translate(src, dst, "--scale", 2, "--shard-size", 3, "--run-id", "r1") == 0
+    shutil.copytree(dst, copy)
+    (copy / "a/1.png").unlink()                                 # lost in the copy only
+    found = verify(VerifyConfig(str(copy), checksums=True))
+    assert (found["ok"], found["problems"]) == (7, {"missing": 1})
+    assert _problems(found["problems_uri"]) == {("a/1.png", "missing")}
+    assert verify(VerifyConfig(str(dst), checksums=True))["problems"] == {}    # the original is whole
+    # --redo on the copy, and a translate into the copy, restore it there (the original is not touched).
+    assert verify(VerifyConfig(str(copy), redo=True))["redo"] == 1
+    assert translate(src, copy, "--scale", 2, "--shard-size", 3, "--run-id", "r2") == 0
+    assert summary_of(copy, "r2")["counts"] == {"ok": 1, "skipped_done": 7}
+    assert (copy / "a/1.png").read_bytes() == (dst / "a/1.png").read_bytes()
+    # With no summary to say where its run wrote it, an output recorded outside the DST is not proven.
+    for summary in (copy / "_manifest").glob("*/summary.json"):
+        summary.unlink()
+    shutil.rmtree(dst)
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    assert "elsewhere" in capsys.readouterr().out
 
 
 def test_a_part_that_is_gone_is_found_and_redo_makes_a_complete_shard_be_read_again(tmp_path, ray_local):

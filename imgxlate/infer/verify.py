@@ -13,8 +13,9 @@ leaves the row before it standing), and each input is checked:
 and each shard: a marker that cannot be read (``unreadable_marker``), a part it names that is gone or cannot
 be read (``missing_part``, ``unreadable_part``), inputs of the shard with no row at all (``no_row``: a run
 stopped before them, or their part is gone). Parts that no marker names (DSTs written before markers, or a
-run killed between a part and its marker) are not read. Outputs are checked where their rows say they were
-written (``output_uri``): verify a DST where the run wrote it.
+run killed between a part and its marker) are not read. Outputs are checked in the DST given: a copied or
+moved DST (its runs' summaries say where they wrote it) has its rows' ``output_uri`` read inside the copy,
+never at the original; an output recorded outside the DST with no summary to place it is ``elsewhere``.
 
 Memory is bounded by one shard (10,000-20,000 inputs) whatever the number of inputs, beyond the shard ids (one
 short name per shard: 100,000 for a billion inputs). A shard's rows are read, checked (outputs in a pool of
@@ -113,10 +114,13 @@ def _sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
-def check_output(row: dict, checksums: bool) -> tuple[str, str] | None:
-    """(problem, detail) for an ok row's output, or None when it is there as recorded."""
+def check_output(row: dict, checksums: bool, dst: str | None = None) -> tuple[str, str] | None:
+    """(problem, detail) for an ok row's output, or None when it is there as recorded (and inside ``dst``)."""
     if not row.get("output_uri"):
         return "missing", "the row records no output_uri"
+    if dst and not row["output_uri"].startswith(dst + "/"):
+        return "elsewhere", (f"recorded at {redact(row['output_uri'])}, outside this DST (a copy or a move whose "
+                             f"runs left no summary): not checked")
     fs, path = storage.filesystem(row["output_uri"])
     try:
         info = storage.retry(fs.info, path)
@@ -160,6 +164,30 @@ def check_members(obj: str, rows: list[dict], checksums: bool) -> list[tuple[dic
     return out
 
 
+def origins(dst: str) -> tuple[str, ...]:
+    """The DSTs other than ``dst`` that its runs wrote (their summaries say), longest first: ``dst`` is a copy or
+    a move of them."""
+    found = set()
+    for run_id in manifest.runs(dst):
+        with contextlib.suppress(Exception):
+            summary = json.loads(storage.read_bytes(storage.join(manifest.manifest_root(dst), run_id, "summary.json")))
+            if summary.get("dst") and summary["dst"].rstrip("/") != dst:
+                found.add(summary["dst"].rstrip("/"))
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def in_dst(uri: str | None, dst: str, origins: tuple[str, ...]) -> str | None:
+    """A row's output_uri made one inside ``dst``: verify checks the DST it is given, so in a copied or moved DST
+    (``origins``: where its runs wrote it) it checks the copy's outputs, never the originals. A row whose output
+    lies neither in ``dst`` nor in an origin keeps its URI, and check_output says it is elsewhere."""
+    if not uri or uri.startswith(dst + "/"):
+        return uri
+    for origin in origins:
+        if uri.startswith(origin + "/"):
+            return dst + uri[len(origin):]
+    return uri
+
+
 # -------------------------------------------------------------------------------------------- one shard
 def latest_rows(dst: str, marker: manifest.ShardMarker, check: ShardCheck) -> dict[str, dict]:
     """The latest row of each input of the shard, {source_uri: row}, from the parts its marker names, read one
@@ -181,9 +209,10 @@ def latest_rows(dst: str, marker: manifest.ShardMarker, check: ShardCheck) -> di
     return latest
 
 
-def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor
+def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor, origins: tuple[str, ...] = ()
                 ) -> tuple[ShardCheck, manifest.ShardMarker | None]:
-    """Check one shard: (what was found, its marker or None when the marker cannot be read)."""
+    """Check one shard: (what was found, its marker or None when the marker cannot be read); ``origins``: where
+    DST's runs wrote it, when that is not ``dst`` (see in_dst)."""
     check = ShardCheck(sid)
     uri = redact(manifest.shard_marker_uri(dst, sid))
     try:
@@ -195,6 +224,8 @@ def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor
         return check, None
     check.n = marker.n
     latest = latest_rows(dst, marker, check)
+    for r in latest.values():
+        r["output_uri"] = in_dst(r.get("output_uri"), dst, origins)
     check.statuses = Counter(r["status"] for r in latest.values())
     done = [r for r in latest.values() if r["status"] in manifest.DONE]
     for r in latest.values():
@@ -206,7 +237,7 @@ def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor
         inside = [r for r in done if (r.get("output_uri") or "").startswith(obj + "#")]
         done = [r for r in done if not (r.get("output_uri") or "").startswith(obj + "#")]
         found_inside = check_members(obj, inside, checksums) if inside else []
-    for row, found in [*found_inside, *zip(done, pool.map(lambda r: check_output(r, checksums), done))]:
+    for row, found in [*found_inside, *zip(done, pool.map(lambda r: check_output(r, checksums, dst), done))]:
         if found is None:
             check.ok += 1
             continue
@@ -314,6 +345,8 @@ def verify(cfg: VerifyConfig) -> dict:
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     dst = cfg.dst.rstrip("/")
+    if storage.is_local(dst) and "://" not in dst:
+        dst = os.path.abspath(dst)                      # as a run records it
     storage.filesystem(dst)[0].invalidate_cache()       # sizes as they are now, not as a listing left them
     sids = _markers(dst)
     verify_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-verify-") + uuid.uuid4().hex[:6]
@@ -333,9 +366,10 @@ def verify(cfg: VerifyConfig) -> dict:
 def _check_all(cfg: VerifyConfig, dst: str, sids: list[str], verify_id: str, lease, writer: ProblemWriter,
                out: dict) -> None:
     """Check the shards one at a time into ``out`` and ``writer``; with --redo, mark each shard's bad outputs."""
+    moved_from = origins(dst)
     with ThreadPoolExecutor(THREADS, thread_name_prefix="imgxlate-verify") as pool:
         for sid in sids:
-            check, marker = check_shard(dst, sid, cfg.checksums, pool)
+            check, marker = check_shard(dst, sid, cfg.checksums, pool, moved_from)
             out["inputs"] += check.n
             out["ok"] += check.ok
             out["problems"].update(check.counts)
