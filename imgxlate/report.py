@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 from imgxlate.errors import CannotRun
 from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact
+from imgxlate.log import log
 
 TIMES = ("t_read_s", "t_decode_s", "t_model_s", "t_encode_s", "t_write_s")
 
@@ -19,10 +21,14 @@ class NotARun(CannotRun, FileNotFoundError):
 
 def kind(uri: str) -> str:
     """'training' (a Ray Train run folder with imgxlate/metrics.jsonl), 'batch' (a DST with a manifest)."""
-    if storage.exists(storage.join(uri, "imgxlate", "metrics.jsonl")):
-        return "training"
-    if manifest.all_runs(uri):
-        return "batch"
+    try:
+        if storage.exists(storage.join(uri, "imgxlate", "metrics.jsonl")):
+            return "training"
+        if manifest.all_runs(uri):
+            return "batch"
+    except Exception as e:                      # e.g. an s3:// store that cannot be reached
+        why = " ".join(str(e).split())[:300]
+        raise NotARun(f"{redact(uri)}: cannot be read ({type(e).__name__}: {why})") from None
     raise NotARun(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
                             f"batch DST with a manifest (_manifest/<run_id>/)")
 
@@ -44,6 +50,9 @@ def write(run: str, out: str | None = None, slowest: int = 10) -> tuple[str, str
     ``out``/report.md, for a training run by default RUN/imgxlate, beside its curves.png."""
     from imgxlate import plots
 
+    if out and storage.is_local(out) and os.path.exists(storage.local_path(out)) and not os.path.isdir(
+            storage.local_path(out)):
+        raise CannotRun(f"--out {redact(out)}: a file, not a folder the report can be written into")
     if kind(run) == "training":
         text, history = training(run)
         out = out or storage.join(run, "imgxlate")
@@ -63,11 +72,17 @@ def write(run: str, out: str | None = None, slowest: int = 10) -> tuple[str, str
 def training(run: str) -> tuple[str, list[dict]]:
     """Markdown summary of a training run and its per-epoch history."""
     text = storage.read_bytes(storage.join(run, "imgxlate", "metrics.jsonl")).decode()
-    history = [json.loads(line) for line in text.splitlines() if line.strip()]
+    history = []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                history.append(json.loads(line))
+        except ValueError:                      # a line cut short (a full disk): the others still report
+            log(f"warning: {redact(run)}/imgxlate/metrics.jsonl line {n} is not JSON; left out")
     meta = None
     try:
         meta = json.loads(storage.read_bytes(storage.join(run, "model", "config.json")))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         pass
     val_keys = sorted({k for h in history for k, v in h.items() if k.startswith("val_") and isinstance(v, float)})
     lines = [f"# Training run `{run.rstrip('/').split('/')[-1]}`", ""]

@@ -247,3 +247,13 @@ def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"imgxlate {argv[0]}: error: ") and words in err[0], (argv, err)
     assert not (tmp_path / "p").exists() and not os.path.exists("s3:")
+    # report: a metrics line cut short is left out with a warning; an --out that is a file is one line.
+    run = tmp_path / "run" / "imgxlate"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 10, "stage": 0, "train_loss": 0.5, "val_psnr": 30.0}\n'
+                                       '{"epoch": 2, "st\n')
+    assert main(["report", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "line 2 is not JSON; left out" in err and "| 1 |" in out
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "file")]) == 2
+    assert "not a folder the report can be written into" in capsys.readouterr().err
