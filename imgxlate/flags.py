@@ -69,7 +69,10 @@ def add_shared_options(p, *names: str, as_translate: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------- translate
 def extension_list(text: str) -> tuple[str, ...]:
-    return tuple(e.strip() for e in text.split(",") if e.strip())
+    found = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no extension (e.g. png,jpg)")
+    return found
 
 
 def add_translate_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,7 +82,8 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="s3://bucket/prefix, a local folder, or a manifest (.parquet/.csv/.txt of URIs)")
     p.add_argument("dst", help="s3://bucket/prefix or a local folder; outputs mirror the source's keys")
     p.add_argument("--model", required=True, help="artifact path/URI, or 'bicubic' (with --scale)")
-    p.add_argument("--scale", type=FINITE, default=None, help="upscaling factor for 'bicubic'; checked for artifacts")
+    p.add_argument("--scale", type=FINITE, default=None,
+                   help="upscaling factor for 'bicubic' (default 2); checked for artifacts")
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--extensions", type=extension_list, default=",".join(e.lstrip(".") for e in listing.IMAGE_EXTS),
                     help="comma-separated input extensions to take from a listing (default: %(default)s)")

@@ -222,7 +222,8 @@ def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_pat
              ("train", "sr", str(data), "--degradations", "bogus"): "invalid choice: 'bogus'",
              ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "0"): "--scale: 0: give a whole",
              ("translate", str(data), str(tmp_path / "dst"), "--scale", "inf"): "--scale: inf: give a finite number",
-             ("sample-photos", str(tmp_path / "p"), "--max-side", "-5"): "--max-side: -5: give a whole number"}
+             ("sample-photos", str(tmp_path / "p"), "--max-side", "-5"): "--max-side: -5: give a whole number",
+             ("translate", str(data), str(tmp_path / "dst"), "--extensions", ","): "',' names no extension"}
     for argv, words in usage.items():
         with pytest.raises(SystemExit) as stop:
             main(list(argv))
