@@ -36,15 +36,15 @@ def list_images(src: str) -> list[listing.Item]:
 
 
 class UnreadableImage(CannotRun, ValueError):
-    """An evaluation image (or mask) that cannot be read: a score over the rest would not be the data set's."""
+    """A scored image (or mask) that cannot be decoded: a score over the rest would not be the data set's."""
 
 
-def _read(uri: str, reader):
+def _read(uri: str, reader, what: str = ""):
     try:
         return reader(uri)
-    except Exception as e:
-        raise UnreadableImage(f"{listing.redact(uri)} cannot be read ({type(e).__name__}: {e}); an evaluation "
-                              f"scores every image of its data set: fix or remove it") from None
+    except (ValueError, OSError) as e:          # a decode error, a file that is not there (a store's: retried)
+        raise UnreadableImage(f"{listing.redact(what or uri)} cannot be read ({type(e).__name__}: {e}); a score is "
+                              f"over every image of its data set: fix or remove it") from None
 
 
 def read_named(src: str, reader=images.read_image) -> list[Named]:
@@ -158,7 +158,7 @@ def read_seg_pair(img_uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
 def read_seg_samples(pairs: list[tuple[str, str]], root: str = "") -> Iterable[tuple]:
     """Decoded (name, mask name, image, mask) for eval_seg, read one pair at a time."""
     for img_uri, mask_uri in pairs:
-        img, mask = _read(img_uri, functools.partial(read_seg_pair, mask_uri=mask_uri))
+        img, mask = _read(img_uri, functools.partial(read_seg_pair, mask_uri=mask_uri), f"{img_uri} or {mask_uri}")
         yield (posixpath.relpath(img_uri, root) if root else img_uri,
                posixpath.relpath(mask_uri, root) if root else mask_uri, img, mask)
 

@@ -247,6 +247,15 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     assert "checkpoint cannot be read" in capsys.readouterr().err
 
 
+def test_a_metrics_line_cut_short_is_dropped_when_the_next_epoch_is_written(tmp_path):
+    cfg = RunConfig(task="sr", data="x", name="m", storage=str(tmp_path))
+    (tmp_path / "m" / "imgxlate").mkdir(parents=True)
+    (tmp_path / "m" / "imgxlate" / "metrics.jsonl").write_text('{"stage": 0, "global_step": 10, "epoch": 1}\n'
+                                                               '{"stage": 0, "glo\n')   # a full disk
+    ray_train._append_metrics(cfg, {"stage": 0, "global_step": 20, "epoch": 2})
+    assert [e["epoch"] for e in history(cfg)] == [1, 2]
+
+
 def _worker_pids():
     pids = []
     for pid in os.listdir("/proc"):

@@ -232,6 +232,7 @@ def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_pat
                ("train", "sr", str(data), "--model-config", "[1]"): "give a JSON object",
                ("train", "sr", str(data), "--stages", "2:x"): "'2:x' is not SCALE:EPOCHS or SCALE:EPOCHS:new",
                ("train", "seg", str(data), "--stages", "128:2:new"): "is not SIZE:EPOCHS or SIZE:EPOCHS:frozen",
+               ("train", "sr", str(data), "--stages", "2:1,3:1:new"): "scale 3 is not one of 1, 2, 4, 8",
                ("train", "sr", str(data), "--name", "../../etc"): "a run's name is one folder name",
                ("lr-find", "sr", str(data), "--start-lr", "1", "--end-lr", "0.1"): "--start-lr 1 must be below",
                ("eval", "sr", "--model", "nothing-here", "--data", str(data), "--scale", "2"): "no config.json",

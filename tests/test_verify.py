@@ -87,6 +87,17 @@ def test_a_copied_dst_is_verified_in_the_copy_not_where_the_run_wrote_it(tmp_pat
     assert "elsewhere" in capsys.readouterr().out
 
 
+def test_rows_are_placed_inside_the_dst_given_however_the_run_spelt_it(tmp_path, monkeypatch):
+    from imgxlate.infer.verify import in_dst
+
+    monkeypatch.chdir(tmp_path)
+    dst = str(tmp_path / "out")
+    assert in_dst("out/a/1.png", dst, ()) == in_dst("./out//a/1.png", dst, ()) == dst + "/a/1.png"  # relative
+    assert in_dst("/elsewhere/out/a.png", dst, ("/elsewhere/out",)) == dst + "/a.png"               # a copy
+    assert in_dst("/elsewhere/b.png", dst, ()) == "/elsewhere/b.png"                 # unplaced: 'elsewhere'
+    assert in_dst("s3://b/out/x.tar#a/1.png", "s3://c/copy", ("s3://b/out",)) == "s3://c/copy/x.tar#a/1.png"
+
+
 def test_a_part_that_is_gone_is_found_and_redo_makes_a_complete_shard_be_read_again(tmp_path, ray_local):
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_tree(src, {k: png(photo(8, 8, seed=i)) for i, k in enumerate(NAMES[:4])})

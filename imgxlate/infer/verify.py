@@ -171,16 +171,27 @@ def origins(dst: str) -> tuple[str, ...]:
     for run_id in manifest.runs(dst):
         with contextlib.suppress(Exception):
             summary = json.loads(storage.read_bytes(storage.join(manifest.manifest_root(dst), run_id, "summary.json")))
-            if summary.get("dst") and summary["dst"].rstrip("/") != dst:
-                found.add(summary["dst"].rstrip("/"))
+            if summary.get("dst") and _normal(summary["dst"], dst) != dst:
+                found.add(_normal(summary["dst"], dst))
     return tuple(sorted(found, key=len, reverse=True))
+
+
+def _normal(uri: str, dst: str) -> str:
+    """``uri`` spelt as verify spells a local ``dst`` (absolute, normalised: a run records the DST as it was typed,
+    relative to where it ran), else as it is."""
+    if "://" not in dst and "://" not in uri and storage.is_local(dst):
+        return os.path.normpath(os.path.abspath(uri))
+    return uri.rstrip("/")
 
 
 def in_dst(uri: str | None, dst: str, origins: tuple[str, ...]) -> str | None:
     """A row's output_uri made one inside ``dst``: verify checks the DST it is given, so in a copied or moved DST
     (``origins``: where its runs wrote it) it checks the copy's outputs, never the originals. A row whose output
     lies neither in ``dst`` nor in an origin keeps its URI, and check_output says it is elsewhere."""
-    if not uri or uri.startswith(dst + "/"):
+    if not uri:
+        return uri
+    uri = _normal(uri, dst)
+    if uri.startswith(dst + "/"):
         return uri
     for origin in origins:
         if uri.startswith(origin + "/"):
@@ -346,7 +357,7 @@ def verify(cfg: VerifyConfig) -> dict:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     dst = cfg.dst.rstrip("/")
     if storage.is_local(dst) and "://" not in dst:
-        dst = os.path.abspath(dst)                      # as a run records it
+        dst = os.path.normpath(os.path.abspath(dst))    # rows' local paths are compared so spelt (_normal)
     storage.filesystem(dst)[0].invalidate_cache()       # sizes as they are now, not as a listing left them
     sids = _markers(dst)
     verify_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-verify-") + uuid.uuid4().hex[:6]

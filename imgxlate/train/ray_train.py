@@ -207,8 +207,17 @@ def _append_metrics(cfg: tasks.RunConfig, metrics: dict) -> None:
     # An epoch redone after a failure (its checkpoint was not registered) replaces its earlier line and any
     # later ones. Positions are (stage, step in that stage).
     at = (metrics["stage"], metrics["global_step"])
-    kept = [e for e in map(json.loads, filter(str.strip, old)) if (e.get("stage", 0), e.get("global_step", -1)) < at]
+    kept = [e for e in map(_json_or_none, filter(str.strip, old))
+            if e is not None and (e.get("stage", 0), e.get("global_step", -1)) < at]
     storage.write_bytes(uri, "".join(json.dumps(e, default=str) + "\n" for e in [*kept, metrics]).encode())
+
+
+def _json_or_none(line: str) -> dict | None:
+    """A metrics line, or None for one cut short (a full disk), which the rewrite drops."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def run_dir(cfg: tasks.RunConfig) -> str:

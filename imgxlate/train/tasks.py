@@ -286,6 +286,8 @@ class SrTask(Task):
     stage_form, stage_flags = "SCALE:EPOCHS or SCALE:EPOCHS:new", ("", "new")
 
     def parse_stage(self, value, epochs, flag, after_frozen):
+        if value not in SCALES:
+            raise DataError(f"--stages: scale {value} is not one of {', '.join(map(str, SCALES))}")
         return Stage(epochs=epochs, scale=value, train="new" if flag == "new" else "all")
 
     def build_model(self, cfg, stage, previous):
