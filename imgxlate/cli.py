@@ -193,10 +193,13 @@ def cmd_info(args) -> int:
 def cmd_sample_photos(args) -> int:
     from imgxlate.errors import CannotRun
     from imgxlate.io import storage
-    from imgxlate.samples import write_sample_photos
+    from imgxlate.samples import HELD_OUT, write_sample_photos
 
     if not storage.is_local(args.dst) or os.path.isfile(args.dst):
         raise CannotRun(f"{args.dst}: sample-photos writes into a local folder")
+    if args.holdout > len(HELD_OUT):
+        raise CannotRun(f"--holdout {args.holdout}: at most {len(HELD_OUT)} of the photos are held out "
+                        f"({', '.join(HELD_OUT)})")
     paths = write_sample_photos(args.dst, max_side=args.max_side, holdout=args.holdout)
     print(f"wrote {len(paths)} sample photos (scikit-image's data set) to {args.dst}")
     return 0

@@ -243,7 +243,8 @@ def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_pat
                ("info", str(tmp_path / "damaged")): "its config.json is damaged",
                ("info", "nothing-here"): "no config.json",
                ("sample-photos", str(tmp_path / "file")): "writes into a local folder",
-               ("sample-photos", "s3://bucket/photos"): "writes into a local folder"}
+               ("sample-photos", "s3://bucket/photos"): "writes into a local folder",
+               ("sample-photos", str(tmp_path / "p"), "--holdout", "4"): "at most 3 of the photos are held out"}
     for argv, words in refused.items():
         assert main(list(argv)) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
