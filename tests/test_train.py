@@ -186,8 +186,8 @@ def test_rerun_with_the_same_name_resumes(photos, tmp_path, ray_local, capsys):
     assert [r["epoch"] for r in history(cfg)] == [1, 2]                           # epoch 1 was not redone
     # The same command passes the driver's check against the checkpoint; one asking for another model stops with
     # exit 2 before any worker.
-    from imgxlate.train.run import check_data, check_resume
-    check_resume(cfg, check_data(cfg))
+    from imgxlate.train.run import check_data, check_resume, resume_point
+    check_resume(cfg, check_data(cfg, resuming=True), resume_point(cfg))
     args = ["train", "sr", cfg.data, "--val", cfg.val, "--name", "resume", "--storage", cfg.storage, "--preset", "tiny"]
     assert main([*args, "--model-config", '{"nf": 8}']) == 2
     assert "resuming would ignore" in capsys.readouterr().err
@@ -202,13 +202,16 @@ def test_a_source_that_is_not_there_stops_training_with_one_line(tmp_path, capsy
 
 def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_old_one(tmp_path, capsys):
     from imgxlate.models import make_config
-    from imgxlate.train.run import check_resume
+    from imgxlate.train.run import check_resume, resume_point
     from imgxlate.train.tasks import DataError
+
+    def check(cfg, first):                   # as train() does
+        check_resume(cfg, first, resume_point(cfg))
 
     run = tmp_path / "r[1]"                  # glob characters in a run's name
     cfg = RunConfig(task="sr", data="x", name="r[1]", storage=str(tmp_path), stages=parse_stages("sr", "2:1,4:1"))
     tiny = make_config("sr", preset="tiny", scale=2, res_scale=1.0)
-    check_resume(cfg, ("sr", tiny))          # no checkpoint: nothing to compare
+    check(cfg, ("sr", tiny))                 # no checkpoint: nothing to compare
     run.mkdir()
 
     def checkpoint(when: str, stage: int, config: dict, meta: bool = True):
@@ -221,11 +224,11 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     old = dataclasses.asdict(tiny)
     del old["nf"]                            # from before a field existed, and before meta.json: defaults filled in
     checkpoint("2026-12-07_10-00-00.000000", 0, {**old, "nf": tiny.nf, "res_scale": 1}, meta=False)
-    check_resume(cfg, ("sr", tiny))          # res_scale 1 is 1.0
+    check(cfg, ("sr", tiny))                 # res_scale 1 is 1.0
     checkpoint("2026-12-07_10-05-00.000000", 1, {**dataclasses.asdict(tiny), "scale": 4})   # the newest: stage 2
     (run / "checkpoint_2026-12-07_10-09-00.000000").mkdir()                      # cut off: skipped
     (run / "checkpoint_manager_snapshot.json").write_text("{}")                  # Ray's, naming none (yet)
-    check_resume(cfg, ("sr", tiny))          # what it holds is the first model grown to x4 by the plan
+    check(cfg, ("sr", tiny))                 # what it holds is the first model grown to x4 by the plan
     wider = dataclasses.replace(tiny, nf=tiny.nf * 2)
     for rerun, words in (((cfg, ("sr", wider)), f"(stage 2); this command asks for nf {tiny.nf * 2}, which resuming"),
                          ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:1,8:1")), ("sr", tiny)),
@@ -233,17 +236,24 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
                          ((dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny)),
                           "is in stage 2; this command plans 1")):
         with pytest.raises(DataError, match=re.escape(words)):
-            check_resume(*rerun)
+            check(*rerun)
     # Ray Train resumes the checkpoint its snapshot names, which need not be the newest by name.
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
         {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-07_10-00-00.000000"}}))
-    check_resume(dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny))
+    check(dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny))
+    # A resumed --init run is built from its checkpoint: its --init is not read (gone since: no matter), and the
+    # --model-config fields given are what is compared.
+    gone = dataclasses.replace(cfg, init=str(tmp_path / "deleted-model"), stages=parse_stages("sr", "2:3"))
+    check(gone, None)
+    with pytest.raises(DataError, match=re.escape(f"resumes a model with nf {tiny.nf} (stage 1); this command "
+                                                  f"asks for nf 64")):
+        check(dataclasses.replace(gone, model={"nf": 64}), None)
     with pytest.raises(DataError, match=re.escape("this version of imgxlate cannot build (sr: unknown config")):
         (run / "checkpoint_2026-12-07_10-00-00.000000" / "meta.json").write_text(json.dumps(
             {"stage": 0, "arch": "sr", "model_config": {"gone": 1}}))
-        check_resume(cfg, ("sr", tiny))
+        check(cfg, ("sr", tiny))
     (run / "checkpoint_2026-12-07_10-00-00.000000" / "meta.json").write_text("cut")
-    check_resume(cfg, ("sr", wider))         # unreadable: a warning; the workers fail on it and say why
+    check(cfg, ("sr", wider))                # unreadable: a warning; the workers fail on it and say why
     assert "checkpoint cannot be read" in capsys.readouterr().err
 
 

@@ -45,19 +45,21 @@ def ray_log_path(cfg: tasks.RunConfig) -> str:
     return os.path.join(tempfile.gettempdir(), f"imgxlate-{cfg.name}-ray.log")
 
 
-def check_data(cfg: tasks.RunConfig) -> tuple[str, object]:
+def check_data(cfg: tasks.RunConfig, resuming: bool = False) -> tuple[str, object] | None:
     """The stages' data plans, checked on the driver before any worker starts: warnings are printed once
     here, and a plan with nothing to train on stops the run with tasks.DataError. Returns the architecture
-    and config of the run's first model (see check_resume)."""
+    and config of the run's first model (see check_resume); None for a resumed --init run, whose model comes
+    from its checkpoint: its --init is not read, so an artifact gone since does not stop it."""
     task = tasks.task_of(cfg)
     first = task.stages(cfg)[0]
-    if cfg.init:            # its first model built once here: a bad --init (or a config or scale it cannot take)
-        try:                # stops before any worker
+    built = None
+    if cfg.init and not resuming:   # its first model built once here: a bad --init (or a config or scale it
+        try:                        # cannot take) stops before any worker
             model = task.build_model(cfg, first, None)[0]
             built = model.arch, model.config
         except ValueError as e:
             raise e if isinstance(e, tasks.DataError) else tasks.DataError(f"--init {cfg.init}: {e}") from None
-    else:
+    elif not cfg.init:
         try:
             built = task.fresh_config(cfg, first)
         except (KeyError, TypeError, ValueError) as e:
@@ -72,17 +74,23 @@ def check_data(cfg: tasks.RunConfig) -> tuple[str, object]:
     return built
 
 
-def check_resume(cfg: tasks.RunConfig, first: tuple[str, object]) -> None:
-    """A rerun (same --name and --storage) resumes the run's newest checkpoint, whose model is what the run
-    built, so a command that would build another one (``first``: the architecture and config check_data
-    returns, grown to the checkpoint's stage) stops with tasks.DataError naming each difference, instead of
-    resuming the old model as if it were the new one. Where the starting weights came from (a U-Net's
-    ``encoder_weights``; which ``--init``) is not compared: resuming reads neither."""
+def resume_point(cfg: tasks.RunConfig) -> dict | None:
+    """What the checkpoint a rerun resumes from holds (ray_train.latest_saved); None for a fresh run, or, with a
+    warning, when it cannot be read (the workers say why, if they cannot read it either)."""
     try:
-        saved = ray_train.latest_saved(cfg)
+        return ray_train.latest_saved(cfg)
     except Exception as e:
         log(f"warning: the run's checkpoint cannot be read ({type(e).__name__}: {e}); its model is not compared")
-        return
+        return None
+
+
+def check_resume(cfg: tasks.RunConfig, first: tuple[str, object] | None, saved: dict | None) -> None:
+    """A rerun (same --name and --storage) resumes the checkpoint ``saved`` (resume_point), whose model is what
+    the run built, so a command that would build another one (``first``: the architecture and config check_data
+    returns, grown to the checkpoint's stage; for --init, the trained model's config with --model-config's
+    fields) stops with tasks.DataError naming each difference, instead of resuming the old model as if it were
+    the new one. Where the starting weights came from (a U-Net's ``encoder_weights``; which ``--init``) is not
+    compared: resuming reads neither."""
     if saved is None:
         return
     stages, si = tasks.task_of(cfg).stages(cfg), saved["stage"]
@@ -90,15 +98,16 @@ def check_resume(cfg: tasks.RunConfig, first: tuple[str, object]) -> None:
     if si >= len(stages):
         raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} is in stage {si + 1}; this command plans "
                               f"{len(stages)}: {again}")
-    want = {"arch": first[0], **dataclasses.asdict(first[1])}
-    if stages[si].scale and "scale" in want:        # SR: progressive resizing grows the first model's scale
-        want["scale"] = stages[si].scale
     try:                                            # a config saved before a field existed: its default
         have = {"arch": saved["arch"], **dataclasses.asdict(make_config(saved["arch"], saved["model_config"]))}
     except (KeyError, TypeError, ValueError) as e:
         raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} holds a {saved['arch']} model this version of "
                               f"imgxlate cannot build ({e}): resume it with the version that wrote it, or start "
                               f"another run with a new --name") from None
+    want = ({"arch": first[0], **dataclasses.asdict(first[1])} if first else
+            {**have, **{k: v for k, v in cfg.model.items() if k != "scale"}})    # --init: the fields asked for
+    if stages[si].scale and "scale" in want:        # SR: progressive resizing grows the first model's scale
+        want["scale"] = stages[si].scale
     if differ := [k for k in dict.fromkeys([*want, *have])
                   if k != "encoder_weights" and _plain(want.get(k)) != _plain(have.get(k))]:
         def said(c: dict) -> str:
@@ -118,7 +127,8 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     import ray
 
     cfg = tasks.absolute_paths(cfg)
-    check_resume(cfg, check_data(cfg))
+    saved = resume_point(cfg)
+    check_resume(cfg, check_data(cfg, resuming=saved is not None), saved)
     started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     log_path = ray_log_path(cfg)
     log(f"Ray's own messages: {log_path}")
