@@ -257,6 +257,18 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     assert "checkpoint cannot be read" in capsys.readouterr().err
 
 
+def test_a_second_training_of_a_run_stops_while_the_first_holds_it(photos, tmp_path, capsys):
+    from imgxlate.io.lease import Lease
+
+    args = ["train", "sr", str(photos / "train"), "--preset", "tiny", "--name", "twice", "--storage",
+            str(tmp_path / "runs"), "--hr-crop", "48"]
+    with Lease(str(tmp_path / "runs" / "twice"), "twice", folder="imgxlate"):     # the first training's driver
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "run 'twice' in" in err and "is being trained by another process" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "twice" / "imgxlate" / "LEASE").exists()            # released
+
+
 def test_a_metrics_line_cut_short_is_dropped_when_the_next_epoch_is_written(tmp_path):
     cfg = RunConfig(task="sr", data="x", name="m", storage=str(tmp_path))
     (tmp_path / "m" / "imgxlate").mkdir(parents=True)
@@ -449,6 +461,7 @@ def test_init_fine_tunes_a_shipped_model_grown_wider_and_a_wrong_one_stops_befor
                     samples_per_image=8, name="finetune", model={"scale": 2, "nf": 40, "n_blocks": 9})
     out = train(cfg)
     tuned, shipped = read_meta(out["artifact"]), read_meta(zoo.path("sr-x2"))
+    assert not (tmp_path / "runs" / "finetune" / "imgxlate" / "LEASE").exists()   # the run's lease, released
     assert tuned["config"] == {**shipped["config"], "nf": 40, "n_blocks": 9}
     assert tuned["provenance"]["config"]["init"] == "sr-x2"
     # It starts where sr-x2 is: its first validation is already well above bicubic (a random start is not).

@@ -1,4 +1,5 @@
-"""An exclusive lease on a batch job's DST, so two runs never process one destination at once.
+"""An exclusive lease on a batch job's DST, so two runs never process one destination at once (and on a
+training run's folder, so two trainings of one run never write its checkpoints at once).
 
 The lease is ``DST/_manifest/LEASE``: a small JSON object with the holder's run id, host, pid, heartbeat
 and expiry. It is taken with a conditional write where the store has one: on S3, ``PutObject`` with
@@ -133,9 +134,10 @@ class Lease:
     """``with Lease(dst, run_id): ...`` holds DST for the block, renewing the heartbeat in a thread. ``kind``
     says how it keeps other runs out: ``s3-conditional`` (checked), ``local-link``, or ``check-then-write``."""
 
-    def __init__(self, dst: str, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, poll_s: float = 5.0):
+    def __init__(self, dst: str, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, poll_s: float = 5.0,
+                 folder: str = "_manifest"):
         self.dst = dst.rstrip("/")
-        self.uri = storage.join(self.dst, "_manifest", NAME)
+        self.uri = storage.join(self.dst, folder, NAME)         # a training run's: <run>/imgxlate/LEASE
         self.run_id, self.ttl_s, self.wait_s, self.poll_s = run_id, ttl_s, wait_s, poll_s
         self.token = uuid.uuid4().hex          # tells our own lease from a later holder's
         self.lost = False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+import time
 
 from imgxlate import plots, rayenv
 from imgxlate.io import storage
@@ -124,11 +126,43 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     """Check the data, then the cluster's resources (ray_train.ResourceError when it cannot hold the
     workers, after waiting up to ``wait_for_resources`` seconds for an autoscaler), train, export. Ray's
     own output goes to a log file named on the console; a Ray started here is shut down at the end."""
-    import ray
-
     cfg = tasks.absolute_paths(cfg)
     saved = resume_point(cfg)
     check_resume(cfg, check_data(cfg, resuming=saved is not None), saved)
+    with hold(cfg):
+        return _train(cfg, ray_address, wait_for_resources)
+
+
+@contextlib.contextmanager
+def hold(cfg: tasks.RunConfig):
+    """The run's lease (<storage>/<name>/imgxlate/LEASE, imgxlate.io.lease) for the block: a second training of
+    the same run (a command started twice, a Ray job resubmitted while the first driver lives) stops with
+    tasks.DataError instead of writing the same checkpoints. A killed driver's lease expires within two minutes
+    (at once on its own machine)."""
+    from imgxlate.io.lease import Lease, LeaseHeld, LeaseUnsafe
+
+    lease = None
+    try:
+        lease = Lease(ray_train.run_dir(cfg), cfg.name, folder="imgxlate").acquire()
+    except LeaseHeld as e:
+        h, age = e.holder, time.time() - e.holder.get("heartbeat", 0)
+        raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} is being trained by another process (pid "
+                              f"{h.get('pid')} on {h.get('host')}, its lease renewed {age:.0f} s ago): two trainings "
+                              f"of one run would overwrite each other's checkpoints. Wait for it to end, or give a "
+                              f"new --name; a killed run's lease expires by itself") from None
+    except LeaseUnsafe as e:
+        log(f"warning: the store behind {cfg.storage} does not enforce conditional writes ({e.answer}), so no lease "
+            f"keeps two trainings of run '{cfg.name}' apart: never start two")
+    try:
+        yield
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: float) -> dict:
+    import ray
+
     started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
     log_path = ray_log_path(cfg)
     log(f"Ray's own messages: {log_path}")
