@@ -2,6 +2,7 @@
 that does not enforce conditional writes is refused, and --lease off runs without a lease, saying so."""
 
 import json
+import os
 import threading
 import time
 
@@ -106,6 +107,24 @@ def test_a_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(dst):
          "heartbeat": time.time(), "expires": time.time() + 600}).encode())
     with Lease(dst, "rerun") as lease:                          # no 10-minute wait
         assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "rerun"
+
+
+def test_a_holder_in_another_container_of_this_host_name_is_waited_out_and_one_before_a_reboot_is_not():
+    import subprocess
+    import sys
+
+    from imgxlate.io.lease import _dead_here, _identity
+
+    me = _identity()
+    assert me.get("pid_ns") and me.get("boot_id")            # Linux: what tells this machine's processes apart
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    assert _dead_here({**me, "pid": gone})                     # this container, its process gone: dead
+    assert not _dead_here({**me, "pid": os.getpid()})          # alive
+    # Containers sharing the host's network share its name, not its processes: a pid there says nothing here.
+    assert not _dead_here({**me, "pid": gone, "pid_ns": me["pid_ns"] + 1})
+    assert _dead_here({**me, "pid": os.getpid(), "boot_id": "an earlier boot"})     # rebooted since
+    assert _dead_here({"host": me["host"], "pid": gone})       # a lease written before these were recorded
 
 
 def test_the_lease_says_what_kind_it_is_and_leaves_no_probe(dst):

@@ -214,20 +214,23 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     check(cfg, ("sr", tiny))                 # no checkpoint: nothing to compare
     run.mkdir()
 
-    def checkpoint(when: str, stage: int, config: dict, meta: bool = True):
-        (run / f"checkpoint_{when}").mkdir()
+    def checkpoint(when: str, stage: int, config: dict, meta: bool = True, register: bool = True):
+        folder = run / f"checkpoint_{when}"
+        folder.mkdir()
         saved = {"stage": stage, "arch": "sr", "model_config": config}
-        torch.save({**saved, "trainer": {}}, run / f"checkpoint_{when}" / "state.pt")
+        torch.save({**saved, "trainer": {}}, folder / "state.pt")
         if meta:
-            (run / f"checkpoint_{when}" / "meta.json").write_text(json.dumps(saved))
+            (folder / "meta.json").write_text(json.dumps(saved))
+        if register:                         # Ray Train's snapshot names the checkpoint a rerun resumes
+            (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+                {"latest_checkpoint_result": {"checkpoint_dir_name": folder.name}}))
 
     old = dataclasses.asdict(tiny)
     del old["nf"]                            # from before a field existed, and before meta.json: defaults filled in
     checkpoint("2026-12-07_10-00-00.000000", 0, {**old, "nf": tiny.nf, "res_scale": 1}, meta=False)
     check(cfg, ("sr", tiny))                 # res_scale 1 is 1.0
-    checkpoint("2026-12-07_10-05-00.000000", 1, {**dataclasses.asdict(tiny), "scale": 4})   # the newest: stage 2
-    (run / "checkpoint_2026-12-07_10-09-00.000000").mkdir()                      # cut off: skipped
-    (run / "checkpoint_manager_snapshot.json").write_text("{}")                  # Ray's, naming none (yet)
+    checkpoint("2026-12-07_10-05-00.000000", 1, {**dataclasses.asdict(tiny), "scale": 4})   # stage 2
+    checkpoint("2026-12-07_10-09-00.000000", 1, {"nf": 99}, register=False)      # never registered: Ray ignores it
     check(cfg, ("sr", tiny))                 # what it holds is the first model grown to x4 by the plan
     wider = dataclasses.replace(tiny, nf=tiny.nf * 2)
     for rerun, words in (((cfg, ("sr", wider)), f"(stage 2); this command asks for nf {tiny.nf * 2}, which resuming"),
@@ -237,10 +240,9 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
                           "is in stage 2; this command plans 1")):
         with pytest.raises(DataError, match=re.escape(words)):
             check(*rerun)
-    # Ray Train resumes the checkpoint its snapshot names, which need not be the newest by name.
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
         {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-07_10-00-00.000000"}}))
-    check(dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny))
+    check(dataclasses.replace(cfg, stages=parse_stages("sr", "2:3")), ("sr", tiny))   # the one the snapshot names
     # A resumed --init run is built from its checkpoint: its --init is not read (gone since: no matter), and the
     # --model-config fields given are what is compared.
     gone = dataclasses.replace(cfg, init=str(tmp_path / "deleted-model"), stages=parse_stages("sr", "2:3"))
@@ -255,6 +257,8 @@ def test_a_rerun_that_would_build_another_model_stops_instead_of_resuming_the_ol
     (run / "checkpoint_2026-12-07_10-00-00.000000" / "meta.json").write_text("cut")
     check(cfg, ("sr", wider))                # unreadable: a warning; the workers fail on it and say why
     assert "checkpoint cannot be read" in capsys.readouterr().err
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    assert resume_point(cfg) is None         # no snapshot: Ray Train starts the run afresh
 
 
 def test_a_second_training_of_a_run_stops_while_the_first_holds_it(photos, tmp_path, capsys):

@@ -8,7 +8,9 @@ holder's ETag, so a run whose lease was taken over finds out at its next heartbe
 a hard link (which fails when the lease exists) and an atomic rename, each change made holding an exclusive
 ``flock`` on ``LEASE.lock`` beside it, so that no run sees the moment a renewal has moved the lease aside. A
 lease whose expiry has passed was left by a run that was killed (its heartbeat stopped) and is taken over; so
-is one whose holder ran on this machine and whose process is gone, without waiting for the expiry. Other fsspec
+is one whose holder ran on this machine (the same host name, and pid namespace where recorded: containers that
+share the host's network share its name) and whose process is gone, or whose boot is over, without waiting for
+the expiry. Other fsspec
 stores get a check-then-write, which narrows the race but does not close it.
 
 An S3-compatible store is not trusted to enforce conditional writes (Backblaze B2 answers 501, GCS's
@@ -36,9 +38,28 @@ LOCK_FILE = NAME + ".lock"              # a local lease's changes are made holdi
 TOMBSTONE = b'{"released": true, "expires": 0}'
 
 
+def _identity() -> dict:
+    """Where this process runs: host name and pid, and (Linux) the boot and the pid namespace, since containers
+    that share the host's network share its name, not its processes."""
+    found = {"host": socket.gethostname(), "pid": os.getpid()}
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            found["boot_id"] = f.read().strip()
+    with contextlib.suppress(OSError):
+        found["pid_ns"] = os.stat("/proc/self/ns/pid").st_ino
+    return found
+
+
 def _dead_here(holder: dict) -> bool:
-    """The holder ran on this machine and its process is gone (killed): no need to wait for its expiry."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """The holder ran on this machine and its process is gone (killed, or the machine rebooted since): no need to
+    wait for its expiry. A holder in another container of the same host name (another pid namespace) cannot be
+    judged so: its lease is waited out."""
+    me = _identity()
+    if holder.get("host") != me["host"] or not isinstance(holder.get("pid"), int):
+        return False
+    if holder.get("boot_id") and me.get("boot_id") and holder["boot_id"] != me["boot_id"]:
+        return True                             # rebooted since: no process of that boot is left
+    if holder.get("pid_ns", me.get("pid_ns")) != me.get("pid_ns"):
         return False
     try:
         os.kill(holder["pid"], 0)
@@ -151,8 +172,8 @@ class Lease:
     # ------------------------------------------------------------------ store-specific primitives
     def _body(self) -> bytes:
         now = time.time()
-        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "token": self.token, "heartbeat": now, "expires": now + self.ttl_s}).encode()
+        return json.dumps({"run_id": self.run_id, **_identity(), "token": self.token, "heartbeat": now,
+                           "expires": now + self.ttl_s}).encode()
 
     def _s3(self):
         import boto3
@@ -215,15 +236,16 @@ class Lease:
     def _link(self) -> bool:
         """Link a complete new lease into place (holding _locked); False when one exists."""
         tmp = f"{self.uri}.new-{self.token}"
-        with open(tmp, "wb") as f:              # complete before it is visible: never an empty lease
-            f.write(self._body())
         try:
+            with open(tmp, "wb") as f:          # complete before it is visible: never an empty lease
+                f.write(self._body())
             os.link(tmp, self.uri)              # atomic, and fails when a lease exists
             return True
         except FileExistsError:
             return False
         finally:
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)                  # also when the write failed (a full disk)
 
     def _read(self) -> tuple[dict | None, str | None]:
         """(holder, etag) of the current lease, or (None, None) when there is none. A released lease (a

@@ -14,7 +14,6 @@ import functools
 import io
 import json
 import os
-import re
 import resource
 import subprocess
 import tempfile
@@ -226,33 +225,25 @@ def run_dir(cfg: tasks.RunConfig) -> str:
 
 def latest_saved(cfg: tasks.RunConfig) -> dict | None:
     """What the checkpoint a rerun resumes from says of its model ({"stage", "arch", "model_config"}); None when
-    the run has none. That checkpoint is the one Ray Train's snapshot names, else the newest by name
-    (checkpoint_<date>_<time>); read from its meta.json, or the whole state.pt for one written before it."""
+    it resumes none. That is the checkpoint Ray Train's snapshot (checkpoint_manager_snapshot.json) names: with
+    no snapshot, or one naming none, Ray starts the run afresh. Read from its meta.json, or the whole state.pt
+    for one written before meta.json."""
     fs, path = storage.filesystem(run_dir(cfg))
     root = path.rstrip("/")
     try:
-        names = {n.rstrip("/").rsplit("/", 1)[-1] for n in storage.retry(fs.ls, root, detail=False)}
+        snapshot = json.loads(storage.retry(fs.cat_file, f"{root}/checkpoint_manager_snapshot.json"))
     except FileNotFoundError:
         return None
-    folders = sorted((n for n in names if re.fullmatch(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", n)), reverse=True)
+    folder = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not folder:
+        return None
     try:
-        snapshot = json.loads(storage.retry(fs.cat_file, f"{root}/checkpoint_manager_snapshot.json"))
-        registered = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        folders = [registered] + [f for f in folders if f != registered] if registered in names else folders
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return json.loads(storage.retry(fs.cat_file, f"{root}/{folder}/{META}"))
+    except FileNotFoundError:
         pass
-    for folder in folders:
-        try:
-            return json.loads(storage.retry(fs.cat_file, f"{root}/{folder}/{META}"))
-        except FileNotFoundError:
-            pass
-        try:
-            saved = torch.load(io.BytesIO(storage.retry(fs.cat_file, f"{root}/{folder}/{CKPT}")), map_location="cpu",
-                               weights_only=False)
-        except FileNotFoundError:
-            continue                        # cut off before its state was written
-        return {k: saved[k] for k in ("stage", "arch", "model_config")}
-    return None
+    saved = torch.load(io.BytesIO(storage.retry(fs.cat_file, f"{root}/{folder}/{CKPT}")), map_location="cpu",
+                       weights_only=False)
+    return {k: saved[k] for k in ("stage", "arch", "model_config")}
 
 
 def _storage(cfg: tasks.RunConfig):

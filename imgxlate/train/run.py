@@ -52,9 +52,12 @@ def check_data(cfg: tasks.RunConfig, resuming: bool = False) -> tuple[str, objec
     here, and a plan with nothing to train on stops the run with tasks.DataError. Returns the architecture
     and config of the run's first model (see check_resume); None for a resumed --init run, whose model comes
     from its checkpoint: its --init is not read, so an artifact gone since does not stop it."""
+    from imgxlate.train.warmstart import check_options
+
     task = tasks.task_of(cfg)
     first = task.stages(cfg)[0]
     built = None
+    check_options(cfg)              # resumed or not: --init takes no --preset / --arch
     if cfg.init and not resuming:   # its first model built once here: a bad --init (or a config or scale it
         try:                        # cannot take) stops before any worker
             model = task.build_model(cfg, first, None)[0]
@@ -145,19 +148,26 @@ def hold(cfg: tasks.RunConfig):
     try:
         lease = Lease(ray_train.run_dir(cfg), cfg.name, folder="imgxlate").acquire()
     except LeaseHeld as e:
-        h, age = e.holder, time.time() - e.holder.get("heartbeat", 0)
+        h, now = e.holder, time.time()
         raise tasks.DataError(f"run '{cfg.name}' in {cfg.storage} is being trained by another process (pid "
-                              f"{h.get('pid')} on {h.get('host')}, its lease renewed {age:.0f} s ago): two trainings "
-                              f"of one run would overwrite each other's checkpoints. Wait for it to end, or give a "
-                              f"new --name; a killed run's lease expires by itself") from None
+                              f"{h.get('pid')} on {h.get('host')}, its lease renewed {now - h.get('heartbeat', 0):.0f} "
+                              f"s ago): two trainings of one run would overwrite each other's checkpoints. Wait for "
+                              f"it to end, or give a new --name; if that process was killed, its lease expires in "
+                              f"{max(0, h.get('expires', 0) - now):.0f} s") from None
     except LeaseUnsafe as e:
         log(f"warning: the store behind {cfg.storage} does not enforce conditional writes ({e.answer}), so no lease "
             f"keeps two trainings of run '{cfg.name}' apart: never start two")
+    except Exception as e:                  # a read-only or full disk, a store that refuses the write
+        raise tasks.DataError(f"run '{cfg.name}': its lease cannot be written in {cfg.storage} "
+                              f"({type(e).__name__}: {e})") from None
     try:
         yield
     finally:
         if lease is not None:
             lease.release()
+            if lease.lost:                  # taken over (by a run that judged this one dead) or not renewed
+                log(f"warning: run '{cfg.name}' lost its lease while it trained: another training of it may have "
+                    f"written its checkpoints too; check its metrics before trusting the model")
 
 
 def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: float) -> dict:

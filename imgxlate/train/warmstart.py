@@ -24,9 +24,7 @@ def initial_model(cfg: RunConfig, task: str) -> tuple[nn.Module, list[str]]:
     growth added or widened (what a first ``:new`` stage trains). DataError when it cannot be."""
     from imgxlate.infer.predictor import resolve_model
 
-    if cfg.preset or cfg.arch:
-        raise DataError(f"--init {cfg.init} fixes the architecture; --preset / --arch cannot go with it (an SR model "
-                        f"grows wider / deeper by --model-config's nf / n_blocks)")
+    check_options(cfg)
     try:
         loaded = resolve_model(cfg.init)
     except Exception as e:
@@ -51,3 +49,10 @@ def initial_model(cfg: RunConfig, task: str) -> tuple[nn.Module, list[str]]:
 
 def _plain(v):
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def check_options(cfg: RunConfig) -> None:
+    """--init fixes the architecture: DataError for --preset / --arch beside it."""
+    if cfg.init and (cfg.preset or cfg.arch):
+        raise DataError(f"--init {cfg.init} fixes the architecture; --preset / --arch cannot go with it (an SR model "
+                        f"grows wider / deeper by --model-config's nf / n_blocks)")
