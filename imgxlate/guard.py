@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from imgxlate.errors import CannotRun, Stopped
@@ -55,7 +56,7 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
             raise
         print(clean(f"imgxlate {command}: {str(e) or 'interrupted'}; a rerun does every input that has no row"),
               file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)   # SecondSignal carries its signal; a bare Ctrl-C is SIGINT (2)
+        return 128 + getattr(e, "signum", signal.SIGINT)   # SecondSignal carries its signal; a bare Ctrl-C: SIGINT
     except Exception as e:
         if isinstance(e, CannotRun):
             print(clean(f"imgxlate {command}: error: {e}"), file=sys.stderr)
