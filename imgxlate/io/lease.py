@@ -9,8 +9,8 @@ a hard link (which fails when the lease exists) and an atomic rename, each chang
 ``flock`` on ``LEASE.lock`` beside it, so that no run sees the moment a renewal has moved the lease aside. A
 lease whose expiry has passed was left by a run that was killed (its heartbeat stopped) and is taken over; so
 is one whose holder ran on this machine (the same host name, and pid namespace where recorded: containers that
-share the host's network share its name) and whose process is gone, or whose boot is over, without waiting for
-the expiry. Other fsspec
+share the host's network share its name) and whose process is gone, or whose last heartbeat came before this
+machine booted, without waiting for the expiry. Other fsspec
 stores get a check-then-write, which narrows the race but does not close it.
 
 An S3-compatible store is not trusted to enforce conditional writes (Backblaze B2 answers 501, GCS's
@@ -50,15 +50,31 @@ def _identity() -> dict:
     return found
 
 
+BOOT_SKEW_S = 60.0                      # clocks of a lease's holder and reader may differ this much
+
+
+def _boot_time() -> float | None:
+    """When this machine booted (Linux: /proc/stat's btime), or None."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    return None
+
+
 def _dead_here(holder: dict) -> bool:
-    """The holder ran on this machine and its process is gone (killed, or the machine rebooted since): no need to
-    wait for its expiry. A holder in another container of the same host name (another pid namespace) cannot be
-    judged so: its lease is waited out."""
+    """The holder ran on this machine and its process is gone (killed, or its last heartbeat was before this
+    machine booted): no need to wait for its expiry. A holder in another container of the same host name
+    (another pid namespace), or on another machine of that name, cannot be judged so: its lease is waited out."""
     me = _identity()
     if holder.get("host") != me["host"] or not isinstance(holder.get("pid"), int):
         return False
     if holder.get("boot_id") and me.get("boot_id") and holder["boot_id"] != me["boot_id"]:
-        return True                             # rebooted since: no process of that boot is left
+        # Another boot: this machine rebooted since, or another machine has the same host name (a fixed
+        # container host name on two machines). Only a heartbeat from before this boot tells the first apart.
+        booted = _boot_time()
+        return booted is not None and holder.get("heartbeat", booted) < booted - BOOT_SKEW_S
     if holder.get("pid_ns", me.get("pid_ns")) != me.get("pid_ns"):
         return False
     try:
@@ -239,13 +255,48 @@ class Lease:
         try:
             with open(tmp, "wb") as f:          # complete before it is visible: never an empty lease
                 f.write(self._body())
-            os.link(tmp, self.uri)              # atomic, and fails when a lease exists
+            self._place(tmp)
             return True
         except FileExistsError:
             return False
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)                  # also when the write failed (a full disk)
+
+    def _place(self, tmp: str) -> None:
+        os.link(tmp, self.uri)                  # atomic, and fails when a lease exists
+
+    def _swap(self, holder: dict, body: bytes) -> bool:
+        """A local lease: move the lease aside, and if it is still ``holder``'s, link ``body`` in its place (a
+        tombstone: none). The new lease is written before the old one is moved, and the old one is put back on
+        any failure, so a full disk never leaves the run without its lease."""
+        tmp = None if body == TOMBSTONE else f"{self.uri}.new-{self.token}"
+        aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
+        try:
+            if tmp:
+                with open(tmp, "wb") as f:      # complete before it is visible
+                    f.write(body)
+            try:
+                os.rename(self.uri, aside)
+            except FileNotFoundError:
+                return False
+            with open(aside, "rb") as f:
+                moved = _parse(f.read())
+            if moved.get("token") != holder.get("token"):     # a newer lease: put it back
+                os.link(aside, self.uri)
+                return False
+            if tmp:
+                try:
+                    self._place(tmp)
+                except BaseException:
+                    os.link(aside, self.uri)    # the old lease back in place
+                    raise
+            return True
+        finally:
+            for leftover in (aside, tmp):
+                if leftover:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(leftover)
 
     def _read(self) -> tuple[dict | None, str | None]:
         """(holder, etag) of the current lease, or (None, None) when there is none. A released lease (a
@@ -274,19 +325,7 @@ class Lease:
             return True
         if storage.is_local(self.uri):
             with self._locked():                # no other run creates or moves the lease meanwhile
-                aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(self.uri, aside)
-                except FileNotFoundError:
-                    return False
-                with open(aside, "rb") as f:
-                    moved = _parse(f.read())
-                if moved.get("token") != holder.get("token"):     # a newer lease: put it back
-                    os.link(aside, self.uri)
-                    os.remove(aside)
-                    return False
-                os.remove(aside)
-                return self._link() if body != TOMBSTONE else True
+                return self._swap(holder, body)
         storage.write_bytes(self.uri, body)
         return True
 
@@ -342,6 +381,8 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up (a tombstone others may take at once); never raises."""
+        if self._stop.is_set():
+            return                              # released already
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -349,6 +390,8 @@ class Lease:
             holder, etag = self._read()
             if holder and holder.get("token") == self.token:
                 self._replace(etag, holder, TOMBSTONE)   # local folders: the file is removed
+            elif self._thread is not None:
+                self.lost = True                # taken over since the last heartbeat
         except Exception:                       # the lease then expires by itself
             pass
 

@@ -131,8 +131,11 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     own output goes to a log file named on the console; a Ray started here is shut down at the end."""
     cfg = tasks.absolute_paths(cfg)
     saved = resume_point(cfg)
-    check_resume(cfg, check_data(cfg, resuming=saved is not None), saved)
+    first = check_data(cfg, resuming=saved is not None)
+    check_resume(cfg, first, saved)
     with hold(cfg):
+        if (now := resume_point(cfg)) != saved:     # another training saved meanwhile: check what Ray resumes
+            check_resume(cfg, first, now)
         return _train(cfg, ray_address, wait_for_resources)
 
 
