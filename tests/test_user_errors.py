@@ -3,7 +3,7 @@ naming it (an SRC with no images exits 0); credentials in a URI are refused and 
 error or a traceback; access denied on DST exits 2 naming the bucket, before anything is written. Options that would
 give wrong pixels (a tile under twice the overlap, a quality out of the codec's range, ...) and a model that cannot
 load (weights that fail their checksum, a config that does not fit them, a scale or task that does not fit the
-options) exit 2 with one line that states the rule, before Ray starts."""
+options), and a manifest that lists no image, exit 2 with one line that states the rule, before Ray starts."""
 
 import json
 import os
@@ -37,6 +37,14 @@ def test_run_id_is_validated_and_an_empty_source_exits_0(tmp_path, capsys):
     assert "no inputs" in capsys.readouterr().err and not (tmp_path / "dst").exists()
     assert translate(tmp_path / "missing", tmp_path / "dst") == 2
     assert "does not exist" in capsys.readouterr().err
+    # A text file given as SRC is a manifest: one that lists no image is a mistake to name, not "no inputs".
+    (tmp_path / "notes.txt").write_text("hello world\nthis is not a list of images\n")
+    assert translate(tmp_path / "notes.txt", tmp_path / "dst") == 2
+    err = capsys.readouterr().err
+    assert "manifest" in err and "none an image" in err and "'hello world'" in err and not (tmp_path / "dst").exists()
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    assert translate(tmp_path / "empty.txt", tmp_path / "dst") == 0      # an empty list: nothing to do
+    assert "no inputs" in capsys.readouterr().err
 
 
 def test_secrets_in_uris_are_never_printed(tmp_path, capsys, monkeypatch):

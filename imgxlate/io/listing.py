@@ -248,9 +248,13 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
         except FileNotFoundError as e:
             raise SourceError(f"source {redact(src)} does not exist: {e}") from e
 
-    first, common, n = None, None, 0
-    for _, rel in rels():                       # the root, over every entry (as _manifest_keys)
+    first, common, n, images, other = None, None, 0, 0, None
+    for u, rel in rels():                       # the root, over every entry (as _manifest_keys)
         n += 1
+        if has_ext(_path_of(u), exts):
+            images += 1
+        elif other is None:
+            other = u
         if first is None:
             first = common = rel
         elif common:
@@ -260,6 +264,15 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
                 common = ""
     if not n:
         return
+    if not images:                              # a text file that is not a list of images: say so, not "no inputs"
+        named = ", ".join(e.lstrip(".") for e in exts)
+        raise SourceError(f"manifest {redact(src)} lists {n} entr{'y' if n == 1 else 'ies'}, none an image by its "
+                          f"extension ({named}); the first is {redact(other)[:200]!r}. "
+                          f"A manifest lists one image path or URI per line (.txt / .lst), or in a column named "
+                          f"{' / '.join(URI_COLUMNS)} (.csv / .parquet), else its first column")
+    if images < n:
+        log(f"warning: {n - images} of the {n} entries of manifest {redact(src)} are not images by their extension "
+            f"and are not listed (the first: {redact(other)[:200]!r})")
     root = common if n > 1 else posixpath.dirname(first)
 
     def items():
