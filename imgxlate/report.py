@@ -147,6 +147,16 @@ def _summaries(dst: str, run_ids: list[str], rows: list[dict]) -> list[dict]:
     return summaries
 
 
+def _moved(written: str, given: str) -> bool:
+    """Whether the DST a run recorded is another place than the one given (a DST recorded relative to where its
+    run ran cannot be told apart, and is not said to differ)."""
+    if written in ("?", given):
+        return False
+    if "://" in written or "://" in given:
+        return written.rstrip("/") != given.rstrip("/")
+    return os.path.isabs(written) and os.path.normpath(written) != os.path.normpath(os.path.abspath(given))
+
+
 def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
     where the time went, the slowest inputs and sample errors."""
@@ -156,7 +166,9 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     state = latest_rows(rows)
     counts = Counter(r["status"] for r in state.values())
     last = summaries[-1]
-    lines = [f"# Batch job report: `{last['dst']}`", "",
+    here = redact(dst)
+    lines = [f"# Batch job report: `{here}`", "",          # the DST given: a copied or moved one is reported as such
+             *([f"- written as `{last['dst']}` (copied or moved since)"] if _moved(last["dst"], here) else []),
              f"- model `{last['model_id']}` (task {last['task']}), source `{last['src']}`",
              f"- {len(state)} inputs seen across {len(run_ids)} run(s); current state: " +
              ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),

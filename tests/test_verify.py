@@ -68,6 +68,9 @@ def test_a_copied_dst_is_verified_in_the_copy_not_where_the_run_wrote_it(tmp_pat
     write_tree(src, {k: png(photo(10, 12, seed=i)) for i, k in enumerate(NAMES)})
     assert translate(src, dst, "--scale", 2, "--shard-size", 3, "--run-id", "r1") == 0
     shutil.copytree(dst, copy)
+    capsys.readouterr()
+    assert main(["report", str(copy)]) == 0                     # reported as the copy, saying where it was written
+    assert f"# Batch job report: `{copy}`" in (out := capsys.readouterr().out) and f"written as `{dst}`" in out
     (copy / "a/1.png").unlink()                                 # lost in the copy only
     found = verify(VerifyConfig(str(copy), checksums=True))
     assert (found["ok"], found["problems"]) == (7, {"missing": 1})
