@@ -148,13 +148,18 @@ def _summaries(dst: str, run_ids: list[str], rows: list[dict]) -> list[dict]:
 
 
 def _moved(written: str, given: str) -> bool:
-    """Whether the DST a run recorded is another place than the one given (a DST recorded relative to where its
-    run ran cannot be told apart, and is not said to differ)."""
+    """Whether the DST a run recorded is another place than the one given. A local DST recorded relative to where
+    its run ran cannot be told apart, and is not said to differ."""
     if written in ("?", given):
         return False
-    if "://" in written or "://" in given:
-        return written.rstrip("/") != given.rstrip("/")
-    return os.path.isabs(written) and os.path.normpath(written) != os.path.normpath(os.path.abspath(given))
+    if storage.is_local(written) != storage.is_local(given):
+        return True
+    if storage.is_local(written):
+        if "://" not in written and not os.path.isabs(written):
+            return False
+        return os.path.realpath(storage.location(written)) != os.path.realpath(storage.location(given))
+    protocol = written.split("://", 1)[0], given.split("://", 1)[0]
+    return protocol[0] != protocol[1] or storage.location(written) != storage.location(given)
 
 
 def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
@@ -167,8 +172,10 @@ def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     counts = Counter(r["status"] for r in state.values())
     last = summaries[-1]
     here = redact(dst)
+    written = next((s["dst"] for s in reversed(summaries)          # the latest translate run that left a summary
+                    if "verify" not in s and "(killed" not in str(s["run_id"]) and s.get("dst")), "?")
     lines = [f"# Batch job report: `{here}`", "",          # the DST given: a copied or moved one is reported as such
-             *([f"- written as `{last['dst']}` (copied or moved since)"] if _moved(last["dst"], here) else []),
+             *([f"- written as `{written}` (copied or moved since)"] if _moved(written, here) else []),
              f"- model `{last['model_id']}` (task {last['task']}), source `{last['src']}`",
              f"- {len(state)} inputs seen across {len(run_ids)} run(s); current state: " +
              ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),

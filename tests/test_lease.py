@@ -220,7 +220,7 @@ def test_lease_off_runs_on_such_a_store_and_the_summary_says_so(tmp_path, bucket
 
 
 def test_no_run_can_take_a_local_lease_while_its_holder_renews_it(tmp_path, monkeypatch):
-    # A local renewal moves LEASE aside and links a new one; a run starting in between must not find DST free.
+    # A local renewal replaces LEASE holding the lease's lock; a run starting meanwhile must not find DST free.
     dst = str(tmp_path / "dst")
     holder = Lease(dst, "holder", ttl_s=600).acquire()
     place, outcome, asked = holder._place, {}, threading.Event()
@@ -240,11 +240,11 @@ def test_no_run_can_take_a_local_lease_while_its_holder_renews_it(tmp_path, monk
         except LeaseHeld:
             outcome["newcomer"] = "refused"
 
-    def place_once_a_newcomer_tries(tmp):             # the renewal has moved LEASE aside: a new run starts now
+    def place_once_a_newcomer_tries(tmp, replace=False):    # the renewal is under way: a new run starts now
         outcome["thread"] = threading.Thread(target=newcomer)
         outcome["thread"].start()
         wait_for(asked.is_set, "the newcomer to ask for the lease", 10)
-        return place(tmp)
+        return place(tmp, replace)
     monkeypatch.setattr(holder, "_place", place_once_a_newcomer_tries)
     assert holder._renew() is True
     outcome["thread"].join(10)

@@ -74,6 +74,9 @@ def run(cfg: TranslateConfig) -> dict:
                 book.free_reserve()
         finally:
             lease.release()                     # never raises: a lease it cannot release expires by itself
+            if lease.lost:                      # taken over since its last heartbeat (or seen lost while it ran)
+                log(f"warning: run {run_id} lost its lease on {redact(cfg.dst)}: another run may have written "
+                    f"this DST too; `imgxlate verify` checks its outputs")
     finally:
         if untouched:                           # e.g. an empty SRC: DST is not left behind
             with contextlib.suppress(OSError):  # nor the lock file of the lease this run held on it

@@ -6,7 +6,7 @@ and expiry. It is taken with a conditional write where the store has one: on S3,
 ``If-None-Match: *`` (a second writer gets 412 Precondition Failed) and renewed with ``If-Match`` on the
 holder's ETag, so a run whose lease was taken over finds out at its next heartbeat; in a local folder,
 a hard link (which fails when the lease exists) and an atomic rename, each change made holding an exclusive
-``flock`` on ``LEASE.lock`` beside it, so that no run sees the moment a renewal has moved the lease aside. A
+``flock`` on ``LEASE.lock`` beside it, so that no run changes it between another's read and write. A
 lease whose expiry has passed was left by a run that was killed (its heartbeat stopped) and is taken over; so
 is one whose holder ran on this machine (the same host name, and pid namespace where recorded: containers that
 share the host's network share its name) and whose process is gone, or whose last heartbeat came before this
@@ -263,40 +263,31 @@ class Lease:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)                  # also when the write failed (a full disk)
 
-    def _place(self, tmp: str) -> None:
-        os.link(tmp, self.uri)                  # atomic, and fails when a lease exists
+    def _place(self, tmp: str, replace: bool = False) -> None:
+        if replace:
+            os.replace(tmp, self.uri)           # atomic, over the lease it replaces
+        else:
+            os.link(tmp, self.uri)              # atomic, and fails when a lease exists
 
     def _swap(self, holder: dict, body: bytes) -> bool:
-        """A local lease: move the lease aside, and if it is still ``holder``'s, link ``body`` in its place (a
-        tombstone: none). The new lease is written before the old one is moved, and the old one is put back on
-        any failure, so a full disk never leaves the run without its lease."""
-        tmp = None if body == TOMBSTONE else f"{self.uri}.new-{self.token}"
-        aside = f"{self.uri}.old-{uuid.uuid4().hex[:8]}"
-        try:
-            if tmp:
-                with open(tmp, "wb") as f:      # complete before it is visible
-                    f.write(body)
-            try:
-                os.rename(self.uri, aside)
-            except FileNotFoundError:
-                return False
-            with open(aside, "rb") as f:
-                moved = _parse(f.read())
-            if moved.get("token") != holder.get("token"):     # a newer lease: put it back
-                os.link(aside, self.uri)
-                return False
-            if tmp:
-                try:
-                    self._place(tmp)
-                except BaseException:
-                    os.link(aside, self.uri)    # the old lease back in place
-                    raise
+        """A local lease (holding _locked, as every change to it is made): if the lease is still ``holder``'s, put
+        ``body`` in its place in one atomic rename (a tombstone: remove it). Readers see the old lease or the new
+        one, never none; a new lease that cannot be written (a full disk) leaves the old one as it was."""
+        current, _ = self._read()
+        if current is None or current.get("token") != holder.get("token"):
+            return False                        # gone, or a newer lease: left as it is
+        if body == TOMBSTONE:
+            os.remove(self.uri)
             return True
+        tmp = f"{self.uri}.new-{self.token}"
+        try:
+            with open(tmp, "wb") as f:          # complete before it is visible
+                f.write(body)
+            self._place(tmp, replace=True)
         finally:
-            for leftover in (aside, tmp):
-                if leftover:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(leftover)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return True
 
     def _read(self) -> tuple[dict | None, str | None]:
         """(holder, etag) of the current lease, or (None, None) when there is none. A released lease (a
@@ -330,8 +321,8 @@ class Lease:
         return True
 
     def _renew(self) -> bool:
-        if storage.is_local(self.uri):      # moved aside, checked and linked back: a read-then-write could overwrite
-            return self._replace(None, {"token": self.token}, self._body())   # a lease another run took meanwhile
+        if storage.is_local(self.uri):      # checked and replaced holding the lock: a read-then-write without it
+            return self._replace(None, {"token": self.token}, self._body())   # could overwrite another run's lease
         holder, etag = self._read()
         if not holder or holder.get("token") != self.token:
             return False
@@ -387,10 +378,14 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            holder, etag = self._read()
-            if holder and holder.get("token") == self.token:
-                self._replace(etag, holder, TOMBSTONE)   # local folders: the file is removed
-            elif self._thread is not None:
+            if storage.is_local(self.uri):      # read and removed holding the lock, as every local change
+                released = self._replace(None, {"token": self.token}, TOMBSTONE)
+            else:
+                holder, etag = self._read()
+                released = bool(holder and holder.get("token") == self.token)
+                if released:
+                    self._replace(etag, holder, TOMBSTONE)
+            if not released and self._thread is not None:
                 self.lost = True                # taken over since the last heartbeat
         except Exception:                       # the lease then expires by itself
             pass

@@ -100,8 +100,8 @@ def _full_uri(uri: str, protocol: str | None, path: str) -> str:
     return path if storage.is_local(uri) else f"{protocol}://{path}"
 
 
-def _read_manifest(uri: str) -> list[str]:
-    return list(_manifest_entries(uri))
+def _read_manifest(uri: str, exts: tuple[str, ...] = IMAGE_EXTS) -> list[str]:
+    return list(_manifest_entries(uri, exts))
 
 
 def _manifest_rel(uri: str) -> str:
@@ -150,7 +150,7 @@ def _find(src: str, exts: tuple[str, ...], exclude: str | None) -> list[Item]:
     """A manifest file read whole, or an fsspec filesystem other than local disk and S3 (which
     :func:`iter_inputs` pages itself) listed whole with ``find``."""
     if src.lower().endswith(MANIFEST_EXTS):
-        uris = list(dict.fromkeys(_read_manifest(src)))        # the same URI twice is one input
+        uris = list(dict.fromkeys(_read_manifest(src, exts)))  # the same URI twice is one input
         items = [Item(u, k) for u, k in zip(uris, _manifest_keys(uris))] if uris else []
     else:
         fs, _ = storage.filesystem(src)
@@ -204,8 +204,10 @@ def iter_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, exclude: str
     yield from walk
 
 
-def _manifest_entries(uri: str) -> Iterator[str]:
-    """The entries of a manifest file, read in chunks: Parquet by record batches, CSV and text line by line."""
+def _manifest_entries(uri: str, exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[str]:
+    """The entries of a manifest file, read in chunks: Parquet by record batches, CSV and text line by line. A CSV
+    with none of URI_COLUMNS takes its first column, and its first row too when that names an image (``exts``):
+    else the row is a header ('filename,label')."""
     fs, path = storage.filesystem(uri)
     low = uri.lower()
     with fs.open(path, "rb") as f:
@@ -226,7 +228,7 @@ def _manifest_entries(uri: str) -> Iterator[str]:
                 return
             header = [h.strip().lower() for h in first]
             col = next((header.index(c) for c in URI_COLUMNS if c in header), None)
-            if col is None and first and first[0].strip():
+            if col is None and first and first[0].strip() and has_ext(_path_of(first[0].strip()), exts):
                 yield first[0].strip()
             for r in rows:
                 if r and len(r) > (col or 0) and r[col or 0].strip():
@@ -238,12 +240,15 @@ def _manifest_entries(uri: str) -> Iterator[str]:
                 yield line
 
 
+_WARNED: set[tuple[str, int, int]] = set()     # manifests whose non-image entries were warned of
+
+
 def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
     """A manifest's inputs in key order, with the keys :func:`_find` gives, streamed in three passes when the
     file is in key order (the common root; the order of the keys; the items), else sorted in memory."""
     def rels():
         try:
-            for u in _manifest_entries(src):
+            for u in _manifest_entries(src, exts):
                 yield u, _manifest_rel(u)
         except FileNotFoundError as e:
             raise SourceError(f"source {redact(src)} does not exist: {e}") from e
@@ -270,7 +275,8 @@ def _stream_manifest(src: str, exts: tuple[str, ...]) -> Iterator[Item]:
                           f"extension ({named}); the first is {redact(other)[:200]!r}. "
                           f"A manifest lists one image path or URI per line (.txt / .lst), or in a column named "
                           f"{' / '.join(URI_COLUMNS)} (.csv / .parquet), else its first column")
-    if images < n:
+    if images < n and (src, n, images) not in _WARNED:          # once per manifest, not once per listing of it
+        _WARNED.add((src, n, images))
         log(f"warning: {n - images} of the {n} entries of manifest {redact(src)} are not images by their extension "
             f"and are not listed (the first: {redact(other)[:200]!r})")
     root = common if n > 1 else posixpath.dirname(first)

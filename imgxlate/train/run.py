@@ -134,7 +134,10 @@ def train(cfg: tasks.RunConfig, ray_address: str | None = None, wait_for_resourc
     first = check_data(cfg, resuming=saved is not None)
     check_resume(cfg, first, saved)
     with hold(cfg):
-        if (now := resume_point(cfg)) != saved:     # another training saved meanwhile: check what Ray resumes
+        now = saved
+        with contextlib.suppress(Exception):        # unreadable: said once above (or Ray's workers will say so)
+            now = ray_train.latest_saved(cfg)
+        if now != saved:                            # another training saved meanwhile: check what Ray resumes
             check_resume(cfg, first, now)
         return _train(cfg, ray_address, wait_for_resources)
 
