@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -99,6 +100,16 @@ def translate(*argv) -> int:
     """`imgxlate translate ARGV`, with the bicubic model unless ARGV names one."""
     args = [str(a) for a in argv]
     return main(["translate", *args] + ([] if "--model" in args else ["--model", "bicubic"]))
+
+
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|[\w.:-]+ pid=\d+)")
+
+
+def own(err: str) -> str:
+    """A command's own stderr, without the lines Ray forwards from actors and workers of the test session's shared
+    cluster: an earlier test's Ray Train controller may still be shutting down, and its messages reach whatever
+    the driver prints next."""
+    return "\n".join(line for line in err.splitlines() if not RAY_FORWARDED.match(line))
 
 
 def rows_of(dst, run_id=None) -> list[dict]:
