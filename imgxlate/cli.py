@@ -175,7 +175,7 @@ def cmd_models(args) -> int:
 
 def cmd_info(args) -> int:
     from imgxlate.artifact import ArtifactError
-    from imgxlate.errors import CannotRun
+    from imgxlate.errors import CannotRun, one_line
     from imgxlate.infer.predictor import model_meta
 
     try:
@@ -183,7 +183,7 @@ def cmd_info(args) -> int:
     except CannotRun:
         raise
     except Exception as e:              # e.g. an s3:// artifact that cannot be reached, a damaged .pth
-        raise ArtifactError(f"{args.model}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+        raise ArtifactError(f"{args.model}: {type(e).__name__}: {one_line(e)}") from None
     print(json.dumps(meta, indent=2))
     if meta.get("format") == "spandrel":
         print(f"{meta['architecture']} x{meta['scale']:g}, {meta['n_params']:,} parameters, licence: {meta['licence']}")

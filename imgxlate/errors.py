@@ -6,6 +6,11 @@ one of these."""
 from __future__ import annotations
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (whitespace runs made one space), cut at ``limit`` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
 class CannotRun(Exception):
     """The command could not run as asked (bad source, unusable destination, bad model, no data): nothing was
     done, and the message says what to change."""

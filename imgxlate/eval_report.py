@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from imgxlate import evaluate, metrics, plots
-from imgxlate.errors import CannotRun
+from imgxlate.errors import CannotRun, one_line
 from imgxlate.io import storage
 
 
@@ -109,7 +109,7 @@ def predictor(model: str, cfg, task: str, scale=None, **options):
     except CannotRun:
         raise
     except Exception as e:                              # a model that cannot be read (e.g. s3:// unreachable)
-        raise EvalError(f"model {model}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+        raise EvalError(f"model {model}: {type(e).__name__}: {one_line(e)}") from None
     if pred.model.task != task:
         raise EvalError(f"{model} is a {pred.model.task} model; eval {task} scores {task} models")
     print(f"precision: {pred.precision} ({pred.precision_reason})")

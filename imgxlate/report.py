@@ -7,7 +7,7 @@ import json
 import os
 from collections import Counter
 
-from imgxlate.errors import CannotRun
+from imgxlate.errors import CannotRun, one_line
 from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact
 from imgxlate.log import log
@@ -27,8 +27,7 @@ def kind(uri: str) -> str:
         if manifest.all_runs(uri):
             return "batch"
     except Exception as e:                      # e.g. an s3:// store that cannot be reached
-        why = " ".join(str(e).split())[:300]
-        raise NotARun(f"{redact(uri)}: cannot be read ({type(e).__name__}: {why})") from None
+        raise NotARun(f"{redact(uri)}: cannot be read ({type(e).__name__}: {one_line(e, 300)})") from None
     raise NotARun(f"{redact(uri)}: neither a training run folder (imgxlate/metrics.jsonl) nor a "
                             f"batch DST with a manifest (_manifest/<run_id>/)")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from imgxlate.errors import one_line
+
 
 class CudaUnusable(RuntimeError):
     """A model was given GPUs, but this process's torch cannot use CUDA (no driver, a driver older than the
@@ -20,7 +22,7 @@ def cuda_problem() -> str:
         torch.cuda.init()
         why = "no CUDA device is visible (CUDA_VISIBLE_DEVICES)"
     except Exception as e:
-        why = " ".join(str(e).split())[:300] or type(e).__name__
+        why = one_line(e, 300) or type(e).__name__
     build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
     return f"torch {torch.__version__} ({build}) cannot use a GPU here: {why}"
 

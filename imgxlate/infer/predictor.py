@@ -21,6 +21,7 @@ from torch import nn
 
 from imgxlate.artifact import load
 from imgxlate.augment import N_DIHEDRAL, dihedral, dihedral_inverse
+from imgxlate.errors import one_line
 from imgxlate.infer import precision
 from imgxlate.infer.contract import Contract, from_meta
 from imgxlate.infer.devices import (  # noqa: F401 (the Predictor's device rules, re-exported)
@@ -335,7 +336,7 @@ class Predictor:
             e = _bare(e)
             if self.on_gpu and sticky_device_error(e):  # every later image would fail too: not this image's
                 raise DeviceFailed(f"the device is in an error state no later call can leave: "
-                                   f"{' '.join(str(e).split())[:300]}") from None
+                                   f"{one_line(e, 300)}") from None
             if len(chunk) == 1:
                 results[chunk[0]] = e
                 return
