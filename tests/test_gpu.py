@@ -95,3 +95,43 @@ def test_out_of_memory_on_cuda_halves_and_finishes():
     out = gpu.run(imgs)
     assert all(not isinstance(o, Exception) for o in out)
     assert gpu.options.tile * gpu.options.tile <= limit
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16", "auto"])
+def test_the_job_on_the_gpu_scores_what_eval_reports(amp, tmp_path, ray_local, capsys):
+    """The user's path on a GPU machine: `eval` and `translate` with the same --amp, each on the GPU (local Ray
+    gives the model actors the GPU), and the job's outputs score what eval reported, image by image."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from imgxlate import metrics
+    from imgxlate.cli import main
+
+    from fixtures import rows_of, summary_of
+
+    hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
+    hr_dir.mkdir()
+    lr_dir.mkdir()
+    hrs = {}
+    for i, (h, w) in enumerate(((96, 120), (100, 84), (300, 260))):
+        hr = metrics.mod_crop(photo(h, w, seed=30 + i), 2)
+        hrs[f"img{i}.png"] = hr
+        Image.fromarray(hr).save(hr_dir / f"img{i}.png")
+        Image.fromarray(metrics.imresize(hr, 1 / 2)).save(lr_dir / f"img{i}.png")
+    expected = {"off": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": "bf16"}[amp]
+    assert main(["eval", "sr", "--model", "sr-x2", "--data", str(hr_dir), "--scale", "2", "--out",
+                 str(tmp_path / "ev"), "--sheet", "0", "--amp", amp]) == 0
+    assert f"precision: {expected}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["precision"] == expected
+    rows = {r["image"]: r for r in csv.DictReader((tmp_path / "ev" / "sr_x2.csv").open())}
+    assert main(["translate", str(lr_dir), str(tmp_path / "out"), "--model", "sr-x2", "--amp", amp,
+                 "--pipeline", "fused", "--run-id", "gpu"]) == 0
+    s = summary_of(tmp_path / "out", "gpu")
+    assert s["precision"] == expected and s["counts"] == {"ok": 3}, s
+    assert (s.get("resources") or {}).get("gpus_per_actor"), s.get("resources")   # the actors had the GPU
+    assert {r["precision"] for r in rows_of(tmp_path / "out")} == {expected}
+    for name, hr in hrs.items():
+        written = np.asarray(Image.open(tmp_path / "out" / name))
+        assert metrics.psnr(written, hr, 2) == pytest.approx(float(rows[name]["psnr"]), abs=0.01), name
