@@ -74,7 +74,7 @@ class MapImages:
         if threads is None and assigned.get("CPU"):
             threads = max(1, int(assigned["CPU"]))
         self.stage = ModelStage(model=model, scale=cfg.scale, threads=threads, env={}, gpus=cfg.gpus_per_actor,
-                                in_actor=assigned.get("actor", False),
+                                in_actor=assigned.get("actor", False), expect_sha256=self.meta["sha256"] or None,
                                 max_output_pixels=cfg.max_output_pixels, batch_size=cfg.batch_size,
                                 options={"tile": cfg.tile, "overlap": cfg.overlap, "cutout": cfg.cutout,
                                          "amp": config.actor_amp(self.meta), "compile": cfg.compile})

@@ -72,9 +72,23 @@ def output_to(path: str):
     forwarding = [h for h in dispatcher.handlers if h[0] == "ray_print_logs"]
     dispatcher.remove_handler("ray_print_logs")                                 # ray:
     dispatcher.add_handler("imgxlate", route)                                   # ray:
+    # Ray Data's console handler writes to sys.stderr as it is when it writes (the console, in here): its errors
+    # (an actor that failed to start, with Ray's traceback) go to the log; the command says what failed.
+    import ray.data  # noqa: F401  (configures the "ray.data" logger's handlers)
+
+    data_log = logging.getLogger("ray.data")
+    to_console = [h for h in data_log.handlers if type(h) is not logging.FileHandler
+                  and isinstance(h, logging.StreamHandler)]
+    to_log = logging.StreamHandler(log)
+    for h in to_console:
+        data_log.removeHandler(h)
+    data_log.addHandler(to_log)
     try:
         yield
     finally:
+        data_log.removeHandler(to_log)
+        for h in to_console:
+            data_log.addHandler(h)
         dispatcher.remove_handler("imgxlate")                                   # ray:
         if ray.is_initialized():                # a ray.shutdown() inside removed the forwarding for good
             for name, handler in forwarding:

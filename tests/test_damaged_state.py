@@ -4,12 +4,21 @@ marker replaces it. A complete marker records its parts' sizes, checked with one
 so a truncated part under a complete marker is found without reading every part."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
+import pytest
+import torch
+
+from imgxlate.artifact import save
 from imgxlate.infer import plan
 from imgxlate.io import manifest
+from imgxlate.models import build
 
 from conftest import photo
-from fixtures import png, rows_of, translate, write_tree
+from fixtures import own, png, rows_of, translate, write_tree
 
 NAMES = [f"{c}{i}.png" for c in "abc" for i in range(2)]
 
@@ -152,3 +161,53 @@ def test_a_marker_or_part_this_run_may_not_read_is_treated_as_absent(tmp_path, m
     table, missing = manifest.read_parts(dst, [name], ["source_uri"])
     assert missing == [name] and table.num_rows == 0
     assert "cannot be read (PermissionError" in capsys.readouterr().err
+
+
+# The model artifact replaced or removed between the driver's check of it and a model stage's load (a model
+# retrained to the same path, a copy over it): this process's check is wrapped to do so right after it passes.
+SWAP = """import os, shutil, sys
+from imgxlate.infer import job
+real = job.model_info
+def swapped(cfg):
+    meta = real(cfg)
+    shutil.rmtree(cfg.model)
+    if os.environ["OTHER_MODEL"]:
+        shutil.copytree(os.environ["OTHER_MODEL"], cfg.model)
+    return meta
+job.model_info = swapped
+from imgxlate.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("change,pipeline", [("replaced", "fused"), ("replaced", "in-process"),
+                                             ("removed", "fused")])
+def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name(change, pipeline, tmp_path):
+    """Before, the model actors loaded whatever the path held when they started and the rows recorded the model
+    the driver had checked: another model's outputs under the first one's id and sha256."""
+    torch.manual_seed(0)
+    save(build("sr", preset="tiny", scale=2), str(tmp_path / "model"))
+    torch.manual_seed(1)
+    save(build("sr", preset="tiny", scale=2), str(tmp_path / "other"))
+    shutil.copytree(tmp_path / "model", tmp_path / "original")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {n: png(photo(10, 12, seed=i)) for i, n in enumerate(NAMES)})
+    env = {**os.environ, "OTHER_MODEL": str(tmp_path / "other") if change == "replaced" else ""}
+    r = subprocess.run([sys.executable, "-c", SWAP, "translate", str(src), str(dst), "--model", str(tmp_path / "model"),
+                        "--pipeline", pipeline], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in own(r.stderr), r.stderr[-3000:]     # Ray's traceback of the actor goes to its log
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("imgxlate translate: error: model "), r.stderr[-3000:]
+    if change == "replaced":
+        assert "changed after this run started" in last and "the run's rows record" in last, last
+    else:
+        assert "no config.json" in last, last
+    assert not list(dst.rglob("*.png"))                 # no output of the other model, under any name
+    # The model the run started with, put back: a rerun does the run's inputs with it.
+    shutil.rmtree(tmp_path / "model", ignore_errors=True)
+    shutil.copytree(tmp_path / "original", tmp_path / "model")
+    assert translate(src, dst, "--model", str(tmp_path / "model")) == 0
+    rows = rows_of(dst)
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == len(NAMES)
+    assert {r["model_id"] for r in rows} == {json.loads((tmp_path / "model" / "config.json").read_text())["model_id"]}

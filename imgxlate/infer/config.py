@@ -170,7 +170,8 @@ def stage_settings(cfg: TranslateConfig, meta: dict, stop=None) -> tuple[dict, d
     options = {"tile": cfg.tile, "overlap": cfg.overlap, "amp": actor_amp(meta), "cutout": cfg.cutout,
                "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
-                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop}
+                "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop,
+                "expect_sha256": meta["sha256"] or None}
     return load_kw, save_kw, settings
 
 

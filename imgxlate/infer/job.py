@@ -36,7 +36,7 @@ from imgxlate.infer.config import (
 from imgxlate.infer.feeder import Feeder, take
 from imgxlate.infer.plan import Planner, Shard, input_table
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
-from imgxlate.infer.stages import seal
+from imgxlate.infer.stages import check_same_model, seal
 from imgxlate.io import codec, manifest, storage
 from imgxlate.io.lease import LOCK_FILE, Lease, LeaseHeld, LeaseUnsafe, NoLease
 from imgxlate.io.listing import redact
@@ -241,6 +241,26 @@ def _start(run: Run) -> bool:
     return started
 
 
+def _actor_start_failed(e: BaseException) -> bool:
+    """Whether ``e`` (or what it came from) is Ray's word that an actor's constructor raised."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "actor_init_failed", False):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _check_model_again(run: Run) -> None:
+    """A model actor that cannot start fails the pipeline with Ray's traceback, in which the actor's own error is
+    text. When the cause is the model (its artifact replaced, damaged or removed since the run's start, where this
+    process checked it), the check made at the start is made again here and its one line raised: JobError, or
+    ModelChanged for other weights. Anything else is left to the caller."""
+    now = model_info(run.cfg)
+    check_same_model(run.cfg.model, now["sha256"], run.meta["sha256"] or None)
+
+
 def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
     """One pipeline for the whole plan; returns the config with the resources it ran with."""
     from imgxlate import rayenv
@@ -263,6 +283,10 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
     with rayenv.output_to(ray_log):
         try:
             resources = raydata.stream(run.cfg, feed, run.meta, stop, feeder.on_rows, run.check_lease)
+        except Exception as e:
+            if _actor_start_failed(e):
+                _check_model_again(run)         # the model replaced or gone since this run checked it: one line
+            raise
         finally:
             feeder.stopping.set()
             feeder.join(30)                     # it checks every 0.5 s; nothing touches Ray after this

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import counters, pieces
+from imgxlate.infer.config import JobError
 from imgxlate.io import codec, manifest, shards, storage
 from imgxlate.io.listing import redact, redact_text
 
@@ -287,10 +288,11 @@ class ModelStage:
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
                  max_output_pixels: int, batch_size: int, env: dict, stop=None,
                  where: tuple[str | None, str | None] = (None, None), gpus: float | None = None,
-                 in_actor: bool = False):
+                 in_actor: bool = False, expect_sha256: str | None = None):
         """``where``: (node id, worker id) of the process the stage runs in, recorded in every row. ``gpus``: the
         GPUs the actor was given (0: the CPU, even where CUDA is visible; more: CUDA or CudaUnusable; None: CUDA
-        when usable). ``in_actor``: this is a Ray actor, which :meth:`die` may end."""
+        when usable). ``in_actor``: this is a Ray actor, which :meth:`die` may end. ``expect_sha256``: the weights
+        the run's driver checked and its rows record (ModelChanged when the model loaded here has others)."""
         _apply(env)
         self.stop, self.batch_size, self.in_actor = stop, batch_size, in_actor
         import torch
@@ -301,6 +303,8 @@ class ModelStage:
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor(model, scale, device=choose_device(gpus), options=PredictOptions(**options))
+        check_same_model(model, (getattr(self.predictor.model, "meta", None) or {}).get("weights_sha256"),
+                         expect_sha256)
         self.predictor.halt = getattr(stop, "halted", None)     # (the driver's process: a second Ctrl-C)
         self.node_id, self.worker_id = where
         self.max_output_pixels = max_output_pixels
@@ -356,6 +360,21 @@ class ModelStage:
             return
         log(f"model actor on {os.uname().nodename} exits: {e}")
         os._exit(70)                            # a crash to Ray (restart + retry), not an intentional exit
+
+
+class ModelChanged(JobError):
+    """The model artifact was replaced after the run's driver checked it: the weights a model stage loaded are not
+    the ones the run's rows record (a model retrained to the same path, a copy over it, a moved ``latest``)."""
+
+
+def check_same_model(spec: str, got: str | None, expect_sha256: str | None) -> None:
+    """ModelChanged unless the weights just loaded from ``spec`` (sha256 ``got``) are the ones ``expect_sha256``
+    names. Outputs of two models in one run would each be recorded as the first's; none is made with the other."""
+    if expect_sha256 and got != expect_sha256:
+        raise ModelChanged(f"model {redact(spec)} changed after this run started: its weights are now sha256 "
+                           f"{str(got)[:12]}, the run's rows record {expect_sha256[:12]}, so nothing more is made "
+                           f"with it. Put the model the run started with back and rerun to finish it, or rerun as "
+                           f"it is to make every output again with the new model (a new recipe)")
 
 
 class FusedStage(ModelStage):
