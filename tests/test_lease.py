@@ -148,6 +148,18 @@ def test_a_renewal_that_cannot_be_written_keeps_the_lease(tmp_path):
     assert not lease.lost and not os.path.exists(lease.uri)
 
 
+def test_a_new_lease_left_by_a_writer_killed_mid_change_is_removed_by_the_next_change(tmp_path):
+    folder = tmp_path / "dst" / "_manifest"
+    folder.mkdir(parents=True)
+    (folder / "LEASE.new-0123abcd").write_bytes(b'{"token": "0123ab')      # SIGKILL between write and rename
+    lease = Lease(str(tmp_path / "dst"), "run-one").acquire()
+    try:
+        assert os.path.dirname(lease.uri) == str(folder)
+        assert sorted(os.listdir(folder)) == ["LEASE", "LEASE.lock"]
+    finally:
+        lease.release()
+
+
 def test_a_lease_taken_over_since_its_last_heartbeat_is_reported_lost_and_left_to_its_new_holder(dst):
     lease = Lease(dst, "run-one", ttl_s=600).acquire()
     thief = {"run_id": "thief", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat": time.time(),

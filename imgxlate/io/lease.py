@@ -240,11 +240,19 @@ class Lease:
 
     @contextlib.contextmanager
     def _locked(self):
-        """A local lease's changes are made one at a time, across processes: an exclusive flock on LEASE.lock."""
-        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
-        fd = os.open(storage.join(os.path.dirname(self.uri), LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        """A local lease's changes are made one at a time, across processes: an exclusive flock on LEASE.lock.
+        A new lease is written beside it (LEASE.new-TOKEN) and renamed into place while the lock is held, so one
+        found on taking the lock was left by a process killed mid-change, and is removed."""
+        folder = os.path.dirname(self.uri)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(storage.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            prefix = os.path.basename(self.uri) + ".new-"
+            for name in os.listdir(folder):
+                if name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
             yield
         finally:
             os.close(fd)                        # releases the lock
