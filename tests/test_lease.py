@@ -151,13 +151,17 @@ def test_a_renewal_that_cannot_be_written_keeps_the_lease(tmp_path):
 def test_a_new_lease_left_by_a_writer_killed_mid_change_is_removed_by_the_next_change(tmp_path):
     folder = tmp_path / "dst" / "_manifest"
     folder.mkdir(parents=True)
-    (folder / "LEASE.new-0123abcd").write_bytes(b'{"token": "0123ab')      # SIGKILL between write and rename
-    lease = Lease(str(tmp_path / "dst"), "run-one").acquire()
+    stale, young = folder / "LEASE.new-0123abcd", folder / "LEASE.new-4567cdef"
+    stale.write_bytes(b'{"token": "0123ab')                 # SIGKILL between write and rename, 10 minutes ago
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    young.write_bytes(b'{"token": "4567cd')                 # maybe being written where flock is not shared: left
+    lease = Lease(f"file://{tmp_path}/dst", "run-one").acquire()          # a file:// DST: the same folder
     try:
         assert os.path.dirname(lease.uri) == str(folder)
-        assert sorted(os.listdir(folder)) == ["LEASE", "LEASE.lock"]
+        assert sorted(os.listdir(folder)) == ["LEASE", "LEASE.lock", young.name]
     finally:
         lease.release()
+    assert not os.path.exists(folder / "LEASE")
 
 
 def test_a_lease_taken_over_since_its_last_heartbeat_is_reported_lost_and_left_to_its_new_holder(dst):

@@ -174,7 +174,9 @@ class Lease:
     def __init__(self, dst: str, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, poll_s: float = 5.0,
                  folder: str = "_manifest"):
         self.dst = dst.rstrip("/")
-        self.uri = storage.join(self.dst, folder, NAME)         # a training run's: <run>/imgxlate/LEASE
+        # a training run's: <run>/imgxlate/LEASE; a local one as a path (os calls take no file:// URI)
+        where = storage.local_path(self.dst) if storage.is_local(self.dst) else self.dst
+        self.uri = storage.join(where, folder, NAME)
         self.run_id, self.ttl_s, self.wait_s, self.poll_s = run_id, ttl_s, wait_s, poll_s
         self.token = uuid.uuid4().hex          # tells our own lease from a later holder's
         self.lost = False
@@ -241,18 +243,22 @@ class Lease:
     @contextlib.contextmanager
     def _locked(self):
         """A local lease's changes are made one at a time, across processes: an exclusive flock on LEASE.lock.
-        A new lease is written beside it (LEASE.new-TOKEN) and renamed into place while the lock is held, so one
-        found on taking the lock was left by a process killed mid-change, and is removed."""
+        A new lease is written beside it (LEASE.new-TOKEN) and renamed into place within milliseconds while the
+        lock is held, so one older than the lease's time to live was left by a process killed mid-change, and is
+        removed (not a younger one: where flock is not shared, on some network file systems, or while a finished
+        run removes the lock file, another process may be writing one)."""
         folder = os.path.dirname(self.uri)
         os.makedirs(folder, exist_ok=True)
         fd = os.open(storage.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             prefix = os.path.basename(self.uri) + ".new-"
-            for name in os.listdir(folder):
-                if name.startswith(prefix):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(folder, name))
+            with contextlib.suppress(OSError):
+                for name in os.listdir(folder):
+                    path = os.path.join(folder, name)
+                    if name.startswith(prefix) and os.stat(path).st_mtime < time.time() - self.ttl_s:
+                        with contextlib.suppress(OSError):
+                            os.remove(path)
             yield
         finally:
             os.close(fd)                        # releases the lock
