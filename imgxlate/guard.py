@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 
 from imgxlate.errors import CannotRun, Stopped
+from imgxlate.log import line
 
 # Commands whose unexpected errors reach their caller as raised: an in-process caller of `eval` gets the
 # library's exception itself. What the user can change (a CannotRun: a model, scale or image that cannot be
@@ -54,17 +54,16 @@ def guarded(command: str, func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:              # translate: a second signal (SignalDrain), or one before it drains
         if command != "translate":
             raise
-        print(clean(f"imgxlate {command}: {str(e) or 'interrupted'}; a rerun does every input that has no row"),
-              file=sys.stderr)
+        line(clean(f"imgxlate {command}: {str(e) or 'interrupted'}; a rerun does every input that has no row"))
         return 128 + getattr(e, "signum", signal.SIGINT)   # SecondSignal carries its signal; a bare Ctrl-C: SIGINT
     except Exception as e:
         if isinstance(e, CannotRun):
-            print(clean(f"imgxlate {command}: error: {e}"), file=sys.stderr)
+            line(clean(f"imgxlate {command}: error: {e}"))
             return 2
         if isinstance(e, Stopped):
-            print(clean(f"imgxlate {command}: {e}; {e.advice}"), file=sys.stderr)
+            line(clean(f"imgxlate {command}: {e}; {e.advice}"))
             return e.exit_code              # 130 for SIGINT, 143 for SIGTERM, 75 when DST failed
         if command in RAISES:
             raise
-        print(clean(traceback.format_exc()), file=sys.stderr)
+        line(clean(traceback.format_exc()).rstrip("\n"))
         return 1

@@ -11,7 +11,14 @@ _QUIET = threading.Lock()
 
 
 def log(msg: str) -> None:
-    print(f"[imgxlate] {msg}", file=sys.stderr, flush=True)
+    line(f"[imgxlate] {msg}")
+
+
+def line(text: str) -> None:
+    """``text`` and its newline in one write: print() writes them in two, between which another thread's line
+    (the progress, while a command reports its error) can land."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager

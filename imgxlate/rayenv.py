@@ -77,9 +77,14 @@ def output_to(path: str):
     import ray.data  # noqa: F401  (configures the "ray.data" logger's handlers)
 
     data_log = logging.getLogger("ray.data")
-    to_console = [h for h in data_log.handlers if type(h) is not logging.FileHandler
-                  and isinstance(h, logging.StreamHandler)]
+    to_console = [h for h in data_log.handlers if isinstance(h, logging.StreamHandler)
+                  and not isinstance(h, logging.FileHandler)]
     to_log = logging.StreamHandler(log)
+    if to_console:                               # as the console had them: level, format, Ray Data's own filters
+        to_log.setLevel(to_console[0].level)
+        to_log.setFormatter(to_console[0].formatter)
+        for f in to_console[0].filters:
+            to_log.addFilter(f)
     for h in to_console:
         data_log.removeHandler(h)
     data_log.addHandler(to_log)

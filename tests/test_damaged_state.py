@@ -6,6 +6,7 @@ so a truncated part under a complete marker is found without reading every part.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -167,12 +168,17 @@ def test_a_marker_or_part_this_run_may_not_read_is_treated_as_absent(tmp_path, m
 # retrained to the same path, a copy over it): this process's check is wrapped to do so right after it passes.
 SWAP = """import os, shutil, sys
 from imgxlate.infer import job
-real = job.model_info
+real, calls = job.model_info, []
 def swapped(cfg):
+    calls.append(cfg.model)
+    if len(calls) == 2 and os.environ["ORIGINAL_MODEL"]:     # the driver's copy is the first again: an actor's
+        shutil.rmtree(cfg.model)                             # node held another copy
+        shutil.copytree(os.environ["ORIGINAL_MODEL"], cfg.model)
     meta = real(cfg)
-    shutil.rmtree(cfg.model)
-    if os.environ["OTHER_MODEL"]:
-        shutil.copytree(os.environ["OTHER_MODEL"], cfg.model)
+    if len(calls) == 1:
+        shutil.rmtree(cfg.model)
+        if os.environ["OTHER_MODEL"]:
+            shutil.copytree(os.environ["OTHER_MODEL"], cfg.model)
     return meta
 job.model_info = swapped
 from imgxlate.cli import main
@@ -181,7 +187,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("change,pipeline", [("replaced", "fused"), ("replaced", "in-process"),
-                                             ("removed", "fused")])
+                                             ("removed", "fused"), ("another copy on a node", "fused")])
 def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name(change, pipeline, tmp_path):
     """Before, the model actors loaded whatever the path held when they started and the rows recorded the model
     the driver had checked: another model's outputs under the first one's id and sha256."""
@@ -192,15 +198,18 @@ def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name
     shutil.copytree(tmp_path / "model", tmp_path / "original")
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_tree(src, {n: png(photo(10, 12, seed=i)) for i, n in enumerate(NAMES)})
-    env = {**os.environ, "OTHER_MODEL": str(tmp_path / "other") if change == "replaced" else ""}
+    env = {**os.environ, "OTHER_MODEL": "" if change == "removed" else str(tmp_path / "other"),
+           "ORIGINAL_MODEL": str(tmp_path / "original") if change == "another copy on a node" else ""}
     r = subprocess.run([sys.executable, "-c", SWAP, "translate", str(src), str(dst), "--model", str(tmp_path / "model"),
                         "--pipeline", pipeline], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in own(r.stderr), r.stderr[-3000:]     # Ray's traceback of the actor goes to its log
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("imgxlate translate: error: model "), r.stderr[-3000:]
+    assert last.startswith("imgxlate translate: error: "), r.stderr[-3000:]
     if change == "replaced":
         assert "changed after this run started" in last and "the run's rows record" in last, last
+    elif change == "another copy on a node":
+        assert "another copy on its node" in last and f"on node {socket.gethostname()}" in last, last
     else:
         assert "no config.json" in last, last
     assert not list(dst.rglob("*.png"))                 # no output of the other model, under any name

@@ -36,7 +36,7 @@ from imgxlate.infer.config import (
 from imgxlate.infer.feeder import Feeder, take
 from imgxlate.infer.plan import Planner, Shard, input_table
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
-from imgxlate.infer.stages import check_same_model, seal
+from imgxlate.infer.stages import ModelChanged, check_same_model, seal
 from imgxlate.io import codec, manifest, storage
 from imgxlate.io.lease import LOCK_FILE, Lease, LeaseHeld, LeaseUnsafe, NoLease
 from imgxlate.io.listing import redact
@@ -252,13 +252,26 @@ def _actor_start_failed(e: BaseException) -> bool:
     return False
 
 
-def _check_model_again(run: Run) -> None:
+def _check_model_again(run: Run, e: BaseException) -> None:
     """A model actor that cannot start fails the pipeline with Ray's traceback, in which the actor's own error is
     text. When the cause is the model (its artifact replaced, damaged or removed since the run's start, where this
     process checked it), the check made at the start is made again here and its one line raised: JobError, or
-    ModelChanged for other weights. Anything else is left to the caller."""
-    now = model_info(run.cfg)
+    ModelChanged for other weights. When this process still finds the weights it started with but an actor found
+    others, the path names another copy on the actor's node. Anything else is left to the caller."""
+    try:
+        now = model_info(run.cfg)
+    except JobError as again:
+        raise again from e
     check_same_model(run.cfg.model, now["sha256"], run.meta["sha256"] or None)
+    if "ModelChanged" in str(e):                 # the driver's copy is the one it checked: the node's differs
+        raise ModelChanged(f"a model actor loaded other weights from {redact(run.cfg.model)} than this process "
+                           f"did ({_node_of(str(e))}): that path names another copy on its node. Every node must "
+                           f"see the same model: give a path all nodes share, or an s3:// URI") from e
+
+
+def _node_of(text: str) -> str:
+    at = text.find(" on node ")
+    return "on node " + text[at + 9:].split(":", 1)[0].split(" ", 1)[0] if at >= 0 else "on another node"
 
 
 def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
@@ -282,21 +295,22 @@ def _pipeline(run: Run, first: list[Shard]) -> TranslateConfig:
     feeder.start()                              # it puts the first shards in while Ray Data starts the actors
     with rayenv.output_to(ray_log):
         try:
-            resources = raydata.stream(run.cfg, feed, run.meta, stop, feeder.on_rows, run.check_lease)
+            try:
+                resources = raydata.stream(run.cfg, feed, run.meta, stop, feeder.on_rows, run.check_lease)
+            finally:
+                feeder.stopping.set()
+                feeder.join(30)                 # it checks every 0.5 s; nothing touches Ray after this
+                with run.lock:
+                    run.book.flush_all()        # rows of outputs already written are recorded, whatever happens
+            if run.book.failure is not None:    # DST refused the last parts: no retry of lost blocks
+                run.drain.stop(run.book.failure)
+            if not run.drain.stopping:
+                feeder.raise_if_incomplete(ray_log)
+                retry_lost(run, stop)
         except Exception as e:
             if _actor_start_failed(e):
-                _check_model_again(run)         # the model replaced or gone since this run checked it: one line
+                _check_model_again(run, e)      # the model replaced or gone since this run checked it: one line
             raise
-        finally:
-            feeder.stopping.set()
-            feeder.join(30)                     # it checks every 0.5 s; nothing touches Ray after this
-            with run.lock:
-                run.book.flush_all()            # rows of outputs already written are recorded, whatever happens
-        if run.book.failure is not None:        # DST refused the last parts: no retry of lost blocks
-            run.drain.stop(run.book.failure)
-        if not run.drain.stopping:
-            feeder.raise_if_incomplete(ray_log)
-            retry_lost(run, stop)
     if feeder.error is not None:                # a drain is reported as such; the plan's error is in the log
         log(f"(while draining, the plan failed: {feeder.error})")
     return resources

@@ -371,8 +371,11 @@ def check_same_model(spec: str, got: str | None, expect_sha256: str | None) -> N
     """ModelChanged unless the weights just loaded from ``spec`` (sha256 ``got``) are the ones ``expect_sha256``
     names. Outputs of two models in one run would each be recorded as the first's; none is made with the other."""
     if expect_sha256 and got != expect_sha256:
+        import socket
+
         raise ModelChanged(f"model {redact(spec)} changed after this run started: its weights are now sha256 "
-                           f"{str(got)[:12]}, the run's rows record {expect_sha256[:12]}, so nothing more is made "
+                           f"{str(got)[:12]} on node {socket.gethostname()}: the run's rows record "
+                           f"{expect_sha256[:12]}, so nothing more is made "
                            f"with it. Put the model the run started with back and rerun to finish it, or rerun as "
                            f"it is to make every output again with the new model (a new recipe)")
 
