@@ -164,6 +164,22 @@ def test_a_new_lease_left_by_a_writer_killed_mid_change_is_removed_by_the_next_c
     assert not os.path.exists(folder / "LEASE")
 
 
+def test_a_file_uri_dst_is_leased_in_dst_and_an_empty_run_leaves_none_of_it(tmp_path, monkeypatch):
+    """Before, a file:// DST's lease went to ./file:/... under the current folder, where it kept no run out."""
+    monkeypatch.chdir(tmp_path)
+    write_tree(tmp_path / "src", {"a.png": png(photo(8, 8))})
+    (tmp_path / "empty").mkdir()
+    held = Lease(f"file://{tmp_path}/dst", "another-run", ttl_s=600).acquire()
+    try:
+        assert translate(f"file://{tmp_path}/src", f"file://{tmp_path}/dst", "--scale", "2") == 2   # DST in use
+    finally:
+        held.release()
+    assert translate(f"file://{tmp_path}/src", f"file://{tmp_path}/dst", "--scale", "2") == 0
+    assert (tmp_path / "dst" / "a.png").exists() and not (tmp_path / "file:").exists()
+    assert translate(f"file://{tmp_path}/empty", f"file://{tmp_path}/none", "--scale", "2") == 0
+    assert not (tmp_path / "none").exists() and not (tmp_path / "file:").exists()
+
+
 def test_a_lease_taken_over_since_its_last_heartbeat_is_reported_lost_and_left_to_its_new_holder(dst):
     lease = Lease(dst, "run-one", ttl_s=600).acquire()
     thief = {"run_id": "thief", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat": time.time(),

@@ -49,6 +49,8 @@ def run(cfg: TranslateConfig) -> dict:
     """Run the job; returns the summary. Raises JobError when the job cannot run, Interrupted when a signal
     stopped it and DstFailed when DST failed (full, over quota, ...: both after recording every output it wrote
     and writing the summary)."""
+    if storage.is_local(cfg.dst) and (cfg.dst.startswith("file:") or "://" in cfg.dst):   # local writes take a path
+        cfg = dataclasses.replace(cfg, dst=storage.local_path(cfg.dst))
     check(cfg)
     heap.arenas()                               # before the run's threads start (flat driver memory)
     if cfg.s3_endpoint:
@@ -56,7 +58,7 @@ def run(cfg: TranslateConfig) -> dict:
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     meta = model_info(cfg)
     t_start = time.time()
-    untouched = storage.is_local(cfg.dst) and not os.path.exists(cfg.dst)
+    untouched = storage.is_local(cfg.dst) and not os.path.exists(storage.local_path(cfg.dst))   # file:// too
     preflight_destination(cfg.dst, run_id)
     try:
         if cfg.dry_run:                         # a dry run leaves no trace
@@ -80,8 +82,8 @@ def run(cfg: TranslateConfig) -> dict:
     finally:
         if untouched:                           # e.g. an empty SRC: DST is not left behind
             with contextlib.suppress(OSError):  # nor the lock file of the lease this run held on it
-                os.remove(os.path.join(cfg.dst, manifest.MANIFEST_DIR, LOCK_FILE))
-            storage.remove_empty_tree(cfg.dst)
+                os.remove(os.path.join(storage.local_path(cfg.dst), manifest.MANIFEST_DIR, LOCK_FILE))
+            storage.remove_empty_tree(storage.local_path(cfg.dst))
 
 
 def take_lease(cfg: TranslateConfig, run_id: str) -> Lease | NoLease:
