@@ -195,8 +195,9 @@ def cmd_sample_photos(args) -> int:
     from imgxlate.io import storage
     from imgxlate.samples import HELD_OUT, write_sample_photos
 
-    if not storage.is_local(args.dst) or os.path.isfile(args.dst):
+    if not storage.is_local(args.dst) or os.path.isfile(storage.local_path(args.dst)):
         raise CannotRun(f"{args.dst}: sample-photos writes into a local folder")
+    args.dst = storage.local_path(args.dst)     # file:, file://, ~
     if args.holdout > len(HELD_OUT):
         raise CannotRun(f"--holdout {args.holdout}: at most {len(HELD_OUT)} of the photos are held out "
                         f"({', '.join(HELD_OUT)})")

@@ -49,7 +49,7 @@ def run(cfg: TranslateConfig) -> dict:
     """Run the job; returns the summary. Raises JobError when the job cannot run, Interrupted when a signal
     stopped it and DstFailed when DST failed (full, over quota, ...: both after recording every output it wrote
     and writing the summary)."""
-    if storage.is_local(cfg.dst) and (cfg.dst.startswith("file:") or "://" in cfg.dst):   # local writes take a path
+    if storage.spelt_as_path(cfg.dst):          # file://, file:, ~: os calls below take a path
         cfg = dataclasses.replace(cfg, dst=storage.local_path(cfg.dst))
     check(cfg)
     heap.arenas()                               # before the run's threads start (flat driver memory)

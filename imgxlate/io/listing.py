@@ -167,7 +167,7 @@ def _find(src: str, exts: tuple[str, ...], exclude: str | None) -> list[Item]:
         except PermissionError as e:
             raise SourceError(f"source {redact(src)}: access denied: {e}") from e
         protocol = None if storage.is_local(src) else src.split("://", 1)[0]
-        skip = storage.location(exclude) if exclude and storage.is_local(exclude) == storage.is_local(src) else None
+        skip = _skip(src, exclude)
         items = []
         for p, info in sorted(found.items()):
             if info.get("type") == "directory" or not has_ext(p, exts):
@@ -179,6 +179,21 @@ def _find(src: str, exts: tuple[str, ...], exclude: str | None) -> list[Item]:
             items.append(Item(_full_uri(src, protocol, p), rel.replace("\\", "/"), int(info.get("size") or -1)))
     items = [it for it in items if has_ext(_path_of(it.source_uri), exts)]
     return items
+
+
+def _skip(src: str, exclude: str | None) -> str | None:
+    """``exclude`` (DST) as the listing of ``src`` meets it, to be left out; None when it cannot be under SRC. A
+    local DST reached through a symlink into SRC (or SRC through one to where DST is) is spelt under SRC's path,
+    else its outputs would be listed as inputs by the next run."""
+    if not exclude or storage.is_local(exclude) != storage.is_local(src):
+        return None
+    skip = storage.location(exclude)
+    if storage.is_local(src):
+        path = storage.location(src)
+        real_src, real_skip = os.path.realpath(path), os.path.realpath(skip)
+        if real_skip == real_src or real_skip.startswith(real_src.rstrip("/") + "/"):
+            return os.path.normpath(os.path.join(path, os.path.relpath(real_skip, real_src)))
+    return skip
 
 
 def iter_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, exclude: str | None = None) -> Iterator[Item]:
@@ -199,7 +214,7 @@ def iter_inputs(src: str, extensions: tuple[str, ...] = IMAGE_EXTS, exclude: str
         yield from sorted(_find(src, exts, exclude), key=lambda it: it.key)
         return
     path = storage.location(src)
-    skip = storage.location(exclude) if exclude and storage.is_local(exclude) == storage.is_local(src) else None
+    skip = _skip(src, exclude)
     walk = _walk_local(path, exts, skip) if storage.is_local(src) else _walk_s3(path, exts, skip)
     yield from walk
 

@@ -68,7 +68,7 @@ def location(uri: str) -> str:
     """Comparable form of a path or URI: an absolute normalised local path, or bucket/key without a
     trailing '/' (on an object store '.' and '//' are part of a key, so they are kept)."""
     _, path = filesystem(uri)
-    return os.path.normpath(os.path.abspath(path)) if is_local(uri) else path.rstrip("/")
+    return os.path.normpath(local_path(uri)) if is_local(uri) else path.rstrip("/")
 
 
 def join(base: str, *parts: str) -> str:
@@ -166,8 +166,16 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
 
 
 def local_path(uri: str) -> str:
-    """The absolute path of a local path or file:// URI."""
-    return os.path.abspath(uri if "://" not in uri and not uri.startswith("file:") else filesystem(uri)[1])
+    """The absolute path of a local path or file:// / file: URI, with a leading ~ expanded as fsspec does (a
+    quoted "~/x" reaches us unexpanded; some writes go through fsspec, others through os)."""
+    if "://" in uri or uri.startswith("file:"):
+        return os.path.abspath(filesystem(uri)[1])
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def spelt_as_path(uri: str) -> bool:
+    """A local place not spelt as a plain path (file://, file:, ~): what the job turns into one first."""
+    return is_local(uri) and (uri.startswith(("file:", "~")) or "://" in uri)
 
 
 def temporaries_dir(dst: str) -> str | None:

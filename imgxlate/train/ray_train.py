@@ -249,7 +249,7 @@ def latest_saved(cfg: tasks.RunConfig) -> dict | None:
 def _storage(cfg: tasks.RunConfig):
     """(storage_path, storage_filesystem) for Ray Train: local folder, or S3 with an endpoint option."""
     if storage.is_local(cfg.storage):
-        return os.path.abspath(cfg.storage), None
+        return storage.local_path(cfg.storage), None
     import pyarrow.fs
 
     endpoint = storage.endpoint_from_env()

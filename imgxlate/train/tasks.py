@@ -97,12 +97,11 @@ class RunConfig:
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
-    import os
-
+    """Local paths made absolute (file:, file:// and ~ too): Ray Train workers do not run in the driver's working
+    directory."""
     from imgxlate.io import storage
 
-    fixed = {f: os.path.abspath(v) for f in ("data", "val", "style_image", "storage", "out")
+    fixed = {f: storage.local_path(v) for f in ("data", "val", "style_image", "storage", "out")
              if (v := getattr(cfg, f)) and storage.is_local(v)}
     return dataclasses.replace(cfg, **fixed)
 
