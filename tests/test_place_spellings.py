@@ -56,6 +56,7 @@ def test_a_tilde_dst_is_one_place_for_every_write_and_for_verify(tmp_path, monke
     assert sorted(p.name for p in out.glob("*.png")) == NAMES and (out / "_manifest").is_dir()
     assert _two_runs(out) == (["ok", "ok"], {"skipped_done": 2})
     assert main(["verify", "~/out"]) == 0 and main(["verify", f"file:{out}"]) == 0
+    assert main(["verify", f"file://localhost{out}"]) == 0
     assert os.listdir(tmp_path / "cwd") == []                      # no ./~ and no ./file:
 
 

@@ -168,6 +168,8 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
 def local_path(uri: str) -> str:
     """The absolute path of a local path or file:// / file: URI, with a leading ~ expanded as fsspec does (a
     quoted "~/x" reaches us unexpanded; some writes go through fsspec, others through os)."""
+    if uri.startswith("file://localhost/"):    # RFC 8089's name for this machine (fsspec made it ./localhost/)
+        uri = "file://" + uri[len("file://localhost"):]
     if "://" in uri or uri.startswith("file:"):
         return os.path.abspath(filesystem(uri)[1])
     return os.path.abspath(os.path.expanduser(uri))
