@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 
@@ -254,7 +253,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 def _same_place(a: str, b: str) -> bool:
     try:
         if storage.is_local(a) and storage.is_local(b):      # one folder through a symlink too
-            return os.path.realpath(storage.location(a)) == os.path.realpath(storage.location(b))
+            return storage.real(a) == storage.real(b)
         return storage.is_local(a) == storage.is_local(b) and storage.location(a) == storage.location(b)
     except Exception:  # an unusable URI is reported by the listing or the preflight
         return False

@@ -179,7 +179,7 @@ def origins(dst: str) -> tuple[str, ...]:
 def _normal(uri: str, dst: str) -> str:
     """``uri`` spelt as verify spells a local ``dst`` (absolute, normalised: a run records the DST as it was typed,
     relative to where it ran), else as it is."""
-    if "://" not in dst and "://" not in uri and storage.is_local(dst):
+    if storage.is_local(uri) and storage.is_local(dst):
         return os.path.normpath(storage.local_path(uri))
     return uri.rstrip("/")
 
@@ -356,8 +356,8 @@ def verify(cfg: VerifyConfig) -> dict:
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint
     dst = cfg.dst.rstrip("/")
-    if storage.is_local(dst):                           # file:, file://, ~ and relative paths too
-        dst = os.path.normpath(storage.local_path(dst))  # rows' local paths are compared so spelt (_normal)
+    if storage.is_local(cfg.dst):                       # file:, file://, ~ and relative paths too
+        dst = os.path.normpath(storage.local_path(cfg.dst))  # rows' local paths are compared so spelt (_normal)
     storage.filesystem(dst)[0].invalidate_cache()       # sizes as they are now, not as a listing left them
     sids = _markers(dst)
     verify_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-verify-") + uuid.uuid4().hex[:6]

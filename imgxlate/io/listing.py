@@ -190,7 +190,7 @@ def _skip(src: str, exclude: str | None) -> str | None:
     skip = storage.location(exclude)
     if storage.is_local(src):
         path = storage.location(src)
-        real_src, real_skip = os.path.realpath(path), os.path.realpath(skip)
+        real_src, real_skip = storage.real(src), storage.real(exclude)
         if real_skip == real_src or real_skip.startswith(real_src.rstrip("/") + "/"):
             return os.path.normpath(os.path.join(path, os.path.relpath(real_skip, real_src)))
     return skip

@@ -47,8 +47,14 @@ def endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def _canon(uri: str) -> str:
+    """file://localhost/PATH is file:///PATH (RFC 8089); fsspec reads it as ./localhost/PATH."""
+    return "file://" + uri[len("file://localhost"):] if uri.startswith("file://localhost/") else uri
+
+
 def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or URI."""
+    uri = _canon(uri)
     protocol, _ = fsspec.core.split_protocol(uri)
     options: dict = {}
     if protocol in ("s3", "s3a"):
@@ -168,11 +174,16 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
 def local_path(uri: str) -> str:
     """The absolute path of a local path or file:// / file: URI, with a leading ~ expanded as fsspec does (a
     quoted "~/x" reaches us unexpanded; some writes go through fsspec, others through os)."""
-    if uri.startswith("file://localhost/"):    # RFC 8089's name for this machine (fsspec made it ./localhost/)
-        uri = "file://" + uri[len("file://localhost"):]
     if "://" in uri or uri.startswith("file:"):
         return os.path.abspath(filesystem(uri)[1])
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def real(uri: str) -> str:
+    """A local place as the OS resolves it (symlinks, then '..' after them: not '..' first, as normpath does), for
+    telling whether two spellings are one folder."""
+    path = filesystem(uri)[1] if "://" in uri or uri.startswith("file:") else os.path.expanduser(uri)
+    return os.path.realpath(path)
 
 
 def spelt_as_path(uri: str) -> bool:
