@@ -16,9 +16,10 @@ NAMES = ["a.png", "b.png"]
 
 
 def _two_runs(dst) -> list[dict]:
-    """The statuses of the first run's rows, and the second run's counts."""
-    first, second = manifest.runs(str(dst))[-2:]
-    return sorted(r["status"] for r in rows_of(dst, first)), summary_of(dst, second)["counts"]
+    """The statuses of run r1's rows, and run r2's counts (named: two runs in one second have ids that sort by
+    their random part)."""
+    assert sorted(manifest.runs(str(dst))) == ["r1", "r2"]
+    return sorted(r["status"] for r in rows_of(dst, "r1")), summary_of(dst, "r2")["counts"]
 
 
 def _src(root):
@@ -39,8 +40,8 @@ def test_a_dst_inside_src_through_a_symlink_is_not_listed_so_a_rerun_resumes(tmp
     _src(tmp_path / "src")
     os.symlink(tmp_path / "src", tmp_path / "link")
     dst = tmp_path / "link" / "out"
-    for _ in range(2):
-        assert translate(tmp_path / "src", dst, "--scale", "2", "--pipeline", "in-process") == 0
+    for run in ("r1", "r2"):
+        assert translate(tmp_path / "src", dst, "--scale", "2", "--pipeline", "in-process", "--run-id", run) == 0
     assert _two_runs(dst) == (["ok", "ok"], {"skipped_done": 2})
     assert not (tmp_path / "src" / "out" / "out").exists()
 
@@ -50,8 +51,8 @@ def test_a_tilde_dst_is_one_place_for_every_write_and_for_verify(tmp_path, monke
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     _src(tmp_path / "src")
-    for _ in range(2):
-        assert translate(tmp_path / "src", "~/out", "--scale", "2", "--pipeline", "in-process") == 0
+    for run in ("r1", "r2"):
+        assert translate(tmp_path / "src", "~/out", "--scale", "2", "--pipeline", "in-process", "--run-id", run) == 0
     out = tmp_path / "home" / "out"
     assert sorted(p.name for p in out.glob("*.png")) == NAMES and (out / "_manifest").is_dir()
     assert _two_runs(out) == (["ok", "ok"], {"skipped_done": 2})
