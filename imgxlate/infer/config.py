@@ -123,6 +123,24 @@ def model_info(cfg: TranslateConfig) -> dict:
             **resolved}
 
 
+class ModelChanged(JobError):
+    """The model artifact was replaced after the run's driver checked it: the weights a model stage loaded are not
+    the ones the run's rows record (a model retrained to the same path, a copy over it, a moved ``latest``)."""
+
+
+def check_same_model(spec: str, got: str | None, expect_sha256: str | None) -> None:
+    """ModelChanged unless the weights just loaded from ``spec`` (sha256 ``got``) are the ones ``expect_sha256``
+    names. Outputs of two models in one run would each be recorded as the first's; none is made with the other."""
+    if expect_sha256 and got != expect_sha256:
+        import socket
+
+        raise ModelChanged(f"model {redact(spec)} changed after this run started: its weights are now sha256 "
+                           f"{str(got)[:12]} on node {socket.gethostname()}: the run's rows record "
+                           f"{expect_sha256[:12]}, so nothing more is made "
+                           f"with it. Put the model the run started with back and rerun to finish it, or rerun as "
+                           f"it is to make every output again with the new model (a new recipe)")
+
+
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet")
 PIPELINES = ("auto", "in-process", "fused", "split")
 OUTPUT_FORMATS = ("files", "webdataset", "parquet")

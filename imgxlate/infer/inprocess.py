@@ -29,12 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import heap
+from imgxlate.infer.blocks import unseal
 from imgxlate.infer.book import failed_rows
 from imgxlate.infer.config import TranslateConfig, stage_settings
 from imgxlate.infer.feeder import take
 from imgxlate.infer.plan import Shard
 from imgxlate.infer.run import Run
-from imgxlate.infer.stages import NOT_STARTED, unseal
+from imgxlate.infer.stages import NOT_STARTED
 from imgxlate.io import manifest, storage
 from imgxlate.io.listing import redact_text
 from imgxlate.log import log

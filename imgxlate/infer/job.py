@@ -22,11 +22,14 @@ import uuid
 
 import imgxlate
 from imgxlate.infer import counters, heap, inprocess, pieces, raydata
+from imgxlate.infer.blocks import seal
 from imgxlate.infer.book import RESERVE_BYTES, ShardBook, lost_rows
 from imgxlate.infer.config import (
     JobError,
+    ModelChanged,
     TranslateConfig,
     check,
+    check_same_model,
     destination_problem,
     equivalent_recipes,
     input_format,
@@ -36,7 +39,6 @@ from imgxlate.infer.config import (
 from imgxlate.infer.feeder import Feeder, take
 from imgxlate.infer.plan import Planner, Shard, input_table
 from imgxlate.infer.run import DstFailed, Interrupted, Progress, Run, SignalDrain
-from imgxlate.infer.stages import ModelChanged, check_same_model, seal
 from imgxlate.io import codec, manifest, storage
 from imgxlate.io.lease import LOCK_FILE, Lease, LeaseHeld, LeaseUnsafe, NoLease
 from imgxlate.io.listing import redact

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from imgxlate.infer.stages import INPUT, seal, unseal
+from imgxlate.infer.blocks import seal, unseal
+from imgxlate.infer.stages import INPUT
 from imgxlate.io import codec, keys, listing, manifest, shards, storage
 from imgxlate.io.listing import Item, redact
 from imgxlate.log import log
@@ -49,7 +50,7 @@ class Shard:
     n: int                      # inputs in the shard
     blocks: list[tuple[pa.Table, int]]   # the inputs to send through the pipeline, sized by bytes (rows with a
                                 # status set, e.g. a refused key, pass through untouched), as (sealed block, rows):
-                                # compressed, as the driver holds them until they are back (see stages.seal)
+                                # compressed, as the driver holds them until they are back (see blocks.seal)
     skipped: int = 0            # inputs already done by an earlier run: no row, counted as skipped_done
     prev_parts: list[str] = field(default_factory=list)   # earlier runs' parts holding this shard's rows
     prev_ok: int = 0

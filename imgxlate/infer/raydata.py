@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import heap
+from imgxlate.infer.blocks import seal, sealed, unseal
 from imgxlate.infer.config import JobError, TranslateConfig, stage_settings
-from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save, seal, sealed, unseal
+from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save
 from imgxlate.io import storage
 from imgxlate.log import log
 

@@ -14,9 +14,9 @@ Each stage takes and returns a pyarrow Table with FLIGHT's columns, so failures 
 a row whose status is set is passed through untouched by later stages. Pixels travel as raw bytes
 with their shape and dtype beside them.
 
-Between stages a block travels sealed: one row holding the table as Arrow IPC bytes (:func:`seal`). Ray Data
-then neither merges the plan's blocks (sized by the images' bytes) nor splits them, and passes each one on as
-soon as it is made: see :func:`imgxlate.infer.raydata.build`.
+Between stages a block travels sealed: one row holding the table as Arrow IPC bytes
+(:func:`imgxlate.infer.blocks.seal`). Ray Data then neither merges the plan's blocks (sized by the images'
+bytes) nor splits them, and passes each one on as soon as it is made: see :func:`imgxlate.infer.raydata.build`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import counters, pieces
-from imgxlate.infer.config import JobError
+from imgxlate.infer.config import check_same_model
 from imgxlate.io import codec, manifest, shards, storage
 from imgxlate.io.listing import redact, redact_text
 
@@ -130,38 +130,6 @@ class Row:
     def __setitem__(self, name: str, value) -> None:
         self.rows.column(name)[self.i] = value
         self.rows.changed.add(name)
-
-
-SEALED = pa.schema([pa.field("block", pa.large_binary())])
-
-
-def seal(table: pa.Table, compression: str | None = None) -> pa.Table:
-    """``table`` as one row of Arrow IPC bytes (``compression``: e.g. 'zstd', for the plan's input blocks, which
-    the driver holds while they are in flight: a row of names takes ~55 bytes instead of ~350)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
-        w.write_table(table)
-    data = sink.getvalue()
-    if compression:             # a block that is kept: the stream's buffer has up to twice the capacity it needs
-        data = pa.py_buffer(data.to_pybytes())
-    offsets = pa.py_buffer(np.array([0, data.size], np.int64).tobytes())
-    return pa.Table.from_arrays([pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])], schema=SEALED)
-
-
-def unseal(sealed: pa.Table) -> pa.Table:
-    """The table(s) in sealed rows, as one table (zero-copy from the IPC bytes unless they are compressed)."""
-    tables = [pa.ipc.open_stream(v.as_buffer()).read_all() for v in sealed.column("block")]
-    if not tables:
-        raise ValueError("no sealed block in an empty table")
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
-def sealed(fn):
-    """A stage function that takes and returns sealed blocks."""
-    def call(block: pa.Table, **kw) -> pa.Table:
-        return seal(fn(unseal(block), **kw))
-    call.__name__ = fn.__name__
-    return call
 
 
 def _pack(row: Row, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
@@ -360,24 +328,6 @@ class ModelStage:
             return
         log(f"model actor on {os.uname().nodename} exits: {e}")
         os._exit(70)                            # a crash to Ray (restart + retry), not an intentional exit
-
-
-class ModelChanged(JobError):
-    """The model artifact was replaced after the run's driver checked it: the weights a model stage loaded are not
-    the ones the run's rows record (a model retrained to the same path, a copy over it, a moved ``latest``)."""
-
-
-def check_same_model(spec: str, got: str | None, expect_sha256: str | None) -> None:
-    """ModelChanged unless the weights just loaded from ``spec`` (sha256 ``got``) are the ones ``expect_sha256``
-    names. Outputs of two models in one run would each be recorded as the first's; none is made with the other."""
-    if expect_sha256 and got != expect_sha256:
-        import socket
-
-        raise ModelChanged(f"model {redact(spec)} changed after this run started: its weights are now sha256 "
-                           f"{str(got)[:12]} on node {socket.gethostname()}: the run's rows record "
-                           f"{expect_sha256[:12]}, so nothing more is made "
-                           f"with it. Put the model the run started with back and rerun to finish it, or rerun as "
-                           f"it is to make every output again with the new model (a new recipe)")
 
 
 class FusedStage(ModelStage):

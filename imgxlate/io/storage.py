@@ -171,19 +171,21 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
         raise next(iter(failed.values()))
 
 
+def _os_path(uri: str) -> str:
+    """A local path or file:// / file: URI as the path os calls take, a leading ~ expanded as fsspec does (a quoted
+    "~/x" reaches us unexpanded; some writes go through fsspec, others through os)."""
+    return filesystem(uri)[1] if "://" in uri or uri.startswith("file:") else os.path.expanduser(uri)
+
+
 def local_path(uri: str) -> str:
-    """The absolute path of a local path or file:// / file: URI, with a leading ~ expanded as fsspec does (a
-    quoted "~/x" reaches us unexpanded; some writes go through fsspec, others through os)."""
-    if "://" in uri or uri.startswith("file:"):
-        return os.path.abspath(filesystem(uri)[1])
-    return os.path.abspath(os.path.expanduser(uri))
+    """The absolute path of a local path or file:// / file: URI (see _os_path)."""
+    return os.path.abspath(_os_path(uri))
 
 
 def real(uri: str) -> str:
     """A local place as the OS resolves it (symlinks, then '..' after them: not '..' first, as normpath does), for
     telling whether two spellings are one folder."""
-    path = filesystem(uri)[1] if "://" in uri or uri.startswith("file:") else os.path.expanduser(uri)
-    return os.path.realpath(path)
+    return os.path.realpath(_os_path(uri))
 
 
 def spelt_as_path(uri: str) -> bool:
