@@ -119,10 +119,11 @@ def training(run: str) -> tuple[str, list[dict]]:
 
 
 # --------------------------------------------------------------------------------------------- batch
-def latest_rows(rows: list[dict]) -> dict[str, dict]:
-    """The current state of each input: its row from the newest run that touched it."""
+def latest_rows(rows: list[dict], run_ids: list[str]) -> dict[str, dict]:
+    """The current state of each input: its row from the newest run that touched it (``run_ids``: oldest first)."""
+    rank = {r: i for i, r in enumerate(run_ids)}
     state: dict[str, dict] = {}
-    for r in sorted(rows, key=lambda r: (r["run_id"] or "")):
+    for r in sorted(rows, key=lambda r: rank.get(r["run_id"], -1)):
         state[r["key"]] = r
     return state
 
@@ -164,10 +165,10 @@ def _moved(written: str, given: str) -> bool:
 def batch(dst: str, slowest: int = 10, errors_per_status: int = 3) -> str:
     """Markdown summary of a batch job's DST from its manifest: every run, the current state of every input,
     where the time went, the slowest inputs and sample errors."""
-    run_ids = manifest.all_runs(dst)
+    run_ids = manifest.all_runs(dst)                # oldest first: by when each started
     rows = manifest.read_all(dst).to_pylist()
     summaries = _summaries(dst, run_ids, rows)
-    state = latest_rows(rows)
+    state = latest_rows(rows, run_ids)
     counts = Counter(r["status"] for r in state.values())
     last = summaries[-1]
     here = redact(dst)

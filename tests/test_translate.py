@@ -1,6 +1,8 @@
 """The batch job end to end: local folders and a real S3-protocol server, through Ray Data."""
 
+import datetime as dt
 import io
+import json
 import os
 
 import boto3
@@ -17,7 +19,7 @@ from imgxlate.models import build
 
 from conftest import photo
 from faultproxy import FaultProxy
-from fixtures import bad_files, good_files
+from fixtures import bad_files, good_files, png, rows_of, translate
 
 
 def write_tree(root, files: dict[str, bytes]):
@@ -68,6 +70,42 @@ def test_report_of_a_batch_dst(local_run, capsys):
     assert f"ok {len(good_files())}" in text and "still failing: 6" in text
     assert "## Slowest 3 inputs" in text and "## Sample errors" in text and "| too_large | 100mp.png |" in text
     assert "where the time went" in text and "model work by node" in text
+
+
+def test_runs_are_ordered_by_when_they_started_not_by_their_names(tmp_path, capsys):
+    """A --run-id is a name the user chooses: 'zeta' ran first and failed an input, 'alpha' redid it once the
+    input was fixed. manifest.runs(), the report's runs table and the current state of every input go by when
+    each run started (its summary.json's started_at), not by the names."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"a.png": png(photo(24, 24)), "b.png": b"not an image"})
+    assert translate(src, dst, "--scale", "2", "--run-id", "zeta") == 0
+    write_tree(src, {"b.png": png(photo(24, 24, seed=1))})
+    assert translate(src, dst, "--scale", "2", "--run-id", "alpha") == 0
+    assert manifest.runs(str(dst)) == manifest.all_runs(str(dst)) == ["zeta", "alpha"]
+    assert [r["status"] for r in rows_of(dst)] == ["ok"]            # the latest run: alpha, which redid b.png
+    capsys.readouterr()
+    assert main(["report", str(dst)]) == 0
+    text = capsys.readouterr().out
+    assert "current state: ok 2" in text and "still failing: 0" in text, text
+    assert text.index("| zeta |") < text.index("| alpha |"), text
+
+
+def test_run_order_falls_back_to_older_summaries_and_to_a_killed_runs_first_part(tmp_path):
+    """Summaries written before runs recorded started_at are placed by finished_at less wall_s; a killed run
+    (parts, no summary) by its earliest part's time; a summary that says neither, by its file's time."""
+    root = tmp_path / "_manifest"
+    for run_id, summary in {"b-new": {"started_at": "2026-12-07T10:00:00.500+00:00"},
+                            "c-old": {"finished_at": "2026-12-07T10:00:30+00:00", "wall_s": 40},
+                            "a-blank": {}}.items():
+        (root / run_id).mkdir(parents=True)
+        (root / run_id / "summary.json").write_text(json.dumps(summary))
+    (root / "d-killed").mkdir()
+    (root / "d-killed" / "part-000.parquet").write_bytes(b"")
+    t = dt.datetime(2026, 12, 7, 10, 0, 0, tzinfo=dt.timezone.utc).timestamp()
+    os.utime(root / "d-killed" / "part-000.parquet", (t, t))           # between c-old (09:59:50) and b-new
+    os.utime(root / "a-blank" / "summary.json", (t + 60, t + 60))      # last
+    assert manifest.all_runs(str(tmp_path)) == ["c-old", "d-killed", "b-new", "a-blank"]
+    assert manifest.runs(str(tmp_path)) == ["c-old", "b-new", "a-blank"]
 
 
 def _out(dst, name):

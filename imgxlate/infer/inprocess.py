@@ -81,7 +81,11 @@ def killed_runs(dst: str) -> list[str]:
     except FileNotFoundError:
         return []
     done = set(manifest.runs(dst))
-    return sorted(r for r in (posixpath.basename(posixpath.dirname(p)) for p in marked) if r not in done)
+    killed = {posixpath.basename(posixpath.dirname(p)) for p in marked} - done
+    if not killed:
+        return []
+    order = {r: i for i, r in enumerate(manifest.all_runs(dst))}     # by when each started (manifest.in_order)
+    return sorted(killed, key=lambda r: (order.get(r, -1), r))
 
 
 def cpus() -> int:

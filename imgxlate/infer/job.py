@@ -429,6 +429,7 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None, wh
         "config": dataclasses.asdict(cfg),
         "resources": None if resources is None else {k: getattr(resources, k) for k in (
             "pipeline", "actors", "max_actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
+        "started_at": dt.datetime.fromtimestamp(run.t_start, dt.timezone.utc).isoformat(timespec="milliseconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)

@@ -29,7 +29,7 @@ manifest part ``DST/_manifest/<verify id>/part-<shard>-redo.parquet`` with one `
 (error ``marked for redo by imgxlate verify: <problem>``), appends it to the marker's parts (so those rows are
 the inputs' latest) and updates the marker's counts (and ``complete``, when inputs have no row), so that the
 rerun reads the shard's parts instead of skipping it. Inputs that are not ok, or have no row, are redone by a
-rerun already. The verify id sorts like run ids (UTC time first), and a summary.json says what it did.
+rerun already. Its summary.json says what it did and when (runs are ordered by when they started: manifest.in_order).
 """
 
 from __future__ import annotations
@@ -405,7 +405,8 @@ def _redo_summary(dst: str, out: dict) -> dict:
     return {"run_id": out["verify_id"], "command": "imgxlate verify --redo", "inputs": out["redo"],
             "counts": {REDO_STATUS: out["redo"]}, "failed": out["redo"], "wall_s": None, "images_per_s": None,
             "output_bytes": 0, "dst": out["dst"], "src": last.get("src", "?"), "model_id": last.get("model_id"),
-            "task": last.get("task"), "verify": {**out, "problems": dict(out["problems"])}}
+            "task": last.get("task"), "verify": {**out, "problems": dict(out["problems"])},
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
 
 
 def report(out: dict) -> str:

@@ -12,10 +12,13 @@ say) is :class:`Damaged`: the plan warns, naming the file, and treats it as abse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
 import errno
 import io
 import json
+import math
 import posixpath
 from dataclasses import dataclass, field
 
@@ -293,21 +296,63 @@ def read_run(dst: str, run_id: str) -> pa.Table:
 
 
 def all_runs(dst: str) -> list[str]:
-    """Run ids with any manifest part or a summary (a killed run has parts and no summary), oldest first."""
+    """Run ids with any manifest part or a summary (a killed run has parts and no summary), oldest first (in_order)."""
     fs, root = storage.filesystem(manifest_root(dst))
     try:
-        found = [p for pattern in ("part-*.parquet", "summary.json")
-                 for p in fs.glob(posixpath.join(root, "*", pattern))]
+        found = {p: info for pattern in ("part-*.parquet", "summary.json")
+                 for p, info in fs.glob(posixpath.join(root, "*", pattern), detail=True).items()}
     except FileNotFoundError:
         return []
-    return sorted({posixpath.basename(posixpath.dirname(p)) for p in found})
+    return in_order(fs, found)
 
 
 def runs(dst: str) -> list[str]:
-    """Run ids with a finished summary, oldest first."""
+    """Run ids with a finished summary, oldest first (in_order)."""
     fs, root = storage.filesystem(manifest_root(dst))
     try:
-        found = fs.glob(posixpath.join(root, "*", "summary.json"))
+        found = fs.glob(posixpath.join(root, "*", "summary.json"), detail=True)
     except FileNotFoundError:
         return []
-    return sorted(posixpath.basename(posixpath.dirname(p)) for p in found)
+    return in_order(fs, found)
+
+
+def in_order(fs, found: dict[str, dict]) -> list[str]:
+    """The runs of ``found`` (files under _manifest/<run_id>/ with their listing's details), oldest first: by when
+    each started, as its summary.json says (started), else by its earliest file's time (a killed run's first
+    part); ties by id. Never by id alone: an id may be a name the user chose (--run-id), and two runs started in
+    one second have ids that sort by their random part."""
+    first: dict[str, float] = {}
+    summaries: dict[str, str] = {}
+    for path, info in found.items():
+        run_id = posixpath.basename(posixpath.dirname(path))
+        first[run_id] = min(first.get(run_id, math.inf), _mtime(info))
+        if posixpath.basename(path) == "summary.json":
+            summaries[run_id] = path
+    for run_id, path in summaries.items():
+        with contextlib.suppress(Exception):        # unreadable: its file's time stands
+            first[run_id] = started(json.loads(fs.cat_file(path)), first[run_id])
+    return sorted(first, key=lambda r: (first[r], r))
+
+
+def started(summary: dict, default: float) -> float:
+    """When the run of ``summary`` (its summary.json) started, in seconds since the epoch: its started_at; for a
+    summary written before runs recorded that, finished_at less wall_s; else ``default``."""
+    try:
+        if summary.get("started_at"):
+            return dt.datetime.fromisoformat(summary["started_at"]).timestamp()
+        if summary.get("finished_at"):
+            return dt.datetime.fromisoformat(summary["finished_at"]).timestamp() - float(summary.get("wall_s") or 0)
+    except (TypeError, ValueError):
+        pass
+    return default
+
+
+def _mtime(info: dict) -> float:
+    """A listed file's modification time in seconds since the epoch (a local disk says mtime, S3 LastModified)."""
+    t = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if isinstance(t, dt.datetime):
+        return t.timestamp()
+    try:
+        return float(t)
+    except (TypeError, ValueError):
+        return math.inf
