@@ -75,6 +75,7 @@ class MapImages:
             threads = max(1, int(assigned["CPU"]))
         self.stage = ModelStage(model=model, scale=cfg.scale, threads=threads, env={}, gpus=cfg.gpus_per_actor,
                                 in_actor=assigned.get("actor", False), expect_sha256=self.meta["sha256"] or None,
+                                expect_contract=self.meta["contract"],
                                 max_output_pixels=cfg.max_output_pixels, batch_size=cfg.batch_size,
                                 options={"tile": cfg.tile, "overlap": cfg.overlap, "cutout": cfg.cutout,
                                          "amp": config.actor_amp(self.meta), "compile": cfg.compile})

@@ -128,6 +128,32 @@ def test_seg_job_masks_score_what_eval_seg_reports_at_every_input_size(arch, tmp
         assert metrics.dice(written, truth) == pytest.approx(dice, abs=0.002), name
 
 
+def test_a_contract_edited_in_config_json_makes_a_new_recipe_so_a_rerun_redoes_the_masks(tmp_path, ray_local):
+    """A user changes a segmentation model's mask threshold in its config.json and reruns into the same DST: the
+    recipe hashes the contract, so every mask is made again with the new threshold. Before, the rerun skipped
+    them all as done (same weights, same recipe) and DST kept the old masks."""
+    arch = next(a for a in REGISTRY if TASK_OF[a] == "seg")
+    _seg_data(tmp_path / "seg", [(64, 64), (48, 72)])
+    model, src, out = _artifact(arch, tmp_path / "model"), tmp_path / "seg" / "images", tmp_path / "out"
+    first = _translate(src, out, model)
+    config = tmp_path / "model" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["contract"]["threshold"] = -1e9                  # every pixel foreground
+    config.write_text(json.dumps(meta))
+    again = _translate(src, out, model)
+    assert again["counts"] == {"ok": 2} and {m["recipe"] for m in _rows(out, again)} != {
+        m["recipe"] for m in _rows(out, first)}
+    assert all((_read(p) == 255).all() for p in out.glob("*.png")) and len(list(out.glob("*.png"))) == 2
+    third = job.run(job.TranslateConfig(src=str(src), dst=str(out), model=model, progress_every_s=60))
+    assert third["counts"] == {"skipped_done": 2}
+
+
+def _rows(dst, summary) -> list[dict]:
+    from imgxlate.io import manifest
+
+    return manifest.read_run(str(dst), summary["run_id"]).to_pylist()
+
+
 class Spy(nn.Module):
     """A stand-in segmentation model: foreground where the image is bright; records its input sizes."""
     task, scale = "seg", 1

@@ -187,7 +187,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("change,pipeline", [("replaced", "fused"), ("replaced", "in-process"),
-                                             ("removed", "fused"), ("another copy on a node", "fused")])
+                                             ("removed", "fused"), ("another copy on a node", "fused"),
+                                             ("contract edited", "fused")])
 def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name(change, pipeline, tmp_path):
     """Before, the model actors loaded whatever the path held when they started and the rows recorded the model
     the driver had checked: another model's outputs under the first one's id and sha256."""
@@ -196,6 +197,12 @@ def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name
     torch.manual_seed(1)
     save(build("sr", preset="tiny", scale=2), str(tmp_path / "other"))
     shutil.copytree(tmp_path / "model", tmp_path / "original")
+    if change == "contract edited":                     # the same weights, run in tiles of 32 px from now on
+        shutil.rmtree(tmp_path / "other")
+        shutil.copytree(tmp_path / "model", tmp_path / "other")
+        meta = json.loads((tmp_path / "other" / "config.json").read_text())
+        meta["contract"]["tile"] = 32
+        (tmp_path / "other" / "config.json").write_text(json.dumps(meta))
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_tree(src, {n: png(photo(10, 12, seed=i)) for i, n in enumerate(NAMES)})
     env = {**os.environ, "OTHER_MODEL": "" if change == "removed" else str(tmp_path / "other"),
@@ -208,6 +215,8 @@ def test_a_model_replaced_during_a_run_makes_no_output_under_the_old_models_name
     assert last.startswith("imgxlate translate: error: "), r.stderr[-3000:]
     if change == "replaced":
         assert "changed after this run started" in last and "the run's rows record" in last, last
+    elif change == "contract edited":
+        assert "its inference contract (config.json) now says tile None -> 32" in last, last
     elif change == "another copy on a node":
         assert "another copy on its node" in last and f"on node {socket.gethostname()}" in last, last
     else:

@@ -149,6 +149,25 @@ def test_precision_is_in_the_recipe_and_the_manifest(native, tmp_path, ray_local
     assert rows_of(dst, "r3")[0]["recipe"] != rows["rgb.png"]["recipe"]
 
 
+def test_a_dst_made_before_the_contract_was_hashed_is_not_redone():
+    """The recipe hashes the model's inference contract since 2026-12-07; the recipe before it, pinned here as
+    that version computed it, is an equivalent one, so a DST made then is resumed, not made again."""
+    import hashlib
+    import json
+
+    from imgxlate.infer import config
+
+    cfg = config.TranslateConfig(src="s", dst="d", model="m")
+    meta = {"model_id": "sr-x2-abc", "sha256": "abc", "scale": 2, "precision": "bf16", "exact": False,
+            "device_kind": "cpu", "contract": {"task": "sr", "geometry": "native", "tile": None}}
+    before = {"model_id": "sr-x2-abc", "model_sha256": "abc", "scale": 2, "cutout": False, "format": "png",
+              "suffix": "", "tile": None, "overlap": cfg.overlap, "quality": None, "precision": "bf16"}
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert config.recipe(cfg, meta) != old and old in config.equivalent_recipes(cfg, meta)
+    edited = {**meta, "contract": {**meta["contract"], "tile": 64}}
+    assert config.recipe(cfg, edited) != config.recipe(cfg, meta)
+
+
 def test_fp16_on_cpu_stops_before_any_work(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()

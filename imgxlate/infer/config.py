@@ -116,11 +116,20 @@ def model_info(cfg: TranslateConfig) -> dict:
         raise JobError(f"--cutout writes a segmentation model's cut-out, but {redact(cfg.model)} is a {task} model: "
                        f"leave --cutout out")
     check_tiles(cfg, contract.tile if contract.geometry == "native" else None, redact(cfg.model))
-    resolved = {"precision": prec, "precision_reason": why, "device_kind": kind, "exact": exact}
+    resolved = {"precision": prec, "precision_reason": why, "device_kind": kind, "exact": exact,
+                "contract": pixel_contract(contract)}
     if cfg.model == "bicubic":
         return {"model_id": f"bicubic-x{scale:g}", "sha256": "", "task": "sr", "scale": scale, **resolved}
     return {"model_id": meta["model_id"], "sha256": meta["weights_sha256"], "task": task, "scale": meta["scale"],
             **resolved}
+
+
+def pixel_contract(contract) -> dict:
+    """The fields of a model's inference contract that decide output pixels (its normalisation is a description):
+    a recipe hashes them, and a model stage checks that the artifact it loaded has the driver's."""
+    d = contract.to_dict()
+    d.pop("normalisation", None)
+    return d
 
 
 class ModelChanged(JobError):
@@ -128,9 +137,22 @@ class ModelChanged(JobError):
     the ones the run's rows record (a model retrained to the same path, a copy over it, a moved ``latest``)."""
 
 
-def check_same_model(spec: str, got: str | None, expect_sha256: str | None) -> None:
+def check_same_model(spec: str, got: str | None, expect_sha256: str | None, got_contract: dict | None = None,
+                     expect_contract: dict | None = None) -> None:
     """ModelChanged unless the weights just loaded from ``spec`` (sha256 ``got``) are the ones ``expect_sha256``
-    names. Outputs of two models in one run would each be recorded as the first's; none is made with the other."""
+    names, and its inference contract (pixel_contract) the one ``expect_contract`` gives (config.json edited: a
+    mask threshold, say). Outputs of two models in one run would each be recorded as the first's; none is made
+    with the other."""
+    if expect_contract is not None and got_contract is not None and got_contract != expect_contract:
+        import socket
+
+        changed = ", ".join(f"{k} {expect_contract.get(k)!r} -> {got_contract.get(k)!r}"
+                            for k in sorted(set(expect_contract) | set(got_contract))
+                            if expect_contract.get(k) != got_contract.get(k))
+        raise ModelChanged(f"model {redact(spec)} changed after this run started: its inference contract "
+                           f"(config.json) now says {changed} on node {socket.gethostname()}, so nothing more is "
+                           f"made with it. Put the model the run started with back and rerun to finish it, or rerun "
+                           f"as it is to make every output again with the new contract (a new recipe)")
     if expect_sha256 and got != expect_sha256:
         import socket
 
@@ -189,7 +211,7 @@ def stage_settings(cfg: TranslateConfig, meta: dict, stop=None) -> tuple[dict, d
                "compile": cfg.compile}
     settings = {"model": cfg.model, "scale": cfg.scale, "options": options, "threads": cfg.threads_per_actor,
                 "max_output_pixels": cfg.max_output_pixels, "batch_size": cfg.batch_size, "env": env, "stop": stop,
-                "expect_sha256": meta["sha256"] or None}
+                "expect_sha256": meta["sha256"] or None, "expect_contract": meta["contract"]}
     return load_kw, save_kw, settings
 
 
@@ -241,20 +263,22 @@ def recipe(cfg: TranslateConfig, meta: dict) -> str:
     changes them, the precision the run resolved among them. A rerun skips an input only when its earlier
     ``ok`` row has the same recipe (or one of equivalent_recipes). ``--compile`` is not in it: a compiled model
     computes what the eager one does, up to float rounding."""
-    return _hash(cfg, meta, {"precision": meta["precision"]})
+    return _hash(cfg, meta, {"precision": meta["precision"], "contract": meta["contract"]})
 
 
 def equivalent_recipes(cfg: TranslateConfig, meta: dict) -> tuple[str, ...]:
-    """Recipes of earlier versions (which hashed the --amp option, not the precision) whose outputs this run would
-    make alike: on CPUs --amp changed nothing (fp32), on GPUs bf16 / fp16 / off meant that precision, and a model
-    without parameters always ran in fp32. A DST made before precision was resolved is not redone for it."""
+    """Recipes of earlier versions whose outputs this run would make alike. Before the contract was hashed: the
+    same recipe without it (a DST made then is not redone for this change; its rows cannot say which contract made
+    them). Before that, the --amp option was hashed, not the precision: on CPUs --amp changed nothing (fp32), on
+    GPUs bf16 / fp16 / off meant that precision, and a model without parameters always ran in fp32. A DST made
+    before precision was resolved is not redone for it."""
     if meta.get("exact") or meta.get("device_kind") == "cpu" and meta["precision"] == "fp32":
         amps = ("bf16", "fp16", "off")
     elif meta.get("device_kind") == "cuda":
         amps = ({"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[meta["precision"]],)
     else:
         amps = ()
-    return tuple(_hash(cfg, meta, {"amp": a}) for a in amps)
+    return (_hash(cfg, meta, {"precision": meta["precision"]}), *(_hash(cfg, meta, {"amp": a}) for a in amps))
 
 
 def _hash(cfg: TranslateConfig, meta: dict, how: dict) -> str:

@@ -266,7 +266,7 @@ def _check_model_again(run: Run, e: BaseException) -> None:
         now = model_info(run.cfg)
     except JobError as again:
         raise again from e
-    check_same_model(run.cfg.model, now["sha256"], run.meta["sha256"] or None)
+    check_same_model(run.cfg.model, now["sha256"], run.meta["sha256"] or None, now["contract"], run.meta["contract"])
     if "ModelChanged" in str(e):                 # the driver's copy is the one it checked: the node's differs
         raise ModelChanged(f"a model actor loaded other weights from {redact(run.cfg.model)} than this process "
                            f"did ({_node_of(str(e))}): that path names another copy on its node. Every node must "

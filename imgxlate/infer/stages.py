@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgxlate.infer import counters, pieces
-from imgxlate.infer.config import check_same_model
+from imgxlate.infer.config import check_same_model, pixel_contract
 from imgxlate.io import codec, manifest, shards, storage
 from imgxlate.io.listing import redact, redact_text
 
@@ -256,11 +256,12 @@ class ModelStage:
     def __init__(self, model: str, scale: float | None, options: dict, threads: int | None,
                  max_output_pixels: int, batch_size: int, env: dict, stop=None,
                  where: tuple[str | None, str | None] = (None, None), gpus: float | None = None,
-                 in_actor: bool = False, expect_sha256: str | None = None):
+                 in_actor: bool = False, expect_sha256: str | None = None, expect_contract: dict | None = None):
         """``where``: (node id, worker id) of the process the stage runs in, recorded in every row. ``gpus``: the
         GPUs the actor was given (0: the CPU, even where CUDA is visible; more: CUDA or CudaUnusable; None: CUDA
         when usable). ``in_actor``: this is a Ray actor, which :meth:`die` may end. ``expect_sha256``: the weights
-        the run's driver checked and its rows record (ModelChanged when the model loaded here has others)."""
+        the run's driver checked and its rows record, ``expect_contract`` its inference contract (config.pixel_contract;
+        ModelChanged when the model loaded here has others)."""
         _apply(env)
         self.stop, self.batch_size, self.in_actor = stop, batch_size, in_actor
         import torch
@@ -272,7 +273,7 @@ class ModelStage:
             torch.set_num_threads(threads)
         self.predictor = Predictor(model, scale, device=choose_device(gpus), options=PredictOptions(**options))
         check_same_model(model, (getattr(self.predictor.model, "meta", None) or {}).get("weights_sha256"),
-                         expect_sha256)
+                         expect_sha256, pixel_contract(self.predictor.contract), expect_contract)
         self.predictor.halt = getattr(stop, "halted", None)     # (the driver's process: a second Ctrl-C)
         self.node_id, self.worker_id = where
         self.max_output_pixels = max_output_pixels
