@@ -87,7 +87,8 @@ def add_translate_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--extensions", type=extension_list, default=",".join(e.lstrip(".") for e in listing.IMAGE_EXTS),
                     help="comma-separated input extensions to take from a listing (default: %(default)s)")
-    io.add_argument("--limit", type=int, help="process at most this many inputs (in listing order)")
+    io.add_argument("--limit", type=int, help="process at most this many inputs (in listing order); with "
+                    "--output-format webdataset / parquet, whole shards: the one that reaches it is done whole")
     io.add_argument("--format", default="png", choices=list(codec.FORMATS), help="output format (default png)")
     io.add_argument("--input-format", default="auto", choices=["auto", "files", "webdataset", "parquet"],
                     help="what SRC holds: image files; WebDataset tar shards (each image member one input, keyed "

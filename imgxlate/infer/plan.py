@@ -165,6 +165,7 @@ class Planner:
             codec.EXTENSIONS[fmt], suffix, run_id, recipe, shard_size
         self.equivalent = tuple(equivalent)     # recipes of the same outputs (config.equivalent_recipes)
         self.queue: queue.Queue = queue.Queue()
+        self.objects: dict[str, str] = {}        # shard objects named this run (--output-format webdataset / parquet)
         self.room = threading.Semaphore(ready)    # shards built and not yet taken (a listing waits for room
                                                   # before it reads the next shard's inputs)
         self.done_room = threading.Semaphore(DONE_READY)  # shards with nothing to do wait apart (see DONE_READY)
@@ -230,9 +231,14 @@ class Planner:
         for unit in (shards.tars if tar else shards.parquet_files)(self.src, exclude=self.dst):
             if self.limit and self.listed >= self.limit:
                 return
-            members = shards.items(unit, self.exts) if tar else \
-                shards.parquet_items(unit, self.image_column, self.key_column)
-            if self.limit:
+            try:
+                members = shards.items(unit, self.exts) if tar else \
+                    shards.parquet_items(unit, self.image_column, self.key_column)
+            except listing.SourceError as e:     # the columns: the first file's stop the run before any work (a
+                if not self.listed:              # wrong --image-column), a later file's are its one row
+                    raise
+                members = [listing.Item(unit.source_uri + "#", unit.key + "/", unit.size, error=str(e))]
+            if self.limit and not self.whole:    # a shard's object holds all of its inputs: never cut it
                 members = members[:self.limit - self.listed]
             self.listed += len(members)
             self.source_bytes += sum(max(it.size, 0) for it in members if not it.error)
@@ -367,17 +373,17 @@ class Planner:
                                      min_level=[3] * len(named) if kind == "hashed" else None))
         outs = [None if it.error else next(outs) for it in items]
         sid = shard_id(items, outs)
+        name = keys.object_name(sid, tar_key, self.output_format) if self.whole else None
+        if name is not None and self.objects.setdefault(name, sid) != sid:     # its object would overwrite theirs
+            outs = [None if it.error else OSError(f"its shard's output object {name} is also another shard's in this "
+                                                  f"run: rename one of them") for it in items]
+            name = None
         known_bad = sum(1 for it in items if it.error)
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid, known_bad)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))
-        out_uri = None
-        if self.whole:                           # one object for the shard: redone whole, so nothing is skipped
-            ext = ".tar" if self.output_format == "webdataset" else ".parquet"
-            safe_tar = keys.member_prefix(tar_key) if tar_key else None
-            stem = safe_tar.rsplit(".", 1)[0] if safe_tar and safe_tar.lower().endswith((".tar", ".parquet")) \
-                else safe_tar
-            name = f"{stem}{ext}" if safe_tar else f"shard-{sid}{ext}"
+        out_uri, safe_tar = None, keys.member_prefix(tar_key) if tar_key else None
+        if name is not None:                     # one object for the shard: redone whole, so nothing is skipped
             out_uri = storage.join(self.dst, name)
             state = {src: (None, None, attempts) for src, (_, _, attempts) in state.items()}
         blocks, block, nbytes, skipped = [], [], 0, 0     # rows are built a block at a time (memory)
@@ -396,7 +402,9 @@ class Planner:
                 elif it.offset >= 0:
                     row.update(tar_offset=it.offset, tar_sidecars=it.sidecars,
                                tar_member=it.key[len(tar_key) + 1:])
-                if not keys.is_utf8(it.source_uri):
+                if not keys.is_utf8(it.source_uri):     # (a tar member's name too: nothing of it is read)
+                    for k in ("tar_member", "tar_offset", "tar_sidecars", "pq_row_group", "pq_row"):
+                        row.pop(k, None)
                     row.update(source_uri=keys.escaped(source), key=keys.escaped(it.key), status="read_error",
                                error="the file name is not valid UTF-8 (shown with \\x escapes): rename it")
                 elif it.error:

@@ -9,6 +9,8 @@ leaves the row before it standing), and each input is checked:
     ok, output of another size          size_mismatch       (the size the row records)
     ok, other bytes (--checksums)       checksum_mismatch   (the sha256 the row records)
     ok, output cannot be read           unreadable_output   (an error after retries; not marked for --redo)
+    ok, its shard object cannot be      damaged_output      (--output-format webdataset / parquet: a tar header
+        parsed                                               or Parquet page damaged; marked, the shard redone)
 
 and each shard: a marker that cannot be read (``unreadable_marker``), a part it names that is gone or cannot
 be read (``missing_part``, ``unreadable_part``), inputs of the shard with no row at all (``no_row``: a run
@@ -59,7 +61,8 @@ THREADS = 16                      # outputs checked at once (stat / HEAD / read)
 CHUNK = 1 << 20                   # bytes read at a time for --checksums
 COLUMNS = ["source_uri", "key", "output_uri", "status", "error", "output_bytes", "output_sha256", "attempt",
            "recipe", "model_id", "model_sha256", "task"]
-REDONE = ("missing", "size_mismatch", "checksum_mismatch")   # what --redo marks: an ok row whose output is bad
+REDONE = ("missing", "size_mismatch", "checksum_mismatch", "damaged_output")   # what --redo marks: an ok row's
+                                                                                # output is bad
 REDO_STATUS = "write_error"       # not done, so a rerun sends the input through again
 REDO_ERROR = "marked for redo by imgxlate verify: "
 
@@ -140,15 +143,18 @@ def check_output(row: dict, checksums: bool, dst: str | None = None) -> tuple[st
     return None
 
 
-def check_members(obj: str, rows: list[dict], checksums: bool) -> list[tuple[dict, tuple[str, str] | None]]:
-    """check_output for rows whose outputs are members of one object (--output-format webdataset / parquet):
-    the object's index is read once."""
+def check_members(obj: str, rows: list[dict], checksums: bool, name: str | None = None
+                  ) -> list[tuple[dict, tuple[str, str] | None]]:
+    """check_output for rows whose outputs are members of one object (--output-format webdataset / parquet), named
+    ``name`` under DST: the object's index is read once. An object that was read but cannot be parsed (a tar
+    header's checksum, a Parquet page) is damaged, which --redo marks; an error reading it is not."""
     try:
-        index = shards.container_members(obj, checksums)
+        index = shards.container_members(obj, checksums, name)
     except FileNotFoundError:
         return [(r, ("missing", f"the shard's object {redact(obj)} is gone")) for r in rows]
     except Exception as e:
-        return [(r, ("unreadable_output", redact(f"{obj}: {type(e).__name__}: {e}"))) for r in rows]
+        kind = "damaged_output" if _damaged(e) else "unreadable_output"
+        return [(r, (kind, redact(f"{obj}: {type(e).__name__}: {e}"))) for r in rows]
     out = []
     for r in rows:
         member = r["output_uri"][len(obj) + 1:]
@@ -162,6 +168,17 @@ def check_members(obj: str, rows: list[dict], checksums: bool) -> list[tuple[dic
         else:
             out.append((r, None))
     return out
+
+
+def _damaged(e: BaseException) -> bool:
+    """Whether reading a shard's object failed on its contents (they will fail the same way each time), not on
+    the read: tarfile's and Arrow's parse errors, bytes that do not decode (a damaged string column) or end too
+    soon, and the OSError without an errno that Arrow raises for a corrupt Parquet page."""
+    import tarfile
+
+    if isinstance(e, (tarfile.TarError, pa.ArrowException, ValueError, EOFError)):
+        return True
+    return type(e) is OSError and e.errno is None
 
 
 def origins(dst: str) -> tuple[str, ...]:
@@ -247,7 +264,7 @@ def check_shard(dst: str, sid: str, checksums: bool, pool: ThreadPoolExecutor, o
         obj = storage.join(dst, marker.object["name"])
         inside = [r for r in done if (r.get("output_uri") or "").startswith(obj + "#")]
         done = [r for r in done if not (r.get("output_uri") or "").startswith(obj + "#")]
-        found_inside = check_members(obj, inside, checksums) if inside else []
+        found_inside = check_members(obj, inside, checksums, marker.object["name"]) if inside else []
     for row, found in [*found_inside, *zip(done, pool.map(lambda r: check_output(r, checksums, dst), done))]:
         if found is None:
             check.ok += 1

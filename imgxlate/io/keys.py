@@ -56,6 +56,18 @@ def member_prefix(unit_key: str) -> str | None:
         return None
 
 
+def object_name(sid: str, unit_key: str | None, output_format: str) -> str:
+    """The name under DST of a shard's one object (--output-format webdataset / parquet): its tar's or Parquet
+    file's key with the format's extension for its own, as spelt (a.TAR gives a.TAR.tar, never a.tar's name),
+    else shard-<id>."""
+    ext = ".tar" if output_format == "webdataset" else ".parquet"
+    safe = member_prefix(unit_key) if unit_key else None
+    if not safe:
+        return f"shard-{sid}{ext}"
+    own = next((e for e in (".tar", ".parquet") if safe.endswith(e)), "")
+    return safe[:len(safe) - len(own)] + ext
+
+
 def candidate(safe: str, source: str, level: int, suffix: str, ext: str) -> str:
     """The output key at each level of collision resolution, for a/b.jpg -> .png: a/b.png, then
     a/b.jpg.png, then a/b.jpg-<10 hex of sha256(source)>.png, then all 64 hex digits (see :data:`HASH_HEX`)."""

@@ -262,10 +262,11 @@ def members_of(fragment_bytes: bytes) -> Iterator[tuple[str, bytes]]:
                 yield info.name, tf.extractfile(info).read()
 
 
-def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | None]]:
+def container_members(uri: str, checksums: bool, name: str | None = None) -> dict[str, tuple[int, str | None]]:
     """{member: (bytes, sha256 or None)} of a shard's object: a tar's members from its headers (read whole only
-    for ``checksums``), or a Parquet file's ``output`` column by its ``output_uri``. Raises FileNotFoundError when
-    the object is gone."""
+    for ``checksums``), or a Parquet file's ``output`` column by its ``output_uri``. ``name``: the object's name
+    under DST (its marker's); a Parquet file's rows record ``<DST as the run spelt it>/<name>#<member>``, which a
+    relative, copied or moved DST spells otherwise than ``uri``. Raises FileNotFoundError when the object is gone."""
     import hashlib
 
     fs, path = storage.filesystem(uri)
@@ -273,13 +274,17 @@ def container_members(uri: str, checksums: bool) -> dict[str, tuple[int, str | N
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
 
+        tail = (name or posixpath.basename(path)) + "#"
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             for i in range(pf.num_row_groups):
                 t = pf.read_row_group(i, columns=["output_uri", "output"])
                 for u, data in zip(t.column("output_uri").to_pylist(), t.column("output").to_pylist()):
-                    if data is not None and u and u.startswith(uri + "#"):
-                        out[u[len(uri) + 1:]] = (len(data), hashlib.sha256(data).hexdigest() if checksums else None)
+                    at = u.find(tail) if u else -1
+                    while at > 0 and u[at - 1] != "/":           # the name must start a path segment
+                        at = u.find(tail, at + 1)
+                    if data is not None and at >= 0:
+                        out[u[at + len(tail):]] = (len(data), hashlib.sha256(data).hexdigest() if checksums else None)
         return out
     if not checksums:
         members, _ = read_index(uri)
