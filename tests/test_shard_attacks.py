@@ -127,3 +127,43 @@ def test_limit_never_cuts_a_finished_shard_object(tmp_path):
     assert translate(tmp_path / "a.tar", dst, *RUN, "--output-format", "webdataset", "--limit", "1") == 0
     assert _names(dst / "a.tar") == ["x.png", "y.png"]
     assert main(["verify", str(dst), "--checksums"]) == 0
+
+
+def test_a_sidecar_named_as_the_output_is_kept_under_another_name(tmp_path):
+    """A segmentation layout: image 000.jpg, mask 000.png, metadata 000.json; only the jpg is an input. The mask,
+    renamed for the output's sample, was named 000.png like the output, and it and 000.json vanished."""
+    from fixtures import jpg
+
+    _tar(tmp_path / "seg.tar", [("000.jpg", jpg(photo(12, 12))), ("000.png", png(photo(12, 12, seed=7))),
+                                ("000.json", b'{"label": 1}'), ("001.jpg", jpg(photo(12, 12, seed=2))),
+                                ("001.json", b"{}")])
+    dst = tmp_path / "dst"
+    assert translate(tmp_path / "seg.tar", dst, *RUN, "--extensions", "jpg", "--output-format", "webdataset") == 0
+    assert _names(dst / "seg.tar") == ["000.png", "000.src.png", "000.json", "001.png", "001.json"]
+    with tarfile.open(dst / "seg.tar") as tf:
+        assert tf.extractfile("000.src.png").read() == png(photo(12, 12, seed=7))
+    assert main(["verify", str(dst), "--checksums"]) == 0
+
+
+def test_hard_and_symbolic_links_in_a_tar_are_inputs(tmp_path):
+    """GNU tar stores every further hard link of a file as a link member: a folder of deduplicated images lost
+    them (no output, no row). A link to a member the tar does not hold is a row that says so."""
+    data = png(photo(12, 12))
+    path = tmp_path / "h.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("b.png", tarfile.LNKTYPE, "a.png"), ("sub/c.png", tarfile.SYMTYPE, "../a.png"),
+                                   ("d.png", tarfile.SYMTYPE, "/etc/passwd")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+    dst = tmp_path / "dst"
+    assert translate(path, dst, *RUN) == 0
+    rows = {r["key"]: r for r in rows_of(dst)}
+    assert {k: r["status"] for k, r in rows.items()} == {"h.tar/a.png": "ok", "h.tar/b.png": "ok",
+                                                         "h.tar/sub/c.png": "ok", "h.tar/d.png": "read_error"}
+    assert (dst / "h.tar/b.png").read_bytes() == (dst / "h.tar/a.png").read_bytes() == (
+        dst / "h.tar/sub/c.png").read_bytes()
+    assert "a link to '/etc/passwd', which the tar does not hold" in rows["h.tar/d.png"]["error"]

@@ -16,6 +16,7 @@ shard's fragments joined and ended by :data:`END` are a valid tar (:mod:`imgxlat
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -99,14 +100,16 @@ def files_named(src: str, exts: tuple[str, ...], exclude: str | None = None) -> 
 @dataclass(slots=True)
 class Member:
     name: str
-    offset: int          # of the member's data in the tar
+    offset: int          # of the member's data in the tar (-1: a link to nothing the tar holds)
     size: int
+    link: str = ""       # a hard or symbolic link's target, as a member name
 
 
 def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
-    """A tar's regular members, in tar order, and why the index stops early (None when it was read to its end): a
-    truncated tar keeps the members whose data is whole. Raises OSError / SourceError when it cannot be read at
-    all."""
+    """A tar's regular members and its links (hard or symbolic: GNU tar stores every further hard link of a file as
+    one) with their targets' data, in tar order, and why the index stops early (None when it was read to its
+    end): a truncated tar keeps the members whose data is whole. Raises OSError / SourceError when it cannot be
+    read at all."""
     fs, path = storage.filesystem(uri)
     if size < 0:
         size = storage.retry(fs.size, path)
@@ -125,6 +128,11 @@ def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
                         break
                     if info is None:
                         break
+                    if info.islnk() or info.issym():
+                        target = info.linkname if info.islnk() else posixpath.normpath(
+                            posixpath.join(posixpath.dirname(info.name), info.linkname))
+                        members.append(Member(info.name, -1, -1, target))
+                        continue
                     if not info.isreg():
                         continue
                     if info.offset_data + info.size > size:
@@ -139,7 +147,9 @@ def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
         except tarfile.ReadError as e:
             if not members:
                 raise SourceError(f"{redact(uri)} is not a tar file, or is damaged: {e}") from e
-    return members, problem
+    data = {m.name: m for m in members if not m.link}
+    return [dataclasses.replace(m, offset=data[m.link].offset, size=data[m.link].size) if m.link in data else m
+            for m in members], problem
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -160,12 +170,15 @@ def items(tar: Item, exts: tuple[str, ...]) -> list[Item]:
                      error=f"the tar cannot be read: {type(e).__name__}: {e}")]
     out, seen = [], {}
     for sample in _samples(members):
-        side = [[s.name, s.offset, s.size] for s in sample if not listing.has_ext(s.name, exts)]
+        side = [[s.name, s.offset, s.size] for s in sample if not listing.has_ext(s.name, exts) and s.offset >= 0]
         for m in sample:
             if not listing.has_ext(m.name, exts):
                 continue
             n = seen[m.name] = seen.get(m.name, 0) + 1
             uri, key = f"{tar.source_uri}#{m.name}", f"{tar.key}/{m.name}"
+            if m.offset < 0 and n == 1:
+                out.append(Item(uri, key, 0, error=f"a link to {m.link!r}, which the tar does not hold"))
+                continue
             if n > 1:
                 out.append(Item(f"{uri}#{n}", f"{key}#{n}", m.size,
                                 error=f"duplicate member name: the tar holds {m.name!r} more than once (this is "
@@ -232,11 +245,17 @@ def read_members(specs: list[tuple[str, int, int, str | None]]) -> list[tuple[by
 
 def renamed(side: bytes | None, out_member: str) -> list[tuple[str, bytes]]:
     """A sample's other members (a fragment named by extension), named for the output member's sample:
-    '000123_x2.json' beside '000123_x2.png'."""
+    '000123_x2.json' beside '000123_x2.png'; one whose name is taken (by the output, or another) gets '.src'."""
     if side is None:
         return []
-    key = sample_key(out_member)[0]
-    return [(f"{key}.{ext}", data) for ext, data in members_of(bytes(side))]
+    key, taken, out = sample_key(out_member)[0], {out_member}, []
+    for ext, data in members_of(bytes(side)):
+        name, n = f"{key}.{ext}", 1         # a sidecar named as the output (a mask 000.png beside 000.jpg's output
+        while name in taken:                # 000.png) or as another sidecar: 000.src.png, 000.src2.png, ...
+            name, n = f"{key}.src{n if n > 1 else ''}" + (f".{ext}" if ext else ""), n + 1
+        taken.add(name)
+        out.append((name, data))
+    return out
 
 
 def fragment(members: list[tuple[str, bytes]]) -> bytes:
