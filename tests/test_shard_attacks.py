@@ -167,3 +167,37 @@ def test_hard_and_symbolic_links_in_a_tar_are_inputs(tmp_path):
     assert (dst / "h.tar/b.png").read_bytes() == (dst / "h.tar/a.png").read_bytes() == (
         dst / "h.tar/sub/c.png").read_bytes()
     assert "a link to '/etc/passwd', which the tar does not hold" in rows["h.tar/d.png"]["error"]
+
+
+def test_parquet_keys_that_name_no_file_or_clash_with_a_bad_rows_name_are_rows(tmp_path):
+    """An empty key wrote a stray file 'DST/y.tar#' and failed the whole shard on every rerun; a repeated key's row
+    was named 'row-1', the name of a real key, so the rerun counted its failure as done."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"img": [png(photo(10, 10, seed=i)) for i in range(5)],
+                             "name": ["", "a.png", "a.png", "row-2", "."]}), src / "y.parquet")
+    dst = tmp_path / "dst"
+    args = ("--image-column", "img", "--key-column", "name", *RUN, "--output-format", "webdataset")
+    assert translate(src / "y.parquet", dst, *args) == 0
+    rows = {r["key"]: r for r in rows_of(dst)}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "y.parquet/row-0": "read_error", "y.parquet/a.png": "ok", "y.parquet/_row-2": "read_error",
+        "y.parquet/row-2": "ok", "y.parquet/row-4": "read_error"}
+    assert "names no file" in rows["y.parquet/row-0"]["error"] and "more than one row" in rows[
+        "y.parquet/_row-2"]["error"]
+    assert sorted(p.name for p in dst.iterdir()) == ["_manifest", "y.tar"]
+    assert _names(dst / "y.tar") == ["a.png", "row-2.png"]
+    assert translate(src / "y.parquet", dst, *args) == 0             # the rows stand: nothing is done again
+    assert rows_of(dst) == []
+
+
+def test_a_shard_whose_only_failures_are_names_no_output_can_have_is_not_redone(tmp_path):
+    """A member whose output would leave DST fails the same way on every run: its shard was redone whole, and its
+    object rewritten, on every rerun."""
+    _tar(tmp_path / "m.tar", [("good.png", png(photo(12, 12))), ("../bad.png", png(photo(12, 12, seed=2)))])
+    dst = tmp_path / "dst"
+    assert translate(tmp_path / "m.tar", dst, *RUN, "--output-format", "webdataset") == 0
+    assert sorted(r["status"] for r in rows_of(dst)) == ["ok", "write_error"]
+    before = (dst / "m.tar").stat().st_mtime_ns
+    assert translate(tmp_path / "m.tar", dst, *RUN, "--output-format", "webdataset") == 0
+    assert rows_of(dst) == [] and (dst / "m.tar").stat().st_mtime_ns == before

@@ -277,7 +277,7 @@ class Planner:
             self.listing_s = time.time() - self.t0
             self.queue.put(e if isinstance(e, PlanError) else PlanError("plan", e))
 
-    def _previous(self, sid: str, known_bad: int = 0) -> tuple[dict, list[str]]:
+    def _previous(self, sid: str, known_bad: tuple[int, int] = (0, 0)) -> tuple[dict, list[str]]:
         """A shard's earlier rows, {source: (status, recipe, attempts)} with the latest row of each source (None
         when the marker says the shard is complete and all done with this recipe, and its parts are there with the
         sizes it records), and its parts (names relative to DST/_manifest). A part that is gone or cannot be read
@@ -316,15 +316,16 @@ class Planner:
     FINAL = ("decode_error", "too_large")   # failures a rerun would repeat: they do not make a shard's one
                                             # object be written again
 
-    def _final(self, marker: manifest.ShardMarker, known_bad: int) -> bool:
+    def _final(self, marker: manifest.ShardMarker, known_bad: tuple[int, int]) -> bool:
         """A complete shard with one object (--output-format webdataset / parquet) made with this recipe, whose only
-        failures are inputs a rerun would fail again: undecodable or too large, or the ``known_bad`` read_error
-        rows the listing gives (a duplicate tar member, a tar cut short). Redoing the shard whole for them would
-        never end; any other failure (a read that may succeed now, a model error) has it redone whole."""
+        failures are inputs a rerun would fail again: undecodable or too large, and ``known_bad`` (read_error rows
+        the listing gives: a duplicate tar member, a tar cut short; write_error rows of names no output can have).
+        Redoing the shard whole for them would never end; any other failure has it redone whole."""
         if not (marker.complete and marker.recipe in self.recipes):
             return False
         other = {k: v for k, v in marker.counts.items() if k not in manifest.DONE and k not in self.FINAL}
-        return set(other) <= {"read_error"} and other.get("read_error", 0) <= known_bad
+        bad = other.get("read_error", 0), other.get("write_error", 0)
+        return set(other) <= {"read_error", "write_error"} and bad[0] <= known_bad[0] and bad[1] <= known_bad[1]
 
     def _object_there(self, marker: manifest.ShardMarker) -> bool:
         """Whether a shard's one object is there with the size its marker records (one HEAD): another run with
@@ -375,10 +376,9 @@ class Planner:
         sid = shard_id(items, outs)
         name = keys.object_name(sid, tar_key, self.output_format) if self.whole else None
         if name is not None and self.objects.setdefault(name, sid) != sid:     # its object would overwrite theirs
-            outs = [None if it.error else OSError(f"its shard's output object {name} is also another shard's in this "
-                                                  f"run: rename one of them") for it in items]
-            name = None
-        known_bad = sum(1 for it in items if it.error)
+            name, outs = None, [None if it.error else OSError(f"its shard's output object {name} is also another "
+                                                              f"shard's in this run: rename one") for it in items]
+        known_bad = sum(1 for it in items if it.error), sum(isinstance(o, Exception) for o in outs)
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid, known_bad)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))

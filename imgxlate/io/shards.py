@@ -356,22 +356,31 @@ def parquet_items(file: Item, image_column: str, key_column: str | None) -> list
                 raise SourceError(f"{redact(file.source_uri)} has no column {key_column!r} (--key-column)")
             leaves = [c for c in range(pf.metadata.num_columns)      # the image column's leaf columns (a struct's
                       if pf.metadata.schema.column(c).path.split(".")[0] == image_column]  # bytes and path)
+            groups = []
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
                 n = meta.num_rows
                 avg = sum(meta.column(c).total_uncompressed_size for c in leaves) // max(1, n)
                 names = pf.read_row_group(g, columns=[key_column]).column(0).to_pylist() if key_column else \
                     [f"{row0 + j:09d}" for j in range(n)]
+                groups.append((g, avg, names))
+                row0 += n
+            real, row0 = {str(name) for _, _, names in groups for name in names}, 0
+            for g, avg, names in groups:
                 for j, name in enumerate(names):
                     uri, key = f"{file.source_uri}#{name}", f"{file.key}/{name}"
                     error = "the key column is null in this row" if name is None else \
+                        f"the key {name!r} names no file" if not str(name).strip("./") else \
                         f"the key {name!r} is in more than one row; only the first is processed" if name in seen \
                         else None
-                    if error:
-                        uri, key = f"{file.source_uri}#row-{row0 + j}", f"{file.key}/row-{row0 + j}"
+                    if error:                   # named by its row, under a name no key of the file has
+                        bad = f"row-{row0 + j}"
+                        while bad in real:
+                            bad = "_" + bad
+                        uri, key = f"{file.source_uri}#{bad}", f"{file.key}/{bad}"
                     seen.add(name)
                     out.append(Item(uri, key, avg, offset=j, group=g, error=error))
-                row0 += n
+                row0 += len(names)
     except SourceError:
         raise
     except Exception as e:
