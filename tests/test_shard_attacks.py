@@ -201,3 +201,11 @@ def test_a_shard_whose_only_failures_are_names_no_output_can_have_is_not_redone(
     before = (dst / "m.tar").stat().st_mtime_ns
     assert translate(tmp_path / "m.tar", dst, *RUN, "--output-format", "webdataset") == 0
     assert rows_of(dst) == [] and (dst / "m.tar").stat().st_mtime_ns == before
+
+
+def test_a_missing_tar_or_parquet_src_stops_the_run_as_a_missing_folder_does(tmp_path, capsys):
+    for src, extra in (("nope.tar", ()), ("nope.parquet", ("--image-column", "img"))):
+        capsys.readouterr()
+        assert translate(tmp_path / src, tmp_path / "dst", *RUN, *extra) == 2
+        assert f"source {tmp_path / src} does not exist" in capsys.readouterr().err
+        assert not (tmp_path / "dst").exists()

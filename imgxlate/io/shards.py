@@ -93,6 +93,9 @@ def files_named(src: str, exts: tuple[str, ...], exclude: str | None = None) -> 
         items = [Item(u, u[len(root):].lstrip("/") if root else u) for u in expand_braces(src)]
         return iter(sorted(items, key=lambda it: it.key))
     if src.rstrip().lower().endswith(exts):
+        fs, path = storage.filesystem(src)
+        if not storage.retry(fs.exists, path):  # a missing SRC stops the run, as a missing folder does
+            raise SourceError(f"source {redact(src)} does not exist")
         return iter([Item(src, posixpath.basename(src.rstrip("/")))])
     return listing.iter_inputs(src, exts, exclude=exclude)
 
