@@ -57,9 +57,10 @@ def chosen(run: Run) -> str | None:
         return None
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return None
-    deadline = time.monotonic() + 0.2           # a listing that fitted in the first shard ends right after it
-    while not plan.listing_done and time.monotonic() < deadline:
-        time.sleep(0.005)
+    deadline = time.monotonic() + 1.0           # a listing that fitted in the first shard ends right after it (a
+    while not plan.listing_done and time.monotonic() < deadline and plan.listed <= MAX_INPUTS \
+            and plan.source_bytes <= MAX_SOURCE_BYTES:      # tar's index on busy CPUs: longer); a large one goes
+        time.sleep(0.005)                       # on past the limits at once
     if not plan.listing_done or plan.listed > MAX_INPUTS or plan.source_bytes > MAX_SOURCE_BYTES \
             or plan.unknown_sizes:
         return None
