@@ -72,41 +72,69 @@ def test_a_small_run_goes_in_process_and_makes_the_bytes_a_run_on_ray_makes(tmp_
     assert summary_of(tmp_path / "here", "r2")["counts"] == {"skipped_done": 6, "decode_error": 1}
 
 
+def test_a_folder_of_small_tars_runs_in_process(tmp_path):
+    """A tar is a shard of its own and the listing waits for room after a few ready shards, so the listing of a
+    folder of tars never ended while auto waited for it: such a run always started Ray. Auto now takes the ready
+    shards while it waits."""
+    import io
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for t in range(6):
+        with tarfile.open(src / f"s{t}.tar", "w") as tf:
+            for i in range(2):
+                data = png(photo(10, 12, seed=10 * t + i))
+                info = tarfile.TarInfo(f"{t}{i}.png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    r = _run_as_a_user(src, tmp_path / "dst", "--model", "bicubic", "--scale", "2", "--input-format", "webdataset",
+                       "--run-id", "r1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = summary_of(tmp_path / "dst", "r1")
+    assert summary["counts"] == {"ok": 12} and summary["resources"]["pipeline"] == "in-process"
+
+
 def _run(pipeline="auto", listed=5, source_bytes=1000, done=True, device="cpu", unknown=0, dst="/nonexistent",
          **cfg):
-    plan = SimpleNamespace(listing_done=done, listed=listed, source_bytes=source_bytes, unknown_sizes=unknown)
+    plan = SimpleNamespace(listing_done=done, listed=listed, source_bytes=source_bytes, unknown_sizes=unknown,
+                           take=lambda n, timeout: time.sleep(timeout) or [])
     config = SimpleNamespace(pipeline=pipeline, ray_address=None, gpus_per_actor=None, actors=None, max_actors=None,
                              dst=dst)
     vars(config).update(cfg)
     return SimpleNamespace(cfg=config, plan=plan, meta={"device_kind": device})
 
 
+def _chosen(run):
+    return inprocess.chosen(run, [])
+
+
 def test_auto_runs_in_process_only_a_small_run_that_joins_no_cluster(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
-    assert inprocess.chosen(_run()) and inprocess.chosen(_run(listed=inprocess.MAX_INPUTS))
-    assert inprocess.chosen(_run(listed=inprocess.MAX_INPUTS + 1)) is None
-    assert inprocess.chosen(_run(source_bytes=inprocess.MAX_SOURCE_BYTES + 1)) is None
-    assert inprocess.chosen(_run(done=False)) is None               # still listing: not known to be small
-    assert inprocess.chosen(_run(unknown=1)) is None                # a manifest of URIs: sizes not known
-    assert inprocess.chosen(_run(device="cuda")) is None
-    assert inprocess.chosen(_run(gpus_per_actor=1)) is None
-    assert inprocess.chosen(_run(actors=2)) is None                 # asking for actors asks for Ray
-    assert inprocess.chosen(_run(ray_address="ray://head:10001")) is None
-    assert inprocess.chosen(_run(pipeline="fused")) is None and inprocess.chosen(_run(pipeline="split")) is None
-    assert inprocess.chosen(_run(pipeline="in-process", listed=10**9, done=False))
+    assert _chosen(_run()) and _chosen(_run(listed=inprocess.MAX_INPUTS))
+    assert _chosen(_run(listed=inprocess.MAX_INPUTS + 1)) is None
+    assert _chosen(_run(source_bytes=inprocess.MAX_SOURCE_BYTES + 1)) is None
+    assert _chosen(_run(done=False)) is None               # still listing: not known to be small
+    assert _chosen(_run(unknown=1)) is None                # a manifest of URIs: sizes not known
+    assert _chosen(_run(device="cuda")) is None
+    assert _chosen(_run(gpus_per_actor=1)) is None
+    assert _chosen(_run(actors=2)) is None                 # asking for actors asks for Ray
+    assert _chosen(_run(ray_address="ray://head:10001")) is None
+    assert _chosen(_run(pipeline="fused")) is None and _chosen(_run(pipeline="split")) is None
+    assert _chosen(_run(pipeline="in-process", listed=10**9, done=False))
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # `ray job submit` sets it
-    assert inprocess.chosen(_run()) is None
+    assert _chosen(_run()) is None
     monkeypatch.delenv("RAY_ADDRESS")
     # an in-process run of this DST was killed (no summary): an input may kill every rerun, so Ray isolates it
     dst = tmp_path / "dst"
     write_tree(dst, {f"_manifest/old/{inprocess.MARK}": b"", f"_manifest/done/{inprocess.MARK}": b"",
                      "_manifest/done/summary.json": b"{}"})
-    assert inprocess.killed_runs(str(dst)) == ["old"] and inprocess.chosen(_run(dst=str(dst))) is None
+    assert inprocess.killed_runs(str(dst)) == ["old"] and _chosen(_run(dst=str(dst))) is None
     (dst / "_manifest/old/summary.json").write_bytes(b"{}")
-    assert inprocess.chosen(_run(dst=str(dst)))
+    assert _chosen(_run(dst=str(dst)))
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
-    assert inprocess.chosen(_run()) is None                         # a notebook's (or a test session's) Ray
+    assert _chosen(_run()) is None                         # a notebook's (or a test session's) Ray
     assert main(["translate", str(tmp_path), str(tmp_path / "o"), "--model", "bicubic", "--scale", "2",
                  "--pipeline", "in-process", "--actors", "2"]) == 2          # an option that would do nothing
 

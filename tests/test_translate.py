@@ -92,7 +92,8 @@ def test_runs_are_ordered_by_when_they_started_not_by_their_names(tmp_path, caps
 
 def test_run_order_falls_back_to_older_summaries_and_to_a_killed_runs_first_part(tmp_path):
     """Summaries written before runs recorded started_at are placed by finished_at less wall_s; a killed run
-    (parts, no summary) by its earliest part's time; a summary that says neither, by its file's time."""
+    (parts, no summary) by the time in its id when the job made the id (a copied DST's files have the copy's
+    times), else by its earliest part's time; a summary that says neither, by its file's time."""
     root = tmp_path / "_manifest"
     for run_id, summary in {"b-new": {"started_at": "2026-12-07T10:00:00.500+00:00"},
                             "c-old": {"finished_at": "2026-12-07T10:00:30+00:00", "wall_s": 40},
@@ -104,7 +105,10 @@ def test_run_order_falls_back_to_older_summaries_and_to_a_killed_runs_first_part
     t = dt.datetime(2026, 12, 7, 10, 0, 0, tzinfo=dt.timezone.utc).timestamp()
     os.utime(root / "d-killed" / "part-000.parquet", (t, t))           # between c-old (09:59:50) and b-new
     os.utime(root / "a-blank" / "summary.json", (t + 60, t + 60))      # last
-    assert manifest.all_runs(str(tmp_path)) == ["c-old", "d-killed", "b-new", "a-blank"]
+    (root / "20261207T095900Z-0a1b2c").mkdir()                          # killed, in a copy made later
+    (root / "20261207T095900Z-0a1b2c" / "part-000.parquet").write_bytes(b"")
+    os.utime(root / "20261207T095900Z-0a1b2c" / "part-000.parquet", (t + 99, t + 99))
+    assert manifest.all_runs(str(tmp_path)) == ["20261207T095900Z-0a1b2c", "c-old", "d-killed", "b-new", "a-blank"]
     assert manifest.runs(str(tmp_path)) == ["c-old", "b-new", "a-blank"]
 
 

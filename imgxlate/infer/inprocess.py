@@ -47,8 +47,10 @@ LARGE_BLOCKS = 2                # larger inputs run this many blocks at once at 
 MARK = "IN_PROCESS"             # in an in-process run's manifest folder, from its start
 
 
-def chosen(run: Run) -> str | None:
-    """Why this run goes in-process (for the log), or None when it runs on Ray."""
+def chosen(run: Run, first: list) -> str | None:
+    """Why this run goes in-process (for the log), or None when it runs on Ray. While it waits for the listing's
+    end it takes the shards that become ready into ``first`` (a folder of tars or Parquet files is a shard each,
+    and the listing waits for room for more)."""
     cfg, plan = run.cfg, run.plan
     if cfg.pipeline == "in-process":
         return "--pipeline in-process"
@@ -60,7 +62,8 @@ def chosen(run: Run) -> str | None:
     deadline = time.monotonic() + 1.0           # a listing that fitted in the first shard ends right after it (a
     while not plan.listing_done and time.monotonic() < deadline and plan.listed <= MAX_INPUTS \
             and plan.source_bytes <= MAX_SOURCE_BYTES:      # tar's index on busy CPUs: longer); a large one goes
-        time.sleep(0.005)                       # on past the limits at once
+        for shard in plan.take(MAX_INPUTS, 0.005) or []:    # on past the limits at once
+            (first.append if shard.todo else run.book.add_shard)(shard)
     if not plan.listing_done or plan.listed > MAX_INPUTS or plan.source_bytes > MAX_SOURCE_BYTES \
             or plan.unknown_sizes:
         return None
@@ -81,7 +84,9 @@ def killed_runs(dst: str) -> list[str]:
         marked = fs.glob(posixpath.join(root, "*", MARK))
     except FileNotFoundError:
         return []
-    done = set(manifest.runs(dst))
+    if not marked:
+        return []
+    done = {posixpath.basename(posixpath.dirname(p)) for p in fs.glob(posixpath.join(root, "*", "summary.json"))}
     killed = {posixpath.basename(posixpath.dirname(p)) for p in marked} - done
     if not killed:
         return []

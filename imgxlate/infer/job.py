@@ -66,6 +66,7 @@ def run(cfg: TranslateConfig) -> dict:
         if cfg.dry_run:                         # a dry run leaves no trace
             return {"dry_run": dry_run_report(cfg, meta, run_id), "run_id": run_id}
         lease = take_lease(cfg, run_id)
+        lease.taken_at = time.time()            # the run's start in the order of runs (after a --wait-for-lease)
         try:
             book = ShardBook(cfg.dst.rstrip("/"), run_id, recipe(cfg, meta), cfg.manifest_every_rows)
             reserve_room(cfg, book)
@@ -182,7 +183,7 @@ def drive(run: Run) -> dict:
     started_ray, resources = False, None
     with run.drain:
         first = _first_work(run)
-        here = inprocess.chosen(run) if first and not run.drain.stopping else None
+        here = inprocess.chosen(run, first) if first and not run.drain.stopping else None
         if first and not run.drain.stopping:
             _clean_up(run, here)
             started_ray = here is None and _start(run)
@@ -429,7 +430,8 @@ def _summary(run: Run, resources: TranslateConfig | None, signum: int | None, wh
         "config": dataclasses.asdict(cfg),
         "resources": None if resources is None else {k: getattr(resources, k) for k in (
             "pipeline", "actors", "max_actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor")},
-        "started_at": dt.datetime.fromtimestamp(run.t_start, dt.timezone.utc).isoformat(timespec="milliseconds"),
+        "started_at": dt.datetime.fromtimestamp(getattr(run.lease, "taken_at", run.t_start), dt.timezone.utc
+                                                ).isoformat(timespec="milliseconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary["config"]["src"], summary["config"]["dst"] = redact(cfg.src), redact(cfg.dst)

@@ -317,10 +317,9 @@ class Planner:
                                             # object be written again
 
     def _final(self, marker: manifest.ShardMarker, known_bad: tuple[int, int]) -> bool:
-        """A complete shard with one object (--output-format webdataset / parquet) made with this recipe, whose only
-        failures are inputs a rerun would fail again: undecodable or too large, and ``known_bad`` (read_error rows
-        the listing gives: a duplicate tar member, a tar cut short; write_error rows of names no output can have).
-        Redoing the shard whole for them would never end; any other failure has it redone whole."""
+        """A complete one-object shard made with this recipe whose only failures a rerun would repeat: undecodable or
+        too large, and ``known_bad`` (read_error rows the listing gives: a duplicate tar member, a tar cut short;
+        write_error rows of names no output can have). Any other failure has it redone whole."""
         if not (marker.complete and marker.recipe in self.recipes):
             return False
         other = {k: v for k, v in marker.counts.items() if k not in manifest.DONE and k not in self.FINAL}
@@ -378,7 +377,8 @@ class Planner:
         if name is not None and self.objects.setdefault(name, sid) != sid:     # its object would overwrite theirs
             name, outs = None, [None if it.error else OSError(f"its shard's output object {name} is also another "
                                                               f"shard's in this run: rename one") for it in items]
-        known_bad = sum(1 for it in items if it.error), sum(isinstance(o, Exception) for o in outs)
+        known_bad = sum(bool(it.error) or not keys.is_utf8(it.source_uri) for it in items), sum(
+            isinstance(o, Exception) for o in outs)
         state, prev_parts = ({}, []) if sid not in markers else self._previous(sid, known_bad)
         if state is None:                        # complete, and every input done with this recipe
             return Shard(sid, len(items), [], skipped=len(items), prev_parts=prev_parts, prev_ok=len(items))

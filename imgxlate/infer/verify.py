@@ -176,9 +176,8 @@ def _damaged(e: BaseException) -> bool:
     soon, and the OSError without an errno that Arrow raises for a corrupt Parquet page."""
     import tarfile
 
-    if isinstance(e, (tarfile.TarError, pa.ArrowException, ValueError, EOFError)):
-        return True
-    return type(e) is OSError and e.errno is None
+    parse = (tarfile.TarError, pa.ArrowException, ValueError, EOFError)
+    return isinstance(e, parse) or isinstance(e.__cause__, tarfile.TarError) or type(e) is OSError and e.errno is None
 
 
 def origins(dst: str) -> tuple[str, ...]:

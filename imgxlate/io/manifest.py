@@ -12,7 +12,6 @@ say) is :class:`Damaged`: the plan warns, naming the file, and treats it as abse
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import errno
@@ -20,6 +19,8 @@ import io
 import json
 import math
 import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -328,10 +329,23 @@ def in_order(fs, found: dict[str, dict]) -> list[str]:
         first[run_id] = min(first.get(run_id, math.inf), _mtime(info))
         if posixpath.basename(path) == "summary.json":
             summaries[run_id] = path
-    for run_id, path in summaries.items():
-        with contextlib.suppress(Exception):        # unreadable: its file's time stands
-            first[run_id] = started(json.loads(fs.cat_file(path)), first[run_id])
+    for run_id in first:                            # a copy's files have the copy's times: an id's own goes first
+        if stamp := ID_TIME.match(run_id):
+            first[run_id] = dt.datetime.strptime(stamp[1], "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=dt.timezone.utc).timestamp()
+
+    def read(path: str) -> dict:
+        try:
+            return json.loads(storage.retry(fs.cat_file, path))
+        except Exception:                           # unreadable: the time above stands
+            return {}
+    with ThreadPoolExecutor(16, thread_name_prefix="imgxlate-runs") as pool:
+        for run_id, summary in zip(summaries, pool.map(read, summaries.values())):
+            first[run_id] = started(summary, first[run_id])
     return sorted(first, key=lambda r: (first[r], r))
+
+
+ID_TIME = re.compile(r"(\d{8}T\d{6}Z)-")          # a run id the job made: the UTC second it started (verify's too)
 
 
 def started(summary: dict, default: float) -> float:

@@ -150,9 +150,9 @@ def read_index(uri: str, size: int = -1) -> tuple[list[Member], str | None]:
         except tarfile.ReadError as e:
             if not members:
                 raise SourceError(f"{redact(uri)} is not a tar file, or is damaged: {e}") from e
-    data = {m.name: m for m in members if not m.link}
-    return [dataclasses.replace(m, offset=data[m.link].offset, size=data[m.link].size) if m.link in data else m
-            for m in members], problem
+    data = {posixpath.normpath(m.name): m for m in members if not m.link}      # './a.png' is 'a.png'
+    return [dataclasses.replace(m, offset=data[t].offset, size=data[t].size) if m.link and (
+        t := posixpath.normpath(m.link)) in data else m for m in members], problem
 
 
 def sample_key(name: str) -> tuple[str, str]:
