@@ -144,23 +144,21 @@ def check_same_model(spec: str, got: str | None, expect_sha256: str | None, got_
     mask threshold, say). Outputs of two models in one run would each be recorded as the first's; none is made
     with the other."""
     if expect_contract is not None and got_contract is not None and got_contract != expect_contract:
-        import socket
-
         changed = ", ".join(f"{k} {expect_contract.get(k)!r} -> {got_contract.get(k)!r}"
                             for k in sorted(set(expect_contract) | set(got_contract))
                             if expect_contract.get(k) != got_contract.get(k))
-        raise ModelChanged(f"model {redact(spec)} changed after this run started: its inference contract "
-                           f"(config.json) now says {changed} on node {socket.gethostname()}, so nothing more is "
-                           f"made with it. Put the model the run started with back and rerun to finish it, or rerun "
-                           f"as it is to make every output again with the new contract (a new recipe)")
-    if expect_sha256 and got != expect_sha256:
-        import socket
+        what, new = f"its inference contract (config.json) now says {changed}", "contract"
+    elif expect_sha256 and got != expect_sha256:
+        what, new = f"its weights are now sha256 {str(got)[:12]}", "model"
+    else:
+        return
+    import socket
 
-        raise ModelChanged(f"model {redact(spec)} changed after this run started: its weights are now sha256 "
-                           f"{str(got)[:12]} on node {socket.gethostname()}: the run's rows record "
-                           f"{expect_sha256[:12]}, so nothing more is made "
-                           f"with it. Put the model the run started with back and rerun to finish it, or rerun as "
-                           f"it is to make every output again with the new model (a new recipe)")
+    record = f": the run's rows record {expect_sha256[:12]}" if new == "model" else ""
+    raise ModelChanged(f"model {redact(spec)} changed after this run started: {what} on node {socket.gethostname()}"
+                       f"{record}, so nothing more is made with it. Put the model the run started with back and "
+                       f"rerun to finish it, or rerun as it is to make every output again with the new {new} (a new "
+                       f"recipe)")
 
 
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet")

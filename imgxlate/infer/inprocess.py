@@ -81,17 +81,13 @@ def killed_runs(dst: str) -> list[str]:
 
     fs, root = storage.filesystem(manifest.manifest_root(dst))
     try:
-        marked = fs.glob(posixpath.join(root, "*", MARK))
+        marked = fs.glob(posixpath.join(root, "*", MARK), detail=True)
     except FileNotFoundError:
         return []
     if not marked:
         return []
-    done = {posixpath.basename(posixpath.dirname(p)) for p in fs.glob(posixpath.join(root, "*", "summary.json"))}
-    killed = {posixpath.basename(posixpath.dirname(p)) for p in marked} - done
-    if not killed:
-        return []
-    order = {r: i for i, r in enumerate(manifest.all_runs(dst))}     # by when each started (manifest.in_order)
-    return sorted(killed, key=lambda r: (order.get(r, -1), r))
+    done = {posixpath.dirname(p) for p in fs.glob(posixpath.join(root, "*", "summary.json"))}
+    return manifest.in_order(fs, {p: info for p, info in marked.items() if posixpath.dirname(p) not in done})
 
 
 def cpus() -> int:

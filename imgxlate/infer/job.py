@@ -66,7 +66,6 @@ def run(cfg: TranslateConfig) -> dict:
         if cfg.dry_run:                         # a dry run leaves no trace
             return {"dry_run": dry_run_report(cfg, meta, run_id), "run_id": run_id}
         lease = take_lease(cfg, run_id)
-        lease.taken_at = time.time()            # the run's start in the order of runs (after a --wait-for-lease)
         try:
             book = ShardBook(cfg.dst.rstrip("/"), run_id, recipe(cfg, meta), cfg.manifest_every_rows)
             reserve_room(cfg, book)
@@ -93,7 +92,7 @@ def take_lease(cfg: TranslateConfig, run_id: str) -> Lease | NoLease:
     """The lease on DST (its store checked first: see imgxlate/io/lease.py), or none with --lease off."""
     if cfg.lease == "off":
         log("--lease off: no lease on DST; two runs on this DST would both write it")
-        return NoLease(cfg.dst)
+        return NoLease(cfg.dst).acquire()
     try:
         lease = Lease(cfg.dst, run_id, wait_s=cfg.wait_for_lease_s).acquire()
     except (LeaseHeld, LeaseUnsafe) as e:

@@ -155,6 +155,7 @@ class NoLease:
         self.uri = storage.join(dst.rstrip("/"), "_manifest", NAME)
 
     def acquire(self) -> NoLease:
+        self.taken_at = time.time()
         return self
 
     def release(self) -> None:
@@ -367,7 +368,7 @@ class Lease:
             if time.time() >= deadline:
                 raise LeaseHeld(holder, self.uri)
             time.sleep(min(self.poll_s, max(0.1, deadline - time.time())))
-        self._renewed = time.time()
+        self._renewed = self.taken_at = time.time()       # taken_at: the run's start in the order of runs
         self._thread = threading.Thread(target=self._heartbeat, name="imgxlate-lease", daemon=True)
         self._thread.start()
         return self
