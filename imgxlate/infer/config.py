@@ -155,10 +155,10 @@ def check_same_model(spec: str, got: str | None, expect_sha256: str | None, got_
     import socket
 
     record = f": the run's rows record {expect_sha256[:12]}" if new == "model" else ""
-    raise ModelChanged(f"model {redact(spec)} changed after this run started: {what} on node {socket.gethostname()}"
-                       f"{record}, so nothing more is made with it. Put the model the run started with back and "
-                       f"rerun to finish it, or rerun as it is to make every output again with the new {new} (a new "
-                       f"recipe)")
+    text = (f"model {redact(spec)} changed after this run started: {what} on node {socket.gethostname()}{record}, "
+            f"so nothing more is made with it. Put the model the run started with back and rerun to finish it, or "
+            f"rerun as it is to make every output again with the new {new} (a new recipe)")
+    raise ModelChanged(text)        # one line in a traceback, which the driver reads the node from (job._node_of)
 
 
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet")
