@@ -45,6 +45,7 @@ class MapImages:
     ``column``: the column of encoded image bytes (``image``); ``output_column``: where the output's encoded
     bytes go (``output``; null for a failed row); ``prefix``: put before the names of the manifest's columns it
     adds (``status``, ``error``, ... :data:`COLUMNS`), for a table that has columns of those names already.
+    The column holds encoded bytes, or Hugging Face Image structs ({bytes, path}: their bytes are decoded).
     ``threads``: torch threads (default: what Ray gives the actor). The other keyword arguments are
     ``imgxlate translate``'s options of the same names (:data:`OPTIONS`), with the same checks and defaults.
 
@@ -61,6 +62,8 @@ class MapImages:
             raise TypeError(f"MapImages got unknown option(s) {', '.join(unknown)}: it takes column, output_column, "
                             f"prefix, threads and {', '.join(OPTIONS)}")
         assigned = _ray_assigned()
+        options = config.typed_options({"model": model, **options}, "MapImages")
+        model = options.pop("model")
         cfg = TranslateConfig(src="", dst="", model=model, gpus_per_actor=assigned.get("GPU"), **options)
         config.check_pixel_options(cfg)
         if cfg.format not in ("png", "jpeg", "webp"):
@@ -69,6 +72,10 @@ class MapImages:
             raise JobError(f"batch_size {cfg.batch_size}: give at least 1")
         self.cfg, self.column, self.output_column = cfg, column, output_column
         self.names = {c: prefix + c for c in COLUMNS}
+        if output_column in self.names.values() or output_column == column:
+            raise ValueError(f"MapImages: output_column={output_column!r} is the name of "
+                             + ("the image column" if output_column == column else "a column it adds (status, error, "
+                                "...: COLUMNS)") + ": give another, or a prefix= for the added ones")
         self.meta = config.model_info(cfg)           # the checks and the precision the job makes, for this device
         self.recipe = config.recipe(cfg, self.meta)
         if threads is None and assigned.get("CPU"):
@@ -135,6 +142,8 @@ class MapImages:
         for row, b in zip(rows, data):
             if b is None or isinstance(b, float) and b != b:          # None, or pandas' NaN
                 fail_row(row, "read_error", f"no image: the {self.column!r} value is null")
+            elif isinstance(b, dict) and isinstance(b.get("bytes"), (bytes, bytearray)):   # a Hugging Face Image
+                decode_into(row, bytes(b["bytes"]), self.cfg.max_pixels)
             elif not isinstance(b, (bytes, bytearray)):
                 fail_row(row, "read_error", f"the {self.column!r} value is {type(b).__name__}, not encoded image bytes")
             else:

@@ -86,6 +86,55 @@ class TranslateConfig:
                                          # (inprocess.chosen), else fused on CPU actors, split on GPU actors
 
 
+PATH_OPTIONS = ("src", "dst", "model")          # os.PathLike accepted: the Python API, MapImages
+
+
+def typed_options(options: dict, who: str) -> dict:
+    """Keyword options (the Python API, MapImages) made TranslateConfig's field types, as the command's parser
+    makes them from its flags: numpy numbers as Python ones, an int where a float is asked, a pathlib.Path for
+    SRC, DST and the model, ``extensions`` as a comma-separated string or a list. JobError, naming the option and
+    what it takes, for anything else (``tile="512"``, ``tile=512.0``, ``cutout="yes"``)."""
+    import numbers
+    import os
+    import types
+    import typing
+
+    import numpy as np
+
+    hints, out = typing.get_type_hints(TranslateConfig), {}
+    for name, value in options.items():
+        hint = hints.get(name)
+        if hint is None:
+            out[name] = value
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        optional = union and type(None) in typing.get_args(hint)
+        kind = next(k for k in typing.get_args(hint) if k is not type(None)) if union else hint
+        base = typing.get_origin(kind) or kind
+        if value is None and optional:
+            out[name] = None
+        elif base is bool and isinstance(value, (bool, np.bool_)):
+            out[name] = bool(value)
+        elif base in (int, float) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            out[name] = base(value)
+        elif base is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif base is str and (isinstance(value, str) or name in PATH_OPTIONS and isinstance(value, os.PathLike)):
+            out[name] = os.fspath(value)
+        elif base is tuple and isinstance(value, (str, list, tuple)) and all(isinstance(v, str) for v in value):
+            found = tuple(e.strip() for v in ([value] if isinstance(value, str) else value)
+                          for e in v.split(",") if e.strip())
+            if not found:
+                raise JobError(f"{who}: {name}={value!r} names no extension (e.g. 'png,jpg' or ['png', 'jpg'])")
+            out[name] = found
+        else:
+            want = {bool: "True or False", int: "an int", float: "a number", tuple: "a list of strings",
+                    str: "a string" + (" or a pathlib.Path" if name in PATH_OPTIONS else "")}[base]
+            raise JobError(f"{who}: {name}={value!r} is a {type(value).__name__}; give {want}"
+                           + (" or None" if optional else ""))
+    return out
+
+
 def model_info(cfg: TranslateConfig) -> dict:
     """The model's identity (model_id, sha256, task, scale), once it has been loaded here, in the driver, before
     Ray starts, as each model actor will load it: its weights against the checksum in its config.json, its
@@ -115,6 +164,11 @@ def model_info(cfg: TranslateConfig) -> dict:
     if cfg.cutout and task != "seg":
         raise JobError(f"--cutout writes a segmentation model's cut-out, but {redact(cfg.model)} is a {task} model: "
                        f"leave --cutout out")
+    if task == "seg" and not cfg.cutout and cfg.format != "png":
+        raise JobError(f"{redact(cfg.model)} writes 0/255 masks, which {cfg.format} would not keep (it is lossy): use "
+                       f"--format png (or --cutout, whose {cfg.format} output is the image on white where cut out)"
+                       if cfg.format == "jpeg" else f"{redact(cfg.model)} writes 0/255 masks, which {cfg.format} "
+                       f"would not keep (it is lossy): use --format png")
     check_tiles(cfg, contract.tile if contract.geometry == "native" else None, redact(cfg.model))
     resolved = {"precision": prec, "precision_reason": why, "device_kind": kind, "exact": exact,
                 "contract": pixel_contract(contract)}
@@ -276,15 +330,26 @@ def equivalent_recipes(cfg: TranslateConfig, meta: dict) -> tuple[str, ...]:
         amps = ({"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[meta["precision"]],)
     else:
         amps = ()
-    return (_hash(cfg, meta, {"precision": meta["precision"]}), *(_hash(cfg, meta, {"amp": a}) for a in amps))
+    older = (_hash(cfg, meta, {"precision": meta["precision"]}), *(_hash(cfg, meta, {"amp": a}) for a in amps))
+    if cfg.model == "bicubic" and float(meta["scale"]).is_integer():    # before _number: --scale 2 hashed 2.0
+        older += tuple(_hash(cfg, {**meta, "scale": float(meta["scale"])}, how, as_given=True) for how in (
+            {"precision": meta["precision"], "contract": meta["contract"]}, {"precision": meta["precision"]}))
+    return older
 
 
-def _hash(cfg: TranslateConfig, meta: dict, how: dict) -> str:
-    what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": meta["scale"],
+def _hash(cfg: TranslateConfig, meta: dict, how: dict, as_given: bool = False) -> str:
+    scale = meta["scale"] if as_given else _number(meta["scale"])
+    what = {"model_id": meta["model_id"], "model_sha256": meta["sha256"], "scale": scale,
             "cutout": cfg.cutout, "format": cfg.format, "suffix": cfg.suffix, "tile": cfg.tile,
             "overlap": cfg.overlap, "quality": cfg.quality if cfg.format != "png" else None, **how,
             **({"output_format": cfg.output_format} if cfg.output_format != "files" else {})}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _number(x: float) -> int | float:
+    """A scale as the recipe hashes it: 2, whether given as 2 or 2.0 (the CLI's --scale is a float, the API's and
+    a model's config an int); what earlier versions hashed for an integral float is in equivalent_recipes."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")

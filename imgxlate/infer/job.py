@@ -388,9 +388,9 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
         + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
         + (f"; {summary['not_started']} not started (a rerun does them)" if stopped else ""))
     log(f"outputs under {redact(run.cfg.dst)}; manifest and summary in {summary['manifest']}")
+    if started_ray:        # no Ray process outlives the run that started it: a caller's next imgxlate.translate gets
+        raydata.shutdown() # its own --ray-address, --num-cpus and endpoint, and small runs run in-process again
     if stopped:
-        if started_ray:
-            raydata.shutdown()             # no Ray process outlives an interrupted run
         if signum is not None and run.drain.reason is None:
             raise Interrupted(signum, summary)
         raise DstFailed(summary)

@@ -358,17 +358,23 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
     rcfg = resolve_resources(cfg, fit)
     check_precision(rcfg, meta)
     check_gpus(rcfg, stop)
-    # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # A normal run shows imgxlate's own progress; Ray Data's notices stay in Ray's session logs. Everything set
+    # here is set back after the run, for a caller's own pipelines in the same process (imgxlate.translate).
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()                                           # ray:
-    saved, callbacks = ctx.target_max_block_size, ctx.custom_execution_callback_classes
+    names = ("enable_progress_bars", "print_on_execution_start", "max_errored_blocks", "target_max_block_size",
+             "custom_execution_callback_classes")
+    saved, order = {n: getattr(ctx, n) for n in names}, ctx.execution_options.preserve_order      # ray:
     try:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.execution_options.preserve_order = False
         ctx.max_errored_blocks = -1             # a batch that failed every retry is dropped; the caller gives rows
         ctx.target_max_block_size = 1                                   # ray: see build
-        ctx.custom_execution_callback_classes = [*callbacks, bounded_block_stats()]   # ray: flat memory
+        ctx.custom_execution_callback_classes = [*saved["custom_execution_callback_classes"],
+                                                 bounded_block_stats()]                 # ray: flat memory
         # prefetch_batches=0: a block is handed over as soon as it is done, not when the next one is
         for batch in build(feed, rcfg, meta, stop).iter_batches(batch_format="pyarrow", batch_size=None,
                                                                 prefetch_batches=0):   # ray:
@@ -378,5 +384,8 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
                 after_batch()
             heap.trim()
     finally:
-        ctx.target_max_block_size, ctx.custom_execution_callback_classes = saved, callbacks
+        for n, v in saved.items():
+            setattr(ctx, n, v)
+        ctx.execution_options.preserve_order = order
+        logger.setLevel(level)
     return rcfg
