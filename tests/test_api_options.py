@@ -126,3 +126,9 @@ def test_a_callers_process_is_left_as_it_was(tmp_path):
     out = subprocess.run([sys.executable, "-c", CALLER, str(tmp_path / "src"), str(tmp_path / "dst")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert "CALLER OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_a_mistyped_model_name_gets_the_shipped_names(tmp_path):
+    with pytest.raises(imgxlate.CannotRun, match=r"no model named 'sr-x3': did you mean sr-x4 or sr-x2\?.* the "
+                                                 r"shipped models are restore-x2, sr-x2, sr-x4 \(and bicubic\)"):
+        imgxlate.translate(tmp_path, tmp_path / "out", model="sr-x3")

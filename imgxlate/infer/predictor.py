@@ -49,6 +49,8 @@ def resolve_model(spec: str, scale: float | None = None, device: str = "cpu") ->
                          f"artifact, or a shipped model ({', '.join(zoo.names()) or 'none installed'})")
     if zoo.is_shipped(spec):
         spec = zoo.path(spec)
+    elif why := zoo.unknown_name(spec):
+        raise ValueError(why)
     model = external.load(spec, device) if external.is_external(spec) else load(spec, device)
     if scale is not None and model.task == "sr" and model.scale != scale:
         raise ValueError(f"{spec} is a x{model.scale:g} model but --scale {scale:g} was asked for")

@@ -30,3 +30,17 @@ def path(name: str) -> str:
 def meta(name: str) -> dict:
     with open(os.path.join(path(name), "config.json")) as f:
         return json.load(f)
+
+
+def unknown_name(spec: str) -> str | None:
+    """Why ``spec`` names no model, when it reads as a model's name (no '/', no URI, nothing of that name here)
+    and no shipped model has it: the shipped names, the nearest first; else None."""
+    import difflib
+
+    if not isinstance(spec, str) or "/" in spec or ":" in spec or os.path.exists(spec) or is_shipped(spec):
+        return None
+    near = difflib.get_close_matches(spec, names() + ["bicubic"], n=2)
+    return (f"no model named {spec!r}: " + (f"did you mean {' or '.join(near)}? " if near else "")
+            + f"the shipped models are {', '.join(names()) or 'none'} (and bicubic); else give an artifact's "
+              f"path or URI")
+
