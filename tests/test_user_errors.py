@@ -245,13 +245,14 @@ def test_the_other_commands_refuse_bad_input_in_one_line_before_any_work(tmp_pat
                ("train", "sr", str(data), "--stages", "2:1,3:1:new"): "scale 3 is not one of 1, 2, 4, 8",
                ("train", "sr", str(data), "--name", "../../etc"): "a run's name is one folder name",
                ("lr-find", "sr", str(data), "--start-lr", "1", "--end-lr", "0.1"): "--start-lr 1 must be below",
-               ("eval", "sr", "--model", "nothing-here", "--data", str(data), "--scale", "2"): "no config.json",
+               ("eval", "sr", "--model", "nothing-here", "--data", str(data), "--scale", "2"): "no model named",
                ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "4"): "x2 model but --scale 4",
                ("eval", "seg", "--model", "sr-x2", "--data", str(data)): "sr-x2 is a sr model; eval seg scores seg",
                ("eval", "sr", "--model", "sr-x2", "--data", str(data), "--scale", "2"):
                    "b.png cannot be read (DecodeError",
                ("info", str(tmp_path / "damaged")): "its config.json is damaged",
-               ("info", "nothing-here"): "no config.json",
+               ("info", "nothing-here"): "no model named 'nothing-here'",
+               ("info", str(tmp_path / "nothing-here")): "no config.json",
                ("sample-photos", str(tmp_path / "file")): "writes into a local folder",
                ("sample-photos", "s3://bucket/photos"): "writes into a local folder",
                ("sample-photos", str(tmp_path / "p"), "--holdout", "4"): "at most 3 of the photos are held out"}

@@ -64,6 +64,8 @@ def model_meta(spec: str) -> dict:
 
     if zoo.is_shipped(spec):
         spec = zoo.path(spec)
+    elif why := zoo.unknown_name(spec):
+        raise ValueError(why)
     return external.describe(spec)[1] if external.is_external(spec) else read_meta(spec)
 
 
