@@ -390,6 +390,7 @@ def finish(run: Run, started_ray: bool, resources: TranslateConfig | None) -> di
     log(f"outputs under {redact(run.cfg.dst)}; manifest and summary in {summary['manifest']}")
     if started_ray:        # no Ray process outlives the run that started it: a caller's next imgxlate.translate gets
         raydata.shutdown() # its own --ray-address, --num-cpus and endpoint, and small runs run in-process again
+    heap.compute()         # a caller's own torch work after a run on Ray gets a heap for compute back (heap.steady)
     if stopped:
         if signum is not None and run.drain.reason is None:
             raise Interrupted(signum, summary)
