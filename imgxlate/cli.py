@@ -69,7 +69,7 @@ def run_verify(args) -> int:
 
 # ------------------------------------------------------------------------------------------- train
 MODEL_FLAG = {"sr": "scale", "seg": "encoder_weights", "style": "norm"}   # a model setting (--model-config wins)
-FLAG_DEFAULT = {"encoder_weights": "imagenet", "norm": "instance"}        # without --init (its model has its own)
+FLAG_DEFAULT = {"encoder_weights": "imagenet", "norm": "instance", "scale": 2}   # without --init (its model's own)
 
 
 def train_config(args, task: str):
@@ -89,11 +89,24 @@ def train_config(args, task: str):
     value = getattr(args, flag)
     if value is None and not getattr(args, "init", None):
         value = FLAG_DEFAULT.get(flag)
+    if value is None and task == "sr" and getattr(args, "init", None) and not getattr(args, "stages", None):
+        value = _init_scale(args.init)       # --init sr-x4 trains at x4 unless told another --scale
     if value is not None:
         model.setdefault(flag, value)
     cpus = args.cpus_per_worker if args.cpus_per_worker is not None else (4.0 if args.use_gpu else 1.0)
     return config_from(RunConfig, args, task=task, model=model, loop=config_from(LoopConfig, args),
                        stages=parse_stages(task, getattr(args, "stages", None)), cpus_per_worker=cpus)
+
+
+def _init_scale(init: str) -> int | None:
+    """The scale of the SR model --init names (None when it cannot be read here: the run's own check says why)."""
+    from imgxlate.infer.predictor import model_meta
+
+    try:
+        scale = model_meta(init).get("scale")
+    except Exception:
+        return None
+    return int(scale) if isinstance(scale, (int, float)) and float(scale).is_integer() else None
 
 
 def cmd_train(args) -> int:

@@ -119,7 +119,7 @@ def predictor(model: str, cfg, task: str, scale=None, **options):
 # ------------------------------------------------------------------------------------------------ SR
 def sr(cfg: SrEval) -> None:
     pred = predictor(cfg.model, cfg, "sr", cfg.scale, ensemble=cfg.ensemble)
-    rows = evaluate.eval_sr(pred, evaluate.read_named(cfg.data), cfg.scale, y_channel=not cfg.rgb,
+    rows = evaluate.eval_sr(pred, evaluate.read_named(cfg.data, exclude=cfg.out), cfg.scale, y_channel=not cfg.rgb,
                             crop=cfg.crop if cfg.sheet else 0, degradations=cfg.degradations, seed=cfg.seed)
     if not rows:
         raise EvalError(f"no images under {cfg.data}")
@@ -156,7 +156,7 @@ def seg(cfg: SegEval) -> None:
     if cfg.size:
         pred.contract = dataclasses.replace(pred.contract, size=cfg.size)
     trained = evaluate.training_seg_settings(getattr(model, "meta", {}))
-    pairs = evaluate.seg_pairs(cfg.data, cfg.split, trained["val_fraction"], trained["seed"])
+    pairs = evaluate.seg_pairs(cfg.data, cfg.split, **trained, exclude=cfg.out)
     rows = evaluate.eval_seg(pred, evaluate.read_seg_samples(pairs, root=cfg.data))
     if not rows:
         raise EvalError(f"no image/mask pairs under {cfg.data} (split {cfg.split})")
@@ -192,7 +192,7 @@ def style(cfg: StyleEval) -> None:
 
     if cfg.style and len(cfg.model) > 1:
         raise EvalError("--style overrides the style image of one model only; give one --model with it")
-    images = evaluate.read_named(cfg.data, read_rgb)
+    images = evaluate.read_named(cfg.data, read_rgb, exclude=cfg.out)
     if not images:
         raise EvalError(f"no images under {cfg.data}")
     for spec in cfg.model:
@@ -208,7 +208,11 @@ def _style_model(cfg: StyleEval, spec: str, images: list[evaluate.Named]) -> Non
     style_uri = cfg.style or run.get("style_image")
     if not style_uri:
         raise EvalError(f"{spec} does not record its style image: pass --style")
-    style_image = read_rgb(style_uri)
+    try:
+        style_image = read_rgb(style_uri)
+    except (OSError, ValueError) as e:      # the path its training recorded, on another machine: gone
+        raise EvalError(f"the style image {style_uri} cannot be read ({type(e).__name__}: {e})"
+                        + ("" if cfg.style else f": it is the one {spec}'s training recorded; pass --style")) from None
     size = cfg.size or run.get("content_size", 256)
     style_size = cfg.style_size or style_size_of(run)       # as the run computed its Gram targets
     rows = evaluate.eval_style(pred, images, style_image, size=size, vgg_weights=cfg.vgg_weights,

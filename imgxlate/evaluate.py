@@ -30,9 +30,10 @@ from imgxlate.models import build
 Named = tuple[str, np.ndarray]             # (name shown in results, decoded uint8 image)
 
 
-def list_images(src: str) -> list[listing.Item]:
-    """Images under a folder / s3:// prefix or in a manifest, through the batch job's listing."""
-    return listing.list_inputs(src, listing.IMAGE_EXTS)
+def list_images(src: str, exclude: str | None = None) -> list[listing.Item]:
+    """Images under a folder / s3:// prefix or in a manifest, through the batch job's listing; nothing under
+    ``exclude`` (eval's --out, when it lies inside the data: its sheets are no test images)."""
+    return listing.list_inputs(src, listing.IMAGE_EXTS, exclude=exclude)
 
 
 class UnreadableImage(CannotRun, ValueError):
@@ -47,8 +48,8 @@ def _read(uri: str, reader, what: str = ""):
                               f"over every image of its data set: fix or remove it") from None
 
 
-def read_named(src: str, reader=images.read_image) -> list[Named]:
-    return [(it.key, _read(it.source_uri, reader)) for it in list_images(src)]
+def read_named(src: str, reader=images.read_image, exclude: str | None = None) -> list[Named]:
+    return [(it.key, _read(it.source_uri, reader)) for it in list_images(src, exclude)]
 
 
 # ------------------------------------------------------------------------------------------------ SR
@@ -131,10 +132,13 @@ class SegRow:
     pictures: dict | None = field(default=None, repr=False)   # photo, predicted and true masks
 
 
-def seg_pairs(folder: str, split: str = "all", val_fraction: float = 0.2, seed: int = 0) -> list[tuple[str, str]]:
+def seg_pairs(folder: str, split: str = "all", val_fraction: float = 0.2, seed: int = 0,
+              limit: int | None = None, exclude: str | None = None) -> list[tuple[str, str]]:
     """(image, mask) pairs under ``folder`` (training's pairing rules); ``split='val'`` keeps only the groups
-    (Carvana: cars) that training with the same ``val_fraction`` and ``seed`` held out."""
-    pairs = pairing.pair_segmentation([it.source_uri for it in list_images(folder)])
+    (Carvana: cars) that training with the same ``val_fraction``, ``seed`` and ``limit`` (its --limit: the first
+    pairs, split among themselves) held out."""
+    pairs = pairing.pair_segmentation([it.source_uri for it in list_images(folder, exclude)],
+                                      limit=limit if split != "all" else None)
     if split == "all":
         return pairs
     train, val = pairing.grouped_split(pairs, val_fraction, seed=seed)
@@ -144,7 +148,7 @@ def seg_pairs(folder: str, split: str = "all", val_fraction: float = 0.2, seed: 
 def training_seg_settings(meta: dict) -> dict:
     """The split settings recorded in a seg artifact's provenance."""
     cfg = meta.get("provenance", {}).get("config", {})
-    return {"val_fraction": cfg.get("val_fraction", 0.2), "seed": cfg.get("seed", 0)}
+    return {"val_fraction": cfg.get("val_fraction", 0.2), "seed": cfg.get("seed", 0), "limit": cfg.get("limit")}
 
 
 def read_seg_pair(img_uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:

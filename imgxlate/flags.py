@@ -205,7 +205,8 @@ def add_train_arguments(p: argparse.ArgumentParser, task: str) -> None:
 
 
 def _add_sr_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=int, default=2, choices=(1, 2, 4, 8))
+    p.add_argument("--scale", type=int, default=None, choices=(1, 2, 4, 8),
+                   help="upscaling factor (default: --init's, else 2)")
     p.add_argument("--stages", help="progressive plan scale:epochs[:new], e.g. 2:3,4:1:new,4:3")
     p.add_argument("--hr-crop", type=COUNT, default=96,
                    help="HR crop side (training images smaller than it are skipped, with a warning)")

@@ -9,8 +9,14 @@ import re
 
 import numpy as np
 
+from imgxlate.errors import CannotRun
+
 CARVANA_MASK = r"(?P<stem>.+)_mask\.(gif|png)$"
 CARVANA_GROUP = r"^(?P<group>[^_/]+)_"
+
+
+class NoPairs(CannotRun, ValueError):
+    """A folder with no image/mask pairs: a segmentation run or evaluation has nothing to work on (exit 2)."""
 
 
 SIBLING_FOLDERS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
@@ -58,7 +64,7 @@ def pair_segmentation(uris: list[str], mask_pattern: str = CARVANA_MASK, limit: 
             if limit and len(pairs) == limit:
                 break
     if not pairs:
-        raise ValueError("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
+        raise NoPairs("no image/mask pairs found (expected <name>.jpg with <name>_mask.gif, or images/ + masks/, "
                          "train/ + train_masks/, or image/ + label/)")
     return pairs
 

@@ -480,7 +480,7 @@ def test_init_fine_tunes_a_shipped_model_grown_wider_and_a_wrong_one_stops_befor
                                ("sr-x2", '{"global_residual": "none"}', "which its weights fix"),
                                ("sr-x2", '{"nf": 64.5}', "nf 64.5: a whole number"),
                                ("sr-x2 --preset edsr", "{}", "--preset / --arch cannot go with it"),
-                               ("sr-x4", "{}", "can only grow to a larger scale than x4")):   # --scale 2
+                               ("sr-x4 --scale 2", "{}", "can only grow to a larger scale than x4")):
         assert main(["train", "sr", str(photos / "train"), "--init", *bad.split(), "--model-config", config,
                      "--storage", str(tmp_path / "r2"), "--name", "bad"]) == 2
         assert words in capsys.readouterr().err

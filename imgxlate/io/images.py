@@ -44,3 +44,15 @@ def image_size(uri: str) -> tuple[int, int]:
         except Exception as e:
             raise ValueError(f"{listing.redact(uri)}: cannot read the image's header: {e}") from e
     return _SIZES[uri]
+
+
+def shorter_sides(uris: list[str]) -> tuple[dict[str, int], list[str]]:
+    """({uri: the shorter side} of the images whose header can be read, [why, for each that cannot]): from
+    :func:`image_size`, so that one file that is not an image leaves out itself, not a whole training run."""
+    sides, bad = {}, []
+    for u in uris:
+        try:
+            sides[u] = min(image_size(u))
+        except ValueError as e:              # not an image, empty, cut short before its size
+            bad.append(str(e))
+    return sides, bad

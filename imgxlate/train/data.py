@@ -30,9 +30,10 @@ from imgxlate.io.images import read_mask, read_rgb
 DEFAULT_CACHE_MB = 1024
 
 
-def list_items(src: str, limit: int | None = None) -> list[listing.Item]:
-    """Images under a folder / prefix or in a manifest (URI and key), through the batch job's listing."""
-    return listing.list_inputs(src, listing.IMAGE_EXTS, limit)
+def list_items(src: str, limit: int | None = None, exclude: str | None = None) -> list[listing.Item]:
+    """Images under a folder / prefix or in a manifest (URI and key), through the batch job's listing; nothing
+    under ``exclude`` (the run's --storage, when it lies inside the data: its curves are no training images)."""
+    return listing.list_inputs(src, listing.IMAGE_EXTS, limit, exclude)
 
 
 def list_images(src: str, limit: int | None = None) -> list[str]:

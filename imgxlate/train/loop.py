@@ -153,7 +153,13 @@ class Trainer:
     def _check_finite(self, sums: dict, since: int) -> None:
         """The loss summed since the last check is finite, or FloatingPointError. Checked every SYNC_EVERY steps
         and at every epoch's end, not at every step: each check waits for the device (a host sync)."""
-        if "loss" in sums and not math.isfinite(total := float(sums["loss"])):
+        if "loss" not in sums:
+            return
+        loss = torch.as_tensor(sums["loss"]).detach().float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            loss = loss.clone()                 # every worker sums every worker's loss, so all of them stop at once
+            torch.distributed.all_reduce(loss)
+        if not math.isfinite(total := float(loss)):
             raise FloatingPointError(f"loss became {total} between steps {since + 1} and {self.step}")
 
     def fit(self) -> list[dict]:
@@ -202,7 +208,12 @@ class Trainer:
 
     def load_state_dict(self, s: dict) -> None:
         _unwrap(self.model).load_state_dict(s["model"])
+        fresh = [dict(g) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(s["optimizer"])
+        for g, f in zip(self.optimizer.param_groups, fresh):     # a rerun's --lr / --weight-decay are the run's from
+            if g.get("max_lr") and f.get("max_lr"):               # here on: the one-cycle curve is linear in max_lr
+                g["lr"] *= f["max_lr"] / g["max_lr"]
+            g.update({k: f[k] for k in ("max_lr", "initial_lr", "min_lr", "weight_decay") if k in f})
         if s["scheduler"]["total_steps"] == self.scheduler.total_steps:
             self.scheduler.load_state_dict(s["scheduler"])
         else:                                  # a finished run extended with more epochs: stretch the cycle

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from imgxlate.errors import CannotRun
+from imgxlate.errors import CannotRun, Stopped
 from imgxlate.io import storage
 from imgxlate.train import tasks
 from imgxlate.train.data import EpochSampler, split_cache
@@ -57,8 +57,27 @@ def train_loop_per_worker(config: dict) -> None:
         trainer = _stage_trainer(cfg, task, stages, si, model, new, worker)
         if resuming:
             trainer.load_state_dict(state)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except FloatingPointError as e:         # on every worker at once (Trainer._check_finite); raised, Ray would
+            if worker.rank == 0:                # retry from the same checkpoint, and diverge again
+                storage.write_bytes(diverged_uri(cfg), f"stage {si + 1}: {e}".encode())
+            return
         state = None
+
+
+def diverged_uri(cfg: tasks.RunConfig) -> str:
+    """Where rank 0 says why the loss stopped being finite, for the driver (which removes it once read)."""
+    return storage.join(run_dir(cfg), "imgxlate", "diverged.txt")
+
+
+class Diverged(Stopped):
+    """The training's loss (or its final weights) stopped being finite: no artifact is written (exit 1)."""
+
+    def __init__(self, cfg: tasks.RunConfig, what: str):
+        super().__init__(f"training diverged: {what}", 0, 1, advice=f"lower --lr (now {cfg.loop.lr:g}; `imgxlate "
+                         f"lr-find` suggests one) and rerun: the run resumes from its last checkpoint at the new LR "
+                         f"(or give another --name to start afresh)")
 
 
 def _join(cfg: tasks.RunConfig) -> _Worker:
@@ -350,6 +369,8 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     model = build(saved["arch"], saved["model_config"])
     weights = saved["trainer"]["ema"] or saved["trainer"]["model"]
     model.load_state_dict(weights)
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+        raise Diverged(cfg, "the final weights are not finite (NaN or inf)")
     history = saved["trainer"]["history"]
     out = cfg.out or storage.join(run_dir(cfg), "model")
     provenance = {"data": cfg.data, "val": cfg.val, **saved.get("data", {}), "run": run_dir(cfg),

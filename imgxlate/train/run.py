@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -12,7 +13,7 @@ import time
 from imgxlate import plots, rayenv
 from imgxlate.io import storage
 from imgxlate.log import log
-from imgxlate.models import make_config
+from imgxlate.models import build, make_config
 from imgxlate.train import ray_train, tasks
 
 
@@ -34,6 +35,10 @@ def parse_stages(task: str, text: str | None) -> list[tasks.Stage]:
             raise tasks.DataError(f"--stages {text!r}: {item.strip()!r} is not {t.stage_form} (whole numbers of "
                                   f"at least 1)")
         stages.append(t.parse_stage(value, epochs, flag, any(s.frozen_groups for s in stages)))
+    scales = [s.scale for s in stages if s.scale]
+    if any(b < a for a, b in zip(scales, scales[1:])):      # else stage 1 trains, then growing it fails
+        raise tasks.DataError(f"--stages {text!r}: the scale goes down (x{' -> x'.join(map(str, scales))}); a model "
+                              f"grows to larger scales only")
     return stages
 
 
@@ -67,8 +72,12 @@ def check_data(cfg: tasks.RunConfig, resuming: bool = False) -> tuple[str, objec
     elif not cfg.init:
         try:
             built = task.fresh_config(cfg, first)
-        except (KeyError, TypeError, ValueError) as e:
-            raise tasks.DataError(f"the model: {e}") from None
+            build(*built)               # built once here (no weights read): a value it cannot take ('{"nf": "64"}')
+        except tasks.DataError:
+            raise
+        except Exception as e:          # stops before Ray, not in every worker and its retries
+            raise tasks.DataError(f"the model cannot be built from this --preset / --model-config / --scale: "
+                                  f"{type(e).__name__}: {e}") from None
     plans = task.check(cfg)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         log(f"warning: {warning}")
@@ -179,7 +188,12 @@ def hold(cfg: tasks.RunConfig):
 def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: float) -> dict:
     import ray
 
-    started = rayenv.start_or_join(ray_address, num_cpus=max(2, cfg.workers * int(cfg.cpus_per_worker)))
+    want = max(2, math.ceil(cfg.workers * cfg.cpus_per_worker - 1e-9))     # 2 x 1.5 CPUs: 3, not 2
+    local = (ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    if local and not ray.is_initialized() and want > (os.cpu_count() or 1):
+        log(f"warning: {cfg.workers} workers of {cfg.cpus_per_worker:g} CPUs ask for {want} CPUs and this machine "
+            f"has {os.cpu_count()}: they share its CPUs, each step taking longer")
+    started = rayenv.start_or_join(ray_address, num_cpus=want)
     log_path = ray_log_path(cfg)
     log(f"Ray's own messages: {log_path}")
     try:
@@ -196,6 +210,11 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
             ray.shutdown()
     if result.error:
         raise RuntimeError(f"training failed: {result.error} (Ray's messages: {log_path})")
+    if storage.exists(why := ray_train.diverged_uri(cfg)):
+        what = storage.read_bytes(why).decode()
+        fs, path = storage.filesystem(why)
+        fs.rm_file(path)                        # a rerun of the run (after a lower --lr, say) starts clean
+        raise ray_train.Diverged(cfg, what)
     out = ray_train.export_artifact(cfg, result)
     history = []
     try:

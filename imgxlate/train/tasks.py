@@ -250,19 +250,23 @@ class Task:
     def plan(self, cfg: RunConfig, stage: Stage) -> DataPlan:
         """Training images and validation images: ``--val``, or a seeded HELD_OUT of the training images
         that is never trained on."""
-        items = data.list_items(cfg.data, cfg.limit)
+        items = data.list_items(cfg.data, cfg.limit, cfg.storage)
         keys = {it.source_uri: it.key for it in items}
+        warnings = []
         if cfg.val:
-            train, val, held_out = items, data.list_items(cfg.val), []
+            train, val, held_out = items, data.list_items(cfg.val, exclude=cfg.storage), []
             if not val:
                 raise DataError(f"no images under --val {cfg.val}")
+            if shared := set(keys) & {it.source_uri for it in val}:     # scores of fit, not of generalisation
+                warnings.append(f"{len(shared)} of the {len(val)} --val images are training images too")
         else:
             train, val = data.held_out_split(items, HELD_OUT, cfg.seed)
             held_out = [it.key for it in val]
             if not val:
                 raise DataError(f"{cfg.data} has {len(items)} image(s): holding {HELD_OUT:.0%} out for validation "
                                 f"needs at least 2; add images or pass --val")
-        return DataPlan([it.source_uri for it in train], [it.source_uri for it in val], keys, held_out)
+        return DataPlan([it.source_uri for it in train], [it.source_uri for it in val], keys, held_out,
+                        warnings=warnings)
 
     def check(self, cfg: RunConfig) -> list[DataPlan]:
         """Every stage's plan, or a DataError that says what to change: run before any worker starts."""
@@ -315,7 +319,11 @@ class SrTask(Task):
         """Training images smaller than the stage's HR crop are skipped (a batch stacks crops of one size)."""
         plan = super().plan(cfg, stage)
         crop = data.sr_crop(cfg.hr_crop, stage.scale or 2)
-        side = {u: min(image_io.image_size(u)) for u in plan.train}          # headers only
+        side, bad = image_io.shorter_sides(plan.train + plan.val)            # headers only
+        if bad:
+            plan.train, plan.val = [u for u in plan.train if u in side], [u for u in plan.val if u in side]
+            plan.warnings.append(f"{len(bad)} images cannot be read and are left out, e.g. {bad[0]}")
+        side = {u: side[u] for u in plan.train}
         small = [u for u in plan.train if side[u] < crop]
         if small:
             plan.train = [u for u in plan.train if side[u] >= crop]
@@ -394,13 +402,15 @@ class SegTask(Task):
     def plan(self, cfg, stage):
         """Pairs split by group (car id); the contract's source size from the headers of up to 64 evenly
         spaced training images (the median, so a few odd sizes do not move it)."""
-        items = data.list_items(cfg.data)
+        items = data.list_items(cfg.data, exclude=cfg.storage)
         keys = {it.source_uri: it.key for it in items}
         pairs = pairing.pair_segmentation([it.source_uri for it in items], limit=cfg.limit)
         train, val = pairing.grouped_split(pairs, cfg.val_fraction, seed=cfg.seed)
         probe = train[:: max(1, len(train) // 64)][:64]
         source = tuple(int(v) for v in np.median([image_io.image_size(i) for i, _ in probe], axis=0)) if probe else None
-        return DataPlan(train, val or train[:1], keys, [keys[i] for i, _ in val], source_size=source)
+        one = [] if val or not train else ["every pair is of one group (car id): none is held out, and validation "
+                                           "scores a training image; add more groups"]
+        return DataPlan(train, val or train[:1], keys, [keys[i] for i, _ in val], source_size=source, warnings=one)
 
     def stage_data(self, cfg, stage, device):
         plan = self.plan(cfg, stage)
