@@ -7,10 +7,12 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 
 from imgxlate import plots, rayenv
+from imgxlate.errors import Stopped
 from imgxlate.io import storage
 from imgxlate.log import log
 from imgxlate.models import build, make_config
@@ -201,7 +203,11 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
             ray_train.check_resources(cfg, wait_for_resources, log=log)
             log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
-            result = ray_train.fit(cfg)
+            try:
+                result = ray_train.fit(cfg)
+            except SystemExit:      # Ray Train's own Ctrl-C handler aborts the run, then exits 0: never a success
+                raise Stopped(f"training run '{cfg.name}' interrupted (Ctrl-C)", 0, 128 + signal.SIGINT,
+                              advice="rerun the same command to resume from its last checkpoint") from None
             if started:
                 ray.shutdown()                  # while Ray's output still goes to the log
                 started = False
