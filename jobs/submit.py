@@ -13,9 +13,9 @@ What it adds to `ray job submit --working-dir . --runtime-env cluster/runtime_en
   same --name and --storage.
 - The runtime_env: this checkout as the working_dir, minus data, `.git`, virtual environments and
   outputs (cluster/runtime_env.yaml), plus the non-secret S3 settings of this shell
-  (``imgxlate.io.storage.FORWARDED_ENV``: AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION). Credentials are
-  never shipped: the cluster's nodes use their own environment or instance role, and an entrypoint that carries
-  a secret is refused.
+  (``imgxlate.io.storage.FORWARDED_ENV``: AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION, IMGXLATE_DURABLE).
+  Credentials are never shipped: the cluster's nodes use their own environment or instance role, and an
+  entrypoint or forwarded setting that carries a secret (a key's name, or a URL with user:password@) is refused.
 - It follows the job: prints its logs as they come and exits 0 when it SUCCEEDED (1 otherwise);
   ``--no-wait`` returns after submitting.
 """
@@ -32,14 +32,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = re.compile(r"(AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret_access_key|secret[_-]?key|"
-                    r"X-Amz-Signature|X-Amz-Credential|password)", re.IGNORECASE)
+                    r"X-Amz-Signature|X-Amz-Credential|password|://[^/\s:@]+:[^/\s@]+@)", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def submission_id(entrypoint: list[str]) -> str:
-    """``imgxlate-<script>-<12 hex>``: the same command (same script and arguments) gives the same id."""
+def submission_id(entrypoint: list[str], env: dict | None = None) -> str:
+    """``imgxlate-<script>-<12 hex>``: the same command (same script and arguments) from the same working
+    directory, with the same forwarded settings (``env``'s env_vars: the S3 endpoint, the region), gives the same
+    id; the same command against another store, or from another checkout, is another job."""
     script = next((os.path.splitext(os.path.basename(a))[0] for a in entrypoint if a.endswith(".py")), "job")
-    digest = hashlib.sha256("\0".join(entrypoint).encode()).hexdigest()[:12]
+    env = env or {}
+    where = [env.get("working_dir", ""), *(f"{k}={v}" for k, v in sorted(env.get("env_vars", {}).items()))]
+    digest = hashlib.sha256("\0".join([*entrypoint, "\1", *where]).encode()).hexdigest()[:12]
     return f"imgxlate-{script.replace('_', '-')}-{digest}"
 
 
@@ -58,7 +62,7 @@ def runtime_env(working_dir: str = ROOT) -> dict:
 
 
 def check_no_secrets(entrypoint: list[str], env: dict) -> None:
-    for text in [*entrypoint, *map(str, env.get("env_vars", {}))]:
+    for text in [*entrypoint, *(str(t) for kv in env.get("env_vars", {}).items() for t in kv)]:   # names, values
         if SECRET.search(text):
             raise SystemExit("submit: refusing to send a credential on the command line or in the runtime_env "
                              f"({SECRET.search(text).group(0)!r}): the cluster's nodes use their own "
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address)
-    base = submission_id(entrypoint)
+    base = submission_id(entrypoint, env)
     action, sid = plan(client, base, args.again)
     if action == "done":
         print(f"submit: {sid} already SUCCEEDED; nothing to do (--again runs it once more)")

@@ -67,7 +67,7 @@ def test_kuberay_rayjob_manifests(name):
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["backoffLimit"], int)
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "InteractiveMode")
-    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    assert int(yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.58.0"
     head = cluster["headGroupSpec"]
@@ -104,8 +104,30 @@ def test_submission_ids_and_runtime_env():
     env = submit.runtime_env()
     assert {".git", ".venv", "out", "data"} <= set(env["excludes"]) and env["working_dir"] == ROOT
     assert "AWS_SECRET_ACCESS_KEY" not in env.get("env_vars", {})
+    assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60      # `ray job stop` leaves the job time to drain
     with pytest.raises(SystemExit, match="credential"):
         submit.check_no_secrets(["python", "jobs/translate.py", "--x", "AWS_SECRET_ACCESS_KEY=abc"], env)
+    for leaky in ({"env_vars": {"AWS_ENDPOINT_URL": "https://minio:s3cret@store:9000"}}, {}):
+        cmd = ["python", "jobs/translate.py"] + ([] if leaky else ["--s3-endpoint", "http://u:pw@127.0.0.1:9000"])
+        with pytest.raises(SystemExit, match="credential"):         # a value, not only a name, is checked
+            submit.check_no_secrets(cmd, leaky)
+    submit.check_no_secrets(["python", "jobs/translate.py", "s3://a/in", "--s3-endpoint", "http://127.0.0.1:9"], env)
+    # The same command against another store, or from another checkout, is another job.
+    cmd = ["python", "jobs/translate.py", "in", "out", "--model", "m"]
+    here = {"working_dir": ROOT, "env_vars": {"AWS_ENDPOINT_URL": "http://a:9000"}}
+    assert submit.submission_id(cmd, here) == submit.submission_id(cmd, dict(here))
+    assert submit.submission_id(cmd, here) != submit.submission_id(cmd, {**here, "env_vars": {}})
+    assert submit.submission_id(cmd, here) != submit.submission_id(cmd, {**here, "working_dir": "/elsewhere"})
+    # Every file the package ships travels with a job (the upload is first on the job's PYTHONPATH): the shipped
+    # models' weights too, which the "*.pt" exclude once dropped.
+    from ray._private.thirdparty.pathspec import PathSpec  # ray: how Ray matches runtime_env excludes
+
+    spec = PathSpec.from_lines("gitwildmatch", env["excludes"])
+    shipped = subprocess.run(["git", "ls-files", "imgxlate", "jobs", "cluster", "pyproject.toml"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert any(f.endswith("zoo/sr-x2/weights.pt") for f in shipped)
+    assert not [f for f in shipped if spec.match_file(f)]
+    assert spec.match_file("runs/sr/model/weights.pt") and spec.match_file("out/x.parquet")
 
 
 # -------------------------------------------------------------------------------------- multi-node
