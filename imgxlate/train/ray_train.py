@@ -273,9 +273,9 @@ def _storage(cfg: tasks.RunConfig):
 
     endpoint = storage.endpoint_from_env()
     if cfg.storage.startswith("s3://") and endpoint:
-        scheme, host = endpoint.split("://", 1)
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme, region=os.environ.get(
+            "AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")    # as boto3 reads them
         return cfg.storage[len("s3://"):], fs
     return cfg.storage, None
 
