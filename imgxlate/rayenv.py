@@ -12,6 +12,8 @@ import tempfile
 
 import ray
 
+from imgxlate.errors import CannotRun
+
 
 def start_or_join(address: str | None = None, num_cpus: int | None = None, env: dict | None = None) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS, which `ray job submit` sets), or start Ray in this
@@ -107,3 +109,43 @@ def output_to(path: str):
         log.close()
 
 
+
+
+def nodes_without(path: str) -> list[str]:
+    """IPs of the cluster's live nodes on which ``path`` does not exist (none on a one-node cluster, where
+    nothing is asked): a task of 0 CPUs pinned to each node looks."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray:
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]                                          # ray:
+    if len(nodes) < 2:
+        return []
+    look = ray.remote(num_cpus=0)(os.path.exists)                                               # ray:
+    seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                 ).remote(path) for n in nodes], timeout=120)                   # ray:
+    return [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen) if not ok]
+
+
+def check_shared(folder: str, what: str) -> None:
+    """On a cluster of more than one node, a local ``folder`` (--storage, SRC, DST) must be one every node sees
+    (NFS, EFS, a mounted volume): a marker written here is looked for on each node. SharedPathError, before any
+    work, when a node does not see it; on one node, nothing is checked."""
+    import uuid
+
+    folder = os.path.abspath(folder)    # a task on another node runs in another working directory
+    if sum(bool(n.get("Alive")) for n in ray.nodes()) < 2 or not os.path.isdir(folder):         # ray:
+        return
+    marker = os.path.join(folder, f".imgxlate-shared-{uuid.uuid4().hex[:8]}")
+    try:
+        open(marker, "w").close()
+        missing = nodes_without(marker)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+    if missing:
+        raise SharedPathError(f"{what} {folder} is a local folder that {len(missing)} of the cluster's nodes do "
+                              f"not see ({', '.join(missing[:3])}): work done there would be lost or not found; "
+                              f"use s3://... or a filesystem every node mounts")
+
+
+class SharedPathError(CannotRun):
+    """A local path the cluster's nodes do not share (exit 2, before any work)."""

@@ -188,6 +188,18 @@ def _alive_nodes(cluster) -> set[str]:
     return set(json.loads(line.removeprefix("alive: ")))
 
 
+def test_a_local_folder_is_looked_for_on_each_node(dev_cluster, tmp_path):
+    """rayenv.check_shared on two nodes: a folder of this machine is seen by both (one machine), a path that is
+    nowhere by neither; no marker is left behind."""
+    code = (f"import ray; from imgxlate import rayenv; ray.init(address={dev_cluster['address']!r}, "
+            f"logging_level='ERROR'); rayenv.check_shared({str(tmp_path)!r}, 'DST'); "
+            f"print('without:', len(rayenv.nodes_without({str(tmp_path / 'nowhere')!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dev_cluster["env"],
+                         timeout=120, cwd=ROOT)
+    assert "without: 2" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
+
+
 def test_batch_job_runs_model_actors_on_both_nodes(dev_cluster, bucket, s3_server):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     n = 24

@@ -181,3 +181,19 @@ def test_ctrl_c_of_a_training_run_exits_130_with_one_line_and_no_artifact(photos
     assert p.returncode == 130, out[-3000:]
     assert "imgxlate train: training run 'ctrlc' interrupted (Ctrl-C); rerun the same command to resume" in out
     assert "Traceback" not in out and not (runs / "ctrlc" / "model").exists()
+
+
+def test_a_local_folder_is_looked_for_on_every_node(tmp_path, ray_local):
+    """On one node nothing is asked; a path is looked for by a 0-CPU task pinned to each live node."""
+    from imgxlate import rayenv
+
+    rayenv.check_shared(str(tmp_path), "--storage")                     # one node: nothing to check
+    assert not list(tmp_path.iterdir())                                 # and no marker left behind
+    import ray
+
+    node = [n for n in ray.nodes() if n["Alive"]][0]
+    look = ray.remote(num_cpus=0)(os.path.exists)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    assert ray.get(look.options(scheduling_strategy=strategy).remote(str(tmp_path)))
+    assert not ray.get(look.options(scheduling_strategy=strategy).remote(str(tmp_path / "nothing")))

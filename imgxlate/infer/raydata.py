@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -29,7 +30,17 @@ def start_ray(cfg: TranslateConfig) -> bool:
     Credentials are not shipped: workers use their own environment / instance role."""
     from imgxlate import rayenv
 
-    return rayenv.start_or_join(cfg.ray_address, cfg.num_cpus, storage.forwarded_env())
+    started = rayenv.start_or_join(cfg.ray_address, cfg.num_cpus, storage.forwarded_env())
+    try:                                # a local SRC / DST on a cluster: every node must see it (a shared mount)
+        for what, uri in (("SRC", cfg.src), ("DST", cfg.dst)):
+            if storage.is_local(uri):
+                path = storage.local_path(uri)
+                rayenv.check_shared(path if os.path.isdir(path) else os.path.dirname(path), what)
+    except BaseException:
+        if started:
+            shutdown()
+        raise
+    return started
 
 
 def shutdown() -> None:
