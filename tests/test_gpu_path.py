@@ -253,3 +253,20 @@ def test_gram_matrices_survive_fp16_autocast():
         g = gram(x.half())
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
     assert torch.allclose(g, gram(x))
+
+
+def test_training_on_logical_gpus_without_cuda_stops_with_exit_2_before_any_worker(tmp_path):
+    """`imgxlate train --gpu` probes CUDA on a GPU as the batch job does: on GPU nodes whose driver the pinned build
+    cannot use, one line and exit 2 instead of every worker failing and being retried."""
+    from imgxlate.samples import write_sample_photos
+
+    write_sample_photos(str(tmp_path / "photos"), max_side=96)
+    code = ("import logging, sys, ray; ray.init(address='local', num_cpus=8, num_gpus=2, include_dashboard=False, "
+            "logging_level=logging.WARNING); from imgxlate.cli import main; rc = main(sys.argv[1:]); "
+            "ray.shutdown(); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "train", "sr", str(tmp_path / "photos"), "--gpu", "--preset",
+                        "tiny", "--hr-crop", "32", "--storage", str(tmp_path / "runs"), "--epochs", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--gpu: " in r.stderr and "train without --gpu" in r.stderr, r.stderr[-3000:]
+    assert not list((tmp_path / "runs").glob("*/checkpoint_*"))

@@ -359,6 +359,17 @@ def fit(cfg: tasks.RunConfig):
     return trainer.fit()
 
 
+def check_cuda(cfg: tasks.RunConfig) -> None:
+    """--gpu: that torch can use CUDA on a GPU node, by one probe task given a GPU, before any worker starts (a
+    torch build the nodes' driver cannot run fails every worker, retried --max-failures times). ResourceError,
+    one line, when it cannot."""
+    from imgxlate.infer.devices import cuda_problem
+
+    if problem := ray.get(ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(cuda_problem).remote()):   # ray:
+        raise ResourceError(f"--gpu: {problem}. Install the torch build that matches the GPU nodes' NVIDIA driver "
+                            f"(a CUDA 13 build needs driver 580 or later; see cluster/), or train without --gpu")
+
+
 def export_artifact(cfg: tasks.RunConfig, result) -> str:
     """Write the run's final model as an artifact with metrics and provenance; returns its URI."""
     from imgxlate.artifact import save

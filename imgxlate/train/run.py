@@ -203,6 +203,8 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
             if storage.is_local(cfg.storage):   # checkpoints written on one node are read on another
                 rayenv.check_shared(ray_train.run_dir(cfg), "--storage")
             ray_train.check_resources(cfg, wait_for_resources, log=log)
+            if cfg.use_gpu:
+                ray_train.check_cuda(cfg)
             log(f"training {cfg.task} run '{cfg.name}' on {cfg.workers} workers "
                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
             try:
