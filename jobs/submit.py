@@ -98,18 +98,31 @@ def plan(client, base: str, again: bool = False) -> tuple[str, str]:
     return "submit", f"{base}-{n}"
 
 
-def follow(client, sid: str, poll_s: float = 1.0) -> str:
-    printed = 0
+def follow(client, sid: str, poll_s: float = 1.0, patience_s: float = 120.0) -> str:
+    """Print the job's logs as they come until it ends; its last status. The poll slows to every 10 s as the log
+    grows (each poll fetches the whole log), and a dashboard that does not answer (a port-forward's blip) is
+    retried for ``patience_s`` before giving up with one line: the job itself goes on either way."""
+    printed, lost_since = 0, None
     while True:
-        status = client.get_job_status(sid).value
-        logs = client.get_job_logs(sid)
+        try:
+            status = client.get_job_status(sid).value
+            logs = client.get_job_logs(sid)
+            lost_since = None
+        except Exception as e:
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > patience_s:
+                raise SystemExit(f"submit: the Jobs API at {client.get_address()} has not answered for "
+                                 f"{patience_s:.0f} s ({type(e).__name__}); job {sid} goes on: the same command "
+                                 f"follows it again") from None
+            time.sleep(min(10.0, poll_s * 5))
+            continue
         if len(logs) > printed:
             sys.stdout.write(logs[printed:])
             sys.stdout.flush()
             printed = len(logs)
         if status in TERMINAL:
             return status
-        time.sleep(poll_s)
+        time.sleep(min(10.0, poll_s * (1 + printed // 1_000_000)))
 
 
 def main(argv=None) -> int:

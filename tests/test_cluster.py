@@ -130,6 +130,32 @@ def test_submission_ids_and_runtime_env():
     assert spec.match_file("runs/sr/model/weights.pt") and spec.match_file("out/x.parquet")
 
 
+def test_following_a_job_rides_out_a_dashboard_that_does_not_answer(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "jobs"))
+    import submit
+
+    class Client:
+        def __init__(self, fail):
+            self.fail, self.calls = fail, 0
+
+        def get_address(self):
+            return "http://127.0.0.1:8265"
+
+        def get_job_status(self, sid):
+            self.calls += 1
+            if self.calls <= self.fail:
+                raise ConnectionError("port-forward dropped")
+            return type("S", (), {"value": "SUCCEEDED" if self.calls > self.fail + 1 else "RUNNING"})()
+
+        def get_job_logs(self, sid):
+            return "epoch 1\n" if self.calls <= self.fail + 1 else "epoch 1\nepoch 2\n"
+
+    assert submit.follow(Client(fail=3), "j", poll_s=0.001, patience_s=30) == "SUCCEEDED"
+    assert capsys.readouterr().out == "epoch 1\nepoch 2\n"
+    with pytest.raises(SystemExit, match="has not answered for 0 s .*job j goes on"):
+        submit.follow(Client(fail=10**9), "j", poll_s=0.001, patience_s=0.05)
+
+
 # -------------------------------------------------------------------------------------- multi-node
 def _free_port_block() -> int:
     """A base port with the block dev-cluster.sh uses (base .. base + 40, base + 1875) free."""
