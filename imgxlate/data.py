@@ -144,6 +144,8 @@ class MapImages:
                 fail_row(row, "read_error", f"no image: the {self.column!r} value is null")
             elif isinstance(b, dict) and isinstance(b.get("bytes"), (bytes, bytearray)):   # a Hugging Face Image
                 decode_into(row, bytes(b["bytes"]), self.cfg.max_pixels)
+            elif isinstance(b, dict) and b.get("bytes") is None and isinstance(b.get("path"), str):
+                _read_path(row, b["path"], self.cfg.max_pixels)     # decode=False: a path, not its bytes
             elif not isinstance(b, (bytes, bytearray)):
                 fail_row(row, "read_error", f"the {self.column!r} value is {type(b).__name__}, not encoded image bytes")
             else:
@@ -162,6 +164,18 @@ class MapImages:
         counters.count(table)
         return {self.output_column: pa.array(outputs, pa.binary()),
                 **{self.names[c]: table.column(c).combine_chunks() for c in COLUMNS}}
+
+
+def _read_path(row, path: str, max_pixels: int) -> None:
+    from imgxlate.infer.stages import decode_into, fail_row
+    from imgxlate.io import storage
+
+    try:
+        data = storage.retry(storage.read_bytes, path)
+    except Exception as e:
+        fail_row(row, "read_error", f"the image's path {path!r} cannot be read: {type(e).__name__}: {e}")
+        return
+    decode_into(row, data, max_pixels)
 
 
 def _values(column) -> list | None:

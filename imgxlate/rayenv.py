@@ -125,26 +125,44 @@ def nodes_without(path: str) -> list[str]:
     return [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen) if not ok]
 
 
-def check_shared(folder: str, what: str) -> None:
-    """On a cluster of more than one node, a local ``folder`` (--storage, SRC, DST) must be one every node sees
-    (NFS, EFS, a mounted volume): a marker written here is looked for on each node. SharedPathError, before any
-    work, when a node does not see it; on one node, nothing is checked."""
+def check_shared(path: str, what: str, write: bool = True) -> None:
+    """On a cluster of more than one node, a local ``path`` (--storage, SRC, DST) must be one every node sees
+    (NFS, EFS, a mounted volume). ``write``: a marker written into the folder is looked for on each node; else
+    (a SRC, perhaps mounted read-only) the file itself, or one entry of the folder. SharedPathError, before any
+    work, when a node does not see it; on one node, or when the nodes do not answer in time (said), nothing."""
     import uuid
 
-    folder = os.path.abspath(folder)    # a task on another node runs in another working directory
-    if sum(bool(n.get("Alive")) for n in ray.nodes()) < 2 or not os.path.isdir(folder):         # ray:
+    from imgxlate.log import log
+
+    path = os.path.abspath(path)        # a task on another node runs in another working directory
+    if sum(bool(n.get("Alive")) for n in ray.nodes()) < 2 or not os.path.exists(path):         # ray:
         return
-    marker = os.path.join(folder, f".imgxlate-shared-{uuid.uuid4().hex[:8]}")
+    marker = os.path.join(path, f".imgxlate-shared-{uuid.uuid4().hex[:8]}") if write else path
+    if not write and os.path.isdir(path):
+        marker = next((os.path.join(path, e) for e in sorted(os.listdir(path))), None)
     try:
-        open(marker, "w").close()
+        if marker is None or write and not _touch(marker):
+            return                      # an empty SRC; a DST that cannot be written (the preflight says so)
         missing = nodes_without(marker)
+    except ray.exceptions.GetTimeoutError:                                                      # ray:
+        log(f"warning: not every node answered whether it sees {what} {path} (2 minutes): not checked")
+        return
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(marker)
+        if write and marker:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
     if missing:
-        raise SharedPathError(f"{what} {folder} is a local folder that {len(missing)} of the cluster's nodes do "
+        raise SharedPathError(f"{what} {path} is a local folder that {len(missing)} of the cluster's nodes do "
                               f"not see ({', '.join(missing[:3])}): work done there would be lost or not found; "
                               f"use s3://... or a filesystem every node mounts")
+
+
+def _touch(path: str) -> bool:
+    try:
+        open(path, "w").close()
+        return True
+    except OSError:
+        return False
 
 
 class SharedPathError(CannotRun):

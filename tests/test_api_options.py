@@ -76,10 +76,13 @@ def test_bicubic_recipe_is_the_same_for_2_and_2_point_0_and_keeps_older_dsts(tmp
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] in equivalent_recipes(a, ma)
 
 
-def test_map_images_reads_hugging_face_image_structs_and_refuses_clashing_output_columns():
+def test_map_images_reads_hugging_face_image_structs_and_refuses_clashing_output_columns(tmp_path):
     stage = MapImages(model="bicubic", scale=2)
-    out = stage(pa.table({"image": [{"bytes": _png(), "path": "a.png"}, {"bytes": None, "path": "b.png"}]}))
-    assert out.column("status").to_pylist() == ["ok", "read_error"]
+    (tmp_path / "c.png").write_bytes(_png())
+    out = stage(pa.table({"image": [{"bytes": _png(), "path": "a.png"}, {"bytes": None, "path": "b.png"},
+                                    {"bytes": None, "path": str(tmp_path / "c.png")}]}))   # decode=False: paths
+    assert out.column("status").to_pylist() == ["ok", "read_error", "ok"]
+    assert "'b.png' cannot be read" in out.column("error")[1].as_py()
     assert Image.open(io.BytesIO(out.column("output")[0].as_py())).size == (24, 16)
     for name in ("status", "image"):
         with pytest.raises(ValueError, match=f"output_column={name!r}"):

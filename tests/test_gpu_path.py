@@ -255,6 +255,7 @@ def test_gram_matrices_survive_fp16_autocast():
     assert torch.allclose(g, gram(x))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: the probe passes")
 def test_training_on_logical_gpus_without_cuda_stops_with_exit_2_before_any_worker(tmp_path):
     """`imgxlate train --gpu` probes CUDA on a GPU as the batch job does: on GPU nodes whose driver the pinned build
     cannot use, one line and exit 2 instead of every worker failing and being retried."""

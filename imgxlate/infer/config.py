@@ -333,7 +333,8 @@ def equivalent_recipes(cfg: TranslateConfig, meta: dict) -> tuple[str, ...]:
     older = (_hash(cfg, meta, {"precision": meta["precision"]}), *(_hash(cfg, meta, {"amp": a}) for a in amps))
     if cfg.model == "bicubic" and float(meta["scale"]).is_integer():    # before _number: --scale 2 hashed 2.0
         older += tuple(_hash(cfg, {**meta, "scale": float(meta["scale"])}, how, as_given=True) for how in (
-            {"precision": meta["precision"], "contract": meta["contract"]}, {"precision": meta["precision"]}))
+            {"precision": meta["precision"], "contract": meta["contract"]}, {"precision": meta["precision"]},
+            *({"amp": a} for a in amps)))
     return older
 
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from imgxlate.infer import heap
 from imgxlate.infer.blocks import seal, sealed, unseal
-from imgxlate.infer.config import JobError, TranslateConfig, stage_settings
+from imgxlate.infer.config import JobError, TranslateConfig, input_format, stage_settings
 from imgxlate.infer.stages import NOT_STARTED, FusedStage, ModelStage, load, save
 from imgxlate.io import storage
 from imgxlate.log import log
@@ -33,9 +33,11 @@ def start_ray(cfg: TranslateConfig) -> bool:
     started = rayenv.start_or_join(cfg.ray_address, cfg.num_cpus, storage.forwarded_env())
     try:                                # a local SRC / DST on a cluster: every node must see it (a shared mount)
         for what, uri in (("SRC", cfg.src), ("DST", cfg.dst)):
-            if storage.is_local(uri):
-                path = storage.local_path(uri)
-                rayenv.check_shared(path if os.path.isdir(path) else os.path.dirname(path), what)
+            path = storage.local_path(uri) if storage.is_local(uri) else None
+            if what == "SRC" and path and not os.path.isdir(path) and input_format(cfg) == "files":
+                continue                # a manifest file: the driver alone reads it
+            if path:
+                rayenv.check_shared(path, what, write=what == "DST")
     except BaseException:
         if started:
             shutdown()

@@ -4,7 +4,10 @@ every format the job does."""
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from imgxlate.io import codec, listing, storage
 
@@ -41,18 +44,21 @@ def image_size(uri: str) -> tuple[int, int]:
                 return codec.header_size(f)
         try:
             _SIZES[uri] = storage.retry(probe)
+        except (UnidentifiedImageError, SyntaxError, EOFError, struct.error) as e:     # the file, not the store
+            raise codec.DecodeError(f"{listing.redact(uri)}: not an image, or its header is damaged: {e}") from e
         except Exception as e:
             raise ValueError(f"{listing.redact(uri)}: cannot read the image's header: {e}") from e
     return _SIZES[uri]
 
 
 def shorter_sides(uris: list[str]) -> tuple[dict[str, int], list[str]]:
-    """({uri: the shorter side} of the images whose header can be read, [why, for each that cannot]): from
-    :func:`image_size`, so that one file that is not an image leaves out itself, not a whole training run."""
+    """({uri: the shorter side} of the images whose header can be read, [why, for each that is not an image]):
+    from :func:`image_size`, so that one file that is not an image leaves out itself, not a whole training run.
+    An error of the store (after retries) is raised: every worker must make the same plan."""
     sides, bad = {}, []
     for u in uris:
         try:
             sides[u] = min(image_size(u))
-        except ValueError as e:              # not an image, empty, cut short before its size
+        except codec.DecodeError as e:       # not an image, empty, cut short before its size
             bad.append(str(e))
     return sides, bad

@@ -74,10 +74,12 @@ def diverged_uri(cfg: tasks.RunConfig) -> str:
 class Diverged(Stopped):
     """The training's loss (or its final weights) stopped being finite: no artifact is written (exit 1)."""
 
-    def __init__(self, cfg: tasks.RunConfig, what: str):
-        super().__init__(f"training diverged: {what}", 0, 1, advice=f"lower --lr (now {cfg.loop.lr:g}; `imgxlate "
-                         f"lr-find` suggests one) and rerun: the run resumes from its last checkpoint at the new LR "
-                         f"(or give another --name to start afresh)")
+    def __init__(self, cfg: tasks.RunConfig, what: str, finished: bool = False):
+        lower = f"lower --lr (now {cfg.loop.lr:g}; `imgxlate lr-find` suggests one)"
+        super().__init__(f"training diverged: {what}", 0, 1, advice=(
+            f"{lower} and start afresh with another --name (this run's last checkpoint holds them)" if finished else
+            f"{lower} and rerun: the run resumes from its last checkpoint at the new LR (or give another --name "
+            f"to start afresh)"))
 
 
 def _join(cfg: tasks.RunConfig) -> _Worker:
@@ -365,7 +367,10 @@ def check_cuda(cfg: tasks.RunConfig) -> None:
     one line, when it cannot."""
     from imgxlate.infer.devices import cuda_problem
 
-    if problem := ray.get(ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(cuda_problem).remote()):   # ray:
+    probe, t0 = ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(cuda_problem).remote(), time.monotonic()  # ray:
+    while not ray.wait([probe], timeout=60)[0]:                                          # ray: every GPU busy
+        print(f"[imgxlate] waiting for a free GPU to check CUDA on ({time.monotonic() - t0:.0f} s)", flush=True)
+    if problem := ray.get(probe):                                                        # ray:
         raise ResourceError(f"--gpu: {problem}. Install the torch build that matches the GPU nodes' NVIDIA driver "
                             f"(a CUDA 13 build needs driver 580 or later; see cluster/), or train without --gpu")
 
@@ -381,7 +386,7 @@ def export_artifact(cfg: tasks.RunConfig, result) -> str:
     weights = saved["trainer"]["ema"] or saved["trainer"]["model"]
     model.load_state_dict(weights)
     if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
-        raise Diverged(cfg, "the final weights are not finite (NaN or inf)")
+        raise Diverged(cfg, "the final weights are not finite (NaN or inf)", finished=True)
     history = saved["trainer"]["history"]
     out = cfg.out or storage.join(run_dir(cfg), "model")
     provenance = {"data": cfg.data, "val": cfg.val, **saved.get("data", {}), "run": run_dir(cfg),

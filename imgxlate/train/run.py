@@ -202,6 +202,9 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
         with rayenv.output_to(log_path):
             if storage.is_local(cfg.storage):   # checkpoints written on one node are read on another
                 rayenv.check_shared(ray_train.run_dir(cfg), "--storage")
+            with contextlib.suppress(FileNotFoundError):    # an earlier run's, left by a driver that died
+                fs, path = storage.filesystem(ray_train.diverged_uri(cfg))
+                fs.rm_file(path)
             ray_train.check_resources(cfg, wait_for_resources, log=log)
             if cfg.use_gpu:
                 ray_train.check_cuda(cfg)
@@ -209,8 +212,12 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
             try:
                 result = ray_train.fit(cfg)
-            except SystemExit:      # Ray Train's own Ctrl-C handler aborts the run, then exits 0: never a success
-                raise Stopped(f"training run '{cfg.name}' interrupted (Ctrl-C)", 0, 128 + signal.SIGINT,
+            except SystemExit as e:     # Ray's signal handlers: Train's on Ctrl-C aborts the run, then exits 0;
+                if e.code not in (None, 0, signal.SIGTERM):     # ray.init's on SIGTERM exits with its number
+                    raise
+                how = "SIGTERM" if e.code == signal.SIGTERM else "Ctrl-C"
+                raise Stopped(f"training run '{cfg.name}' interrupted ({how})", 0,
+                              128 + (signal.SIGTERM if e.code == signal.SIGTERM else signal.SIGINT),
                               advice="rerun the same command to resume from its last checkpoint") from None
             if started:
                 ray.shutdown()                  # while Ray's output still goes to the log
@@ -220,7 +227,7 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
             ray.shutdown()
     if result.error:
         raise RuntimeError(f"training failed: {result.error} (Ray's messages: {log_path})")
-    if storage.exists(why := ray_train.diverged_uri(cfg)):
+    if storage.exists(why := ray_train.diverged_uri(cfg)):        # (removed at the start of every run too)
         what = storage.read_bytes(why).decode()
         fs, path = storage.filesystem(why)
         fs.rm_file(path)                        # a rerun of the run (after a lower --lr, say) starts clean

@@ -37,7 +37,8 @@ def unknown_name(spec: str) -> str | None:
     and no shipped model has it: the shipped names, the nearest first; else None."""
     import difflib
 
-    if not isinstance(spec, str) or "/" in spec or ":" in spec or os.path.exists(spec) or is_shipped(spec):
+    if not isinstance(spec, str) or "/" in spec or ":" in spec or spec == "bicubic" or os.path.exists(spec) \
+            or is_shipped(spec):
         return None
     near = difflib.get_close_matches(spec, names() + ["bicubic"], n=2)
     return (f"no model named {spec!r}: " + (f"did you mean {' or '.join(near)}? " if near else "")
