@@ -156,8 +156,8 @@ def test_storage_and_eval_out_inside_the_data_are_not_read_as_images(tmp_path, c
 
 
 def test_ctrl_c_of_a_training_run_exits_130_with_one_line_and_no_artifact(photos, tmp_path):
-    """Ray Train's own SIGINT handler aborts the run and exits 0; a script's `imgxlate train ... && next` must not go
-    on as if it had trained. A rerun resumes (the lease is given back)."""
+    """Ray Train's own SIGINT handler aborts the run and exits 0 or 1 (by timing); a script's `imgxlate train ... &&
+    next` must not go on as if it had trained."""
     import signal
     import subprocess
     import sys
@@ -167,23 +167,28 @@ def test_ctrl_c_of_a_training_run_exits_130_with_one_line_and_no_artifact(photos
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     runs = tmp_path / "runs"
-    p = subprocess.Popen([sys.executable, "-m", "imgxlate.cli", "train", "sr", str(photos / "train"), "--preset",
-                          "tiny", "--name", "ctrlc", "--storage", str(runs), "--epochs", "50", "--batch-size", "4",
-                          "--hr-crop", "48", "--samples-per-image", "8", "--checkpoint-every", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(runs.glob("ctrlc/checkpoint_*")) and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.5)
-        assert list(runs.glob("ctrlc/checkpoint_*")), "no checkpoint within 240 s"
-        p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, out[-3000:]
-    assert "imgxlate train: training run 'ctrlc' interrupted (Ctrl-C); rerun the same command to resume" in out
-    assert "Traceback" not in out and not (runs / "ctrlc" / "model").exists()
+    # (SIGTERM: Ray's own handlers exit 1 and the process then aborts in Ray's core (-6); not asserted here.)
+    for sig, code, how in ((signal.SIGINT, 130, "a signal"),):
+        before = set(runs.glob("ctrlc/checkpoint_*"))
+        p = subprocess.Popen([sys.executable, "-m", "imgxlate.cli", "train", "sr", str(photos / "train"), "--preset",
+                              "tiny", "--name", "ctrlc", "--storage", str(runs), "--epochs", "50", "--batch-size",
+                              "4", "--hr-crop", "48", "--samples-per-image", "8", "--checkpoint-every", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 240
+            while not set(runs.glob("ctrlc/checkpoint_*")) - before and time.monotonic() < deadline \
+                    and p.poll() is None:
+                time.sleep(0.5)
+            assert set(runs.glob("ctrlc/checkpoint_*")) - before, "no new checkpoint within 240 s"
+            p.send_signal(sig)
+            out, _ = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == code, out[-3000:]
+        assert f"imgxlate train: training run 'ctrlc' interrupted ({how}); rerun the same command to resume" in out
+        assert "Traceback" not in out and not (runs / "ctrlc" / "model").exists()
+
 
 
 def test_a_local_folder_is_looked_for_on_every_node(tmp_path, ray_local):

@@ -212,12 +212,10 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
                 f"(global batch {cfg.batch_size * cfg.workers}); checkpoints in {ray_train.run_dir(cfg)}")
             try:
                 result = ray_train.fit(cfg)
-            except SystemExit as e:     # Ray's signal handlers: Train's on Ctrl-C aborts the run, then exits 0;
-                if e.code not in (None, 0, signal.SIGTERM):     # ray.init's on SIGTERM exits with its number
-                    raise
-                how = "SIGTERM" if e.code == signal.SIGTERM else "Ctrl-C"
-                raise Stopped(f"training run '{cfg.name}' interrupted ({how})", 0,
-                              128 + (signal.SIGTERM if e.code == signal.SIGTERM else signal.SIGINT),
+            except SystemExit as e:     # only Ray's signal handlers exit from in here: Train's on Ctrl-C aborts
+                term = e.code == signal.SIGTERM     # the run, then exits 0 (or 1, by timing); ray.init's on SIGTERM
+                raise Stopped(f"training run '{cfg.name}' interrupted ({'SIGTERM' if term else 'a signal'})", 0,
+                              128 + (signal.SIGTERM if term else signal.SIGINT),       # exits with its number
                               advice="rerun the same command to resume from its last checkpoint") from None
             if started:
                 ray.shutdown()                  # while Ray's output still goes to the log
