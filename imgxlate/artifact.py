@@ -93,9 +93,8 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
     if precision_cost:
         meta["precision_cost"] = precision_cost
     meta["model_id"] = model_id(meta)
-    if storage.exists(old := storage.join(uri, CONFIG)):    # over an artifact: a save cut short between the two
-        fs, path = storage.filesystem(old)                  # files reads as unfinished, never as old config +
-        fs.rm_file(path)                                    # new weights
+    storage.remove(storage.join(uri, CONFIG))   # over an artifact: a save cut short between the two files reads as
+                                                # unfinished, never as the old config with the new weights
     storage.write_bytes(storage.join(uri, WEIGHTS), data)
     storage.write_bytes(storage.join(uri, CONFIG), json.dumps(meta, indent=2).encode())
     return meta

@@ -15,6 +15,13 @@ import ray
 from imgxlate.errors import CannotRun
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a run joins: ``address`` or RAY_ADDRESS (which `ray job submit` sets); None when Ray is to
+    start here (neither, or "local")."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
+
+
 def start_or_join(address: str | None = None, num_cpus: int | None = None, env: dict | None = None) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS, which `ray job submit` sets), or start Ray in this
     process with ``num_cpus`` logical CPUs; ``address="local"`` starts Ray here whatever RAY_ADDRESS says
@@ -23,8 +30,7 @@ def start_or_join(address: str | None = None, num_cpus: int | None = None, env: 
     started or joined Ray, False when the caller had."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
+    if address := cluster_address(address):
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=address, runtime_env={"env_vars": env} if env and not in_job else None,  # ray:
                  logging_level=logging.WARNING)

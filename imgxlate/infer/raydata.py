@@ -369,8 +369,9 @@ def stream(cfg: TranslateConfig, feed, meta: dict, stop, on_rows, after_batch=No
     import ray.data
 
     rcfg = resolve_resources(cfg, fit)
-    joined = (cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    if cfg.gpus_per_actor is None and not rcfg.gpus_per_actor and joined:
+    from imgxlate import rayenv
+
+    if cfg.gpus_per_actor is None and not rcfg.gpus_per_actor and rayenv.cluster_address(cfg.ray_address):
         log("the cluster has no GPU now: CPU model actors (an autoscaling cluster adds GPU nodes for "
             "--gpus-per-actor 1 only)")
     check_precision(rcfg, meta)

@@ -153,6 +153,12 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str) -> None:                # one file or object; one that is not there is fine
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     """Write all or nothing, durably: a local file goes to a temporary beside it (:data:`TMP_MARK` and a uuid, a
     name of its own that is never longer than 46 bytes), is synced, renamed into place, and its folder synced

@@ -191,8 +191,7 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
     import ray
 
     want = max(2, math.ceil(cfg.workers * cfg.cpus_per_worker - 1e-9))     # 2 x 1.5 CPUs: 3, not 2
-    local = (ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
-    if local and not ray.is_initialized() and want > (os.cpu_count() or 1):
+    if not rayenv.cluster_address(ray_address) and not ray.is_initialized() and want > (os.cpu_count() or 1):
         log(f"warning: {cfg.workers} workers of {cfg.cpus_per_worker:g} CPUs ask for {want} CPUs and this machine "
             f"has {os.cpu_count()}: they share its CPUs, each step taking longer")
     started = rayenv.start_or_join(ray_address, num_cpus=want)
@@ -202,9 +201,7 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
         with rayenv.output_to(log_path):
             if storage.is_local(cfg.storage):   # checkpoints written on one node are read on another
                 rayenv.check_shared(ray_train.run_dir(cfg), "--storage")
-            with contextlib.suppress(FileNotFoundError):    # an earlier run's, left by a driver that died
-                fs, path = storage.filesystem(ray_train.diverged_uri(cfg))
-                fs.rm_file(path)
+            storage.remove(ray_train.diverged_uri(cfg))     # an earlier run's, left by a driver that died
             ray_train.check_resources(cfg, wait_for_resources, log=log)
             if cfg.use_gpu:
                 ray_train.check_cuda(cfg)
@@ -227,8 +224,7 @@ def _train(cfg: tasks.RunConfig, ray_address: str | None, wait_for_resources: fl
         raise RuntimeError(f"training failed: {result.error} (Ray's messages: {log_path})")
     if storage.exists(why := ray_train.diverged_uri(cfg)):        # (removed at the start of every run too)
         what = storage.read_bytes(why).decode()
-        fs, path = storage.filesystem(why)
-        fs.rm_file(path)                        # a rerun of the run (after a lower --lr, say) starts clean
+        storage.remove(why)                     # a rerun of the run (after a lower --lr, say) starts clean
         raise ray_train.Diverged(cfg, what)
     out = ray_train.export_artifact(cfg, result)
     history = []
